@@ -56,7 +56,9 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, num_iters: int = 30) -
     if not scores.is_floating_point():
         raise ValueError(f"scores must be a floating-point tensor, got dtype {scores.dtype}")
     if scores.shape[1] == 0 or scores.shape[2] == 0:
-        raise ValueError(f"scores needs at least one patch and one prototype, got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"scores needs at least one patch and one prototype, got shape {tuple(scores.shape)}"
+        )
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     if num_iters < 0:

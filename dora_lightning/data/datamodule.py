@@ -1,0 +1,205 @@
+"""VideoClipDataModule: streams multi-cropped clips from long videos with PyAV, resumable mid-epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from dora_lightning.data.sampling import ClipSpec
+from dora_lightning.data.sources import VideoInfo, probe_videos, resolve_video_paths
+from dora_lightning.data.stream import VideoClipStream
+from dora_lightning.data.transforms import ClipMultiCrop
+
+DEFAULT_VIDEO = "assets/video/vtest.mp4"
+
+
+class ClipLoader(DataLoader):
+    """A DataLoader that tells its stream where to start (epoch, batches already done) each time it is iterated."""
+
+    def __init__(self, dataset: VideoClipStream, position: Any, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self._position = position
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch, batches_done = self._position()
+        self.dataset.set_position(epoch, batches_done)
+        return super().__iter__()
+
+
+class VideoClipDataModule(pl.LightningDataModule):
+    """Clips of ``clip_length`` frames ``frame_stride`` apart, streamed from one or many long videos.
+
+    Each stretch of video is decoded once, sequentially, downscaled at decode time to ``decode_short_side``; clips are
+    cut from the decoded frames (every frame is a clip start), mixed by a shuffle buffer, and multi-cropped on tensors.
+    Time segments of ``segment_length`` clip starts are sharded over (DDP rank x dataloader worker); each start is used
+    at most once per epoch and the order is a function of ``seed`` and the epoch. The position within an epoch is saved
+    in checkpoints, so ``fit --ckpt_path`` continues with the same clips. See docs/data.md.
+
+    Args:
+        paths: a video file, a folder (searched recursively, e.g. one folder per Walking Tours city), a glob, or a list.
+        clip_length: frames per clip (T; the paper uses 8).
+        frame_stride: frames between consecutive frames of a clip (60 in the paper: 1 s at 60 fps).
+        decode_short_side: scale frames at decode time so the short side is this many pixels (None: native size).
+        batch_size: clips per batch per process.
+        num_workers: dataloader worker processes per process (0 decodes in the main process).
+        segment_length: clip starts per time segment, the unit that is shuffled and sharded.
+        interleave: runs each worker decodes side by side, so its clips mix distant moments.
+        shuffle_buffer: clips held by each worker's shuffle buffer (memory grows with it; see docs/data.md).
+        seed: seed of the segment order, shuffle buffers and augmentations.
+        transform: multi-crop augmentation applied to each clip.
+        max_decode_retries: consecutive decode errors tolerated in one stretch before the rest of it is skipped.
+        decode_threads: FFmpeg decoding threads per worker (0: FFmpeg's choice).
+        pin_memory: pin batches for faster host-to-GPU copies.
+    """
+
+    def __init__(
+        self,
+        paths: str | list[str] = DEFAULT_VIDEO,
+        clip_length: int = 8,
+        frame_stride: int = 60,
+        decode_short_side: int | None = 320,
+        batch_size: int = 6,
+        num_workers: int = 4,
+        segment_length: int = 3600,
+        interleave: int = 4,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        transform: ClipMultiCrop | None = None,
+        max_decode_retries: int = 3,
+        decode_threads: int = 1,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        self.spec = ClipSpec(clip_length, frame_stride)
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("interleave", interleave, 1),
+            ("shuffle_buffer", shuffle_buffer, 0),
+            ("max_decode_retries", max_decode_retries, 0),
+            ("decode_threads", decode_threads, 0),
+        ):
+            if value < low:
+                raise ValueError(f"data.{name} must be >= {low}, got {value}")
+        if decode_short_side is not None and decode_short_side < 16:
+            raise ValueError(f"data.decode_short_side must be >= 16 or null, got {decode_short_side}")
+        self.paths = paths
+        self.decode_short_side = decode_short_side
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.segment_length, self.interleave, self.shuffle_buffer = segment_length, interleave, shuffle_buffer
+        self.seed = seed
+        self.transform = transform if transform is not None else ClipMultiCrop()
+        self.max_decode_retries, self.decode_threads, self.pin_memory = (
+            max_decode_retries,
+            decode_threads,
+            pin_memory,
+        )
+        self.videos: list[VideoInfo] = []
+        self.dataset: VideoClipStream | None = None
+        self._iterations = 0
+        self._resume: dict[str, int] | None = None
+
+    @property
+    def clip_length(self) -> int:
+        return self.spec.clip_length
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def setup(self, stage: str | None = None) -> None:
+        """Find and probe the videos (skipping unusable ones with a warning) and build the clip stream."""
+        if self.dataset is not None:
+            return
+        self.videos = probe_videos(resolve_video_paths(self.paths), min_frames=self.spec.span)
+        rank, world = self._rank_and_world()
+        self.dataset = VideoClipStream(
+            self.videos,
+            self.spec,
+            self.transform,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            rank=rank,
+            world_size=world,
+            segment_length=self.segment_length,
+            interleave=self.interleave,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            decode_short_side=self.decode_short_side,
+            max_decode_retries=self.max_decode_retries,
+            decode_threads=self.decode_threads,
+        )
+        if self.dataset.clips_per_worker == 0:
+            total = sum(self.dataset.num_starts)
+            raise ValueError(
+                f"the videos give {total} clip starts, not enough for one batch of data.batch_size={self.batch_size} "
+                f"per worker over {self.dataset.num_shards} (ranks x workers); lower data.batch_size, data.num_workers, "
+                "data.frame_stride or data.clip_length, or add videos"
+            )
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches already done in it) for the iteration that is starting."""
+        if self.trainer is not None:
+            epoch = self.trainer.current_epoch
+        else:
+            epoch, self._iterations = self._iterations, self._iterations + 1
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] == epoch:
+            return epoch, resume["batches_done"]
+        return epoch, 0
+
+    def train_dataloader(self) -> ClipLoader:
+        """Batches of ``{"global_views": [...], "local_views": [...], "video", "start", "decoded_frames"}``."""
+        if self.dataset is None:
+            self.setup("fit")
+        return ClipLoader(
+            self.dataset,
+            self._position,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            drop_last=True,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's position: epoch and batches done in it, with what must match for an exact resume."""
+        epoch, batches = self._iterations, 0
+        if self.trainer is not None:
+            epoch = self.trainer.current_epoch
+            batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        rank, world = self._rank_and_world()
+        return {
+            "epoch": epoch,
+            "batches_done": batches,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "world_size": world,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remember the saved position; the next iteration of that epoch skips the batches already done."""
+        _, world = self._rank_and_world()
+        current = {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "world_size": world,
+        }
+        changed = {k: (state_dict.get(k), v) for k, v in current.items() if state_dict.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"cannot resume the clip stream exactly: {detail} differ from the checkpoint; "
+                "resume with the same data.seed, data.batch_size, data.num_workers and number of processes"
+            )
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches_done": int(state_dict["batches_done"])}
+        self._iterations = int(state_dict["epoch"])

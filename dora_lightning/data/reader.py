@@ -1,0 +1,111 @@
+"""Sequential PyAV decoding of a frame range, downscaled at decode time, with bounded recovery from corrupt stretches."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+
+from dora_lightning.data.sources import VideoInfo
+
+
+@dataclass
+class DecodeStats:
+    """Counters of one worker's decoding; they travel with the emitted samples so the main process can sum them."""
+
+    decoded_frames: int = 0
+    converted_frames: int = 0
+    decode_errors: int = 0
+    missing_frames: int = 0
+    substituted_clips: int = 0
+    warned: set[tuple[str, str]] = field(default_factory=set)
+
+    def warn_once(self, path: str, kind: str, message: str) -> None:
+        """Warn about ``path`` once per kind of problem per worker (the counters keep the totals)."""
+        if (path, kind) not in self.warned:
+            self.warned.add((path, kind))
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class RangeReader:
+    """Decodes frames ``[first, stop)`` of one video once, in order, from one open container.
+
+    Iterating yields ``(index, frame)`` for every decoded index in range; ``frame`` is an (H, W, 3) uint8 array at
+    ``size`` when ``wanted(index)`` is true and None otherwise (skipping the colour conversion of unneeded frames).
+    On a decode or demux error it reopens the file and seeks past the bad stretch, at most ``max_retries`` times in a
+    row; the frames it could not decode are simply not yielded. The end of the file ends the iteration early.
+    """
+
+    def __init__(
+        self,
+        info: VideoInfo,
+        first: int,
+        stop: int,
+        size: tuple[int, int],
+        wanted: Callable[[int], bool],
+        stats: DecodeStats,
+        max_retries: int = 3,
+        threads: int = 1,
+    ) -> None:
+        self.info, self.first, self.stop, self.size = info, first, stop, size
+        self.wanted, self.stats, self.max_retries, self.threads = wanted, stats, max_retries, threads
+        self._container: av.container.InputContainer | None = None
+
+    def close(self) -> None:
+        """Close the container (safe to call twice)."""
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def _open_at(self, index: int) -> Iterator[av.VideoFrame]:
+        self.close()
+        self._container = av.open(self.info.path)
+        stream = self._container.streams.video[0]
+        stream.codec_context.thread_count = self.threads
+        if self.threads != 1:
+            stream.thread_type = "AUTO"
+        if index > 0:
+            self._container.seek(self.info.pts_of(index), stream=stream, backward=True, any_frame=False)
+        return self._container.decode(stream)
+
+    def _convert(self, frame: av.VideoFrame) -> np.ndarray:
+        self.stats.converted_frames += 1
+        width, height = self.size
+        if (frame.width, frame.height) == (width, height):
+            return frame.to_ndarray(format="rgb24")
+        return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray | None]]:
+        target, failures, previous = self.first, 0, self.first - 1
+        skip = max(1, round(float(self.info.fps)))
+        try:
+            while target < self.stop:
+                try:
+                    for frame in self._open_at(target):
+                        self.stats.decoded_frames += 1
+                        index = previous + 1 if frame.pts is None else self.info.index_of(frame.pts)
+                        if index < target:
+                            continue
+                        if index >= self.stop:
+                            return
+                        previous, target = index, index + 1
+                        failures = 0
+                        yield index, (self._convert(frame) if self.wanted(index) else None)
+                    return
+                except (av.FFmpegError, OSError) as err:
+                    failures += 1
+                    self.stats.decode_errors += 1
+                    self.stats.warn_once(
+                        self.info.path,
+                        "decode",
+                        f"'{self.info.path}': decode error near frame {target} ({err.__class__.__name__}: {err}); "
+                        f"skipping ahead (attempt {failures} of {self.max_retries}); further errors in this file are counted",
+                    )
+                    if failures > self.max_retries:
+                        return
+                    target += skip * failures
+        finally:
+            self.close()

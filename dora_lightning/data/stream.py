@@ -1,0 +1,227 @@
+"""The clip stream: an IterableDataset that decodes each shard's runs once and emits clips in the planned order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from dora_lightning.data.reader import DecodeStats, RangeReader
+from dora_lightning.data.sampling import ClipSpec, Run, ShardPlan, clips_per_shard, plan_shard
+from dora_lightning.data.sources import VideoInfo
+
+ClipTransform = Callable[[torch.Tensor, torch.Generator], dict[str, Any]]
+
+
+def clip_seed(seed: int, epoch: int, video: int, start: int) -> int:
+    """The augmentation seed of one clip: the same clip gets the same crops whichever worker or rank emits it."""
+    return int(np.random.SeedSequence([seed, epoch, video, start]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class _RunState:
+    """Decoding state of one run: its reader, the frames decoded and still needed, and how many clips remain."""
+
+    def __init__(self, run: Run, spec: ClipSpec, pending_starts: np.ndarray) -> None:
+        self.run = run
+        self.needed = np.zeros(len(run) + spec.span - 1, dtype=np.int32)
+        offsets = (pending_starts - run.start)[:, None] + spec.frame_stride * np.arange(spec.clip_length)[
+            None, :
+        ]
+        np.add.at(self.needed, offsets.ravel(), 1)
+        self.first = int(pending_starts.min()) if len(pending_starts) else run.start
+        self.remaining = len(pending_starts)
+        self.frames: dict[int, np.ndarray] = {}
+        self.head = self.first
+        self.iterator: Iterator[tuple[int, np.ndarray | None]] | None = None
+        self.reader: RangeReader | None = None
+        self.exhausted = False
+
+    def wanted(self, index: int) -> bool:
+        return self.needed[index - self.run.start] > 0
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+        self.frames.clear()
+        self.exhausted = True
+
+
+class VideoClipStream(IterableDataset):
+    """Clips of ``spec`` from ``videos``, sharded over (rank x worker), each multi-cropped by ``transform``.
+
+    Every shard emits the same number of clips per epoch (a whole number of batches), so DDP ranks stay in step and
+    ``len()`` is exact. ``set_position(epoch, batches_done)`` before iterating resumes mid-epoch: each worker skips the
+    batches the previous run consumed and the remaining clips come out in the same order as in an uninterrupted run.
+    A clip whose frames cannot be decoded (corrupt or truncated stretch) is replaced by the worker's previous good
+    clip with fresh augmentation and counted, keeping the counts equal; a warning names the file.
+    """
+
+    def __init__(
+        self,
+        videos: Sequence[VideoInfo],
+        spec: ClipSpec,
+        transform: ClipTransform | None,
+        *,
+        batch_size: int,
+        num_workers: int,
+        rank: int = 0,
+        world_size: int = 1,
+        segment_length: int = 3600,
+        interleave: int = 4,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        decode_short_side: int | None = None,
+        max_decode_retries: int = 3,
+        decode_threads: int = 1,
+    ) -> None:
+        super().__init__()
+        self.videos, self.spec, self.transform = list(videos), spec, transform
+        self.batch_size, self.num_workers = batch_size, max(1, num_workers)
+        self.rank, self.world_size = rank, world_size
+        self.segment_length, self.interleave, self.shuffle_buffer = segment_length, interleave, shuffle_buffer
+        self.seed, self.decode_short_side = seed, decode_short_side
+        self.max_decode_retries, self.decode_threads = max_decode_retries, decode_threads
+        self.num_starts = [spec.num_starts(v.num_frames) for v in self.videos]
+        self.epoch, self.batches_done = 0, 0
+
+    @property
+    def num_shards(self) -> int:
+        return self.world_size * self.num_workers
+
+    @property
+    def clips_per_worker(self) -> int:
+        return clips_per_shard(self.num_starts, self.num_shards, self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_workers * self.clips_per_worker
+
+    def set_position(self, epoch: int, batches_done: int = 0) -> None:
+        """Start the next iteration at ``epoch`` after ``batches_done`` batches of it (a resumed run)."""
+        self.epoch, self.batches_done = epoch, batches_done
+
+    def shard_plan(self, logical_worker: int) -> ShardPlan:
+        """The emission plan of this rank's ``logical_worker`` for the current epoch."""
+        return plan_shard(
+            self.num_starts,
+            self.spec,
+            shard=self.rank * self.num_workers + logical_worker,
+            num_shards=self.num_shards,
+            segment_length=self.segment_length,
+            interleave=self.interleave,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            epoch=self.epoch,
+            multiple_of=self.batch_size,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker_id = info.id if info is not None else 0
+        if (info.num_workers if info is not None else 1) != self.num_workers:
+            raise RuntimeError(
+                f"VideoClipStream was built for {self.num_workers} workers but runs in "
+                f"{info.num_workers if info else 1}; build it through VideoClipDataModule"
+            )
+        done = self.batches_done
+        logical = (worker_id + done) % self.num_workers
+        skipped_batches = done // self.num_workers + (1 if logical < done % self.num_workers else 0)
+        plan = self.shard_plan(logical)
+        yield from self._emit(plan, skipped_batches * self.batch_size)
+
+    def _emit(self, plan: ShardPlan, begin: int) -> Iterator[dict[str, Any]]:
+        run_index, starts = plan.run_index[begin:], plan.starts[begin:]
+        states = {
+            r: _RunState(plan.runs[r], self.spec, starts[run_index == r])
+            for r in np.unique(run_index).tolist()
+        }
+        stats = DecodeStats()
+        reported = 0
+        last_good: tuple[np.ndarray, int] | None = None
+        debt: list[tuple[int, int]] = []
+        try:
+            for r, start in zip(run_index.tolist(), starts.tolist(), strict=True):
+                state = states[r]
+                frames = self._gather(state, start, stats)
+                state.remaining -= 1
+                if state.remaining == 0:
+                    state.close()
+                video = state.run.video
+                if frames is None:
+                    stats.substituted_clips += 1
+                    debt.append((video, start))
+                    if last_good is None:
+                        continue
+                else:
+                    last_good = (frames, video)
+                    debt.insert(0, (video, start))
+                for clip_video, clip_start in debt:
+                    sample = self._sample(
+                        last_good[0], clip_video, clip_start, stats.decoded_frames - reported
+                    )
+                    reported = stats.decoded_frames
+                    yield sample
+                debt.clear()
+            if debt:
+                paths = sorted({self.videos[state.run.video].path for state in states.values()})
+                raise RuntimeError(
+                    f"no clip of this worker's share could be decoded from {paths}: the files look corrupt"
+                )
+        finally:
+            for state in states.values():
+                state.close()
+
+    def _gather(self, state: _RunState, start: int, stats: DecodeStats) -> np.ndarray | None:
+        """Decode ``state``'s run up to the clip's last frame; return the clip's frames, or None if some are missing."""
+        clip = self.spec.frames(start)
+        if state.iterator is None and not state.exhausted:
+            video = self.videos[state.run.video]
+            state.reader = RangeReader(
+                video,
+                state.first,
+                state.run.stop + self.spec.span - 1,
+                video.decode_size(self.decode_short_side),
+                state.wanted,
+                stats,
+                self.max_decode_retries,
+                self.decode_threads,
+            )
+            state.iterator = iter(state.reader)
+        last = int(clip[-1])
+        while state.head <= last and not state.exhausted:
+            item = next(state.iterator, None)
+            if item is None:
+                state.exhausted = True
+                break
+            index, frame = item
+            if frame is not None:
+                state.frames[index] = frame
+            state.head = index + 1
+        frames = [state.frames.get(int(f)) for f in clip]
+        offsets = clip - state.run.start
+        state.needed[offsets] -= 1
+        for f in clip[state.needed[offsets] == 0].tolist():
+            state.frames.pop(f, None)
+        if any(frame is None for frame in frames):
+            video = self.videos[state.run.video]
+            stats.missing_frames += sum(frame is None for frame in frames)
+            reason = "ends early (truncated?)" if state.exhausted else "has an undecodable stretch"
+            stats.warn_once(
+                video.path,
+                "missing",
+                f"'{video.path}' {reason}: frames {clip.tolist()} of a clip could not be decoded (header says "
+                f"{video.num_frames} frames); such clips are replaced by the previous good clip and counted",
+            )
+            return None
+        return np.stack(frames)
+
+    def _sample(self, frames: np.ndarray, video: int, start: int, decoded: int) -> dict[str, Any]:
+        clip = torch.from_numpy(frames)
+        if self.transform is None:
+            views: dict[str, Any] = {"frames": clip}
+        else:
+            generator = torch.Generator().manual_seed(clip_seed(self.seed, self.epoch, video, start))
+            views = self.transform(clip, generator)
+        return {**views, "video": video, "start": start, "decoded_frames": decoded}
