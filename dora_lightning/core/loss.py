@@ -96,8 +96,12 @@ def dora_loss(
 
     if official_compat:
         if n_local < 2:
-            raise ValueError(f"official_compat needs at least 2 local crops (crop 0 is skipped), got V={n_local}")
-        local_t = _cross_entropy(p_t.unsqueeze(0), student_local[1:], student_temp).mean(dim=-1).mean(dim=0)  # (T,)
+            raise ValueError(
+                f"official_compat needs at least 2 local crops (crop 0 is skipped), got V={n_local}"
+            )
+        local_t = (
+            _cross_entropy(p_t.unsqueeze(0), student_local[1:], student_temp).mean(dim=-1).mean(dim=0)
+        )  # (T,)
         per_object_sum = (0.5 * (masked_jt + local_t.unsqueeze(0))).sum(dim=1)  # S_j, (k,)
         frame_loss = per_object_sum.new_zeros(())
         total = per_object_sum.new_zeros(())

@@ -74,9 +74,8 @@ class RangeReader:
     def _convert(self, frame: av.VideoFrame) -> np.ndarray:
         self.stats.converted_frames += 1
         width, height = self.size
-        if (frame.width, frame.height) == (width, height):
-            return frame.to_ndarray(format="rgb24")
-        return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
+        # threads=1: swscale's own slice threads would be inherited half-dead by forked dataloader workers and hang them
+        return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA", threads=1)
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray | None]]:
         target, failures, previous = self.first, 0, self.first - 1

@@ -1,0 +1,181 @@
+"""The clip stream on generated videos: the right frames, exact coverage, determinism, resume, damaged files."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import read_pattern_index, write_video
+from dora_lightning.data.sampling import ClipSpec
+from dora_lightning.data.sources import probe_videos, resolve_video_paths
+from dora_lightning.data.stream import VideoClipStream
+
+SPEC = ClipSpec(clip_length=4, frame_stride=5)
+
+
+def make_stream(paths, num_workers=0, batch_size=2, **kw) -> VideoClipStream:
+    videos = probe_videos(resolve_video_paths(paths), SPEC.span)
+    options = dict(segment_length=60, interleave=3, shuffle_buffer=16, decode_short_side=32) | kw
+    return VideoClipStream(videos, SPEC, None, batch_size=batch_size, num_workers=num_workers, **options)
+
+
+def reference_frames(path: str, size: tuple[int, int]) -> list[np.ndarray]:
+    """A plain decode of every frame, converted the same way, indexed by decode order."""
+    with av.open(path) as container:
+        return [
+            f.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="AREA", threads=1)
+            for f in container.decode(video=0)
+        ]
+
+
+def test_clips_hold_the_right_frames(video_dir):
+    stream = make_stream(str(video_dir))
+    references = {i: reference_frames(v.path, v.decode_size(32)) for i, v in enumerate(stream.videos)}
+    samples = list(stream)
+    assert len(samples) == len(stream) > 0
+    for sample in samples:
+        frames = sample["frames"].numpy()
+        assert frames.shape == (4, 32, 48, 3) and frames.dtype == np.uint8
+        expected = SPEC.frames(sample["start"])
+        assert [read_pattern_index(f) for f in frames] == expected.tolist()
+        reference = references[sample["video"]]
+        for frame, index in zip(frames, expected, strict=True):
+            np.testing.assert_array_equal(frame, reference[index])
+
+
+def test_native_resolution_when_no_downscale(video_dir):
+    stream = make_stream(str(video_dir / "a.mp4"), decode_short_side=None)
+    sample = next(iter(stream))
+    assert sample["frames"].shape == (4, 64, 96, 3)
+
+
+def test_coverage_across_workers_and_ranks(video_dir):
+    """2 ranks x 2 workers through real DataLoader workers: every start at most once, all but the remainder."""
+    emitted = []
+    for rank in range(2):
+        stream = make_stream(str(video_dir), num_workers=2, rank=rank, world_size=2)
+        loader = DataLoader(stream, batch_size=2, num_workers=2, drop_last=True)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        for batch in batches:
+            emitted += list(zip(batch["video"].tolist(), batch["start"].tolist(), strict=True))
+    total = sum(stream.num_starts)
+    assert len(emitted) == len(set(emitted))
+    assert len(emitted) == 4 * stream.clips_per_worker
+    assert total - len(emitted) < 4 * 2  # at most the remainder and the last partial batch of each shard
+
+
+def test_same_seed_same_clips_other_seed_differs(video_dir):
+    first = [(s["video"], s["start"]) for s in make_stream(str(video_dir), seed=3)]
+    again = [(s["video"], s["start"]) for s in make_stream(str(video_dir), seed=3)]
+    other = [(s["video"], s["start"]) for s in make_stream(str(video_dir), seed=4)]
+    assert first == again
+    assert first != other
+
+
+@pytest.mark.parametrize("batches_done", [3, 4])
+def test_resume_continues_identically(video_dir, batches_done):
+    """Iterating after set_position(epoch, n) gives exactly the batches an uninterrupted epoch gives after batch n."""
+    stream = make_stream(str(video_dir), num_workers=2)
+    stream.set_position(epoch=1, batches_done=0)
+    loader = DataLoader(stream, batch_size=2, num_workers=2, drop_last=True)
+    full = [(b["video"].tolist(), b["start"].tolist()) for b in loader]
+    stream.set_position(epoch=1, batches_done=batches_done)
+    resumed = [(b["video"].tolist(), b["start"].tolist()) for b in loader]
+    assert resumed == full[batches_done:]
+
+
+def test_frames_decoded_per_clip_is_close_to_one(tmp_path):
+    path = write_video(tmp_path / "long.mp4", 1200, gop=30)
+    stream = make_stream(str(path), segment_length=600, interleave=2, shuffle_buffer=32)
+    samples = list(stream)
+    decoded = sum(s["decoded_frames"] for s in samples)
+    assert decoded / len(samples) <= 1.1
+
+
+def test_memory_is_bounded_by_the_buffer(tmp_path):
+    """Frames held at any time stay near shuffle_buffer x clip_length, however long the video is."""
+    path = write_video(tmp_path / "long.mp4", 1500, gop=30)
+    stream = make_stream(str(path), segment_length=500, interleave=2, shuffle_buffer=16)
+    held = []
+    original = stream._gather
+
+    def spy(state, start, stats):
+        out = original(state, start, stats)
+        held.append(len(state.frames))
+        return out
+
+    stream._gather = spy
+    list(stream)
+    assert max(held) <= 16 * SPEC.clip_length + SPEC.span
+
+
+def damaged(path: Path, how: str) -> Path:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: int(len(data) * 0.6)]))
+    else:
+        start = len(data) // 3
+        data[start : start + 4000] = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+        path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "how"), [("cut.mkv", "truncate"), ("cut.mp4", "truncate"), ("bad.mkv", "corrupt")]
+)
+def test_damaged_video_is_skipped_with_a_warning(tmp_path, name, how):
+    path = damaged(write_video(tmp_path / name, 300, faststart=True), how)
+    stream = make_stream(str(path), max_decode_retries=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = list(stream)
+    assert len(samples) == len(stream), (
+        "a damaged stretch must not change the number of clips (DDP ranks stay in step)"
+    )
+    messages = [str(w.message) for w in caught]
+    assert any(str(path) in m and "could not be decoded" in m for m in messages), messages
+    correct = sum(
+        [read_pattern_index(f) for f in s["frames"].numpy()] == SPEC.frames(s["start"]).tolist()
+        for s in samples
+    )
+    assert 0 < correct < len(samples)
+
+
+def test_good_files_continue_next_to_a_damaged_one(tmp_path, video_dir):
+    bad = damaged(write_video(tmp_path / "cut.mkv", 300), "truncate")
+    stream = make_stream([str(video_dir / "a.mp4"), str(bad)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        samples = list(stream)
+    good = [s for s in samples if s["video"] == 0]
+    assert good and all(
+        [read_pattern_index(f) for f in s["frames"].numpy()] == SPEC.frames(s["start"]).tolist() for s in good
+    )
+
+
+def test_worker_count_mismatch_is_an_error(video_dir):
+    stream = make_stream(str(video_dir), num_workers=2)
+    with pytest.raises(RuntimeError, match="built for 2 workers"):
+        next(iter(stream))
+
+
+def test_transform_gets_a_seeded_generator(video_dir):
+    seen = []
+
+    def transform(clip: torch.Tensor, generator: torch.Generator):
+        seen.append(torch.randint(0, 1 << 30, (1,), generator=generator).item())
+        return {"clip": clip}
+
+    videos = probe_videos(resolve_video_paths(str(video_dir)), SPEC.span)
+    for _ in range(2):
+        stream = VideoClipStream(videos, SPEC, transform, batch_size=2, num_workers=0, segment_length=60)
+        samples = [s for _, s in zip(range(5), stream, strict=False)]
+    assert "clip" in samples[0]
+    assert seen[:5] == seen[5:] and len(set(seen[:5])) == 5
