@@ -4,10 +4,12 @@ The official code augments each frame separately in PIL (0.2-0.3 s per clip). He
 is turned into DoRA's views with a few hundred tensor ops:
 
 * every crop box (pre-crop -> global / local) is sampled analytically (torchvision's RandomResizedCrop algorithm,
-  drawn from a ``torch.Generator``) and composed into frame coordinates, so each view is resampled from the frame
-  once: with ``torchvision.ops.roi_align`` (default; one call per view size) or uint8 ``F.interpolate``;
-* colour jitter, grayscale and Gaussian blur run on groups of images with per-image random parameters, only on the
-  images an op is applied to, in L2-sized chunks; no PIL, no per-frame Python loops in the colour ops.
+  drawn from a ``torch.Generator``; see :mod:`.crop_boxes`) and composed into frame coordinates, so each view is
+  resampled from the frame once: with uint8 antialiased ``F.interpolate`` (default) or ``torchvision.ops.roi_align``
+  (one call per view size);
+* colour jitter, grayscale and Gaussian blur (:mod:`.color_ops`) run on groups of images with per-image random
+  parameters, only on the images an op is applied to, in L2-sized chunks; no PIL, no per-frame Python loops in the
+  colour ops.
 
 All randomness comes from the ``torch.Generator`` passed in, so a seeded generator reproduces a clip exactly.
 Tested on CPU (the data-loader workers); tensors stay on the frames' device, but GPU use is untested.
@@ -15,9 +17,7 @@ Tested on CPU (the data-loader workers); tensors stay on the frames' device, but
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -25,242 +25,24 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-__all__ = [
-    "ClipBoxes",
-    "ClipMultiCrop",
-    "adjust_brightness_",
-    "adjust_contrast_",
-    "adjust_hue_",
-    "adjust_saturation_",
-    "gaussian_blur",
-    "hsv_to_rgb",
-    "rgb_to_grayscale",
-    "rgb_to_hsv",
-    "sample_resized_crop_boxes",
-]
+from dora_lightning.data.color_ops import (
+    adjust_brightness_,
+    adjust_contrast_,
+    adjust_hue_,
+    adjust_saturation_,
+    gaussian_blur,
+    rgb_to_grayscale,
+)
+from dora_lightning.data.crop_boxes import ClipBoxes, pixel_box, sample_clip_boxes
 
-# Aspect-ratio range of every RandomResizedCrop in DINO/DoRA (torchvision's default).
-CROP_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-# torchvision's RandomResizedCrop tries this many random boxes before falling back to a centre crop.
-CROP_ATTEMPTS = 10
-# ITU-R 601 luma weights, as PIL's convert("L") used by the official code (torchvision uses 0.2989 for R).
-_LUMA = (0.299, 0.587, 0.114)
+__all__ = ["CROP_BACKENDS", "ClipMultiCrop"]
+
+CROP_BACKENDS = ("roi_align", "interpolate")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Geometry
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def sample_resized_crop_boxes(
-    uniforms: Tensor,
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float] = CROP_RATIO,
-) -> Tensor:
-    """Sample RandomResizedCrop boxes for an ``height x width`` image, vectorised over many boxes.
-
-    Follows torchvision's algorithm: per attempt, area = image area * U(scale), aspect ratio log-uniform in ``ratio``,
-    w/h rounded to integers; the first attempt that fits is placed uniformly at an integer position. If none of the
-    attempts fits, a centre crop with the aspect ratio clamped to ``ratio`` is used.
-
-    Args:
-        uniforms: (n, attempts, 4) values in [0, 1) (area, log-ratio, top, left draws for each attempt).
-        height, width: image size in pixels.
-        scale: (lo, hi) fraction of the image area.
-        ratio: (lo, hi) aspect ratio w/h range.
-
-    Returns:
-        (n, 4) float64 boxes (x0, y0, x1, y1) in pixel-edge coordinates (integers), inside the image.
-    """
-    u = uniforms.to(torch.float64)
-    area = float(height * width)
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-    w = torch.round(torch.sqrt(target_area * aspect))
-    h = torch.round(torch.sqrt(target_area / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    # Integer top/left uniform in [0, size - crop]; the clamp guards against u * n rounding up to n.
-    top = torch.minimum(torch.floor(u[..., 2] * (height - h + 1)), height - h)
-    left = torch.minimum(torch.floor(u[..., 3] * (width - w + 1)), width - w)
-
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first fitting attempt (0 if none)
-    w, h, top, left = (t.gather(1, first).squeeze(1) for t in (w, h, top, left))
-
-    # Fallback: centre crop of the whole image with its aspect ratio clamped into ``ratio``.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fw, fh = int(round(height * ratio[1])), height
-    else:
-        fw, fh = width, height
-    ok = fits.any(dim=1)
-    w = torch.where(ok, w, float(fw))
-    h = torch.where(ok, h, float(fh))
-    top = torch.where(ok, top, float((height - fh) // 2))
-    left = torch.where(ok, left, float((width - fw) // 2))
-    return torch.stack([left, top, left + w, top + h], dim=1)
-
-
-@dataclass(frozen=True)
-class ClipBoxes:
-    """Crop geometry of one clip.
-
-    ``pre_crop`` is in frame pixels; the view boxes are in the coordinates of the pre-crop region, a
-    ``region_size = (height, width)`` image (``(pre_crop_size, pre_crop_size)``, or the frame size when there is no
-    pre-crop). All boxes are (x0, y0, x1, y1) pixel edges, float64.
-    """
-
-    frame_size: tuple[int, int]
-    pre_crop: Tensor  # (4,)
-    region_size: tuple[int, int]
-    global_boxes: Tensor  # (G, 4), shared by all frames
-    global_flip: Tensor  # (G,) bool, shared by all frames
-    local_boxes: Tensor  # (L, T, 4), one per local view and frame
-
-    def to_frame(self, boxes: Tensor) -> Tensor:
-        """Map boxes (..., 4) from pre-crop-region coordinates to frame pixel coordinates."""
-        x0, y0, x1, y1 = self.pre_crop.tolist()
-        sx = (x1 - x0) / self.region_size[1]
-        sy = (y1 - y0) / self.region_size[0]
-        scale = boxes.new_tensor([sx, sy, sx, sy])
-        offset = boxes.new_tensor([x0, y0, x0, y0])
-        return boxes * scale + offset
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Colour ops on float images (n, 3, H, W) in [0, 1] with per-image parameters (n,).
-# The ``*_`` functions work in place (and return ``img``): on CPU, avoiding allocations and boolean masks roughly
-# halves their cost, so everything below is plain float arithmetic.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def rgb_to_grayscale(img: Tensor) -> Tensor:
-    """Luma 0.299 R + 0.587 G + 0.114 B of (..., 3, H, W) images, as (..., 1, H, W)."""
-    r, g, b = img.unbind(-3)
-    return torch.mul(r, _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(-3)
-
-
-def _per_image(factor: Tensor, img: Tensor) -> Tensor:
-    return factor.to(device=img.device, dtype=img.dtype).view(-1, *([1] * (img.dim() - 1)))
-
-
-def adjust_brightness_(img: Tensor, factor: Tensor) -> Tensor:
-    """In place: multiply each image by its ``factor``, clamp to [0, 1]."""
-    return img.mul_(_per_image(factor, img)).clamp_(0.0, 1.0)
-
-
-def adjust_contrast_(img: Tensor, factor: Tensor) -> Tensor:
-    """In place: blend each image with its mean grey level (``factor`` 0 = flat grey, 1 = unchanged), clamp."""
-    f = _per_image(factor, img)
-    channel_mean = img.mean(dim=(-2, -1))  # (n, 3); the grey mean is the luma of the channel means
-    grey_mean = (channel_mean * channel_mean.new_tensor(_LUMA)).sum(dim=1).view_as(f)
-    return img.lerp_(grey_mean.expand_as(img), 1.0 - f).clamp_(0.0, 1.0)
-
-
-def adjust_saturation_(img: Tensor, factor: Tensor) -> Tensor:
-    """In place: blend each image with its grayscale version (``factor`` 0 = grey, 1 = unchanged), clamp."""
-    f = _per_image(factor, img)
-    return img.lerp_(rgb_to_grayscale(img).expand_as(img), 1.0 - f).clamp_(0.0, 1.0)
-
-
-def _hue_min_max(img: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Return (hue in sectors, min, max, chroma) of (..., 3, H, W) images, each (..., H, W).
-
-    Hue is in units of 60 degrees, in [-1, 5) (callers wrap it); it is 0 where chroma is 0. Branch-free: the sector
-    formula of the max channel is selected with float 0/1 indicators (R wins ties, then G; tied formulas agree).
-    """
-    r, g, b = img.unbind(-3)
-    maxc = torch.maximum(r, g)
-    torch.maximum(maxc, b, out=maxc)
-    minc = torch.minimum(r, g)
-    torch.minimum(minc, b, out=minc)
-    chroma = torch.sub(maxc, minc)
-    is_r = torch.eq(r, maxc, out=torch.empty_like(maxc))
-    is_g = torch.eq(g, maxc, out=torch.empty_like(maxc))
-    hue = torch.sub(r, g).add_(chroma, alpha=4.0)  # hue * chroma if B is the max
-    hue.lerp_(torch.sub(b, r).add_(chroma, alpha=2.0), is_g)  # ... if G is
-    hue.lerp_(torch.sub(g, b), is_r)  # ... if R is
-    hue.div_(chroma.clamp_min(1e-12))
-    return hue, minc, maxc, chroma
-
-
-def _rgb_from_hue_(out: Tensor, hue: Tensor, minc: Tensor, maxc: Tensor, chroma: Tensor) -> Tensor:
-    """Write the RGB image with the given hue (sectors, any real value; clobbered), min, max and chroma to ``out``.
-
-    With h wrapped into [0, 6) and ramp(a) = clamp(|h - a| - 1, 0, 1), the HSV hexagon is
-    R = min + chroma * ramp(3), G = max - chroma * ramp(2), B = max - chroma * ramp(4).
-    """
-    turns = torch.mul(hue, 1.0 / 6.0).floor_()
-    hue.add_(turns, alpha=-6.0)
-    for channel, centre, base, sign in zip(
-        out.unbind(-3), (3.0, 2.0, 4.0), (minc, maxc, maxc), (1.0, -1.0, -1.0), strict=True
-    ):
-        torch.sub(hue, centre, out=channel).abs_().sub_(1.0).clamp_(0.0, 1.0)
-        torch.addcmul(base, channel, chroma, value=sign, out=channel)
-    return out
-
-
-def rgb_to_hsv(img: Tensor) -> Tensor:
-    """Convert (..., 3, H, W) RGB in [0, 1] to HSV, all channels in [0, 1] (hue as a fraction of a turn)."""
-    hue, _, value, chroma = _hue_min_max(img)
-    hue = hue.div_(6.0).remainder_(1.0)
-    sat = chroma / value.clamp_min(1e-12)
-    return torch.stack([hue, sat, value], dim=-3)
-
-
-def hsv_to_rgb(img: Tensor) -> Tensor:
-    """Convert (..., 3, H, W) HSV (all channels in [0, 1]) back to RGB in [0, 1]."""
-    h, s, v = img.unbind(-3)
-    chroma = s * v
-    return _rgb_from_hue_(torch.empty_like(img), h * 6.0, v - chroma, v, chroma)
-
-
-def adjust_hue_(img: Tensor, shift: Tensor) -> Tensor:
-    """In place: rotate the HSV hue of each (3, H, W) image by its ``shift`` (a fraction of a turn)."""
-    hue, minc, maxc, chroma = _hue_min_max(img)
-    hue.add_(_per_image(shift * 6.0, hue))
-    return _rgb_from_hue_(img, hue, minc, maxc, chroma)
-
-
-def gaussian_blur(img: Tensor, sigma: Tensor) -> Tensor:
-    """Blur (n, C, H, W) images with a separable Gaussian of per-image ``sigma`` (n,), reflect padding.
-
-    Image i uses kernel size 2 * ceil(3 * sigma_i) + 1, the radius capped at ``min(H, W) - 1`` so that reflect
-    padding fits. All images go through one grouped (depthwise) convolution per direction.
-    """
-    n, c, height, width = img.shape
-    cap = min(height, width) - 1
-    if n == 0 or cap < 1:
-        return img.clone()
-    sigma = sigma.to(torch.float64).cpu()
-    radius = torch.ceil(3.0 * sigma).clamp_(1, cap)
-    r_max = int(radius.max())
-    offsets = torch.arange(-r_max, r_max + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma.view(-1, 1)) ** 2)
-    kernel = kernel * (offsets.abs() <= radius.view(-1, 1))  # per-image kernel size
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(device=img.device, dtype=img.dtype)
-    kernel = kernel.repeat_interleave(c, dim=0)  # (n * c, K)
-    k = kernel.shape[1]
-    x = F.pad(img.reshape(1, n * c, height, width), (r_max, r_max, r_max, r_max), mode="reflect")
-    # Depthwise convolutions are ~2x faster channels-last on CPU (oneDNN vectorises over channels).
-    x = x.contiguous(memory_format=torch.channels_last)
-    x = F.conv2d(x, kernel.view(n * c, 1, k, 1), groups=n * c)
-    x = F.conv2d(x, kernel.view(n * c, 1, 1, k), groups=n * c)
-    return x.reshape(n, c, height, width)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The clip transform
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _check_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -276,10 +58,11 @@ def _check_pair(name: str, value: Sequence[float]) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
-def _check_scale(name: str, value: Sequence[float]) -> tuple[float, float]:
+def _check_range(name: str, value: Sequence[float], upper: float | None = 1.0) -> tuple[float, float]:
     lo, hi = _check_pair(name, value)
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {value!r}")
+    if not (0.0 < lo <= hi and (upper is None or hi <= upper)):
+        bound = "" if upper is None else f" <= {upper:g}"
+        raise ValueError(f"{name} must satisfy 0 < lo <= hi{bound}, got {value!r}")
     return lo, hi
 
 
@@ -296,7 +79,6 @@ _U_JITTER, _U_BRIGHT, _U_CONTRAST, _U_SAT, _U_HUE, _U_GRAY, _U_BLUR, _U_SIGMA = 
 # Colour ops run on chunks of about this many pixels, so that an op chain's working set (~12 planes) stays in L2;
 # on a 2 MB-L2 core this is ~1.5x faster than whole-batch ops.
 _CHUNK_PIXELS = 1 << 16
-CROP_BACKENDS = ("roi_align", "interpolate")
 
 
 def _apply(img: Tensor, params: Tensor, mask: Tensor, fn, chunk: int) -> None:
@@ -342,10 +124,10 @@ class ClipMultiCrop:
        normalisation with ``mean``/``std``.
 
     Crop boxes are composed into frame coordinates, so each view is resampled from the frame once (the official
-    code resamples twice: frame -> pre-crop -> view). ``crop_backend="roi_align"`` cuts the exact (fractional)
-    boxes with bilinear ``roi_align`` (adaptive sampling, i.e. box-averaged when shrinking) on float frames;
-    ``"interpolate"`` rounds the boxes to whole frame pixels and uses uint8 antialiased bilinear
-    ``F.interpolate`` (PIL-like filtering, several times faster on CPU).
+    code resamples twice: frame -> pre-crop -> view). ``crop_backend="interpolate"`` (the default) rounds the boxes
+    to whole frame pixels and uses uint8 antialiased bilinear ``F.interpolate`` (PIL-like filtering; ~35 ms per
+    paper-scale clip on one CPU thread); ``"roi_align"`` cuts the exact (fractional) boxes with bilinear
+    ``roi_align`` (adaptive sampling, i.e. box-averaged when shrinking) on float frames (~60 ms per clip).
     """
 
     def __init__(
@@ -370,24 +152,16 @@ class ClipMultiCrop:
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
-        crop_backend: Literal["roi_align", "interpolate"] = "roi_align",
+        crop_backend: Literal["roi_align", "interpolate"] = "interpolate",
     ) -> None:
-        self.global_size = _check_size("global_size", global_size)
-        self.local_size = _check_size("local_size", local_size)
-        if (
-            isinstance(num_global_crops, bool)
-            or not isinstance(num_global_crops, int)
-            or num_global_crops < 1
-        ):
-            raise ValueError(f"num_global_crops must be an integer >= 1, got {num_global_crops!r}")
-        if isinstance(num_local_crops, bool) or not isinstance(num_local_crops, int) or num_local_crops < 0:
-            raise ValueError(f"num_local_crops must be an integer >= 0, got {num_local_crops!r}")
-        self.num_global_crops = num_global_crops
-        self.num_local_crops = num_local_crops
-        self.pre_crop_size = None if pre_crop_size is None else _check_size("pre_crop_size", pre_crop_size)
-        self.pre_crop_scale = _check_scale("pre_crop_scale", pre_crop_scale)
-        self.global_scale = _check_scale("global_scale", global_scale)
-        self.local_scale = _check_scale("local_scale", local_scale)
+        self.global_size = _check_int("global_size", global_size)
+        self.local_size = _check_int("local_size", local_size)
+        self.num_global_crops = _check_int("num_global_crops", num_global_crops)
+        self.num_local_crops = _check_int("num_local_crops", num_local_crops, minimum=0)
+        self.pre_crop_size = None if pre_crop_size is None else _check_int("pre_crop_size", pre_crop_size)
+        self.pre_crop_scale = _check_range("pre_crop_scale", pre_crop_scale)
+        self.global_scale = _check_range("global_scale", global_scale)
+        self.local_scale = _check_range("local_scale", local_scale)
         self.global_flip_prob = _check_prob("global_flip_prob", global_flip_prob)
         self.jitter_prob = _check_prob("jitter_prob", jitter_prob)
         for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
@@ -402,9 +176,7 @@ class ClipMultiCrop:
         self.grayscale_prob = _check_prob("grayscale_prob", grayscale_prob)
         self.global_blur_prob = _check_prob("global_blur_prob", global_blur_prob)
         self.local_blur_prob = _check_prob("local_blur_prob", local_blur_prob)
-        self.blur_sigma = _check_pair("blur_sigma", blur_sigma)
-        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ValueError(f"blur_sigma must satisfy 0 < lo <= hi, got {blur_sigma!r}")
+        self.blur_sigma = _check_range("blur_sigma", blur_sigma, upper=None)
         self.mean = _check_triple("mean", mean)
         self.std = _check_triple("std", std, positive=True)
         if crop_backend not in CROP_BACKENDS:
@@ -428,27 +200,18 @@ class ClipMultiCrop:
         returned here are exactly the ones the call uses. The number of draws does not depend on the
         probabilities, so e.g. changing ``global_flip_prob`` leaves every other draw unchanged.
         """
-        G, L = self.num_global_crops, self.num_local_crops
-        n_boxes = 1 + G + L * T
-        u = torch.rand(n_boxes * CROP_ATTEMPTS * 4 + G, generator=generator, dtype=torch.float64)
-        u_boxes = u[: n_boxes * CROP_ATTEMPTS * 4].view(n_boxes, CROP_ATTEMPTS, 4)
-        u_flip = u[n_boxes * CROP_ATTEMPTS * 4 :]
-
-        if self.pre_crop_size is None:
-            pre_crop = torch.tensor([0.0, 0.0, float(width), float(height)], dtype=torch.float64)
-            region = (height, width)
-        else:
-            pre_crop = sample_resized_crop_boxes(u_boxes[:1], height, width, self.pre_crop_scale)[0]
-            region = (self.pre_crop_size, self.pre_crop_size)
-        global_boxes = sample_resized_crop_boxes(u_boxes[1 : 1 + G], *region, self.global_scale)
-        local_boxes = sample_resized_crop_boxes(u_boxes[1 + G :], *region, self.local_scale).view(L, T, 4)
-        return ClipBoxes(
-            frame_size=(height, width),
-            pre_crop=pre_crop,
-            region_size=region,
-            global_boxes=global_boxes,
-            global_flip=u_flip < self.global_flip_prob,
-            local_boxes=local_boxes,
+        return sample_clip_boxes(
+            T,
+            height,
+            width,
+            generator,
+            num_global=self.num_global_crops,
+            num_local=self.num_local_crops,
+            pre_crop_size=self.pre_crop_size,
+            pre_crop_scale=self.pre_crop_scale,
+            global_scale=self.global_scale,
+            local_scale=self.local_scale,
+            global_flip_prob=self.global_flip_prob,
         )
 
     # -- the transform -------------------------------------------------------------------------------------------
@@ -548,11 +311,6 @@ class ClipMultiCrop:
         gs, ls = self.global_size, self.local_size
         channels = frames.permute(0, 3, 1, 2)  # (T, 3, H, W) channels-last view: the fast uint8 path
 
-        def pixels(box: list[float]) -> tuple[int, int, int, int]:
-            x0, y0, x1, y1 = (math.floor(v + 0.5) for v in box)
-            x0, y0 = min(max(x0, 0), width - 1), min(max(y0, 0), height - 1)
-            return x0, y0, min(max(x1, x0 + 1), width), min(max(y1, y0 + 1), height)
-
         def resize(crop: Tensor, size: int) -> Tensor:
             """uint8 (n, 3, h, w) -> uint8 (n, size, size, 3)."""
             out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -560,11 +318,11 @@ class ClipMultiCrop:
 
         global_out = torch.empty(gboxes.shape[0] * T, 3, gs, gs, device=frames.device)
         for v, box in enumerate(gboxes.tolist()):
-            x0, y0, x1, y1 = pixels(box)
+            x0, y0, x1, y1 = pixel_box(box, height, width)
             _planar_float(resize(channels[:, :, y0:y1, x0:x1], gs), global_out[v * T : (v + 1) * T])
         hwc = torch.empty(lboxes.shape[0], ls, ls, 3, dtype=torch.uint8, device=frames.device)
         for i, (box, t) in enumerate(zip(lboxes.tolist(), lframes.tolist(), strict=True)):
-            x0, y0, x1, y1 = pixels(box)
+            x0, y0, x1, y1 = pixel_box(box, height, width)
             hwc[i] = resize(channels[t : t + 1, :, y0:y1, x0:x1], ls)[0]
         local_out = _planar_float(hwc, torch.empty(lboxes.shape[0], 3, ls, ls, device=frames.device))
         return global_out, local_out

@@ -1,0 +1,145 @@
+"""Colour ops for the clip augmentation (spec section C): grayscale, HSV, colour jitter and Gaussian blur.
+
+They work on groups of float images (n, 3, H, W) in [0, 1] with per-image parameters (n,), so one call handles many
+views/frames at once; no PIL, no per-image Python loops. The ``*_`` functions work in place (and return ``img``):
+on CPU, avoiding allocations and boolean masks roughly halves their cost, so everything here is plain float
+arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "adjust_brightness_",
+    "adjust_contrast_",
+    "adjust_hue_",
+    "adjust_saturation_",
+    "gaussian_blur",
+    "hsv_to_rgb",
+    "rgb_to_grayscale",
+    "rgb_to_hsv",
+]
+
+# ITU-R 601 luma weights, as PIL's convert("L") used by the official code (torchvision uses 0.2989 for R).
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def rgb_to_grayscale(img: Tensor) -> Tensor:
+    """Luma 0.299 R + 0.587 G + 0.114 B of (..., 3, H, W) images, as (..., 1, H, W)."""
+    r, g, b = img.unbind(-3)
+    return torch.mul(r, _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(-3)
+
+
+def _per_image(factor: Tensor, img: Tensor) -> Tensor:
+    return factor.to(device=img.device, dtype=img.dtype).view(-1, *([1] * (img.dim() - 1)))
+
+
+def _blend_(img: Tensor, grey: Tensor, factor: Tensor) -> Tensor:
+    """In place: ``factor * img + (1 - factor) * grey`` per image (``grey`` broadcasts to ``img``), clamp."""
+    return img.lerp_(grey.expand_as(img), 1.0 - _per_image(factor, img)).clamp_(0.0, 1.0)
+
+
+def adjust_brightness_(img: Tensor, factor: Tensor) -> Tensor:
+    """In place: multiply each image by its ``factor``, clamp to [0, 1]."""
+    return img.mul_(_per_image(factor, img)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast_(img: Tensor, factor: Tensor) -> Tensor:
+    """In place: blend each image with its mean grey level (``factor`` 0 = flat grey, 1 = unchanged), clamp."""
+    channel_mean = img.mean(dim=(-2, -1))  # (n, 3); the grey mean is the luma of the channel means
+    grey_mean = (channel_mean * channel_mean.new_tensor(_LUMA)).sum(dim=1)
+    return _blend_(img, _per_image(grey_mean, img), factor)
+
+
+def adjust_saturation_(img: Tensor, factor: Tensor) -> Tensor:
+    """In place: blend each image with its grayscale version (``factor`` 0 = grey, 1 = unchanged), clamp."""
+    return _blend_(img, rgb_to_grayscale(img), factor)
+
+
+def _hue_min_max(img: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Return (hue in sectors, min, max, chroma) of (..., 3, H, W) images, each (..., H, W).
+
+    Hue is in units of 60 degrees, in [-1, 5) (callers wrap it); it is 0 where chroma is 0. Branch-free: the sector
+    formula of the max channel is selected with float 0/1 indicators (R wins ties, then G; tied formulas agree).
+    """
+    r, g, b = img.unbind(-3)
+    maxc = torch.maximum(r, g)
+    torch.maximum(maxc, b, out=maxc)
+    minc = torch.minimum(r, g)
+    torch.minimum(minc, b, out=minc)
+    chroma = torch.sub(maxc, minc)
+    is_r = torch.eq(r, maxc, out=torch.empty_like(maxc))
+    is_g = torch.eq(g, maxc, out=torch.empty_like(maxc))
+    hue = torch.sub(r, g).add_(chroma, alpha=4.0)  # hue * chroma if B is the max
+    hue.lerp_(torch.sub(b, r).add_(chroma, alpha=2.0), is_g)  # ... if G is
+    hue.lerp_(torch.sub(g, b), is_r)  # ... if R is
+    hue.div_(chroma.clamp_min(1e-12))
+    return hue, minc, maxc, chroma
+
+
+def _rgb_from_hue_(out: Tensor, hue: Tensor, minc: Tensor, maxc: Tensor, chroma: Tensor) -> Tensor:
+    """Write the RGB image with the given hue (sectors, any real value; clobbered), min, max and chroma to ``out``.
+
+    With h wrapped into [0, 6) and ramp(a) = clamp(|h - a| - 1, 0, 1), the HSV hexagon is
+    R = min + chroma * ramp(3), G = max - chroma * ramp(2), B = max - chroma * ramp(4).
+    """
+    turns = torch.mul(hue, 1.0 / 6.0).floor_()
+    hue.add_(turns, alpha=-6.0)
+    for channel, centre, base, sign in zip(
+        out.unbind(-3), (3.0, 2.0, 4.0), (minc, maxc, maxc), (1.0, -1.0, -1.0), strict=True
+    ):
+        torch.sub(hue, centre, out=channel).abs_().sub_(1.0).clamp_(0.0, 1.0)
+        torch.addcmul(base, channel, chroma, value=sign, out=channel)
+    return out
+
+
+def rgb_to_hsv(img: Tensor) -> Tensor:
+    """Convert (..., 3, H, W) RGB in [0, 1] to HSV, all channels in [0, 1] (hue as a fraction of a turn)."""
+    hue, _, value, chroma = _hue_min_max(img)
+    hue = hue.div_(6.0).remainder_(1.0)
+    sat = chroma / value.clamp_min(1e-12)
+    return torch.stack([hue, sat, value], dim=-3)
+
+
+def hsv_to_rgb(img: Tensor) -> Tensor:
+    """Convert (..., 3, H, W) HSV (all channels in [0, 1]) back to RGB in [0, 1]."""
+    h, s, v = img.unbind(-3)
+    chroma = s * v
+    return _rgb_from_hue_(torch.empty_like(img), h * 6.0, v - chroma, v, chroma)
+
+
+def adjust_hue_(img: Tensor, shift: Tensor) -> Tensor:
+    """In place: rotate the HSV hue of each (3, H, W) image by its ``shift`` (a fraction of a turn)."""
+    hue, minc, maxc, chroma = _hue_min_max(img)
+    hue.add_(_per_image(shift * 6.0, hue))
+    return _rgb_from_hue_(img, hue, minc, maxc, chroma)
+
+
+def gaussian_blur(img: Tensor, sigma: Tensor) -> Tensor:
+    """Blur (n, C, H, W) images with a separable Gaussian of per-image ``sigma`` (n,), reflect padding.
+
+    Image i uses kernel size 2 * ceil(3 * sigma_i) + 1, the radius capped at ``min(H, W) - 1`` so that reflect
+    padding fits. All images go through one grouped (depthwise) convolution per direction.
+    """
+    n, c, height, width = img.shape
+    cap = min(height, width) - 1
+    if n == 0 or cap < 1:
+        return img.clone()
+    sigma = sigma.to(torch.float64).cpu()
+    radius = torch.ceil(3.0 * sigma).clamp_(1, cap)
+    r_max = int(radius.max())
+    offsets = torch.arange(-r_max, r_max + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma.view(-1, 1)) ** 2)
+    kernel = kernel * (offsets.abs() <= radius.view(-1, 1))  # per-image kernel size
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(device=img.device, dtype=img.dtype)
+    kernel = kernel.repeat_interleave(c, dim=0)  # (n * c, K)
+    k = kernel.shape[1]
+    x = F.pad(img.reshape(1, n * c, height, width), (r_max, r_max, r_max, r_max), mode="reflect")
+    # Depthwise convolutions are ~2x faster channels-last on CPU (oneDNN vectorises over channels).
+    x = x.contiguous(memory_format=torch.channels_last)
+    x = F.conv2d(x, kernel.view(n * c, 1, k, 1), groups=n * c)
+    x = F.conv2d(x, kernel.view(n * c, 1, 1, k), groups=n * c)
+    return x.reshape(n, c, height, width)

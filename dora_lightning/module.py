@@ -1,0 +1,374 @@
+"""DoRAModule: DoRA (and the DINO baseline) pretraining of a timm ViT on video clips, composed from pure parts."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from dora_lightning.core.ema import ema_update_
+from dora_lightning.core.loss import LossParts, dino_loss, dora_loss, teacher_entropy, update_center
+from dora_lightning.core.schedules import cosine_schedule, linear_warmup_then_constant
+from dora_lightning.core.tracker import TrackerInputs, TrackerOutput, sample_heads, track_objects
+from dora_lightning.models.backbone import build_vit, forward_features, forward_with_last_block_taps
+from dora_lightning.models.head import DINOHead, cancel_last_layer_grad_
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+class StudentTeacher(nn.Module):
+    """A ViT backbone and a DINO head; ``forward`` maps images to head logits (CLS token)."""
+
+    def __init__(self, backbone: nn.Module, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: Tensor) -> Tensor:
+        cls, _ = forward_features(self.backbone, images)
+        return self.head(cls)
+
+
+def per_parameter_clip_(parameters: list[nn.Parameter], max_norm: float) -> None:
+    """DINO's gradient clipping: scale each parameter's gradient so its own L2 norm is at most ``max_norm``."""
+    for param in parameters:
+        if param.grad is not None:
+            norm = param.grad.detach().norm(2)
+            param.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
+class DoRAModule(pl.LightningModule):
+    """DoRA pretraining (spec A with the corrections of G.1), or the DINO baseline on the same clips.
+
+    Batches come from VideoClipDataModule: ``global_views`` (one (B,T,3,H,W) tensor for DoRA, two for DINO) and
+    ``local_views`` (V tensors (B,T,3,h,w)). The teacher (EMA of the student, no drop path) sees the unmasked global
+    frames; its last block gives the tracker its attention, queries and keys; the student sees every object's masked
+    frames and the local crops in one forward each. Epoch-based settings are turned into optimiser steps.
+
+    Args:
+        backbone: any timm ViT name with a class token (weights are never downloaded).
+        img_size: the global crop size the ViT is built for (other sizes work through position-embedding interpolation).
+        patch_size, depth, embed_dim, num_heads: override the named architecture (e.g. a micro ViT for CPU runs);
+            an exported backbone then loads with ``timm.create_model(backbone, <the same overrides>)``.
+        drop_path_rate: stochastic depth of the student (the teacher has none).
+        out_dim, head_hidden_dim, head_bottleneck_dim: DINO head sizes.
+        norm_last_layer: freeze the weight-norm gain of the head's last layer at 1 (the official DoRA run uses False).
+        method: ``dora`` (tracker + masked views) or ``dino`` (two global crops per frame, no tracker).
+        num_objects: k, objects tracked per clip; at most the number of heads of the last block.
+        sk_epsilon, sk_iterations: Sinkhorn-Knopp refinement of the object prototypes.
+        mask_mode: ``keep`` the tracked object (the released code) or ``remove`` it (the paper's wording).
+        official_compat: reproduce the official arithmetic (first local crop dropped, unreset frame loss,
+            batch-shared mask threshold); default off (the corrected method).
+        student_temp, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs: DINO temperatures.
+        center_momentum: momentum of the teacher-output centre.
+        momentum_teacher, momentum_teacher_end: cosine EMA momentum schedule (per optimiser step).
+        base_lr: learning rate for a total batch of 256 clips (scaled by batch_size x processes x accumulation / 256).
+        min_lr, warmup_epochs: cosine lr schedule end and linear warm-up length.
+        weight_decay, weight_decay_end: cosine weight-decay schedule (biases and norms get none).
+        freeze_last_layer_epochs: epochs during which the head's last layer gets no update.
+        clip_grad: per-parameter gradient-norm clip (0 disables).
+        batch_size: clips per batch per process (linked from ``data.batch_size`` by the CLI).
+        seed: seed of the tracker's head sampling.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_small_patch16_224",
+        img_size: int = 224,
+        patch_size: int | None = None,
+        depth: int | None = None,
+        embed_dim: int | None = None,
+        num_heads: int | None = None,
+        drop_path_rate: float = 0.1,
+        out_dim: int = 65536,
+        head_hidden_dim: int = 2048,
+        head_bottleneck_dim: int = 256,
+        norm_last_layer: bool = False,
+        method: Literal["dora", "dino"] = "dora",
+        num_objects: int = 3,
+        sk_epsilon: float = 0.05,
+        sk_iterations: int = 30,
+        mask_mode: Literal["keep", "remove"] = "keep",
+        official_compat: bool = False,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        center_momentum: float = 0.9,
+        momentum_teacher: float = 0.996,
+        momentum_teacher_end: float = 1.0,
+        base_lr: float = 5e-4,
+        min_lr: float = 1e-5,
+        warmup_epochs: int = 10,
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.4,
+        freeze_last_layer_epochs: int = 1,
+        clip_grad: float = 3.0,
+        batch_size: int = 6,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        overrides = {
+            k: v
+            for k, v in dict(
+                patch_size=patch_size, depth=depth, embed_dim=embed_dim, num_heads=num_heads
+            ).items()
+            if v is not None
+        }
+        student_backbone = build_vit(backbone, img_size=img_size, drop_path_rate=drop_path_rate, **overrides)
+        teacher_backbone = build_vit(backbone, img_size=img_size, drop_path_rate=0.0, **overrides)
+        num_heads = student_backbone.blocks[-1].attn.num_heads
+        if method == "dora" and not 1 <= num_objects <= num_heads:
+            raise ValueError(
+                f"model.num_objects={num_objects} must be between 1 and the {num_heads} heads of {backbone}'s last block"
+            )
+        embed_dim = student_backbone.num_features
+        head_args = dict(
+            in_dim=embed_dim,
+            out_dim=out_dim,
+            hidden_dim=head_hidden_dim,
+            bottleneck_dim=head_bottleneck_dim,
+            norm_last_layer=norm_last_layer,
+        )
+        self.student = StudentTeacher(student_backbone, DINOHead(**head_args))
+        self.teacher = StudentTeacher(teacher_backbone, DINOHead(**head_args))
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.patch_size = int(student_backbone.patch_embed.patch_size[0])
+        self.num_heads = num_heads
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.head_generator = torch.Generator().manual_seed(seed)
+        self._ema_step = -1
+
+    # ----------------------------------------------------------------- schedules
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch (the loader's batches divided by gradient accumulation)."""
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            batches = trainer.estimated_stepping_batches / max(trainer.max_epochs or 1, 1)
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, int(self.trainer.estimated_stepping_batches))
+
+    def scaled_lr(self) -> float:
+        """base_lr x total batch / 256, the DINO linear scaling rule."""
+        total = self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return self.hparams.base_lr * total / 256.0
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        """lr, weight decay, EMA momentum and teacher temperature at optimiser step ``step``."""
+        hp, per_epoch, total = self.hparams, self.steps_per_epoch, self.total_steps
+        return {
+            "lr": cosine_schedule(
+                step,
+                total,
+                self.scaled_lr(),
+                hp.min_lr,
+                warmup_steps=min(hp.warmup_epochs * per_epoch, total),
+            ),
+            "wd": cosine_schedule(step, total, hp.weight_decay, hp.weight_decay_end),
+            "momentum": cosine_schedule(step, total, hp.momentum_teacher, hp.momentum_teacher_end),
+            "teacher_temp": linear_warmup_then_constant(
+                step, hp.warmup_teacher_temp_epochs * per_epoch, hp.warmup_teacher_temp, hp.teacher_temp
+            ),
+        }
+
+    # ----------------------------------------------------------------- forward
+    def _teacher_logits(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.teacher(images)
+
+    def _track(self, global_view: Tensor) -> tuple[Tensor, TrackerOutput]:
+        """Teacher pass over all frames and the tracker; returns teacher logits (T,B,D) and the tracker's output."""
+        batch, frames = global_view.shape[:2]
+        with torch.no_grad():
+            taps = forward_with_last_block_taps(self.teacher.backbone, global_view.flatten(0, 1))
+            logits = self.teacher.head(taps.cls).unflatten(0, (batch, frames)).transpose(0, 1)
+
+        def per_clip(x: Tensor) -> Tensor:
+            return x.unflatten(0, (batch, frames))
+
+        queries, keys = per_clip(taps.queries), per_clip(taps.keys)  # (B,T,h,N,dh)
+        inputs = TrackerInputs(
+            cls_attention=per_clip(taps.cls_attention)[:, 0],
+            queries=queries[:, 0].permute(0, 2, 1, 3).flatten(2),
+            keys=keys.permute(0, 1, 3, 2, 4).flatten(3),
+            tokens=per_clip(taps.patch_tokens)[:, 0],
+        )
+        heads = sample_heads(self.num_heads, self.hparams.num_objects, self.head_generator)
+        tracked = track_objects(
+            inputs,
+            heads,
+            global_view,
+            self.patch_size,
+            epsilon=self.hparams.sk_epsilon,
+            num_iters=self.hparams.sk_iterations,
+            threshold="batch" if self.hparams.official_compat else "per_sample",
+            keep_object=self.hparams.mask_mode == "keep",
+        )
+        return logits, tracked
+
+    def _student_views(self, views: Tensor) -> Tensor:
+        """Student logits for views shaped (V, B, T, 3, H, W) -> (V, T, B, D), one forward for all of them."""
+        logits = self.student(views.flatten(0, 2)).unflatten(0, views.shape[:3])
+        return logits.transpose(1, 2)
+
+    def _check_batch(self, batch: dict[str, Any]) -> None:
+        expected = 2 if self.hparams.method == "dino" else 1
+        got = len(batch["global_views"])
+        if got != expected:
+            raise ValueError(
+                f"model.method={self.hparams.method} needs {expected} global view(s) per frame but the data gives {got}; "
+                f"set data.transform.init_args.num_global_crops: {expected}"
+            )
+        size = batch["global_views"][0].shape[-1]
+        if size % self.patch_size:
+            raise ValueError(
+                f"the global crop size {size} is not a multiple of the patch size {self.patch_size} of "
+                f"{self.hparams.backbone}; set data.transform.init_args.global_size to a multiple of {self.patch_size}"
+            )
+
+    def compute_loss(
+        self, batch: dict[str, Any], teacher_temp: float
+    ) -> tuple[LossParts, Tensor, TrackerOutput | None]:
+        """Loss parts, teacher logits and (DoRA) the tracker output for one batch."""
+        hp = self.hparams
+        if hp.method == "dino":
+            globals_ = torch.stack(batch["global_views"])  # (G,B,T,3,H,W)
+            teacher = (
+                self._teacher_logits(globals_.flatten(0, 2)).unflatten(0, globals_.shape[:3]).transpose(1, 2)
+            )
+            student_globals = self._student_views(globals_)
+            student_local = self._local_logits(batch, like=student_globals)
+            return (
+                dino_loss(
+                    teacher, student_globals, student_local, self.center, teacher_temp, hp.student_temp
+                ),
+                teacher,
+                None,
+            )
+        teacher, tracked = self._track(batch["global_views"][0])
+        student_masked = self._student_views(tracked.masked.transpose(0, 1))  # (k,B,T,...) -> (k,T,B,D)
+        student_local = self._local_logits(batch, like=student_masked)
+        parts = dora_loss(
+            teacher,
+            student_masked,
+            student_local,
+            self.center,
+            teacher_temp,
+            hp.student_temp,
+            hp.official_compat,
+        )
+        return parts, teacher, tracked
+
+    def _local_logits(self, batch: dict[str, Any], like: Tensor) -> Tensor:
+        """Student logits of the local views (V,T,B,D); an empty (0,T,B,D) tensor when there are none."""
+        if not batch["local_views"]:
+            return like[:0]
+        return self._student_views(torch.stack(batch["local_views"]))
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if batch_idx == 0:
+            self._check_batch(batch)
+        values = self.schedule_values(self.global_step)
+        parts, teacher, tracked = self.compute_loss(batch, values["teacher_temp"])
+        if not torch.isfinite(parts.total):
+            raise NonFiniteLossError(
+                f"the loss is {parts.total.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                "lower model.base_lr, use precision bf16-mixed rather than 16-mixed, or check the data"
+            )
+        with torch.no_grad():
+            entropy = teacher_entropy(teacher, self.center, values["teacher_temp"])
+            self.center.copy_(
+                update_center(self.center, teacher.flatten(0, -2), self.hparams.center_momentum)
+            )
+        batch_size = batch["global_views"][0].shape[0]
+        logs = {
+            "train/loss": parts.total.detach(),
+            "train/teacher_entropy": entropy,
+            **{f"train/{k}": v for k, v in values.items()},
+        }
+        if parts.masked is not None:
+            logs["train/loss_masked" if self.hparams.method == "dora" else "train/loss_global"] = (
+                parts.masked.detach()
+            )
+        if parts.local is not None:
+            logs["train/loss_local"] = parts.local.detach()
+        if tracked is not None:
+            area = tracked.masks.float().mean(dim=(0, 2, 3, 4))
+            logs.update({f"tracker/mask_area_obj{i}": a for i, a in enumerate(area)})
+        self.log_dict(logs, batch_size=batch_size, prog_bar=False)
+        self.log("loss", parts.total.detach(), prog_bar=True, batch_size=batch_size, logger=False)
+        return parts.total
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW with weight decay on weights only; lr and wd are set every step from the schedules."""
+        decay, no_decay = [], []
+        for name, param in self.student.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+        return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=0.0)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        values = self.schedule_values(self.global_step)
+        for index, group in enumerate(optimizer.param_groups):
+            group["lr"] = values["lr"]
+            if index == 0:
+                group["weight_decay"] = values["wd"]
+        if self.global_step < self.hparams.freeze_last_layer_epochs * self.steps_per_epoch:
+            cancel_last_layer_grad_(self.student.head)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if self.hparams.clip_grad > 0:
+            per_parameter_clip_(
+                [p for g in optimizer.param_groups for p in g["params"]], self.hparams.clip_grad
+            )
+        if gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """EMA update, only when the optimiser has stepped (safe with gradient accumulation)."""
+        step = self.global_step
+        if step > 0 and step != self._ema_step:
+            self._ema_step = step
+            momentum = self.schedule_values(step - 1)["momentum"]
+            ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dora"] = {
+            "kind": "dora-lightning/pretrain",
+            "head_generator": self.head_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "ema_step": self._ema_step,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("dora")
+        if state is None or state.get("kind") != "dora-lightning/pretrain":
+            raise ValueError(
+                "this checkpoint was not written by `dora fit` (no 'dora' section); to start from other weights, "
+                "see docs/training.md (loading official DoRA/DINO weights)"
+            )
+        self.head_generator.set_state(state["head_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self._ema_step = state["ema_step"]
