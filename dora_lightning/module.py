@@ -143,7 +143,7 @@ class DoRAModule(pl.LightningModule):
         self.num_heads = num_heads
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.head_generator = torch.Generator().manual_seed(seed)
-        self._ema_step = -1
+        self._pending_rng: tuple[Tensor, list[Tensor]] | None = None
 
     # ----------------------------------------------------------------- schedules
     @property
@@ -342,13 +342,13 @@ class DoRAModule(pl.LightningModule):
         if gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """EMA update, only when the optimiser has stepped (safe with gradient accumulation)."""
-        step = self.global_step
-        if step > 0 and step != self._ema_step:
-            self._ema_step = step
-            momentum = self.schedule_values(step - 1)["momentum"]
-            ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step the optimiser, then the EMA teacher: Lightning calls this only on real steps (not accumulation)."""
+        super().optimizer_step(*args, **kwargs)
+        momentum = self.schedule_values(self.global_step)[
+            "momentum"
+        ]  # global_step still counts the steps before this one
+        ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -357,7 +357,6 @@ class DoRAModule(pl.LightningModule):
             "head_generator": self.head_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "ema_step": self._ema_step,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -368,7 +367,13 @@ class DoRAModule(pl.LightningModule):
                 "see docs/training.md (loading official DoRA/DINO weights)"
             )
         self.head_generator.set_state(state["head_generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self._ema_step = state["ema_step"]
+        self._pending_rng = (state["torch_rng"], state["cuda_rng"])
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """After a resume, restore the RNG states here, so the loader's start-up draws do not shift drop-path masks."""
+        if self._pending_rng is not None:
+            cpu_state, cuda_states = self._pending_rng
+            torch.set_rng_state(cpu_state)
+            if cuda_states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(cuda_states)
+            self._pending_rng = None

@@ -9,9 +9,9 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import read_pattern_index, write_video
 from torch.utils.data import DataLoader
 
-from conftest import read_pattern_index, write_video
 from dora_lightning.data.sampling import ClipSpec
 from dora_lightning.data.sources import probe_videos, resolve_video_paths
 from dora_lightning.data.stream import VideoClipStream

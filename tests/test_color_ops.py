@@ -1,0 +1,110 @@
+"""Tests for dora_lightning.data.color_ops (grayscale, HSV, colour jitter and blur on groups of images)."""
+
+from __future__ import annotations
+
+import colorsys
+import math
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from dora_lightning.data.color_ops import (
+    adjust_brightness_,
+    adjust_contrast_,
+    adjust_hue_,
+    adjust_saturation_,
+    gaussian_blur,
+    hsv_to_rgb,
+    rgb_to_grayscale,
+    rgb_to_hsv,
+)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_images(n: int = 6, size: int = 17, seed: int = 0) -> torch.Tensor:
+    x = torch.rand(n, 3, size, size, generator=gen(seed))
+    x[0] = x[0].round()  # pure colours / black / white
+    x[1, :, :5] = 0.5  # grey (chroma 0)
+    x[2, 1] = x[2, 0]  # ties between channels
+    return x
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def test_grayscale():
+    x = random_images()
+    grey = rgb_to_grayscale(x)
+    assert grey.shape == (6, 1, 17, 17)
+    torch.testing.assert_close(grey, luma(x))
+    assert torch.equal(rgb_to_grayscale(torch.ones(1, 3, 2, 2)), torch.ones(1, 1, 2, 2))
+
+
+def test_brightness():
+    x = torch.full((3, 3, 4, 4), 0.5)
+    out = adjust_brightness_(x.clone(), torch.tensor([0.5, 1.0, 3.0]))
+    assert torch.equal(out[:, 0, 0, 0], torch.tensor([0.25, 0.5, 1.0]))  # clamped at 1
+    y = random_images()
+    f = torch.linspace(0.6, 1.4, 6)
+    torch.testing.assert_close(adjust_brightness_(y.clone(), f), (y * f.view(-1, 1, 1, 1)).clamp(0, 1))
+
+
+def test_contrast():
+    x = random_images()
+    f = torch.linspace(0.0, 1.4, 6)
+    mean = luma(x).mean(dim=(1, 2, 3), keepdim=True)
+    expected = (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * mean).clamp(0, 1)
+    out = adjust_contrast_(x.clone(), f)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out[0], mean[0].expand(3, 17, 17))  # factor 0: flat grey
+    torch.testing.assert_close(adjust_contrast_(x.clone(), torch.ones(6)), x)
+
+
+def test_saturation():
+    x = random_images()
+    f = torch.linspace(0.0, 1.2, 6)
+    expected = (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * luma(x)).clamp(0, 1)
+    out = adjust_saturation_(x.clone(), f)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out[0], luma(x[:1])[0].expand(3, 17, 17))  # factor 0: grayscale
+
+
+def test_rgb_hsv_against_colorsys_and_round_trip():
+    x = random_images(n=4, size=9)
+    hsv = rgb_to_hsv(x)
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, 3).tolist()
+    expected = torch.tensor([colorsys.rgb_to_hsv(*p) for p in pixels]).view(4, 9, 9, 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(hsv, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(hsv_to_rgb(hsv), x, rtol=0, atol=1e-5)
+    primaries = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]]).view(4, 3, 1, 1)
+    torch.testing.assert_close(rgb_to_hsv(primaries)[:, 0].flatten(), torch.tensor([0, 1 / 3, 2 / 3, 1 / 6]))
+
+
+def test_hue_zero_is_identity_and_matches_torchvision():
+    x = random_images(n=8)
+    torch.testing.assert_close(adjust_hue_(x.clone(), torch.zeros(8)), x, rtol=0, atol=1e-5)
+    shifts = torch.tensor([-0.5, -0.3, -0.1, 0.05, 0.1, 0.25, 0.4, 0.5])
+    expected = torch.stack([TF.adjust_hue(x[i], float(shifts[i])) for i in range(8)])
+    torch.testing.assert_close(adjust_hue_(x.clone(), shifts), expected, rtol=0, atol=1e-5)
+    # shifting back undoes a shift; two half turns are the identity
+    torch.testing.assert_close(adjust_hue_(adjust_hue_(x.clone(), shifts), -shifts), x, rtol=0, atol=1e-5)
+    half = torch.full((8,), 0.5)
+    torch.testing.assert_close(adjust_hue_(adjust_hue_(x.clone(), half), half), x, rtol=0, atol=1e-5)
+
+
+def test_gaussian_blur_matches_reference():
+    x = random_images(n=4, size=20)
+    sigma = torch.tensor([0.1, 0.5, 1.3, 2.0])
+    out = gaussian_blur(x, sigma)
+    for i in range(4):
+        k = 2 * math.ceil(3 * float(sigma[i])) + 1
+        expected = TF.gaussian_blur(x[i], kernel_size=[k, k], sigma=[float(sigma[i])] * 2)
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-5)
+    # constant images are unchanged; the kernel radius is capped to fit reflect padding on tiny images
+    torch.testing.assert_close(
+        gaussian_blur(torch.full((2, 3, 3, 3), 0.7), torch.tensor([2.0, 0.3])), torch.full((2, 3, 3, 3), 0.7)
+    )

@@ -1,0 +1,182 @@
+"""DoRAModule with a micro ViT on a generated video: training runs, resume is exact, bad settings fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import write_video
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from dora_lightning.data.datamodule import VideoClipDataModule
+from dora_lightning.data.transforms import ClipMultiCrop
+from dora_lightning.module import DoRAModule, NonFiniteLossError
+
+MICRO = dict(
+    backbone="vit_tiny_patch16_224",
+    img_size=32,
+    patch_size=8,
+    depth=2,
+    embed_dim=48,
+    num_heads=3,
+    out_dim=128,
+    head_hidden_dim=64,
+    head_bottleneck_dim=32,
+    warmup_epochs=1,
+    batch_size=2,
+)
+
+
+@pytest.fixture(scope="module")
+def clip_video(tmp_path_factory) -> Path:
+    return write_video(tmp_path_factory.mktemp("train") / "walk.mp4", 120, width=96, height=64)
+
+
+def make_data(video: Path, num_global: int = 1, global_size: int = 32, **kw) -> VideoClipDataModule:
+    transform = ClipMultiCrop(
+        global_size=global_size,
+        local_size=16,
+        num_global_crops=num_global,
+        num_local_crops=2,
+        pre_crop_size=48,
+    )
+    options = dict(clip_length=2, frame_stride=3, decode_short_side=64, batch_size=2, num_workers=0) | kw
+    return VideoClipDataModule(
+        paths=str(video), segment_length=20, interleave=2, shuffle_buffer=8, transform=transform, **options
+    )
+
+
+def make_trainer(root: Path, max_steps: int, **kw) -> pl.Trainer:
+    options = dict(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+    )
+    return pl.Trainer(**(options | kw))
+
+
+def student_vector(module: DoRAModule) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.student.parameters()])
+
+
+def test_dora_trains_and_updates_teacher(tmp_path, clip_video):
+    pl.seed_everything(0)
+    module = DoRAModule(**MICRO)
+    teacher_before = torch.cat([p.detach().flatten().clone() for p in module.teacher.parameters()])
+    make_trainer(tmp_path, 3).fit(module, datamodule=make_data(clip_video))
+    teacher_after = torch.cat([p.detach().flatten() for p in module.teacher.parameters()])
+    assert module.global_step == 3
+    assert not torch.equal(teacher_before, teacher_after), "EMA never moved the teacher"
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    assert module.center.abs().sum() > 0, "centre never updated"
+
+
+def test_ema_steps_only_with_the_optimiser(tmp_path, clip_video, monkeypatch):
+    """With gradient accumulation 2, 4 batches give 2 optimiser steps and exactly 2 EMA updates."""
+    import dora_lightning.module as module_file
+
+    momenta = []
+    original = module_file.ema_update_
+    monkeypatch.setattr(module_file, "ema_update_", lambda t, s, m: (momenta.append(m), original(t, s, m)))
+    pl.seed_everything(0)
+    module = DoRAModule(**MICRO)
+    batches = []
+    module.on_train_batch_start = lambda batch, batch_idx: batches.append(batch_idx)
+    make_trainer(tmp_path, 2, accumulate_grad_batches=2).fit(module, datamodule=make_data(clip_video))
+    assert batches == [0, 1, 2, 3]
+    assert len(momenta) == 2 and momenta[0] == pytest.approx(0.996)
+
+
+def test_dino_baseline_trains(tmp_path, clip_video):
+    pl.seed_everything(0)
+    module = DoRAModule(**(MICRO | {"method": "dino"}))
+    make_trainer(tmp_path, 2).fit(module, datamodule=make_data(clip_video, num_global=2))
+    assert module.global_step == 2
+
+
+def test_bf16_mixed_on_cpu(tmp_path, clip_video):
+    pl.seed_everything(0)
+    module = DoRAModule(**MICRO)
+    losses = []
+    original = module.compute_loss
+
+    def spy(batch, temp):
+        parts, teacher, tracked = original(batch, temp)
+        losses.append(parts.total)
+        return parts, teacher, tracked
+
+    module.compute_loss = spy
+    make_trainer(tmp_path, 2, precision="bf16-mixed").fit(module, datamodule=make_data(clip_video))
+    assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
+
+
+def test_resume_is_exact(tmp_path, clip_video):
+    """6 steps straight == resume from the step-3 checkpoint (weights, centre, data order, head draws, drop path)."""
+    pl.seed_everything(0)
+    straight = DoRAModule(**MICRO)
+    saver = ModelCheckpoint(dirpath=tmp_path / "a", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    make_trainer(tmp_path / "a", 6, enable_checkpointing=True, callbacks=[saver]).fit(
+        straight, datamodule=make_data(clip_video)
+    )
+    ckpt = tmp_path / "a" / "step=3.ckpt"  # written mid-epoch, as after a crash or preemption
+
+    pl.seed_everything(123)  # a different global seed must not matter: the checkpoint carries the RNG states
+    resumed = DoRAModule(**MICRO)
+    make_trainer(tmp_path / "c", 6).fit(resumed, datamodule=make_data(clip_video), ckpt_path=str(ckpt))
+    assert resumed.global_step == 6
+    torch.testing.assert_close(student_vector(resumed), student_vector(straight), rtol=0, atol=0)
+    torch.testing.assert_close(resumed.center, straight.center, rtol=0, atol=0)
+
+
+def test_too_many_objects_is_a_config_error():
+    with pytest.raises(ValueError, match="num_objects=4 must be between 1 and the 3 heads"):
+        DoRAModule(**(MICRO | {"num_objects": 4}))
+
+
+def test_crop_not_divisible_by_patch(tmp_path, clip_video):
+    module = DoRAModule(**MICRO)
+    with pytest.raises(ValueError, match="global crop size 36 is not a multiple of the patch size 8"):
+        make_trainer(tmp_path, 1).fit(module, datamodule=make_data(clip_video, global_size=36))
+
+
+def test_dino_needs_two_global_views(tmp_path, clip_video):
+    module = DoRAModule(**(MICRO | {"method": "dino"}))
+    with pytest.raises(ValueError, match="num_global_crops: 2"):
+        make_trainer(tmp_path, 1).fit(module, datamodule=make_data(clip_video))
+
+
+def test_non_finite_loss_names_the_step(tmp_path, clip_video):
+    module = DoRAModule(**MICRO)
+    original = module.compute_loss
+
+    def poisoned(batch, temp):
+        parts, teacher, tracked = original(batch, temp)
+        if module.global_step == 1:
+            parts.total = parts.total * float("nan")
+        return parts, teacher, tracked
+
+    module.compute_loss = poisoned
+    with pytest.raises(NonFiniteLossError, match="at step 1"):
+        make_trainer(tmp_path, 3).fit(module, datamodule=make_data(clip_video))
+
+
+def test_foreign_checkpoint_is_refused(tmp_path, clip_video):
+    bad = tmp_path / "other.ckpt"
+    module = DoRAModule(**MICRO)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "epoch": 0,
+            "global_step": 0,
+            "pytorch-lightning_version": "2.6.6",
+        },
+        bad,
+    )
+    with pytest.raises(ValueError, match="not written by `dora fit`"):
+        make_trainer(tmp_path, 1).fit(module, datamodule=make_data(clip_video), ckpt_path=str(bad))
