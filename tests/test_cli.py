@@ -1,0 +1,98 @@
+"""The `dora` command: subcommands, --print_config, a tiny end-to-end fit, and config errors that name the key."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+from dora_lightning.cli import main
+
+MICRO_ARGS = [
+    "--model.backbone=vit_tiny_patch16_224",
+    "--model.img_size=32",
+    "--model.patch_size=8",
+    "--model.depth=2",
+    "--model.embed_dim=48",
+    "--model.num_heads=3",
+    "--model.out_dim=128",
+    "--model.head_hidden_dim=64",
+    "--model.head_bottleneck_dim=32",
+    "--model.warmup_epochs=1",
+    "--data.clip_length=2",
+    "--data.frame_stride=10",
+    "--data.decode_short_side=48",
+    "--data.batch_size=2",
+    "--data.num_workers=0",
+    "--data.transform.init_args.global_size=32",
+    "--data.transform.init_args.local_size=16",
+    "--data.transform.init_args.num_local_crops=2",
+    "--data.transform.init_args.pre_crop_size=48",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+def test_console_script_lists_subcommands():
+    dora = shutil.which("dora", path=str(Path(sys.executable).parent))
+    assert dora is not None, "the dora console script is not installed (run make install)"
+    out = subprocess.run([dora, "--help"], capture_output=True, text=True, check=True).stdout
+    for sub in ("fit", "validate", "test", "predict"):
+        assert sub in out
+
+
+def test_print_config_resolves_the_demo_config(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/demo.yaml", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["backbone"] == "vit_tiny_patch16_224"
+    assert config["data"]["batch_size"] == 8
+    assert "batch_size" not in config["model"], "model.batch_size should be linked from data.batch_size"
+    assert config["data"]["transform"]["init_args"]["global_size"] == 64
+
+
+@pytest.mark.parametrize("config", ["demo.yaml", "wt.yaml", "wt_all.yaml", "dino_wt.yaml"])
+def test_shipped_configs_parse(config, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", f"configs/{config}", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "model:" in capsys.readouterr().out
+
+
+def test_wrong_config_key_names_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_objcts: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/demo.yaml", "--config", str(bad), "--print_config"])
+    assert exit_info.value.code == 2
+    assert "num_objcts" in capsys.readouterr().err
+
+
+def test_fit_end_to_end_writes_a_resumable_checkpoint(tmp_path):
+    root = tmp_path / "run"
+    main(
+        [
+            "fit",
+            *MICRO_ARGS,
+            f"--data.paths={REPO / 'assets/video/vtest.mp4'}",
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
+    checkpoints = list(root.rglob("*.ckpt"))
+    assert checkpoints, "fit wrote no checkpoint"
+    state = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
+    assert state["dora"]["kind"] == "dora-lightning/pretrain"
+    assert state["VideoClipDataModule"]["batches_done"] == 2
+    assert any(key.startswith("teacher.backbone.") for key in state["state_dict"])
+    assert list(root.rglob("config.yaml")), "the resolved config was not saved next to the run"

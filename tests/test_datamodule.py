@@ -1,0 +1,158 @@
+"""VideoClipDataModule: batches, path forms, checkpointed position and every bad input's message."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BUNDLED_VIDEO, write_video
+
+from dora_lightning.data.datamodule import VideoClipDataModule
+from dora_lightning.data.sources import VideoSourceError
+from dora_lightning.data.transforms import ClipMultiCrop
+
+SMALL = ClipMultiCrop(global_size=32, local_size=16, num_local_crops=3, pre_crop_size=48)
+
+
+def make(paths, **kw) -> VideoClipDataModule:
+    options = dict(
+        clip_length=4,
+        frame_stride=5,
+        decode_short_side=48,
+        batch_size=3,
+        num_workers=0,
+        segment_length=60,
+        interleave=2,
+        shuffle_buffer=8,
+        transform=SMALL,
+    )
+    return VideoClipDataModule(paths=paths, **(options | kw))
+
+
+def test_batches_have_the_documented_layout(video_dir):
+    dm = make(str(video_dir))
+    batch = next(iter(dm.train_dataloader()))
+    (global_view,) = batch["global_views"]
+    assert global_view.shape == (3, 4, 3, 32, 32) and global_view.dtype == torch.float32
+    assert len(batch["local_views"]) == 3
+    assert all(v.shape == (3, 4, 3, 16, 16) for v in batch["local_views"])
+    assert batch["start"].shape == (3,) and batch["decoded_frames"].shape == (3,)
+
+
+def test_bundled_video_with_workers():
+    dm = make(str(BUNDLED_VIDEO), num_workers=2, frame_stride=10, decode_short_side=64)
+    loader = dm.train_dataloader()
+    assert len(loader) == 2 * dm.dataset.clips_per_worker // 3
+    batch = next(iter(loader))
+    assert batch["global_views"][0].shape == (3, 4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("form", ["file", "folder", "glob", "list"])
+def test_path_forms(video_dir, form):
+    paths = {
+        "file": str(video_dir / "a.mp4"),
+        "folder": str(video_dir),
+        "glob": str(video_dir / "*.m*"),
+        "list": [str(video_dir / "a.mp4"), str(video_dir / "b.mkv")],
+    }[form]
+    dm = make(paths)
+    dm.setup("fit")
+    assert len(dm.videos) == (1 if form == "file" else 2)
+
+
+def test_epochs_differ_and_repeat_with_the_seed(video_dir):
+    def epoch_starts(dm):
+        return [(b["video"].tolist(), b["start"].tolist()) for b in dm.train_dataloader()]
+
+    dm = make(str(video_dir))
+    first, second = epoch_starts(dm), epoch_starts(dm)
+    assert first != second
+    assert epoch_starts(make(str(video_dir))) == first
+
+
+def test_state_dict_roundtrip_resumes_mid_epoch(video_dir):
+    dm = make(str(video_dir))
+    full = [b["start"].tolist() for b in dm.train_dataloader()]
+    resumed = make(str(video_dir))
+    resumed.load_state_dict(dm.state_dict() | {"epoch": 0, "batches_done": 5})
+    assert [b["start"].tolist() for b in resumed.train_dataloader()] == full[5:]
+
+
+def test_resume_with_other_workers_is_refused(video_dir):
+    dm = make(str(video_dir))
+    state = dm.state_dict()
+    with pytest.raises(ValueError, match="num_workers 0 -> 2"):
+        make(str(video_dir), num_workers=2).load_state_dict(state)
+
+
+def test_missing_path():
+    with pytest.raises(VideoSourceError, match="'/nowhere/walk.mp4' does not exist"):
+        make("/nowhere/walk.mp4").setup("fit")
+
+
+def test_empty_glob_and_empty_folder(tmp_path):
+    with pytest.raises(VideoSourceError, match="matches no file"):
+        make(str(tmp_path / "*.mp4")).setup("fit")
+    with pytest.raises(VideoSourceError, match="holds no video file"):
+        make(str(tmp_path)).setup("fit")
+
+
+def test_non_video_file_alone_is_an_error(tmp_path):
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    with pytest.raises(VideoSourceError, match="notes.mp4' is not a readable video"):
+        make(str(text)).setup("fit")
+
+
+def test_bad_file_among_good_ones_is_skipped_with_a_warning(tmp_path, video_dir):
+    junk = tmp_path / "junk.mkv"
+    junk.write_bytes(b"\x00" * 5000)
+    dm = make([str(video_dir / "a.mp4"), str(junk)])
+    with pytest.warns(RuntimeWarning, match="skipping a video: .*junk.mkv"):
+        dm.setup("fit")
+    assert [Path(v.path).name for v in dm.videos] == ["a.mp4"]
+    next(iter(dm.train_dataloader()))
+
+
+def test_video_shorter_than_one_clip(tmp_path):
+    short = write_video(tmp_path / "short.mp4", 10)
+    with pytest.raises(
+        VideoSourceError, match="short.mp4' has 10 frames, fewer than one clip spans \\(16\\)"
+    ):
+        make(str(short)).setup("fit")
+
+
+def test_video_with_nothing_decodable(tmp_path):
+    good = write_video(tmp_path / "x.mkv", 60)
+    data = bytearray(good.read_bytes())
+    cut = 700  # keep the container header, zero every frame after it
+    data[cut:] = bytes(len(data) - cut)
+    broken = tmp_path / "broken.mkv"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(VideoSourceError, match="broken.mkv' has no decodable frame"):
+        make(str(broken)).setup("fit")
+
+
+def test_too_few_clips_for_a_batch(video_dir):
+    with pytest.raises(ValueError, match="not enough for one batch of data.batch_size=400"):
+        make(str(video_dir / "b.mkv"), batch_size=400).setup("fit")
+
+
+@pytest.mark.parametrize(("key", "value"), [("batch_size", 0), ("interleave", 0), ("clip_length", 0)])
+def test_bad_options_name_the_key(key, value):
+    with pytest.raises(ValueError, match=f"data.{key}"):
+        make("unused", **{key: value})
+
+
+def test_damaged_file_warning_reaches_the_user(tmp_path):
+    path = write_video(tmp_path / "cut.mkv", 200)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    dm = make(str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(dm.train_dataloader())
+    assert len(batches) == len(dm.train_dataloader())
+    assert any("cut.mkv" in str(w.message) for w in caught)
