@@ -15,6 +15,7 @@ from dora_lightning.core.schedules import cosine_schedule, linear_warmup_then_co
 from dora_lightning.core.tracker import TrackerInputs, TrackerOutput, sample_heads, track_objects
 from dora_lightning.models.backbone import build_vit, forward_features, forward_with_last_block_taps
 from dora_lightning.models.head import DINOHead, cancel_last_layer_grad_
+from dora_lightning.viz import attention_grid, track_grid
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -73,6 +74,8 @@ class DoRAModule(pl.LightningModule):
         clip_grad: per-parameter gradient-norm clip (0 disables).
         batch_size: clips per batch per process (linked from ``data.batch_size`` by the CLI).
         seed: seed of the tracker's head sampling.
+        log_images_every_n_steps: every N steps, log one clip's object tracks and frame-0 CLS attention per head to
+            TensorBoard (0 disables).
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class DoRAModule(pl.LightningModule):
         clip_grad: float = 3.0,
         batch_size: int = 6,
         seed: int = 0,
+        log_images_every_n_steps: int = 500,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -144,6 +148,7 @@ class DoRAModule(pl.LightningModule):
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.head_generator = torch.Generator().manual_seed(seed)
         self._pending_rng: tuple[Tensor, list[Tensor]] | None = None
+        self._last_attention: tuple[Tensor, tuple[int, int]] | None = None
 
     # ----------------------------------------------------------------- schedules
     @property
@@ -204,6 +209,7 @@ class DoRAModule(pl.LightningModule):
             keys=keys.permute(0, 1, 3, 2, 4).flatten(3),
             tokens=per_clip(taps.patch_tokens)[:, 0],
         )
+        self._last_attention = (per_clip(taps.cls_attention)[0, 0], taps.grid)
         heads = sample_heads(self.num_heads, self.hparams.num_objects, self.head_generator)
         tracked = track_objects(
             inputs,
@@ -308,8 +314,23 @@ class DoRAModule(pl.LightningModule):
             area = tracked.masks.float().mean(dim=(0, 2, 3, 4))
             logs.update({f"tracker/mask_area_obj{i}": a for i, a in enumerate(area)})
         self.log_dict(logs, batch_size=batch_size, prog_bar=False)
+        if tracked is not None:
+            self._log_images(batch["global_views"][0][0], tracked)
         self.log("loss", parts.total.detach(), prog_bar=True, batch_size=batch_size, logger=False)
         return parts.total
+
+    def _log_images(self, frames: Tensor, tracked: TrackerOutput) -> None:
+        """Every ``log_images_every_n_steps`` steps: one clip's object tracks and its frame-0 attention per head."""
+        every = self.hparams.log_images_every_n_steps
+        experiment = getattr(self.logger, "experiment", None)
+        if not every or self.global_step % every or not hasattr(experiment, "add_image"):
+            return
+        experiment.add_image("tracker/object_tracks", track_grid(frames, tracked.masks[0]), self.global_step)
+        if self._last_attention is not None:
+            attention, grid = self._last_attention
+            experiment.add_image(
+                "attention/frame0_heads", attention_grid(frames[0], attention, grid), self.global_step
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW with weight decay on weights only; lr and wd are set every step from the schedules."""

@@ -180,3 +180,25 @@ def test_foreign_checkpoint_is_refused(tmp_path, clip_video):
     )
     with pytest.raises(ValueError, match="not written by `dora fit`"):
         make_trainer(tmp_path, 1).fit(module, datamodule=make_data(clip_video), ckpt_path=str(bad))
+
+
+def test_tracks_and_attention_go_to_tensorboard(tmp_path, clip_video):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pl.seed_everything(0)
+    module = DoRAModule(**(MICRO | {"log_images_every_n_steps": 2}))
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    make_trainer(tmp_path, 3, logger=logger, log_every_n_steps=1).fit(
+        module, datamodule=make_data(clip_video)
+    )
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"tracker/object_tracks", "attention/frame0_heads"} <= set(tags["images"])
+    assert [e.step for e in events.Images("tracker/object_tracks")] == [0, 2]
+    track = events.Images("tracker/object_tracks")[0]
+    assert (track.width, track.height) == (2 + 2 * 34, 2 + 4 * 34)  # T=2 columns, frames + k=3 object rows
+    assert {"train/loss", "train/teacher_entropy", "tracker/mask_area_obj0", "train/lr"} <= set(
+        tags["scalars"]
+    )
