@@ -220,6 +220,7 @@ class DoRAModule(pl.LightningModule):
             num_iters=self.hparams.sk_iterations,
             threshold="batch" if self.hparams.official_compat else "per_sample",
             keep_object=self.hparams.mask_mode == "keep",
+            log_domain_sinkhorn=not self.hparams.official_compat,
         )
         return logits, tracked
 

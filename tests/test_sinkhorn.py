@@ -113,3 +113,19 @@ def test_input_validation():
         sinkhorn_knopp(torch.zeros(1, 4, 3), epsilon=0.0)
     with pytest.raises(ValueError, match="floating-point"):
         sinkhorn_knopp(torch.zeros(1, 4, 3, dtype=torch.long))
+
+
+def test_log_domain_equals_official_where_nothing_underflows():
+    golden = np.load(GOLDEN_DIR / GOLDEN_NAME)
+    logits = torch.from_numpy(golden["sk_logits"])
+    official = sinkhorn_knopp(logits)
+    torch.testing.assert_close(sinkhorn_knopp(logits, log_domain=True), official, rtol=1e-4, atol=1e-6)
+
+
+def test_log_domain_survives_scores_that_make_the_official_arithmetic_nan():
+    scores = torch.zeros(1, 4, 2)
+    scores[0, 0] = 5.3  # every other patch lies more than 104 * eps below the maximum
+    assert torch.isnan(sinkhorn_knopp(scores)).any()
+    stable = sinkhorn_knopp(scores, log_domain=True)
+    assert torch.isfinite(stable).all()
+    torch.testing.assert_close(stable.sum(-1), torch.ones(1, 4))

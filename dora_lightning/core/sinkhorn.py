@@ -8,6 +8,7 @@ the golden tensors of the official code are reproduced; it is written independen
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor
@@ -33,13 +34,17 @@ def _replace_infs_by_sample_max(q: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, num_iters: int = 30) -> Tensor:
+def sinkhorn_knopp(
+    scores: Tensor, epsilon: float = 0.05, num_iters: int = 30, log_domain: bool = False
+) -> Tensor:
     """Balanced soft assignment of N patches to K prototypes, one transport problem per sample.
 
     Args:
         scores: (B, N, K) similarities of N patches to K prototypes (any float dtype).
         epsilon: entropic temperature; smaller means harder assignments.
         num_iters: number of (prototype, patch) normalisation rounds.
+        log_domain: run the same normalisations on log-probabilities (logsumexp), which never underflows; equal to
+            the official arithmetic wherever that one does not underflow (the corrected default uses it).
 
     Returns:
         (B, N, K) float32 assignment in which every patch's row sums to 1 and every prototype's column sums to ~N/K.
@@ -64,6 +69,8 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, num_iters: int = 30) -
     if num_iters < 0:
         raise ValueError(f"num_iters must be >= 0, got {num_iters}")
 
+    if log_domain:
+        return _sinkhorn_knopp_log(scores, epsilon, num_iters)
     with fp32_region(scores.device):
         logits = scores.detach().to(torch.float32) / epsilon
         logits = logits - logits.amax(dim=(-2, -1), keepdim=True)
@@ -79,3 +86,16 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, num_iters: int = 30) -
             q = q / num_patches  # ... becomes 1/N
         q = q * num_patches  # each patch's assignment now sums to 1
         return q.transpose(-2, -1).contiguous()
+
+
+def _sinkhorn_knopp_log(scores: Tensor, epsilon: float, num_iters: int) -> Tensor:
+    """The normalisations of :func:`sinkhorn_knopp` on log-probabilities: no exp before the end, so no underflow."""
+    with fp32_region(scores.device):
+        log_q = (scores.detach().to(torch.float32) / epsilon).transpose(-2, -1)  # (B, K, N)
+        log_q = log_q - torch.logsumexp(log_q, dim=(-2, -1), keepdim=True)
+        num_prototypes, num_patches = log_q.shape[-2], log_q.shape[-1]
+        log_k, log_n = math.log(num_prototypes), math.log(num_patches)
+        for _ in range(num_iters):
+            log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True) - log_k
+            log_q = log_q - torch.logsumexp(log_q, dim=-2, keepdim=True) - log_n
+        return torch.exp(log_q + log_n).transpose(-2, -1).contiguous()

@@ -155,7 +155,7 @@ def object_prototypes(cls_attention: Tensor, queries: Tensor, heads: Tensor) -> 
 
 @torch.no_grad()
 def refine_prototypes(
-    prototypes: Tensor, tokens: Tensor, epsilon: float = 0.05, num_iters: int = 30
+    prototypes: Tensor, tokens: Tensor, epsilon: float = 0.05, num_iters: int = 30, log_domain: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Refine prototypes by a balanced (Sinkhorn-Knopp) assignment of frame-0 output tokens to objects.
 
@@ -177,7 +177,7 @@ def refine_prototypes(
         z = tokens.to(torch.float32)
         z = z / z.norm(dim=-1, keepdim=True)
         scores = z @ prototypes.to(torch.float32).transpose(-2, -1)  # (B, N, k)
-        assignment = sinkhorn_knopp(scores, epsilon=epsilon, num_iters=num_iters)
+        assignment = sinkhorn_knopp(scores, epsilon=epsilon, num_iters=num_iters, log_domain=log_domain)
         refined = assignment.transpose(-2, -1) @ z  # (B, k, D)
     return refined, assignment, scores
 
@@ -262,6 +262,7 @@ def track_objects(
     num_iters: int = 30,
     threshold: Threshold = "per_sample",
     keep_object: bool = True,
+    log_domain_sinkhorn: bool = False,
 ) -> TrackerOutput:
     """Full DoRA tracker: discover k objects in frame 0, track them over the T frames and mask the clip per object.
 
@@ -273,6 +274,7 @@ def track_objects(
         epsilon, num_iters: Sinkhorn-Knopp settings.
         threshold: "per_sample" (default, corrected) or "batch" (official batch-wide mean).
         keep_object: keep the object (official) or remove it.
+        log_domain_sinkhorn: run Sinkhorn-Knopp on log-probabilities (no underflow to NaN; the corrected default).
 
     Returns:
         :class:`TrackerOutput` with the masked views (B, k, T, 3, H, W) and every intermediate.
@@ -299,7 +301,9 @@ def track_objects(
     heads = _check_heads(heads, num_heads)
 
     prototypes = object_prototypes(inputs.cls_attention, inputs.queries, heads)
-    refined, assignment, scores = refine_prototypes(prototypes, inputs.tokens, epsilon, num_iters)
+    refined, assignment, scores = refine_prototypes(
+        prototypes, inputs.tokens, epsilon, num_iters, log_domain_sinkhorn
+    )
     maps = track(refined, inputs.keys)
     masks = object_masks(maps, grid, threshold)
     masked = apply_masks(images, masks, patch_size, keep_object)

@@ -19,7 +19,9 @@ DEFAULT_VIDEO = "assets/video/vtest.mp4"
 
 # Lightning cannot see that this loader resumes through the data module's state_dict, nor that __len__ is exact
 # per worker (every shard emits the same number of clips); both of its generic warnings are false alarms here.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+warnings.filterwarnings(
+    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+)
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
