@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_path_forms(video_dir, form):
 
 def test_epochs_differ_and_repeat_with_the_seed(video_dir):
     def epoch_starts(dm):
-        return [(b["video"].tolist(), b["start"].tolist()) for b in dm.train_dataloader()]
+        return [(b["video"].tolist(), b["start"].tolist()) for b in islice(dm.train_dataloader(), 8)]
 
     dm = make(str(video_dir))
     first, second = epoch_starts(dm), epoch_starts(dm)
@@ -74,10 +75,10 @@ def test_epochs_differ_and_repeat_with_the_seed(video_dir):
 
 def test_state_dict_roundtrip_resumes_mid_epoch(video_dir):
     dm = make(str(video_dir))
-    full = [b["start"].tolist() for b in dm.train_dataloader()]
+    full = [b["start"].tolist() for b in islice(dm.train_dataloader(), 12)]
     resumed = make(str(video_dir))
     resumed.load_state_dict(dm.state_dict() | {"epoch": 0, "batches_done": 5})
-    assert [b["start"].tolist() for b in resumed.train_dataloader()] == full[5:]
+    assert [b["start"].tolist() for b in islice(resumed.train_dataloader(), 7)] == full[5:]
 
 
 def test_resume_with_other_workers_is_refused(video_dir):

@@ -1,0 +1,134 @@
+"""Write an evaluation's metrics with everything needed to reproduce and compare them (spec G.7).
+
+``results_<name>.json`` holds the metrics, the protocol settings, the checkpoint (path, size, sha256; the backbone's
+architecture when known), package versions, the date and the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PACKAGES", "file_sha256", "format_table", "package_versions", "write_results"]
+
+PACKAGES = ("torch", "torchvision", "timm", "lightning", "torchmetrics", "dora-lightning")
+
+
+def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_versions(packages: Sequence[str] = PACKAGES) -> dict[str, str]:
+    """Installed versions of ``packages`` (``"not installed"`` when missing), plus Python's."""
+    versions = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON-friendly copy: paths and other objects as strings, tuples as lists, non-finite floats as strings."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item") and callable(value.item):  # 0-d tensors and numpy scalars
+        try:
+            return _jsonable(value.item())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return str(value)
+
+
+def write_results(
+    output_dir: str | Path,
+    evaluator_name: str,
+    metrics: Mapping[str, float],
+    protocol: Mapping[str, Any],
+    checkpoint_path: str | Path,
+    *,
+    backbone: Any = None,
+    command: Sequence[str] | None = None,
+) -> Path:
+    """Write ``output_dir/results_<evaluator_name>.json`` (atomically) and return its path.
+
+    Args:
+        output_dir: created if missing.
+        evaluator_name: short name of the evaluator (``knn``).
+        metrics: ``{name: value}``.
+        protocol: the evaluator's :meth:`~evaluators.base.Evaluator.protocol`.
+        checkpoint_path: the evaluated checkpoint; its sha256 and size are recorded.
+        backbone: optional :class:`~dora_lightning.checkpoints.BackboneInfo` (or a dict) of the loaded backbone.
+        command: the command line; default ``sys.argv``.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(checkpoint_path)
+    argv = list(command) if command is not None else list(sys.argv)
+    payload: dict[str, Any] = {
+        "evaluator": evaluator_name,
+        "metrics": {str(k): float(v) for k, v in metrics.items()},
+        "protocol": _jsonable(dict(protocol)),
+        "checkpoint": {
+            "path": str(ckpt.resolve()),
+            "size_bytes": ckpt.stat().st_size,
+            "sha256": file_sha256(ckpt),
+        },
+        "versions": package_versions(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(argv),
+        "cwd": str(Path.cwd()),
+    }
+    if backbone is not None:
+        payload["backbone"] = _jsonable(backbone)
+    path = out / f"results_{evaluator_name}.json"
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def format_table(metrics: Mapping[str, float], title: str | None = None) -> str:
+    """A plain-text two-column table of ``metrics`` (values with 2 decimals when >= 1, else 4 significant digits)."""
+
+    def fmt(value: float) -> str:
+        value = float(value)
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.4g}"
+
+    rows = [(str(k), fmt(v)) for k, v in metrics.items()]
+    head = ("metric", "value")
+    width_k = max([len(head[0]), *(len(k) for k, _ in rows)])
+    width_v = max([len(head[1]), *(len(v) for _, v in rows)])
+    rule = f"+-{'-' * width_k}-+-{'-' * width_v}-+"
+    lines = [] if title is None else [title]
+    lines += [rule, f"| {head[0]:<{width_k}} | {head[1]:>{width_v}} |", rule]
+    lines += [f"| {k:<{width_k}} | {v:>{width_v}} |" for k, v in rows]
+    lines.append(rule)
+    return "\n".join(lines)

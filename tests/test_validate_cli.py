@@ -1,0 +1,297 @@
+"""`dora validate --evaluator ...`: end to end on a `dora fit` checkpoint, config files, plugins and bad input."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from test_cli import MICRO_ARGS
+from test_evaluators_base import toy_distribution  # noqa: F401 - fixture
+from test_knn import micro_vit, write_image_folder
+
+import dora_lightning.cli as cli_module
+from dora_lightning.checkpoints import EXPORT_FORMAT, load_backbone
+from dora_lightning.cli import main
+from dora_lightning.models.backbone import build_vit
+
+FASHION = REPO / "assets" / "fashion_mnist"
+QUIET = [
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(scope="module")
+def fit_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of a 2-step `dora fit` of the micro model on the bundled video."""
+    root = tmp_path_factory.mktemp("fit")
+    main(
+        [
+            "fit",
+            *MICRO_ARGS,
+            f"--data.paths={REPO / 'assets/video/vtest.mp4'}",
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
+    (ckpt,) = root.rglob("*.ckpt")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> tuple[Path, int]:
+    """The bundled Fashion-MNIST subset when present, else 3 classes of solid colours; and the class count."""
+    if (FASHION / "train").is_dir() and (FASHION / "val").is_dir():
+        return FASHION, len([p for p in (FASHION / "train").iterdir() if p.is_dir()])
+    return write_image_folder(tmp_path_factory.mktemp("images")), 3
+
+
+@pytest.fixture
+def exported_teacher(tmp_path) -> Path:
+    """A dora-export file holding only a micro teacher backbone (depth 1, 32 px, patch 8)."""
+    model = micro_vit()
+    path = tmp_path / "teacher.pth"
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3}
+    torch.save(
+        {
+            "format": EXPORT_FORMAT,
+            "version": 1,
+            "model_name": "vit_tiny_patch16_224",
+            "model_kwargs": kwargs,
+            "which": "teacher",
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture
+def recorded(monkeypatch) -> list[cli_module.DoraCLI]:
+    """The DoraCLI instances that main() builds."""
+    instances: list[cli_module.DoraCLI] = []
+
+    class Recording(cli_module.DoraCLI):
+        def __init__(self, *args, **kwargs):
+            instances.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(cli_module, "DoraCLI", Recording)
+    return instances
+
+
+def test_validate_knn_end_to_end(fit_checkpoint, image_root, tmp_path, capsys, recorded):
+    data_dir, num_classes = image_root
+    args = [
+        "validate",
+        "--evaluator",
+        "knn",
+        "--ckpt_path",
+        str(fit_checkpoint),
+        "--evaluator.ks",
+        "[1,5,10]",
+        "--evaluator.image_size=32",
+        f"--evaluator.data_dir={data_dir}",
+        "--evaluator.num_workers=0",
+        "--evaluator.batch_size=128",
+        *QUIET,
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    main(args)
+    out = capsys.readouterr().out
+    results = tmp_path / "eval" / "knn" / "results_knn.json"
+    assert results.is_file(), out
+    data = json.loads(results.read_text())
+    names = [f"knn/top{n}_k{k}" for k in (1, 5, 10) for n in (1, 5)]
+    assert list(data["metrics"]) == names
+    for name in names:  # the printed table shows every metric of the file
+        assert f"| {name:<12} | {data['metrics'][name]:5.2f} |" in out
+    assert f"results written to {results}" in out
+    # a trained-for-2-steps micro ViT still separates the classes far better than chance
+    assert data["metrics"]["knn/top1_k5"] > 2 * 100 / num_classes
+    assert data["metrics"]["knn/top5_k5"] >= data["metrics"]["knn/top1_k5"]
+    assert data["checkpoint"]["sha256"] == hashlib.sha256(fit_checkpoint.read_bytes()).hexdigest()
+    assert data["protocol"]["ks"] == [1, 5, 10] and data["protocol"]["image_size"] == 32
+    assert data["protocol"]["num_classes"] == num_classes
+    assert data["protocol"]["data_path"] == str(Path(data_dir).resolve())
+    assert data["backbone"]["kind"] == "lightning" and data["backbone"]["which"] == "teacher"
+    assert data["backbone"]["embed_dim"] == 48 and data["backbone"]["img_size"] == 32
+    assert data["command"].startswith("dora validate --evaluator knn --ckpt_path")
+    assert {"torch", "timm", "lightning", "torchmetrics", "dora-lightning"} <= set(data["versions"])
+    (cli,) = recorded
+    assert cli.model is None and cli.datamodule is None, "the DoRA module and video data must not be built"
+    assert cli.evaluation_metrics == data["metrics"] and cli.results_path == results
+
+
+def test_validate_without_evaluator_is_lightnings(fit_checkpoint, tmp_path, recorded):
+    """The model is rebuilt from the checkpoint's hyperparameters and Lightning's validate runs (DoRA has no
+    validation_step, so Lightning refuses)."""
+    with pytest.raises(MisconfigurationException, match="validation_step"):
+        main(
+            ["validate", "--ckpt_path", str(fit_checkpoint), *QUIET, f"--trainer.default_root_dir={tmp_path}"]
+        )
+    (cli,) = recorded
+    assert cli.evaluator is None
+    assert cli.model.hparams.embed_dim == 48, "the model config was not refilled from the checkpoint"
+
+
+def test_third_party_evaluator_runs_via_the_cli(toy_distribution, exported_teacher, tmp_path, capsys):  # noqa: F811
+    main(
+        [
+            "validate",
+            "--evaluator=toy",
+            f"--ckpt_path={exported_teacher}",
+            "--evaluator.num_images=4",
+            "--evaluator.image_size=32",
+            *QUIET,
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    data = json.loads((tmp_path / "eval" / "toy" / "results_toy.json").read_text())
+    backbone, _ = load_backbone(exported_teacher, img_size=32)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = backbone.forward_features(images)[:, 0].norm(dim=-1).mean().item()
+    assert data["metrics"]["toy/cls_norm"] == pytest.approx(expected, rel=1e-5)
+    assert data["protocol"]["class_path"] == "toy_eval.ToyEvaluator"
+    assert data["protocol"]["num_images"] == 4 and data["protocol"]["image_size"] == 32
+    assert data["backbone"]["kind"] == "exported"
+    assert "toy/cls_norm" in capsys.readouterr().out
+
+
+def test_official_dino_checkpoint_is_evaluated(toy_distribution, tmp_path):  # noqa: F811
+    """An official DINO/DoRA file (teacher/student dicts with prefixes, an argparse.Namespace of args): Lightning's
+    reading of --ckpt_path hyperparameters (torch.load weights_only=True) must not run, the backbone must load."""
+    torch.manual_seed(0)
+    weights = build_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_heads=3).state_dict()
+    head = {"head.last_layer.weight_g": torch.ones(16, 1)}
+    official = tmp_path / "checkpoint.pth"
+    torch.save(
+        {
+            "teacher": {**{f"backbone.{k}": v for k, v in weights.items()}, **head},
+            "student": {**{f"module.backbone.{k}": v for k, v in weights.items()}, **head},
+            "args": argparse.Namespace(arch="vit_tiny", patch_size=8),
+            "epoch": 1,
+        },
+        official,
+    )
+    main(
+        [
+            "validate",
+            "--evaluator=toy",
+            f"--ckpt_path={official}",
+            "--evaluator.image_size=32",
+            *QUIET,
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    data = json.loads((tmp_path / "eval" / "toy" / "results_toy.json").read_text())
+    assert data["backbone"]["kind"] == "official" and data["backbone"]["which"] == "teacher"
+    assert data["metrics"]["toy/cls_norm"] > 0
+
+
+def print_config(args: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", *args, "--ckpt_path=unused.ckpt", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_shipped_knn_config_parses(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = print_config(["--config", "configs/eval/knn.yaml", "--evaluator.ks", "[10,20]"], capsys)
+    assert config["evaluator"]["class_path"] == "evaluators.knn.KNNEvaluator"
+    assert config["evaluator"]["init_args"]["ks"] == [10, 20]
+    assert config["evaluator"]["init_args"]["temperature"] == 0.07
+    assert config["evaluator"]["init_args"]["which"] == "teacher"
+    assert config["trainer"]["logger"] is False
+
+
+@pytest.mark.parametrize(
+    ("args", "class_path"),
+    [
+        (["--evaluator", "knn"], "evaluators.knn.KNNEvaluator"),
+        (["--evaluator=knn"], "evaluators.knn.KNNEvaluator"),
+        (["--evaluator", "evaluators.knn:KNNEvaluator"], "evaluators.knn.KNNEvaluator"),
+        (["--evaluator", "KNNEvaluator"], "evaluators.knn.KNNEvaluator"),
+        (["--evaluator", "linear"], "evaluators.linear.LinearProbeEvaluator"),
+    ],
+)
+def test_evaluator_names_resolve(args, class_path, capsys):
+    assert print_config(args, capsys)["evaluator"]["class_path"] == class_path
+
+
+def test_evaluator_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--evaluator.help", "knn"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    for option in ("--evaluator.ks", "--evaluator.temperature", "--evaluator.data_dir", "--evaluator.which"):
+        assert option in out
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("unknown", "unknown evaluator 'nope'; known: knn, linear"),
+        ("no_ckpt", "--evaluator needs --ckpt_path"),
+        ("fit", "--evaluator only applies to `dora validate` (got `dora fit`)"),
+        ("missing_file", "does not exist"),
+        ("no_backbone", "holds no DoRA/DINO backbone weights"),
+        ("only_teacher", "holds no student backbone, only the teacher's"),
+        ("bad_size", "not a multiple of the patch size 8"),
+        ("bad_option", "ks"),
+        ("bad_value", "--evaluator: every k must be >= 1, got ks=[0]"),
+    ],
+)
+def test_bad_input_is_a_clear_error(case, message, exported_teacher, tmp_path, capsys):
+    empty = tmp_path / "empty.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, empty)
+    args = {
+        "unknown": ["validate", "--evaluator", "nope", f"--ckpt_path={exported_teacher}"],
+        "no_ckpt": ["validate", "--evaluator", "knn"],
+        "fit": ["fit", "--evaluator", "knn"],
+        "missing_file": ["validate", "--evaluator", "knn", f"--ckpt_path={tmp_path / 'none.ckpt'}"],
+        "no_backbone": ["validate", "--evaluator", "knn", f"--ckpt_path={empty}"],
+        "only_teacher": [
+            "validate",
+            "--evaluator",
+            "knn",
+            "--evaluator.which=student",
+            f"--ckpt_path={exported_teacher}",
+        ],
+        "bad_size": [
+            "validate",
+            "--evaluator",
+            "knn",
+            "--evaluator.image_size=36",
+            f"--ckpt_path={exported_teacher}",
+        ],
+        "bad_value": [
+            "validate",
+            "--evaluator",
+            "knn",
+            "--evaluator.ks=[0]",
+            f"--ckpt_path={exported_teacher}",
+        ],
+        "bad_option": [
+            "validate",
+            "--evaluator",
+            "knn",
+            "--evaluator.ks=ten",
+            f"--ckpt_path={exported_teacher}",
+        ],
+    }[case]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *QUIET, f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
