@@ -15,6 +15,7 @@ from dora_lightning.core.schedules import cosine_schedule, linear_warmup_then_co
 from dora_lightning.core.tracker import TrackerInputs, TrackerOutput, sample_heads, track_objects
 from dora_lightning.models.backbone import build_vit, forward_features, forward_with_last_block_taps
 from dora_lightning.models.head import DINOHead, cancel_last_layer_grad_
+from dora_lightning.models.lean_mlp import use_lean_mlps_
 from dora_lightning.viz import attention_grid, track_grid
 
 
@@ -76,6 +77,8 @@ class DoRAModule(pl.LightningModule):
         seed: seed of the tracker's head sampling.
         log_images_every_n_steps: every N steps, log one clip's object tracks and frame-0 CLS attention per head to
             TensorBoard (0 disables).
+        lean_mlp: student MLPs save one hidden activation instead of two (same results, less memory; see
+            ``models/lean_mlp.py``).
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class DoRAModule(pl.LightningModule):
         batch_size: int = 6,
         seed: int = 0,
         log_images_every_n_steps: int = 500,
+        lean_mlp: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -126,6 +130,8 @@ class DoRAModule(pl.LightningModule):
         }
         student_backbone = build_vit(backbone, img_size=img_size, drop_path_rate=drop_path_rate, **overrides)
         teacher_backbone = build_vit(backbone, img_size=img_size, drop_path_rate=0.0, **overrides)
+        if lean_mlp:
+            use_lean_mlps_(student_backbone)
         num_heads = student_backbone.blocks[-1].attn.num_heads
         if method == "dora" and not 1 <= num_objects <= num_heads:
             raise ValueError(
@@ -224,10 +230,13 @@ class DoRAModule(pl.LightningModule):
         )
         return logits, tracked
 
-    def _student_views(self, views: Tensor) -> Tensor:
-        """Student logits for views shaped (V, B, T, 3, H, W) -> (V, T, B, D), one forward for all of them."""
-        logits = self.student(views.flatten(0, 2)).unflatten(0, views.shape[:3])
-        return logits.transpose(1, 2)
+    def _student_logits(self, groups: list[Tensor]) -> list[Tensor]:
+        """Student logits (V,T,B,D) for each group of views (V,B,T,3,H,W): one backbone pass per group (one
+        resolution each), then ONE head pass over all class tokens (the 65536-wide last layer is built once)."""
+        groups = [g for g in groups if g.shape[0] > 0]
+        cls = [forward_features(self.student.backbone, g.flatten(0, 2))[0] for g in groups]
+        logits = self.student.head(torch.cat(cls)).split([c.shape[0] for c in cls])
+        return [out.unflatten(0, g.shape[:3]).transpose(1, 2) for out, g in zip(logits, groups, strict=True)]
 
     def _check_batch(self, batch: dict[str, Any]) -> None:
         expected = 2 if self.hparams.method == "dino" else 1
@@ -249,23 +258,22 @@ class DoRAModule(pl.LightningModule):
     ) -> tuple[LossParts, Tensor, TrackerOutput | None]:
         """Loss parts, teacher logits and (DoRA) the tracker output for one batch."""
         hp = self.hparams
+        local = torch.stack(batch["local_views"]) if batch["local_views"] else None
         if hp.method == "dino":
             globals_ = torch.stack(batch["global_views"])  # (G,B,T,3,H,W)
             teacher = (
                 self._teacher_logits(globals_.flatten(0, 2)).unflatten(0, globals_.shape[:3]).transpose(1, 2)
             )
-            student_globals = self._student_views(globals_)
-            student_local = self._local_logits(batch, like=student_globals)
-            return (
-                dino_loss(
-                    teacher, student_globals, student_local, self.center, teacher_temp, hp.student_temp
-                ),
-                teacher,
-                None,
+            student_globals, *rest = self._student_logits([globals_] + ([local] if local is not None else []))
+            student_local = rest[0] if rest else student_globals[:0]
+            parts = dino_loss(
+                teacher, student_globals, student_local, self.center, teacher_temp, hp.student_temp
             )
+            return parts, teacher, None
         teacher, tracked = self._track(batch["global_views"][0])
-        student_masked = self._student_views(tracked.masked.transpose(0, 1))  # (k,B,T,...) -> (k,T,B,D)
-        student_local = self._local_logits(batch, like=student_masked)
+        masked = tracked.masked.transpose(0, 1)  # (k,B,T,3,H,W)
+        student_masked, *rest = self._student_logits([masked] + ([local] if local is not None else []))
+        student_local = rest[0] if rest else student_masked[:0]
         parts = dora_loss(
             teacher,
             student_masked,
@@ -276,12 +284,6 @@ class DoRAModule(pl.LightningModule):
             hp.official_compat,
         )
         return parts, teacher, tracked
-
-    def _local_logits(self, batch: dict[str, Any], like: Tensor) -> Tensor:
-        """Student logits of the local views (V,T,B,D); an empty (0,T,B,D) tensor when there are none."""
-        if not batch["local_views"]:
-            return like[:0]
-        return self._student_views(torch.stack(batch["local_views"]))
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -367,9 +369,8 @@ class DoRAModule(pl.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Step the optimiser, then the EMA teacher: Lightning calls this only on real steps (not accumulation)."""
         super().optimizer_step(*args, **kwargs)
-        momentum = self.schedule_values(self.global_step)[
-            "momentum"
-        ]  # global_step still counts the steps before this one
+        # global_step still counts the steps before this one
+        momentum = self.schedule_values(self.global_step)["momentum"]
         ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
 
     # ----------------------------------------------------------------- checkpoints
