@@ -22,10 +22,15 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
-	$(PY) benchmarks/bench_data.py --out docs/benchmarks_data.json
+	$(PY) benchmarks/bench_data.py --out bench_out/bench_data.json
+	$(PY) benchmarks/bench_step.py --out bench_out/bench_step.json
+
+DEMO_CKPT := runs/demo/checkpoints/last.ckpt
 
 demo: install
 	$(VENV)/bin/dora fit --config configs/demo.yaml
+	$(VENV)/bin/dora validate --config configs/eval/knn.yaml --ckpt_path $(DEMO_CKPT) \
+		--evaluator.image_size 64 --evaluator.output_dir runs/demo/eval/knn
 
 format: install
 	$(VENV)/bin/ruff format .
