@@ -24,6 +24,7 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/bench_data.py --out bench_out/bench_data.json
 	$(PY) benchmarks/bench_step.py --out bench_out/bench_step.json
+	$(PY) benchmarks/bench_knn.py --out bench_out/bench_knn.json
 
 DEMO_CKPT := runs/demo/checkpoints/last.ckpt
 

@@ -1,0 +1,51 @@
+"""Smoke runs of the benchmark scripts (tiny sizes): they run and report every field. Speed is never asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_bench_data_quick(tmp_path):
+    out = tmp_path / "data.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/bench_data.py", "--quick", "--skip-memory", "--quiet-wait", "0", "--cache-dir", str(tmp_path), "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    assert report["machine"] and report["date"]
+    assert json.dumps(report).count("clips_per_s") >= 2
+
+
+@pytest.mark.slow
+def test_bench_step_quick(tmp_path):
+    out = tmp_path / "step.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/bench_step.py", "--quick", "--quiet-wait", "0", "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    assert all(r["step_median_s"] > 0 for r in report["results"])
+
+
+def test_bench_knn_small(tmp_path):
+    out = tmp_path / "knn.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/bench_knn.py", "--bank=2000", "--queries=300", "--dim=32", "--classes=10",
+         "--chunk-sizes=64", "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["queries_per_s"] > 0 and result["peak_rss_gb"] > 0
