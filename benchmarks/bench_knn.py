@@ -31,7 +31,9 @@ def run_case(bank: int, queries: int, dim: int, classes: int, chunk_size: int, t
     query = torch.nn.functional.normalize(torch.randn(queries, dim, generator=generator), dim=1)
     rss_features = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     start = time.perf_counter()
-    scores = knn_classify(train, labels, query, classes, ks=(10, 20, 100, 200), temperature=0.07, chunk_size=chunk_size)
+    scores = knn_classify(
+        train, labels, query, classes, ks=(10, 20, 100, 200), temperature=0.07, chunk_size=chunk_size
+    )
     seconds = time.perf_counter() - start
     assert scores[20].shape == (queries, classes)
     return {
@@ -45,7 +47,9 @@ def run_case(bank: int, queries: int, dim: int, classes: int, chunk_size: int, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bank", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=384)
@@ -56,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case is not None:
-        print(json.dumps(run_case(args.bank, args.queries, args.dim, args.classes, int(args.case), args.threads)))
+        print(
+            json.dumps(
+                run_case(args.bank, args.queries, args.dim, args.classes, int(args.case), args.threads)
+            )
+        )
         return 0
     results = []
     for chunk in (int(c) for c in args.chunk_sizes.split(",")):
@@ -68,11 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "k-NN (bench_knn.py)",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "cpu_count": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "settings": {k: getattr(args, k) for k in ("bank", "queries", "dim", "classes", "threads")},
         "results": results,
     }
-    print("| chunk | seconds | queries/s | RSS after features (GB) | peak RSS (GB) | full matrix would be (GB) |")
+    print(
+        "| chunk | seconds | queries/s | RSS after features (GB) | peak RSS (GB) | full matrix would be (GB) |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results:
         print(

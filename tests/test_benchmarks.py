@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
@@ -15,7 +14,18 @@ from conftest import REPO
 def test_bench_data_quick(tmp_path):
     out = tmp_path / "data.json"
     subprocess.run(
-        [sys.executable, "benchmarks/bench_data.py", "--quick", "--skip-memory", "--quiet-wait", "0", "--cache-dir", str(tmp_path), "--out", str(out)],
+        [
+            sys.executable,
+            "benchmarks/bench_data.py",
+            "--quick",
+            "--skip-memory",
+            "--quiet-wait",
+            "0",
+            "--cache-dir",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
         cwd=REPO,
         check=True,
         capture_output=True,
@@ -41,8 +51,17 @@ def test_bench_step_quick(tmp_path):
 def test_bench_knn_small(tmp_path):
     out = tmp_path / "knn.json"
     subprocess.run(
-        [sys.executable, "benchmarks/bench_knn.py", "--bank=2000", "--queries=300", "--dim=32", "--classes=10",
-         "--chunk-sizes=64", "--out", str(out)],
+        [
+            sys.executable,
+            "benchmarks/bench_knn.py",
+            "--bank=2000",
+            "--queries=300",
+            "--dim=32",
+            "--classes=10",
+            "--chunk-sizes=64",
+            "--out",
+            str(out),
+        ],
         cwd=REPO,
         check=True,
         capture_output=True,
