@@ -35,268 +35,34 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# run as a script (python benchmarks/bench_data.py): make the `benchmarks` package importable
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import (  # noqa: E402
+    REPO_ROOT,
+    add_child_args,
+    add_quiet_wait_arg,
+    base_machine_info,
+    markdown_table,
+    run_child_side,
+    write_json,
+)
+from benchmarks.data_cases import measure_case, run_case  # noqa: E402
 from benchmarks.make_long_video import DEFAULT_SOURCE, make_video, probe_video, repeat_video  # noqa: E402
 
 # The official loader measured on a 720p60 GOP-120 video on this machine kind (2 workers, 8 frames, stride 60, 6 locals).
 REFERENCE_OFFICIAL_CLIPS_PER_S = 1.24
 TARGET_SPEEDUP = 50.0
 TARGET_DECODED_PER_CLIP = 1.5
-BUSY_CORES = 0.3  # other processes using more than this (in cores) during a case make its timing suspect
 BUNDLED_VIDEO = REPO_ROOT / "assets" / "video" / "vtest.mp4"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Child side: one case in its own process
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _build_loader(case: dict):
-    if case["loader"] == "official":
-        from benchmarks.official_loader import official_dataloader
-
-        return official_dataloader(
-            case["video"],
-            num_frames=case["clip_length"],
-            step=case["stride"],
-            batch_size=case["batch_size"],
-            num_workers=case["workers"],
-            seed=case["seed"],
-            num_local_crops=case["local_crops"],
-        )
-    from dora_lightning.data.datamodule import VideoClipDataModule
-    from dora_lightning.data.transforms import ClipMultiCrop
-
-    dm = VideoClipDataModule(
-        paths=case["video"],
-        clip_length=case["clip_length"],
-        frame_stride=case["stride"],
-        decode_short_side=case["decode_short_side"],
-        batch_size=case["batch_size"],
-        num_workers=case["workers"],
-        seed=case["seed"],
-        transform=ClipMultiCrop(
-            global_size=224, local_size=112, num_local_crops=case["local_crops"], pre_crop_size=300
-        ),
-    )
-    dm.setup("fit")
-    return dm.train_dataloader()
-
-
-def _endless(loader, epochs: list[int]):
-    """Batches of ``loader``, starting a new epoch (a new iterator) whenever one ends; counts epochs in ``epochs[0]``."""
-    while True:
-        epochs[0] += 1
-        yield from loader
-
-
-def run_case(case: dict) -> dict:
-    """Build the case's DataLoader, warm up, time ``case['clips']`` clips. Runs inside the case's own process."""
-    import torch
-
-    t_start = time.perf_counter()
-    loader = _build_loader(case)
-    t_built = time.perf_counter()
-    bs = case["batch_size"]
-    epochs = [0]
-    stream = _endless(loader, epochs)
-
-    def summarize(batch: dict) -> tuple[int, int, float, float]:
-        n = int(batch["global_views"][0].shape[0])
-        assert n == bs, (n, bs)
-        g, loc = batch["global_views"][0], batch["local_views"]
-        assert g.shape[1:] == (case["clip_length"], 3, 224, 224), g.shape
-        assert len(loc) == case["local_crops"] and loc[0].shape[1:] == (case["clip_length"], 3, 112, 112)
-        dec = int(torch.as_tensor(batch["decoded_frames"]).sum())
-        dsec = float(torch.as_tensor(batch["decode_seconds"]).sum()) if "decode_seconds" in batch else 0.0
-        asec = float(torch.as_tensor(batch["augment_seconds"]).sum()) if "augment_seconds" in batch else 0.0
-        return n, dec, dsec, asec
-
-    warm_clips = warm_decoded = 0
-    for _ in range(case["warmup_batches"]):
-        n, dec, _, _ = summarize(next(stream))
-        warm_clips += n
-        warm_decoded += dec
-    t_warm = time.perf_counter()
-    clips = decoded = 0
-    dsec = asec = 0.0
-    while clips < case["clips"]:
-        n, dec, ds, as_ = summarize(next(stream))
-        clips += n
-        decoded += dec
-        dsec += ds
-        asec += as_
-    t_end = time.perf_counter()
-    stream.close()  # drops the DataLoader iterator: its workers are shut down and joined before the rusage readout
-    del stream, loader
-    gc.collect()
-    wall = t_end - t_warm
-    self_ru = resource.getrusage(resource.RUSAGE_SELF)
-    child_ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = {
-        "clips": clips,
-        "seconds": round(wall, 3),
-        "clips_per_s": round(clips / wall, 3),
-        "decoded_frames": decoded,
-        "decoded_per_clip": round(decoded / clips, 3),
-        "warmup_clips": warm_clips,
-        "decoded_per_clip_incl_warmup": round((decoded + warm_decoded) / (clips + warm_clips), 3),
-        "setup_seconds": round(t_built - t_start, 3),
-        "warmup_seconds": round(t_warm - t_built, 3),
-        "epochs_started": epochs[0],
-        "maxrss_main_mb": round(self_ru.ru_maxrss / 1024, 1),
-        "maxrss_largest_worker_mb": round(child_ru.ru_maxrss / 1024, 1),
-    }
-    if case["loader"] == "official":
-        result["worker_decode_s_per_clip"] = round(dsec / clips, 3)
-        result["worker_augment_s_per_clip"] = round(asec / clips, 3)
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Parent side: process-tree memory sampling and CPU accounting
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _tree_pids(root: int) -> list[int]:
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except OSError:
-            continue
-    return pids
-
-
-def _read_kb(path: str, key: str) -> int:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-class TreeMemorySampler(threading.Thread):
-    """Max over time of the summed VmRSS (every ``rss_interval`` s) and summed PSS (every ``pss_interval`` s)."""
-
-    def __init__(self, root: int, rss_interval: float = 0.05, pss_interval: float = 1.0):
-        super().__init__(daemon=True)
-        self.root, self.rss_interval, self.pss_interval = root, rss_interval, pss_interval
-        self.peak_rss_kb = self.peak_pss_kb = self.max_processes = 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        next_pss = 0.0
-        while not self._stop_event.is_set():
-            pids = _tree_pids(self.root)
-            self.max_processes = max(self.max_processes, len(pids))
-            self.peak_rss_kb = max(
-                self.peak_rss_kb, sum(_read_kb(f"/proc/{p}/status", "VmRSS:") for p in pids)
-            )
-            now = time.monotonic()
-            if now >= next_pss:
-                self.peak_pss_kb = max(
-                    self.peak_pss_kb, sum(_read_kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids)
-                )
-                next_pss = now + self.pss_interval
-            self._stop_event.wait(self.rss_interval)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-
-
-def _cpu_busy_seconds() -> float:
-    """Busy CPU time of the whole machine (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def other_cpu_load(window: float = 2.0) -> float:
-    """CPU cores used by processes other than this one and its children, averaged over ``window`` seconds."""
-    busy0, own0 = _cpu_busy_seconds(), _own_cpu_seconds()
-    time.sleep(window)
-    busy1, own1 = _cpu_busy_seconds(), _own_cpu_seconds()
-    return max(0.0, (busy1 - busy0) - (own1 - own0)) / window
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> tuple[float, float]:
-    """Wait (up to ``max_wait`` s) until other processes use at most ``threshold`` cores; return (waited s, load)."""
-    t0 = time.monotonic()
-    while True:
-        load = other_cpu_load()
-        waited = time.monotonic() - t0
-        if load <= threshold or waited >= max_wait:
-            return round(waited, 1), round(load, 2)
-
-
-def run_case_in_subprocess(case: dict, timeout: float) -> dict:
-    """Run one case in a fresh interpreter (clean memory baseline) while sampling its process tree."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--child-case",
-            json.dumps(case),
-            "--child-out",
-            str(out),
-        ]
-        busy0, own0, wall0 = _cpu_busy_seconds(), _own_cpu_seconds(), time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT))
-        sampler = TreeMemorySampler(proc.pid)
-        sampler.start()
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = "timeout"
-        finally:
-            sampler.stop()
-        busy1, own1, wall1 = _cpu_busy_seconds(), _own_cpu_seconds(), time.monotonic()
-        if rc != 0 or not out.is_file():
-            raise RuntimeError(f"benchmark case {case['name']} failed (exit {rc})")
-        result = json.loads(out.read_text())
-    result.update(
-        peak_rss_mb=round(sampler.peak_rss_kb / 1024, 1),
-        peak_pss_mb=round(sampler.peak_pss_kb / 1024, 1),
-        processes=sampler.max_processes,
-        case_wall_seconds=round(wall1 - wall0, 1),
-        own_cpu_cores=round((own1 - own0) / (wall1 - wall0), 2),
-        other_cpu_cores=round(max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0), 2),
-    )
-    return result
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Orchestration
@@ -310,15 +76,6 @@ def machine_info() -> dict:
     import torch
     import torchvision
 
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu_model
-            )
-    except OSError:
-        pass
-    mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
@@ -326,12 +83,7 @@ def machine_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {
-        "platform": platform.platform(),
-        "cpu": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "memory_gb": mem_gb,
-        "python": platform.python_version(),
+        **base_machine_info(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "av": av.__version__,
@@ -366,12 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loaders", default="official,ours", help="comma list of: official, ours")
     p.add_argument("--skip-bundled", action="store_true", help="skip the cases on the bundled video")
     p.add_argument("--skip-memory", action="store_true", help="skip the memory-versus-length cases")
-    p.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=60,
-        help="before each case, wait up to this many seconds for other processes to leave the CPUs idle (0: no wait)",
-    )
+    add_quiet_wait_arg(p, default=60)
     p.add_argument(
         "--busy-retries",
         type=int,
@@ -408,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-batches", type=int, default=None, help="default: 2 x workers (at least 2)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--case-timeout", type=float, default=900, help="seconds before a case is killed")
-    p.add_argument("--child-case", help=argparse.SUPPRESS)
-    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    add_child_args(p)
     return p
 
 
@@ -430,34 +176,38 @@ def _vid(r: dict) -> str:
 
 def fmt_tables(results: list[dict]) -> str:
     """Markdown: throughput table (long + bundled video) and memory-versus-length table."""
-    out = [
-        "| loader | video | stride | clips timed | clips/s | decoded frames / clip (incl. warm-up) "
-        "| peak PSS MB | peak RSS sum MB | other CPU load |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        if r["video_label"].startswith("mem"):
-            continue
-        out.append(
-            f"| {r['loader']} | {_vid(r)} | {r['stride']} | {r['clips']} | {r['clips_per_s']:.2f} | "
-            f"{r['decoded_per_clip']:.2f} ({r['decoded_per_clip_incl_warmup']:.2f}) | {r['peak_pss_mb']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['other_cpu_cores']:.2f} |"
-        )
     mem = [r for r in results if r["video_label"].startswith("mem")]
+    out = markdown_table(
+        [
+            "loader", "video", "stride", "clips timed", "clips/s", "decoded frames / clip (incl. warm-up)",
+            "peak PSS MB", "peak RSS sum MB", "other CPU load",
+        ],
+        [
+            [
+                r["loader"], _vid(r), str(r["stride"]), str(r["clips"]), f"{r['clips_per_s']:.2f}",
+                f"{r['decoded_per_clip']:.2f} ({r['decoded_per_clip_incl_warmup']:.2f})", f"{r['peak_pss_mb']:.0f}",
+                f"{r['peak_rss_mb']:.0f}", f"{r['other_cpu_cores']:.2f}",
+            ]
+            for r in results
+            if not r["video_label"].startswith("mem")
+        ],
+    )  # fmt: skip
     if mem:
-        out += [
-            "",
-            "| loader | video | frames | peak PSS MB | peak RSS sum MB | largest worker max RSS MB | clips/s "
-            "| other CPU load |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in mem:
-            out.append(
-                f"| {r['loader']} | {_vid(r)} | {r['video_info']['frames']} | {r['peak_pss_mb']:.0f} | "
-                f"{r['peak_rss_mb']:.0f} | {r['maxrss_largest_worker_mb']:.0f} | {r['clips_per_s']:.2f} | "
-                f"{r['other_cpu_cores']:.2f} |"
-            )
-    return "\n".join(out)
+        out += "\n\n" + markdown_table(
+            [
+                "loader", "video", "frames", "peak PSS MB", "peak RSS sum MB", "largest worker max RSS MB",
+                "clips/s", "other CPU load",
+            ],
+            [
+                [
+                    r["loader"], _vid(r), str(r["video_info"]["frames"]), f"{r['peak_pss_mb']:.0f}",
+                    f"{r['peak_rss_mb']:.0f}", f"{r['maxrss_largest_worker_mb']:.0f}", f"{r['clips_per_s']:.2f}",
+                    f"{r['other_cpu_cores']:.2f}",
+                ]
+                for r in mem
+            ],
+        )  # fmt: skip
+    return out
 
 
 def summarize(results: list[dict]) -> dict:
@@ -488,9 +238,7 @@ def summarize(results: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
-    if args.child_case:
-        result = run_case(json.loads(args.child_case))
-        Path(args.child_out).write_text(json.dumps(result))
+    if run_child_side(args, run_case):
         return None
 
     t0 = time.monotonic()
@@ -566,27 +314,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             "seed": args.seed,
         }
         print(f"== {case['name']}: {case['clips']} clips after {warmup} warm-up batches ...", flush=True)
-        r = None
-        for attempt in range(1 + max(0, args.busy_retries)):
-            waited, load = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else (0.0, None)
-            if load is not None and load > BUSY_CORES:
-                print(
-                    f"   warning: other processes use {load:.2f} cores; timings will be pessimistic",
-                    flush=True,
-                )
-            attempt_result = run_case_in_subprocess(case, timeout=args.case_timeout)
-            attempt_result.update(
-                waited_for_quiet_s=waited, other_cpu_cores_before=load, attempts=attempt + 1
-            )
-            if r is None or attempt_result["other_cpu_cores"] < r["other_cpu_cores"]:
-                r = attempt_result
-            if r["other_cpu_cores"] <= BUSY_CORES:
-                break
-            print(
-                f"   other processes used {attempt_result['other_cpu_cores']:.2f} cores during the case "
-                f"({attempt_result['clips_per_s']:.2f} clips/s)",
-                flush=True,
-            )
+        r = measure_case(Path(__file__), case, args.quiet_wait, args.busy_retries, args.case_timeout)
         r.update(case, video_label=label, video_info=_video_desc(Path(videos[label])))
         print(
             f"   {r['clips_per_s']:.2f} clips/s, {r['decoded_per_clip']:.1f} decoded frames/clip, "
@@ -638,9 +366,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(f"date: {report['date_utc']}; total {total} s (video generation {generation_seconds} s)")
     print("summary:", json.dumps(report["summary"]))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_json(args.out, report)
     return report
 
 

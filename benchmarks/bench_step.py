@@ -45,18 +45,28 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import platform
-import resource
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# run as a script (python benchmarks/bench_step.py): make the `benchmarks` package importable
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    REPO_ROOT,
+    add_child_args,
+    add_quiet_wait_arg,
+    base_machine_info,
+    markdown_table,
+    run_child_case,
+    run_child_side,
+    wait_for_quiet,
+    write_json,
+)
+from benchmarks.step_case import PHASES, run_case  # noqa: E402
 
 # The released DoRA code on this machine kind (fp32, CPU, patch 16, 224/112 crops, 2 clips, 6 local crops, out_dim 65536)
 OFFICIAL = {
@@ -103,17 +113,6 @@ CASE_DEFAULTS = {
     "weight_decay": 0.04,
     "seed": 0,
 }
-PHASES = (
-    "zero_grad",
-    "teacher_fwd",
-    "tracker",
-    "student_fwd",
-    "loss_and_center",
-    "backward",
-    "clip",
-    "adamw",
-    "ema",
-)
 NOTE = (
     "What Lightning's automatic optimisation runs per step (compute_loss, finiteness check, teacher entropy, centre "
     "update, backward, per-parameter clip, AdamW, EMA), WITHOUT Lightning's overhead (no Trainer/loop/logging); "
@@ -122,251 +121,11 @@ NOTE = (
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Process statistics
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _rss_kib() -> int:
-    """Current resident set size of this process in KiB (VmRSS)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _max_rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def _gb(kib: float) -> float:
-    return round(kib / 1024**2, 3)
-
-
-def _cpu_busy_seconds() -> float:
-    """Busy CPU time of the whole machine (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    return me.ru_utime + me.ru_stime
-
-
-def other_cpu_load(window: float = 2.0) -> float:
-    """CPU cores used by other processes, averaged over ``window`` seconds."""
-    busy0, own0 = _cpu_busy_seconds(), _own_cpu_seconds()
-    time.sleep(window)
-    busy1, own1 = _cpu_busy_seconds(), _own_cpu_seconds()
-    return max(0.0, (busy1 - busy0) - (own1 - own0)) / window
-
-
-def wait_for_quiet(max_wait: float, threshold: float) -> tuple[float, float]:
-    """Wait (up to ``max_wait`` s) until other processes use at most ``threshold`` cores; return (waited s, load)."""
-    t0 = time.monotonic()
-    while True:
-        load = other_cpu_load()
-        waited = time.monotonic() - t0
-        if load <= threshold or waited >= max_wait:
-            return round(waited, 1), round(load, 2)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Child side: one (configuration, method) in its own process
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class _PhaseTimer:
-    """Accumulates wall time per phase name within one step (CPU ops are synchronous, so perf_counter is exact)."""
-
-    def __init__(self) -> None:
-        self.current: dict[str, float] = {}
-
-    def reset(self) -> None:
-        self.current = dict.fromkeys(PHASES, 0.0)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.current[name] = self.current.get(name, 0.0) + seconds
-
-    def wrap(self, fn, name: str, subtract: str | None = None):
-        """``fn`` timed into ``name``; time spent in phase ``subtract`` during the call is not counted twice."""
-
-        def timed(*args, **kwargs):
-            inner0 = self.current.get(subtract, 0.0) if subtract else 0.0
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                inner = (self.current.get(subtract, 0.0) - inner0) if subtract else 0.0
-                self.add(name, time.perf_counter() - t0 - inner)
-
-        return timed
-
-
-def run_case(case: dict) -> dict:
-    """Build the model, optimiser and batch of ``case``; time its training steps; return the measurements."""
-    t_start = time.perf_counter()
-    import torch
-
-    import dora_lightning.module as module_lib
-    from dora_lightning.core.ema import ema_update_
-    from dora_lightning.core.loss import teacher_entropy, update_center
-    from dora_lightning.module import DoRAModule, per_parameter_clip_
-
-    torch.set_num_threads(case["threads"])
-    import_s = time.perf_counter() - t_start
-    rss_imports = _rss_kib()
-
-    torch.manual_seed(case["seed"])
-    t0 = time.perf_counter()
-    model = DoRAModule(
-        backbone=case["backbone"],
-        img_size=case["img_size"],
-        out_dim=case["out_dim"],
-        head_hidden_dim=case["head_hidden_dim"],
-        head_bottleneck_dim=case["head_bottleneck_dim"],
-        norm_last_layer=False,
-        drop_path_rate=case["drop_path_rate"],
-        num_objects=case["num_objects"],
-        method=case["method"],
-        clip_grad=case["clip_grad"],
-        batch_size=case["batch_size"],
-        seed=case["seed"],
-        **case["overrides"],
-    )
-    model.train()
-    optimizer = model.configure_optimizers()
-    for index, group in enumerate(optimizer.param_groups):
-        group["lr"] = case["lr"]
-        if index == 0:
-            group["weight_decay"] = case["weight_decay"]
-    clip_params = [p for g in optimizer.param_groups for p in g["params"]]
-    teacher_params, student_params = list(model.teacher.parameters()), list(model.student.parameters())
-
-    b, t, size, local = case["batch_size"], case["frames"], case["img_size"], case["local_size"]
-    n_global = 2 if case["method"] == "dino" else 1
-    batch = {
-        "global_views": [torch.randn(b, t, 3, size, size) for _ in range(n_global)],
-        "local_views": [torch.randn(b, t, 3, local, local) for _ in range(case["local_crops"])],
-    }
-    model._check_batch(batch)
-    build_s = time.perf_counter() - t0
-    rss_built = _rss_kib()
-
-    # phase timers around the module's own methods (instance attributes; the module's code is unchanged)
-    timer = _PhaseTimer()
-    model._student_logits = timer.wrap(model._student_logits, "student_fwd")
-    model._teacher_logits = timer.wrap(model._teacher_logits, "teacher_fwd")
-    model._track = timer.wrap(model._track, "teacher_fwd", subtract="tracker")
-    module_lib.track_objects = timer.wrap(module_lib.track_objects, "tracker")
-
-    def step() -> tuple[float, dict[str, float]]:
-        timer.reset()
-        s0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        s1 = time.perf_counter()
-        timer.add("zero_grad", s1 - s0)
-        parts, teacher, tracked = model.compute_loss(batch, case["teacher_temp"])
-        if not torch.isfinite(parts.total):
-            raise FloatingPointError(f"non-finite loss {parts.total.item()}")
-        with torch.no_grad():
-            teacher_entropy(teacher, model.center, case["teacher_temp"])
-            model.center.copy_(update_center(model.center, teacher.flatten(0, -2), 0.9))
-        s2 = time.perf_counter()
-        forward_parts = timer.current["teacher_fwd"] + timer.current["tracker"] + timer.current["student_fwd"]
-        timer.add("loss_and_center", (s2 - s1) - forward_parts)
-        # the teacher side must carry no graph
-        assert not teacher.requires_grad and teacher.grad_fn is None, "teacher logits carry a graph"
-        if tracked is not None:
-            assert not tracked.masked.requires_grad, "masked views carry a graph"
-        assert model.training and model.student.training, "model not in train mode"
-        parts.total.backward()
-        s3 = time.perf_counter()
-        timer.add("backward", s3 - s2)
-        per_parameter_clip_(clip_params, case["clip_grad"])
-        s4 = time.perf_counter()
-        timer.add("clip", s4 - s3)
-        optimizer.step()
-        s5 = time.perf_counter()
-        timer.add("adamw", s5 - s4)
-        ema_update_(teacher_params, student_params, case["momentum"])
-        s6 = time.perf_counter()
-        timer.add("ema", s6 - s5)
-        return s6 - s0, dict(timer.current)
-
-    warmup_times = []
-    for _ in range(case["warmup"]):
-        warmup_times.append(step()[0])
-    assert all(p.grad is None for p in model.teacher.parameters()), "a teacher parameter received a gradient"
-
-    # Timed steps. On a shared machine another process on one of the 2 cores stalls every parallel op (the OpenMP
-    # barrier waits for a descheduled thread), which can make a step 10x slower; each step's CPU use by OTHER
-    # processes is measured, and up to ``max_extra_steps`` more steps run until ``steps`` quiet ones are collected.
-    times: list[float] = []
-    phases: list[dict[str, float]] = []
-    other_load: list[float] = []
-    own_load: list[float] = []
-    rss_after_steps: list[float] = []
-    threshold = case["busy_threshold"]
-    while len(times) < case["steps"] + case["max_extra_steps"]:
-        busy0, own0, wall0 = _cpu_busy_seconds(), _own_cpu_seconds(), time.monotonic()
-        seconds, phase = step()
-        busy1, own1, wall1 = _cpu_busy_seconds(), _own_cpu_seconds(), time.monotonic()
-        window = max(wall1 - wall0, 1e-9)
-        times.append(seconds)
-        phases.append(phase)
-        own_load.append(round((own1 - own0) / window, 2))
-        other_load.append(round(max(0.0, (busy1 - busy0) - (own1 - own0)) / window, 2))
-        rss_after_steps.append(_gb(_rss_kib()))
-        if sum(x <= threshold for x in other_load) >= case["steps"]:
-            break
-    peak = _max_rss_kib()
-    quiet = [i for i, x in enumerate(other_load) if x <= threshold]
-    used = quiet if quiet else list(range(len(times)))
-
-    return {
-        "torch_threads": torch.get_num_threads(),
-        "import_s": round(import_s, 2),
-        "build_s": round(build_s, 2),
-        "warmup_step_s": [round(x, 3) for x in warmup_times],
-        "step_s": [round(x, 3) for x in times],
-        "other_cpu_cores_per_step": other_load,
-        "own_cpu_cores_per_step": own_load,
-        "quiet_steps": len(quiet),
-        "busy": len(quiet) < case["steps"],
-        "step_median_s": round(statistics.median(times[i] for i in used), 3),
-        "step_min_s": round(min(times[i] for i in used), 3),
-        "step_mean_s": round(statistics.fmean(times[i] for i in used), 3),
-        "step_median_all_s": round(statistics.median(times), 3),
-        "phase_median_s": {k: round(statistics.median(phases[i][k] for i in used), 3) for k in PHASES},
-        "rss_after_imports_gb": _gb(rss_imports),
-        "rss_after_build_gb": _gb(rss_built),
-        "rss_after_each_step_gb": rss_after_steps,
-        "peak_rss_gb": _gb(peak),
-        "peak_minus_imports_gb": _gb(peak - rss_imports),
-        "params_student_m": round(sum(p.numel() for p in student_params) / 1e6, 2),
-        "own_cpu_cores": round(statistics.fmean(own_load[i] for i in used), 2),
-        "other_cpu_cores": round(statistics.fmean(other_load[i] for i in used), 2),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Parent side
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def machine_info() -> dict:
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu_model
-            )
-    except OSError:
-        pass
     probe = subprocess.run(
         [
             sys.executable,
@@ -378,39 +137,15 @@ def machine_info() -> dict:
         timeout=300,
     ).stdout.split()
     versions = dict(zip(("torch", "timm", "lightning"), probe, strict=True)) if len(probe) == 3 else {}
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "python": platform.python_version(),
-        **versions,
-    }
+    return {**base_machine_info(), **versions}
 
 
 def run_case_in_subprocess(case: dict, timeout: float) -> dict:
     """Run one case in a fresh interpreter, so that each peak RSS is its own."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--child-case",
-            json.dumps(case),
-            "--child-out",
-            str(out),
-        ]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
-        wall0 = time.monotonic()
-        try:
-            rc = subprocess.run(cmd, cwd=str(REPO_ROOT), env=env, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        if rc != 0 or not out.is_file():
-            raise RuntimeError(f"benchmark case {case['config']}/{case['method']} failed (exit {rc})")
-        result = json.loads(out.read_text())
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    wall0 = time.monotonic()
+    result = run_child_case(Path(__file__), case, f"{case['config']}/{case['method']}", timeout, env=env)
     result["case_wall_s"] = round(time.monotonic() - wall0, 1)
     return result
 
@@ -422,37 +157,35 @@ def _fmt_ratio(value: float | None, official: float | None) -> str:
     return f"{ratio:.2f}x {'ok' if ratio <= TARGET_RATIO else 'MISS'}"
 
 
-def markdown_table(results: list[dict]) -> str:
+def results_table(results: list[dict]) -> str:
     by_key = {(r["config"], r["method"]): r for r in results}
-    lines = [
-        "| config | method | step time, median (s) | vs official | peak RSS (GB) | vs official | "
-        "RSS after imports (GB) | peak - imports (GB) | DoRA/DINO | other CPU load, timed steps (cores) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for r in results:
         official = OFFICIAL.get(r["config"], {}) if r["method"] == "dora" else {}
         ratio = "-"
         if r["method"] == "dora" and (r["config"], "dino") in by_key:
             ratio = f"{r['step_median_s'] / by_key[(r['config'], 'dino')]['step_median_s']:.2f}x"
-        lines.append(
-            f"| {r['config']} ({r['backbone']}, T={r['frames']}) | {r['method']} | {r['step_median_s']:.2f} | "
-            f"{_fmt_ratio(r['step_median_s'], official.get('step_s'))} | {r['peak_rss_gb']:.2f} | "
-            f"{_fmt_ratio(r['peak_rss_gb'], official.get('peak_gb'))} | {r['rss_after_imports_gb']:.2f} | "
-            f"{r['peak_minus_imports_gb']:.2f} | {ratio} | {r['other_cpu_cores']:.2f}"
-            f"{' BUSY' if r['busy'] else ''} |"
-        )
-    return "\n".join(lines)
+        rows.append(
+            [
+                f"{r['config']} ({r['backbone']}, T={r['frames']})", r["method"], f"{r['step_median_s']:.2f}",
+                _fmt_ratio(r["step_median_s"], official.get("step_s")), f"{r['peak_rss_gb']:.2f}",
+                _fmt_ratio(r["peak_rss_gb"], official.get("peak_gb")), f"{r['rss_after_imports_gb']:.2f}",
+                f"{r['peak_minus_imports_gb']:.2f}", ratio,
+                f"{r['other_cpu_cores']:.2f}{' BUSY' if r['busy'] else ''}",
+            ]
+        )  # fmt: skip
+    header = [
+        "config", "method", "step time, median (s)", "vs official", "peak RSS (GB)", "vs official",
+        "RSS after imports (GB)", "peak - imports (GB)", "DoRA/DINO", "other CPU load, timed steps (cores)",
+    ]  # fmt: skip
+    return markdown_table(header, rows)
 
 
 def phase_table(results: list[dict]) -> str:
-    lines = [
-        "| config | method | " + " | ".join(PHASES) + " |",
-        "|---|---|" + "---|" * len(PHASES),
-    ]
-    for r in results:
-        cells = " | ".join(f"{r['phase_median_s'][k]:.2f}" for k in PHASES)
-        lines.append(f"| {r['config']} | {r['method']} | {cells} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["config", "method", *PHASES],
+        [[r["config"], r["method"], *(f"{r['phase_median_s'][k]:.2f}" for k in PHASES)] for r in results],
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,12 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="smoke run: a micro ViT on tiny crops, 1 step (for tests)"
     )
-    p.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=300,
-        help="before each case, wait up to this many seconds for other processes to leave the CPUs idle (0: no wait)",
-    )
+    add_quiet_wait_arg(p, default=300)
     p.add_argument(
         "--busy-threshold",
         type=float,
@@ -490,16 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra timed steps allowed per case to replace busy ones",
     )
     p.add_argument("--case-timeout", type=float, default=1800, help="seconds before a case is killed")
-    p.add_argument("--child-case", help=argparse.SUPPRESS)
-    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    add_child_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.child_case:
-        result = run_case(json.loads(args.child_case))
-        Path(args.child_out).write_text(json.dumps(result))
+    if run_child_side(args, run_case):
         return 0
 
     if args.quick:
@@ -530,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 busy_threshold=args.busy_threshold,
                 max_extra_steps=args.max_extra_steps,
             )
-            waited, load = (
-                wait_for_quiet(args.quiet_wait, args.busy_threshold) if args.quiet_wait > 0 else (0.0, None)
-            )
+            waited, load = wait_for_quiet(args.quiet_wait, args.busy_threshold, include_children=False)
             print(
                 f"[bench_step] {config} / {method}: {case['backbone']} T={case['frames']} "
                 f"(waited {waited:.0f} s for quiet CPUs; other load {load} cores) ...",
@@ -550,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     total_wall = time.monotonic() - wall0
 
-    table, phases = markdown_table(results), phase_table(results)
+    table, phases = results_table(results), phase_table(results)
     print()
     print(f"Training step, fp32, CPU, {args.threads} threads, batch {args.batch_size} clips; {NOTE}")
     print(
@@ -590,9 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             "table_markdown": table,
             "phase_table_markdown": phases,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_json(args.out, payload)
     return 0
 
 

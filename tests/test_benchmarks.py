@@ -31,7 +31,7 @@ def test_bench_data_quick(tmp_path):
         capture_output=True,
     )
     report = json.loads(out.read_text())
-    assert report["machine"] and report["date"]
+    assert report["machine"] and report["date_utc"]
     assert json.dumps(report).count("clips_per_s") >= 2
 
 

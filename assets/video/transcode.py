@@ -17,7 +17,9 @@ from fractions import Fraction
 import av
 
 
-def transcode(source: str, target: str, width: int = 384, height: int = 288, gop: int = 10, crf: int = 28) -> None:
+def transcode(
+    source: str, target: str, width: int = 384, height: int = 288, gop: int = 10, crf: int = 28
+) -> None:
     """Decode ``source`` and write it to ``target`` as H.264 at ``width`` x ``height`` with a ``gop``-frame GOP."""
     with av.open(source) as src, av.open(target, "w") as dst:
         in_stream = src.streams.video[0]
@@ -25,8 +27,16 @@ def transcode(source: str, target: str, width: int = 384, height: int = 288, gop
         out = dst.add_stream("libx264", rate=rate)
         out.width, out.height, out.pix_fmt = width, height, "yuv420p"
         out.codec_context.gop_size = gop
-        out.options = {"crf": str(crf), "preset": "slow", "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
-        dst.metadata["comment"] = "OpenCV samples/data/vtest.avi, transcoded by dora-lightning (Apache-2.0 AND BSD-3-Clause)"
+        out.options = {
+            "crf": str(crf),
+            "preset": "slow",
+            "g": str(gop),
+            "keyint_min": str(gop),
+            "sc_threshold": "0",
+        }
+        dst.metadata["comment"] = (
+            "OpenCV samples/data/vtest.avi, transcoded by dora-lightning (Apache-2.0 AND BSD-3-Clause)"
+        )
         for frame in src.decode(in_stream):
             small = frame.reformat(width=width, height=height, format="yuv420p")
             small.pts = None
@@ -37,7 +47,9 @@ def transcode(source: str, target: str, width: int = 384, height: int = 288, gop
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("source")
     parser.add_argument("target")
     args = parser.parse_args()

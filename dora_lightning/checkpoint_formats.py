@@ -1,0 +1,307 @@
+"""Reading checkpoint files and recognising their layout, for :mod:`dora_lightning.checkpoints`.
+
+:func:`read_checkpoint` loads a file with ``torch.load(..., weights_only=True)`` (``argparse.Namespace``, the ``args``
+of official checkpoints, is allowed) or safetensors; only a file that names one of dora-lightning's own formats is
+unpickled in full when it needs it. :func:`select_backbone` recognises the kind of checkpoint from its content, picks
+the teacher's or student's weights with timm key names, and reads or infers (:func:`infer_architecture`) the ViT to
+build for them. The layouts are described in :mod:`dora_lightning.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pickletools
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "PRETRAIN_KIND",
+    "Kind",
+    "Spec",
+    "Which",
+    "infer_architecture",
+    "read_checkpoint",
+    "select_backbone",
+]
+
+EXPORT_FORMAT = "dora-lightning/backbone"
+PRETRAIN_KIND = "dora-lightning/pretrain"
+_OWN_MARKERS = (EXPORT_FORMAT, PRETRAIN_KIND)
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_USAGE = "give a checkpoint from `dora fit`, an exported backbone, or an official DINO/DoRA checkpoint"
+# embed dim -> (timm family, depth, heads) of the standard ViTs (DINO / DoRA use 64-dim heads throughout)
+_FAMILIES = {
+    192: ("vit_tiny", 12, 3),
+    384: ("vit_small", 12, 6),
+    768: ("vit_base", 12, 12),
+    1024: ("vit_large", 24, 16),
+}
+
+Which = Literal["teacher", "student"]
+Kind = Literal["lightning", "exported", "official", "state_dict"]
+
+
+@dataclass
+class Spec:
+    """Weights with timm key names and the architecture to build for them."""
+
+    kind: Kind
+    which: Which | None
+    weights: dict[str, Tensor]
+    model_name: str
+    model_kwargs: dict[str, Any]  # without img_size
+    img_size: int
+
+
+# --------------------------------------------------------------------------------------------------- reading files
+def _is_safetensors(path: Path) -> bool:
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    if len(head) < 9:
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 2 <= size <= path.stat().st_size - 8
+
+
+def _zip_pickle(path: Path) -> bytes | None:
+    """The ``data.pkl`` of a torch zip file, or ``None`` when ``path`` is not one."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            return archive.read(names[0]) if names else None
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def _is_legacy_torch(path: Path) -> bool:
+    """True for the pre-1.6 torch format, whose first pickle is torch's magic number (read without unpickling)."""
+    with path.open("rb") as fh:
+        head = fh.read(64)
+    if not head.startswith(b"\x80"):
+        return False
+    try:
+        for opcode, arg, _ in pickletools.genops(head):
+            if opcode.name in ("LONG1", "LONG4", "LONG", "INT"):
+                return arg == _TORCH_LEGACY_MAGIC
+    except (ValueError, TypeError):
+        return False
+    return False
+
+
+def _names_own_format(pickled: bytes) -> bool:
+    """Whether a pickle (scanned, not executed) holds one of dora-lightning's format markers."""
+    try:
+        return any(isinstance(arg, str) and arg in _OWN_MARKERS for _, arg, _ in pickletools.genops(pickled))
+    except (ValueError, TypeError):
+        return False
+
+
+def read_checkpoint(path: Path) -> Any:
+    """Load ``path`` on the CPU, safely unless it is one of our own files that needs a full unpickle."""
+    if not path.exists():
+        raise FileNotFoundError(f"'{path}' does not exist; {_USAGE}")
+    if path.is_dir():
+        raise ValueError(
+            f"'{path}' is a directory; give the checkpoint file itself (e.g. .../checkpoints/last.ckpt)"
+        )
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    pickled = _zip_pickle(path)
+    if pickled is None and not _is_legacy_torch(path):
+        raise ValueError(f"'{path}' is not a PyTorch checkpoint (torch.save / .safetensors file); {_USAGE}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for unreadable content
+        message = str(err)
+        if "Weights only load failed" not in message:
+            raise ValueError(
+                f"'{path}' could not be read by torch.load ({type(err).__name__}: {message.splitlines()[0][:200]}); "
+                "the file is damaged or incomplete: copy or write it again"
+            ) from err
+        if pickled is not None and _names_own_format(pickled):
+            return torch.load(path, map_location="cpu", weights_only=False)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        what = f"the Python object {found.group(1)}" if found else "Python objects other than tensors"
+        raise ValueError(
+            f"'{path}' holds {what}, which torch.load(weights_only=True) refuses, and is not a dora-lightning file; "
+            "if you trust it, re-save just its weights: torch.save(torch.load(path, weights_only=False)[...], 'weights.pth')"
+        ) from err
+
+
+# --------------------------------------------------------------------------------------------------- recognising content
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _strip(key: str) -> str:
+    """Drop leading ``module.`` / ``backbone.`` (DDP and MultiCropWrapper prefixes), in any order."""
+    while key.startswith(("module.", "backbone.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _backbone_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """timm-named backbone weights of a DINO-style state dict (head dropped), or ``None`` when it holds no ViT."""
+    weights = {_strip(k): v for k, v in state.items()}
+    weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
+    if not {"cls_token", "pos_embed", "patch_embed.proj.weight"} <= weights.keys():
+        return None
+    return weights
+
+
+def _summary(obj: Any) -> str:
+    """A short list of a checkpoint's keys for error messages."""
+    if not isinstance(obj, Mapping):
+        return f"a {type(obj).__name__}, not a dict"
+    parts = []
+    for key in list(obj)[:10]:
+        value = obj[key]
+        if isinstance(value, Mapping) and value and key != "hyper_parameters":
+            inner = list(value)[:3]
+            more = ", ..." if len(value) > 3 else ""
+            parts.append(f"{key} ({', '.join(map(str, inner))}{more})")
+        else:
+            parts.append(str(key))
+    if len(obj) > 10:
+        parts.append(f"+{len(obj) - 10} more")
+    return ", ".join(parts) or "none"
+
+
+def _no_backbone(path: Path, obj: Any) -> ValueError:
+    return ValueError(f"'{path}' holds no DoRA/DINO backbone weights (found keys: {_summary(obj)}); {_USAGE}")
+
+
+def _only_other(path: Path, which: str, other: str, hint: str) -> ValueError:
+    return ValueError(f"'{path}' holds no {which} backbone, only the {other}'s; use which='{other}'{hint}")
+
+
+def infer_architecture(
+    weights: Mapping[str, Tensor], path: Path, num_heads: int | None
+) -> tuple[str, dict[str, Any], int]:
+    """timm name, overrides (without img_size) and image size of DINO-layout ViT weights."""
+    embed_dim = int(weights["cls_token"].shape[-1])
+    patch_size = int(weights["patch_embed.proj.weight"].shape[-1])
+    blocks = {int(m.group(1)) for k in weights if (m := re.match(r"blocks\.(\d+)\.", k))}
+    depth = max(blocks) + 1 if blocks else 0
+    if depth == 0:
+        raise ValueError(f"'{path}' has ViT embeddings but no 'blocks.N.*' weights; {_USAGE}")
+    tokens = int(weights["pos_embed"].shape[1]) - 1  # minus the class token
+    grid = math.isqrt(max(tokens, 0))
+    if grid * grid != tokens:
+        raise ValueError(
+            f"'{path}': pos_embed has {tokens + 1} tokens, not 1 class token + a square patch grid "
+            "(register tokens or a rectangular grid); only plain DINO-style ViTs are inferred from weights"
+        )
+    family = min(_FAMILIES, key=lambda dim: abs(dim - embed_dim))
+    prefix, family_depth, family_heads = _FAMILIES[family]
+    if num_heads is None:
+        if embed_dim not in _FAMILIES:
+            raise ValueError(
+                f"'{path}': cannot tell the number of attention heads of a ViT with embed dim {embed_dim} from "
+                "its weights; pass num_heads= (dora-export --num-heads)"
+            )
+        num_heads = _FAMILIES[embed_dim][2]
+    if embed_dim % num_heads:
+        raise ValueError(f"'{path}': embed dim {embed_dim} is not divisible by num_heads={num_heads}")
+    img_size = grid * patch_size
+    for name in (f"{prefix}_patch{patch_size}_{img_size}", f"{prefix}_patch{patch_size}_224"):
+        if timm.is_model(name):
+            break
+    else:
+        name = f"{prefix}_patch16_224"
+    kwargs: dict[str, Any] = {}
+    if f"_patch{patch_size}_" not in name:
+        kwargs["patch_size"] = patch_size
+    if embed_dim != family:
+        kwargs["embed_dim"] = embed_dim
+    if depth != family_depth:
+        kwargs["depth"] = depth
+    if num_heads != family_heads:
+        kwargs["num_heads"] = num_heads
+    hidden = weights.get("blocks.0.mlp.fc1.weight")
+    if hidden is not None and hidden.shape[0] != 4 * embed_dim:
+        kwargs["mlp_ratio"] = hidden.shape[0] / embed_dim
+    if "blocks.0.attn.qkv.bias" not in weights:
+        kwargs["qkv_bias"] = False
+    return name, kwargs, img_size
+
+
+def _from_lightning(path: Path, obj: Mapping[str, Any], which: Which, num_heads: int | None) -> Spec:
+    state = obj["state_dict"]
+    found = {w for w in ("teacher", "student") if any(k.startswith(f"{w}.backbone.") for k in state)}
+    if not found:
+        raise _no_backbone(path, obj)
+    if which not in found:
+        raise _only_other(path, which, found.pop(), "")
+    prefix = f"{which}.backbone."
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    hp = obj.get("hyper_parameters")
+    if not isinstance(hp, Mapping) or not isinstance(hp.get("backbone"), str):
+        if _backbone_weights(weights) is None:
+            raise _no_backbone(path, obj)
+        name, kwargs, size = infer_architecture(weights, path, num_heads)
+        return Spec("lightning", which, weights, name, kwargs, size)
+    overrides = {k: hp[k] for k in ("patch_size", "depth", "embed_dim", "num_heads") if hp.get(k) is not None}
+    return Spec("lightning", which, weights, hp["backbone"], overrides, int(hp.get("img_size", 224)))
+
+
+def _from_export(path: Path, obj: Mapping[str, Any], which: Which) -> Spec:
+    name, kwargs, state = obj.get("model_name"), obj.get("model_kwargs"), obj.get("state_dict")
+    if not isinstance(name, str) or not isinstance(kwargs, Mapping) or not _is_tensor_dict(state):
+        raise ValueError(
+            f"'{path}' says it is a {EXPORT_FORMAT} file but lacks a model_name, model_kwargs or state_dict; "
+            "export it again with dora-export"
+        )
+    stored = obj.get("which")
+    if which == "student" and stored == "teacher":
+        raise _only_other(
+            path, "student", "teacher", " or export the student: dora-export CKPT OUT --which student"
+        )
+    kwargs = dict(kwargs)
+    size = int(kwargs.pop("img_size", 224))
+    return Spec(
+        "exported", stored if stored in ("teacher", "student") else None, dict(state), name, kwargs, size
+    )
+
+
+def _from_official(path: Path, obj: Mapping[str, Any], which: Which, num_heads: int | None) -> Spec:
+    sections = {w: obj[w] for w in ("teacher", "student") if _is_tensor_dict(obj.get(w))}
+    found = {w: weights for w, s in sections.items() if (weights := _backbone_weights(s)) is not None}
+    if not found:
+        raise _no_backbone(path, obj)
+    if which not in found:
+        raise _only_other(path, which, next(iter(found)), " (dora-export: --which teacher)")
+    weights = found[which]
+    name, kwargs, size = infer_architecture(weights, path, num_heads)
+    return Spec("official", which, weights, name, kwargs, size)
+
+
+def select_backbone(path: Path, obj: Any, which: Which, num_heads: int | None) -> Spec:
+    """Recognise the checkpoint's kind and pick the requested backbone's weights."""
+    if not isinstance(obj, Mapping):
+        raise _no_backbone(path, obj)
+    if obj.get("format") == EXPORT_FORMAT:
+        return _from_export(path, obj, which)
+    if isinstance(obj.get("state_dict"), Mapping):
+        return _from_lightning(path, obj, which, num_heads)
+    if "teacher" in obj or "student" in obj:
+        return _from_official(path, obj, which, num_heads)
+    if _is_tensor_dict(obj) and (weights := _backbone_weights(obj)) is not None:
+        name, kwargs, size = infer_architecture(weights, path, num_heads)
+        return Spec("state_dict", None, weights, name, kwargs, size)
+    raise _no_backbone(path, obj)
