@@ -12,6 +12,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_VIDEO = REPO / "assets" / "video" / "vtest.mp4"
 
+# A micro ViT DoRA module (2 blocks, 48 wide, 3 heads, 8-pixel patches at 32 px) for fast CPU tests.
+MICRO_MODULE = dict(
+    backbone="vit_tiny_patch16_224",
+    img_size=32,
+    patch_size=8,
+    depth=2,
+    embed_dim=48,
+    num_heads=3,
+    out_dim=64,
+    head_hidden_dim=32,
+    head_bottleneck_dim=16,
+)
+
 
 def frame_pattern(index: int, width: int, height: int) -> np.ndarray:
     """A frame that shows its own index: 12 bars, black or white by the index's bits, over a moving gradient."""

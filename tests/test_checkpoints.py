@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import timm
 import torch
+from conftest import MICRO_MODULE
 from safetensors.torch import save_file
 
 from dora_lightning.checkpoints import EXPORT_FORMAT, _infer, export_backbone, load_backbone
@@ -17,17 +18,7 @@ from dora_lightning.export import main as export_main
 from dora_lightning.models.backbone import build_vit
 from dora_lightning.module import DoRAModule
 
-MICRO = dict(
-    backbone="vit_tiny_patch16_224",
-    img_size=32,
-    patch_size=8,
-    depth=2,
-    embed_dim=48,
-    num_heads=3,
-    out_dim=64,
-    head_hidden_dim=32,
-    head_bottleneck_dim=16,
-)
+MICRO = MICRO_MODULE
 MICRO_TIMM = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
 
 

@@ -8,22 +8,12 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import MICRO_MODULE
 
 from dora_lightning.core.loss import update_center
 from dora_lightning.module import DoRAModule
 
-MICRO = dict(
-    backbone="vit_tiny_patch16_224",
-    img_size=32,
-    patch_size=8,
-    depth=2,
-    embed_dim=48,
-    num_heads=3,
-    out_dim=64,
-    head_hidden_dim=32,
-    head_bottleneck_dim=16,
-    drop_path_rate=0.0,
-)
+MICRO = MICRO_MODULE | {"drop_path_rate": 0.0}
 
 
 def make_batch(clips: int = 4, frames: int = 2) -> dict:

@@ -7,25 +7,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import write_video
+from conftest import MICRO_MODULE, write_video
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dora_lightning.data.datamodule import VideoClipDataModule
 from dora_lightning.data.transforms import ClipMultiCrop
 from dora_lightning.module import DoRAModule, NonFiniteLossError
 
-MICRO = dict(
-    backbone="vit_tiny_patch16_224",
-    img_size=32,
-    patch_size=8,
-    depth=2,
-    embed_dim=48,
-    num_heads=3,
-    out_dim=128,
-    head_hidden_dim=64,
-    head_bottleneck_dim=32,
-    warmup_epochs=1,
-    batch_size=2,
+MICRO = MICRO_MODULE | dict(
+    out_dim=128, head_hidden_dim=64, head_bottleneck_dim=32, warmup_epochs=1, batch_size=2
 )
 
 
