@@ -51,7 +51,12 @@ def adjust_contrast_(img: Tensor, factor: Tensor) -> Tensor:
     """In place: blend each image with its mean grey level (``factor`` 0 = flat grey, 1 = unchanged), clamp."""
     channel_mean = img.mean(dim=(-2, -1))  # (n, 3); the grey mean is the luma of the channel means
     grey_mean = (channel_mean * channel_mean.new_tensor(_LUMA)).sum(dim=1)
-    return _blend_(img, _per_image(grey_mean, img), factor)
+    weights = (1.0 - _per_image(factor, img)).view(-1).tolist()  # _blend_'s float32 weights, as Python floats
+    # One lerp per image with a scalar weight: a lerp whose ``end`` and ``weight`` are both broadcast per image is not
+    # vectorised on CPU (~3x slower). Same arithmetic, so the same result as ``_blend_``.
+    for image, grey, weight in zip(img, grey_mean, weights, strict=True):
+        image.lerp_(grey.expand_as(image), weight)
+    return img.clamp_(0.0, 1.0)
 
 
 def adjust_saturation_(img: Tensor, factor: Tensor) -> Tensor:
@@ -118,8 +123,10 @@ def adjust_hue_(img: Tensor, shift: Tensor) -> Tensor:
     return _rgb_from_hue_(img, hue, minc, maxc, chroma)
 
 
-def gaussian_blur(img: Tensor, sigma: Tensor) -> Tensor:
+def gaussian_blur(img: Tensor, sigma: Tensor, out: Tensor | None = None) -> Tensor:
     """Blur (n, C, H, W) images with a separable Gaussian of per-image ``sigma`` (n,), reflect padding.
+
+    ``out`` (optional, contiguous, may be ``img`` itself) receives the result, saving a copy.
 
     Image i uses kernel size 2 * ceil(3 * sigma_i) + 1, the radius capped at ``min(H, W) - 1`` so that reflect
     padding fits. All images go through one grouped (depthwise) convolution per direction.
@@ -127,7 +134,7 @@ def gaussian_blur(img: Tensor, sigma: Tensor) -> Tensor:
     n, c, height, width = img.shape
     cap = min(height, width) - 1
     if n == 0 or cap < 1:
-        return img.clone()
+        return img.clone() if out is None else out.copy_(img)
     sigma = sigma.to(torch.float64).cpu()
     radius = torch.ceil(3.0 * sigma).clamp_(1, cap)
     r_max = int(radius.max())
@@ -142,4 +149,7 @@ def gaussian_blur(img: Tensor, sigma: Tensor) -> Tensor:
     x = x.contiguous(memory_format=torch.channels_last)
     x = F.conv2d(x, kernel.view(n * c, 1, k, 1), groups=n * c)
     x = F.conv2d(x, kernel.view(n * c, 1, 1, k), groups=n * c)
-    return x.reshape(n, c, height, width)
+    if out is None:
+        return x.reshape(n, c, height, width)
+    out.view(1, n * c, height, width).copy_(x)  # one copy from channels-last straight into ``out``
+    return out

@@ -84,8 +84,9 @@ _CHUNK_PIXELS = 1 << 16
 def _apply(img: Tensor, params: Tensor, mask: Tensor, fn, chunk: int) -> None:
     """Replace the images of ``img`` selected by ``mask`` with ``fn(images, their params)``, ``chunk`` at a time.
 
-    ``fn`` may work in place. Unselected images are not touched; a contiguous selection is processed in place
-    (no gather/scatter copies).
+    ``fn(images, params, out)`` may work in place and may write its result to ``out`` (a contiguous tensor to
+    fill, or None). Unselected images are not touched; a contiguous selection is processed in place (no
+    gather/scatter copies).
     """
     idx = mask.nonzero().squeeze(1)
     count = idx.numel()
@@ -96,12 +97,12 @@ def _apply(img: Tensor, params: Tensor, mask: Tensor, fn, chunk: int) -> None:
         for start in range(first, first + count, chunk):
             stop = min(start + chunk, first + count)
             part = img[start:stop]
-            out = fn(part, params[start:stop])
+            out = fn(part, params[start:stop], part)
             if out is not part:
                 part.copy_(out)
     else:
         for part in idx.to(img.device).split(chunk):
-            img.index_copy_(0, part, fn(img.index_select(0, part), params.index_select(0, part)))
+            img.index_copy_(0, part, fn(img.index_select(0, part), params.index_select(0, part), None))
 
 
 def _planar_float(hwc: Tensor, out: Tensor) -> Tensor:
@@ -253,11 +254,12 @@ class ClipMultiCrop:
         if self.crop_backend == "roi_align":
             global_out, local_out = self._crop_roi_align(frames, boxes.pre_crop, gboxes, lboxes, lframes)
         else:
-            global_out, local_out = self._crop_interpolate(frames, gboxes, lboxes, lframes)
+            global_out, local_out = self._crop_interpolate(frames, gboxes, boxes.global_flip, lboxes, lframes)
 
-        for v in range(G):  # the flip is shared by all frames of a view
-            if bool(boxes.global_flip[v]):
-                global_out[v * T : (v + 1) * T] = global_out[v * T : (v + 1) * T].flip(-1)
+        if self.crop_backend == "roi_align":  # (the interpolate backend flips its uint8 crops)
+            for v in range(G):  # the flip is shared by all frames of a view
+                if bool(boxes.global_flip[v]):
+                    global_out[v * T : (v + 1) * T] = global_out[v * T : (v + 1) * T].flip(-1)
         global_out = self._colour(global_out, u_global, order, self.global_blur_prob)
         local_out = self._colour(local_out, u_local[order_local], order, self.local_blur_prob)
         local_out = local_out.index_select(0, restore.to(local_out.device))
@@ -303,7 +305,7 @@ class ClipMultiCrop:
         )
 
     def _crop_interpolate(
-        self, frames: Tensor, gboxes: Tensor, lboxes: Tensor, lframes: Tensor
+        self, frames: Tensor, gboxes: Tensor, gflip: Tensor, lboxes: Tensor, lframes: Tensor
     ) -> tuple[Tensor, Tensor]:
         """As :meth:`_crop_roi_align`, with uint8 antialiased bilinear interpolation of boxes rounded to whole
         frame pixels."""
@@ -319,7 +321,10 @@ class ClipMultiCrop:
         global_out = torch.empty(gboxes.shape[0] * T, 3, gs, gs, device=frames.device)
         for v, box in enumerate(gboxes.tolist()):
             x0, y0, x1, y1 = pixel_box(box, height, width)
-            _planar_float(resize(channels[:, :, y0:y1, x0:x1], gs), global_out[v * T : (v + 1) * T])
+            crop = resize(channels[:, :, y0:y1, x0:x1], gs)
+            if bool(gflip[v]):  # flip the uint8 crop: a quarter of the bytes of the float view
+                crop = crop.flip(2)
+            _planar_float(crop, global_out[v * T : (v + 1) * T])
         hwc = torch.empty(lboxes.shape[0], ls, ls, 3, dtype=torch.uint8, device=frames.device)
         for i, (box, t) in enumerate(zip(lboxes.tolist(), lframes.tolist(), strict=True)):
             x0, y0, x1, y1 = pixel_box(box, height, width)
@@ -360,16 +365,16 @@ class ClipMultiCrop:
             elif op == 3 and self.hue > 0:
                 ops.append(lambda x, p: adjust_hue_(x, p[:, 3]))
 
-        def jitter(x: Tensor, p: Tensor) -> Tensor:
+        def jitter(x: Tensor, p: Tensor, out: Tensor | None) -> Tensor:
             for fn in ops:
                 x = fn(x, p)
             return x
 
         if ops:
             _apply(img, params, u[:, _U_JITTER] < self.jitter_prob, jitter, chunk)
-        grey = lambda x, p: rgb_to_grayscale(x).expand_as(x)  # noqa: E731
+        grey = lambda x, p, out: rgb_to_grayscale(x).expand_as(x)  # noqa: E731
         _apply(img, params, u[:, _U_GRAY] < self.grayscale_prob, grey, chunk)
-        blur = lambda x, p: gaussian_blur(x, p[:, 4])  # noqa: E731
+        blur = lambda x, p, out: gaussian_blur(x, p[:, 4], out)  # noqa: E731
         _apply(img, params, u[:, _U_BLUR] < blur_prob, blur, n)  # one grouped convolution for all
 
         mean = img.new_tensor(self.mean).view(1, 3, 1, 1)
