@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from dora_lightning.checkpoint_formats import PRETRAIN_KIND
 from dora_lightning.core.ema import ema_update_
 from dora_lightning.core.loss import LossParts, dino_loss, dora_loss, teacher_entropy, update_center
 from dora_lightning.core.schedules import cosine_schedule, linear_warmup_then_constant
@@ -376,7 +377,7 @@ class DoRAModule(pl.LightningModule):
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dora"] = {
-            "kind": "dora-lightning/pretrain",
+            "kind": PRETRAIN_KIND,
             "head_generator": self.head_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -384,7 +385,7 @@ class DoRAModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("dora")
-        if state is None or state.get("kind") != "dora-lightning/pretrain":
+        if state is None or state.get("kind") != PRETRAIN_KIND:
             raise ValueError(
                 "this checkpoint was not written by `dora fit` (no 'dora' section); to start from other weights, "
                 "see docs/training.md (loading official DoRA/DINO weights)"

@@ -141,11 +141,15 @@ def test_damaged_video_is_skipped_with_a_warning(tmp_path, name, how):
     )
     messages = [str(w.message) for w in caught]
     assert any(str(path) in m and "could not be decoded" in m for m in messages), messages
+    (summary,) = [m for m in messages if m.startswith("clip stream:")]
+    substituted = int(summary.split(" clips replaced")[0].rsplit(", ", 1)[1])
     correct = sum(
         [read_pattern_index(f) for f in s["frames"].numpy()] == SPEC.frames(s["start"]).tolist()
         for s in samples
     )
     assert 0 < correct < len(samples)
+    # every counted substitution is a wrong clip; a stretch the decoder conceals (garbage pixels) cannot be counted
+    assert 0 < substituted <= len(samples) - correct
 
 
 def test_good_files_continue_next_to_a_damaged_one(tmp_path, video_dir):

@@ -17,7 +17,6 @@ class DecodeStats:
     """Counters of one worker's decoding; they travel with the emitted samples so the main process can sum them."""
 
     decoded_frames: int = 0
-    converted_frames: int = 0
     decode_errors: int = 0
     missing_frames: int = 0
     substituted_clips: int = 0
@@ -28,6 +27,16 @@ class DecodeStats:
         if (path, kind) not in self.warned:
             self.warned.add((path, kind))
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def summary(self) -> str | None:
+        """One line with the totals of the problems met, or None when there were none."""
+        if not (self.decode_errors or self.missing_frames or self.substituted_clips):
+            return None
+        files = ", ".join(sorted({f"'{path}'" for path, _ in self.warned}))
+        return (
+            f"clip stream: {self.decode_errors} decode errors, {self.missing_frames} missing frames, "
+            f"{self.substituted_clips} clips replaced by the previous good clip this epoch ({files})"
+        )
 
 
 class RangeReader:
@@ -72,7 +81,6 @@ class RangeReader:
         return self._container.decode(stream)
 
     def _convert(self, frame: av.VideoFrame) -> np.ndarray:
-        self.stats.converted_frames += 1
         width, height = self.size
         # threads=1: swscale's own slice threads would be inherited half-dead by forked dataloader workers and hang them
         return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA", threads=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -164,6 +165,8 @@ class VideoClipStream(IterableDataset):
                     reported = stats.decoded_frames
                     yield sample
                 debt.clear()
+            if (summary := stats.summary()) is not None:
+                warnings.warn(summary, RuntimeWarning, stacklevel=2)
             if debt:
                 paths = sorted({self.videos[state.run.video].path for state in states.values()})
                 raise RuntimeError(
