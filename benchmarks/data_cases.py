@@ -22,10 +22,11 @@ BUSY_CORES = 0.3  # other processes using more than this (in cores) during a cas
 
 
 def _build_loader(case: dict):
+    """The case's DataLoader and what the training process does to each batch before the model sees it."""
     if case["loader"] == "official":
         from benchmarks.official_loader import official_dataloader
 
-        return official_dataloader(
+        loader = official_dataloader(
             case["video"],
             num_frames=case["clip_length"],
             step=case["stride"],
@@ -34,6 +35,7 @@ def _build_loader(case: dict):
             seed=case["seed"],
             num_local_crops=case["local_crops"],
         )
+        return loader, lambda batch: batch  # float views, normalised in the workers
     from dora_lightning.data.datamodule import VideoClipDataModule
     from dora_lightning.data.transforms import ClipMultiCrop
 
@@ -50,7 +52,14 @@ def _build_loader(case: dict):
         ),
     )
     dm.setup("fit")
-    return dm.train_dataloader()
+    if not case.get("normalize_on_cpu"):
+        # uint8 views, as a GPU training process receives them (its normalisation is one kernel on the GPU)
+        return dm.train_dataloader(), lambda batch: batch
+    # the training device is this CPU: normalise in the main process, on one thread (the workers have the cores)
+    import torch
+
+    torch.set_num_threads(1)
+    return dm.train_dataloader(), lambda batch: dm.on_after_batch_transfer(batch, 0)
 
 
 def _endless(loader, epochs: list[int]):
@@ -65,17 +74,20 @@ def run_case(case: dict) -> dict:
     import torch
 
     t_start = time.perf_counter()
-    loader = _build_loader(case)
+    loader, prepare = _build_loader(case)
     t_built = time.perf_counter()
     bs = case["batch_size"]
     epochs = [0]
     stream = _endless(loader, epochs)
 
     def summarize(batch: dict) -> tuple[int, int, float, float]:
+        batch = prepare(batch)
         n = int(batch["global_views"][0].shape[0])
         assert n == bs, (n, bs)
         g, loc = batch["global_views"][0], batch["local_views"]
         assert g.shape[1:] == (case["clip_length"], 3, 224, 224), g.shape
+        expected = torch.float32 if case["loader"] == "official" or case["normalize_on_cpu"] else torch.uint8
+        assert g.dtype == expected, (g.dtype, expected)
         assert len(loc) == case["local_crops"] and loc[0].shape[1:] == (case["clip_length"], 3, 112, 112)
         dec = int(torch.as_tensor(batch["decoded_frames"]).sum())
         dsec = float(torch.as_tensor(batch["decode_seconds"]).sum()) if "decode_seconds" in batch else 0.0

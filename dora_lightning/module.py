@@ -247,6 +247,11 @@ class DoRAModule(pl.LightningModule):
                 f"model.method={self.hparams.method} needs {expected} global view(s) per frame but the data gives {got}; "
                 f"set data.transform.init_args.num_global_crops: {expected}"
             )
+        if any(v.dtype == torch.uint8 for v in batch["global_views"] + batch["local_views"]):
+            raise ValueError(
+                "the batch holds uint8 views that were never normalised: pass the VideoClipDataModule to the Trainer "
+                "(its on_after_batch_transfer normalises them) or apply ClipMultiCrop.normalize to every view"
+            )
         size = batch["global_views"][0].shape[-1]
         if size % self.patch_size:
             raise ValueError(

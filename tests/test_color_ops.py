@@ -13,6 +13,8 @@ from dora_lightning.data.color_ops import (
     adjust_contrast_,
     adjust_hue_,
     adjust_saturation_,
+    apply_colour_affine,
+    colour_affine,
     gaussian_blur,
     hsv_to_rgb,
     rgb_to_grayscale,
@@ -108,3 +110,81 @@ def test_gaussian_blur_matches_reference():
     torch.testing.assert_close(
         gaussian_blur(torch.full((2, 3, 3, 3), 0.7), torch.tensor([2.0, 0.3])), torch.full((2, 3, 3, 3), 0.7)
     )
+
+
+# -- fused colour jitter ---------------------------------------------------------------------------------------
+
+
+def _fused(img: torch.Tensor, b=1.0, c=1.0, s=1.0, h=0.0, grey=False) -> torch.Tensor:
+    n = img.shape[0]
+    full = lambda v: torch.full((n,), float(v))  # noqa: E731
+    matrix, bias = colour_affine(
+        full(b), full(c), full(s), full(h), torch.full((n,), grey), img.mean(dim=(-2, -1))
+    )
+    return apply_colour_affine(img, matrix, bias, 1.0)
+
+
+def test_fused_identity_and_single_ops_equal_the_exact_ops():
+    """Away from clamping, each fused op is exactly the corresponding exact op."""
+    img = 0.25 + 0.5 * torch.rand(4, 3, 9, 9, generator=gen(1))  # in [0.25, 0.75]: factors near 1 never clamp
+    torch.testing.assert_close(_fused(img), img, rtol=0, atol=1e-6)
+    for kwargs, exact in [
+        ({"b": 1.2}, lambda x: adjust_brightness_(x, torch.full((4,), 1.2))),
+        ({"c": 0.7}, lambda x: adjust_contrast_(x, torch.full((4,), 0.7))),
+        ({"s": 1.3}, lambda x: adjust_saturation_(x, torch.full((4,), 1.3))),
+        ({"grey": True}, lambda x: rgb_to_grayscale(x).expand_as(x)),
+    ]:
+        torch.testing.assert_close(_fused(img, **kwargs), exact(img.clone()), rtol=0, atol=1e-5)
+
+
+def test_fused_hue_turns_colours_like_the_hsv_shift():
+    """The YIQ rotation approximates the HSV hue shift: the HSV hue of coloured pixels turns by about ``shift``,
+    in the same direction, while luma is kept except where a channel clamps (the HSV shift keeps the value)."""
+    img = 0.2 + 0.6 * torch.rand(8, 3, 6, 6, generator=gen(2))
+    coloured = rgb_to_hsv(img)[:, 1] > 0.3
+    for shift in (0.1, -0.1, 0.05):
+        fused = _fused(img, h=shift)
+        turned = (rgb_to_hsv(fused)[:, 0] - rgb_to_hsv(img)[:, 0] + 0.5).remainder(1.0) - 0.5
+        turned = turned[coloured]
+        assert (turned.sign() == math.copysign(1, shift)).float().mean() > 0.9, shift
+        assert abs(turned.median() - shift) < 0.3 * abs(shift), (shift, turned.median())
+        luma_change = rgb_to_grayscale(fused) - rgb_to_grayscale(img)  # 0 but where a channel clamps
+        assert (luma_change.abs() < 1e-5).float().mean() > 0.9 and luma_change.abs().mean() < 2e-3
+    grey = torch.full((1, 3, 4, 4), 0.4)
+    torch.testing.assert_close(_fused(grey, h=0.3), grey, rtol=0, atol=1e-6)  # grey has no hue to turn
+
+
+def test_fused_ops_commute_and_compose():
+    """Jitter then grayscale equals the product of the maps; the order of the four jitter ops does not matter."""
+    img = 0.3 + 0.4 * torch.rand(3, 3, 8, 8, generator=gen(3))
+    b, c, s, h = 1.1, 0.8, 1.2, 0.07
+    fused = _fused(img, b, c, s, h)
+    step = img.clone()
+    for op in (
+        lambda x: _fused(x, h=h),
+        lambda x: _fused(x, s=s),
+        lambda x: _fused(x, c=c),
+        lambda x: _fused(x, b=b),
+    ):
+        step = op(step)
+    torch.testing.assert_close(fused, step, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        _fused(img, b, c, s, h, grey=True), rgb_to_grayscale(fused).expand_as(img), atol=1e-5, rtol=0
+    )
+
+
+def test_fused_clamps_and_scales():
+    img = torch.rand(2, 3, 5, 5, generator=gen(4))
+    bright = _fused(img, b=3.0)
+    assert bright.max() <= 1.0 and bright.min() >= 0.0 and (bright == 1.0).any()
+    n = 2
+    matrix, bias = colour_affine(
+        torch.full((n,), 1.3),
+        torch.full((n,), 0.8),
+        torch.ones(n),
+        torch.zeros(n),
+        torch.zeros(n, dtype=torch.bool),
+        (img * 255).mean(dim=(-2, -1)),
+    )
+    scaled = apply_colour_affine(img * 255, matrix, bias, 255.0)
+    torch.testing.assert_close(scaled / 255, _fused(img, b=1.3, c=0.8), rtol=0, atol=1e-5)

@@ -36,10 +36,25 @@ def test_batches_have_the_documented_layout(video_dir):
     dm = make(str(video_dir))
     batch = next(iter(dm.train_dataloader()))
     (global_view,) = batch["global_views"]
-    assert global_view.shape == (3, 4, 3, 32, 32) and global_view.dtype == torch.float32
+    assert global_view.shape == (3, 4, 3, 32, 32) and global_view.dtype == torch.uint8  # the compact hand-off
     assert len(batch["local_views"]) == 3
-    assert all(v.shape == (3, 4, 3, 16, 16) for v in batch["local_views"])
+    assert all(v.shape == (3, 4, 3, 16, 16) and v.dtype == torch.uint8 for v in batch["local_views"])
     assert batch["start"].shape == (3,) and batch["decoded_frames"].shape == (3,)
+    # on the training device the data module normalises them (Lightning calls this hook after the transfer)
+    ready = dm.on_after_batch_transfer(batch, 0)
+    for raw, view in zip(
+        batch["global_views"] + batch["local_views"],
+        ready["global_views"] + ready["local_views"],
+        strict=True,
+    ):
+        assert view.dtype == torch.float32
+        torch.testing.assert_close(view, dm.transform.normalize(raw))
+    torch.testing.assert_close(
+        ready["global_views"][0][0, 0, :, 0, 0],
+        (global_view[0, 0, :, 0, 0] / 255 - torch.tensor([0.485, 0.456, 0.406]))
+        / torch.tensor([0.229, 0.224, 0.225]),
+    )
+    assert torch.equal(ready["start"], batch["start"])
 
 
 def test_bundled_video_with_workers():

@@ -141,6 +141,15 @@ def test_dino_needs_two_global_views(tmp_path, clip_video):
         make_trainer(tmp_path, 1).fit(module, datamodule=make_data(clip_video))
 
 
+def test_unnormalised_uint8_views_are_refused(tmp_path, clip_video):
+    """The loader alone hands over uint8 views; a Trainer fed the bare dataloader gets a clear error."""
+    module = DoRAModule(**MICRO)
+    data = make_data(clip_video)
+    data.setup("fit")
+    with pytest.raises(ValueError, match="uint8 views that were never normalised"):
+        make_trainer(tmp_path, 1).fit(module, train_dataloaders=data.train_dataloader())
+
+
 def test_non_finite_loss_names_the_step(tmp_path, clip_video):
     module = DoRAModule(**MICRO)
     original = module.compute_loss

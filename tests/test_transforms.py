@@ -12,11 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dora_lightning.data.transforms import CROP_BACKENDS, ClipMultiCrop
+from dora_lightning.data.transforms import COLOUR_BACKENDS, CROP_BACKENDS, ClipMultiCrop
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-NO_COLOUR = dict(jitter_prob=0.0, grayscale_prob=0.0, global_blur_prob=0.0, local_blur_prob=0.0)
+# float32 output: the views normalised, with no uint8 quantisation, so crops compare to 1e-5
+NO_COLOUR = dict(
+    jitter_prob=0.0, grayscale_prob=0.0, global_blur_prob=0.0, local_blur_prob=0.0, output_dtype="float32"
+)
 # roi_align crops, no flip, no colour ops: global views are plain (exact-box) resamplings of the frame.
 PLAIN_ROI_ALIGN = dict(crop_backend="roi_align", global_flip_prob=0.0, **NO_COLOUR)
 
@@ -49,15 +52,34 @@ def denormalise(view: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", CROP_BACKENDS)
 def test_output_keys_counts_shapes_dtype(backend):
-    t = ClipMultiCrop(32, 16, num_global_crops=2, num_local_crops=3, pre_crop_size=40, crop_backend=backend)
-    out = t(random_frames(T=4, H=37, W=91), gen())
-    assert set(out) == {"global_views", "local_views"}
-    assert len(out["global_views"]) == 2 and len(out["local_views"]) == 3
-    for v in out["global_views"]:
-        assert v.shape == (4, 3, 32, 32) and v.dtype == torch.float32
-    for v in out["local_views"]:
-        assert v.shape == (4, 3, 16, 16) and v.dtype == torch.float32
-    assert all(torch.isfinite(v).all() for vs in out.values() for v in vs)
+    frames = random_frames(T=4, H=37, W=91)
+    for dtype in (torch.uint8, torch.float32):
+        t = ClipMultiCrop(
+            32, 16, 2, 3, pre_crop_size=40, crop_backend=backend, output_dtype=str(dtype).split(".")[-1]
+        )
+        out = t(frames, gen())
+        assert set(out) == {"global_views", "local_views"}
+        assert len(out["global_views"]) == 2 and len(out["local_views"]) == 3
+        for v in out["global_views"]:
+            assert v.shape == (4, 3, 32, 32) and v.dtype == dtype
+        for v in out["local_views"]:
+            assert v.shape == (4, 3, 16, 16) and v.dtype == dtype
+        assert all(torch.isfinite(t.normalize(v)).all() for vs in out.values() for v in vs)
+
+
+@pytest.mark.parametrize("colour_backend", COLOUR_BACKENDS)
+def test_uint8_output_is_the_float_output_quantised(colour_backend):
+    """The default uint8 hand-off, normalised on the device, equals the float32 output up to rounding."""
+    frames = random_frames(T=3, H=48, W=64)
+    kwargs = dict(global_size=32, local_size=16, num_local_crops=2, colour_backend=colour_backend)
+    small = ClipMultiCrop(**kwargs)(frames, gen(3))
+    full = ClipMultiCrop(**kwargs, output_dtype="float32")(frames, gen(3))
+    normalise = ClipMultiCrop(**kwargs).normalize
+    for key in small:
+        for a, b in zip(small[key], full[key], strict=True):
+            assert a.dtype == torch.uint8
+            torch.testing.assert_close(normalise(a), b, rtol=0, atol=0.5 / 255 / 0.224 + 1e-5)
+            assert torch.equal(normalise(b.clone()), b)  # float views pass through unchanged
 
 
 def test_no_local_crops():
@@ -200,12 +222,11 @@ def test_colour_is_per_frame():
 
 def test_grayscale_views_have_equal_channels():
     t = ClipMultiCrop(
-        24, 12, num_local_crops=2, jitter_prob=0.0, grayscale_prob=1.0, mean=(0, 0, 0), std=(1, 1, 1)
+        24, 12, num_local_crops=2, jitter_prob=0.5, grayscale_prob=1.0, mean=(0, 0, 0), std=(1, 1, 1)
     )
     out = t(random_frames(T=2, H=40, W=40), gen())
     for v in out["global_views"] + out["local_views"]:
-        torch.testing.assert_close(v[:, 0], v[:, 1], rtol=0, atol=1e-6)
-        torch.testing.assert_close(v[:, 0], v[:, 2], rtol=0, atol=1e-6)
+        assert torch.equal(v[:, 0], v[:, 1]) and torch.equal(v[:, 0], v[:, 2])  # uint8: exactly equal
 
 
 def test_colour_ops_leave_unselected_images_alone():
@@ -253,6 +274,8 @@ def test_colour_ops_leave_unselected_images_alone():
         ({"mean": (0.5, 0.5)}, "mean"),
         ({"std": (0.2, 0.2, 0.0)}, "std"),
         ({"crop_backend": "bicubic"}, "crop_backend"),
+        ({"colour_backend": "hsv"}, "colour_backend"),
+        ({"output_dtype": "float16"}, "output_dtype"),
     ],
 )
 def test_bad_arguments(kwargs, name):

@@ -8,6 +8,8 @@ arithmetic.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,6 +19,8 @@ __all__ = [
     "adjust_contrast_",
     "adjust_hue_",
     "adjust_saturation_",
+    "apply_colour_affine",
+    "colour_affine",
     "gaussian_blur",
     "hsv_to_rgb",
     "rgb_to_grayscale",
@@ -153,3 +157,79 @@ def gaussian_blur(img: Tensor, sigma: Tensor, out: Tensor | None = None) -> Tens
         return x.reshape(n, c, height, width)
     out.view(1, n * c, height, width).copy_(x)  # one copy from channels-last straight into ``out``
     return out
+
+
+# -- fused colour jitter: the whole jitter + grayscale chain as one affine map per image ---------------------------
+
+# RGB -> YIQ (NTSC); its Y row is _LUMA, so saturation (a blend with luma grey) scales I and Q, and a hue shift
+# rotates them.
+_RGB_TO_YIQ = torch.tensor(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
+)
+
+
+def colour_affine(
+    brightness: Tensor,
+    contrast: Tensor,
+    saturation: Tensor,
+    hue: Tensor,
+    grayscale: Tensor,
+    channel_mean: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The per-image affine colour map ``x -> A x + b`` equal to jitter followed by optional grayscale.
+
+    Brightness (factor), contrast (blend with the luma of the image mean), saturation (blend with luma grey) and
+    hue (rotation of the YIQ chroma plane by ``-2 pi shift``, the YIQ approximation of an HSV hue shift used by
+    e.g. NVIDIA DALI; a positive shift turns red towards yellow as in HSV) are all affine and, without the
+    intermediate clamps of the exact ops, commute, so their order does not matter. ``grayscale`` (bool, n) appends
+    the luma projection. An image with factors (1, 1, 1), shift 0 and no grayscale maps to itself.
+
+    Args:
+        brightness, contrast, saturation: (n,) factors (1 = unchanged).
+        hue: (n,) shifts in turns.
+        grayscale: (n,) bool, convert to grey after the jitter.
+        channel_mean: (n, 3) mean of each channel of each input image (contrast needs it).
+
+    Returns:
+        ``A`` (n, 3, 3) and ``b`` (n, 3), float32, for pixels in the scale of ``channel_mean``.
+    """
+    n = brightness.shape[0]
+    f64 = dict(dtype=torch.float64, device="cpu")
+    b, c, s, h = (t.detach().to(**f64) for t in (brightness, contrast, saturation, hue))
+    angle = -2.0 * math.pi * h
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    chroma = torch.zeros(n, 3, 3, **f64)
+    chroma[:, 0, 0] = 1.0
+    chroma[:, 1, 1], chroma[:, 1, 2] = s * cos, -s * sin
+    chroma[:, 2, 1], chroma[:, 2, 2] = s * sin, s * cos
+    to_yiq = _RGB_TO_YIQ.to(**f64)
+    matrix = torch.linalg.inv(to_yiq) @ chroma @ to_yiq  # saturation and hue
+    matrix = matrix * (b * c).view(n, 1, 1)
+    luma = to_yiq[0]
+    mean_grey = channel_mean.detach().to(**f64) @ luma  # (n,)
+    bias = (b * (1.0 - c) * mean_grey).view(n, 1).expand(n, 3).clone()
+    grey = grayscale.detach().cpu().bool()
+    if bool(grey.any()):
+        project = torch.ones(3, 1, **f64) * luma.view(1, 3)  # every channel := luma
+        matrix[grey] = project @ matrix[grey]
+        bias[grey] = bias[grey] @ project.T
+    device = channel_mean.device
+    return matrix.to(device=device, dtype=torch.float32), bias.to(device=device, dtype=torch.float32)
+
+
+def apply_colour_affine(img: Tensor, matrix: Tensor, bias: Tensor, high: float) -> Tensor:
+    """``clamp(A_i x + b_i, 0, high)`` for every pixel x of each (3, H, W) image i of ``img`` (n, 3, H, W), new tensor.
+
+    Nine per-image multiply-adds over contiguous planes (a batched 3x3 matmul is ~4x slower on CPU).
+    """
+    n = img.shape[0]
+    planes = img.reshape(n, 3, -1)
+    out = torch.empty_like(planes)
+    weights = matrix.to(img.dtype).unsqueeze(-1)  # (n, 3, 3, 1)
+    offsets = bias.to(img.dtype).unsqueeze(-1)  # (n, 3, 1)
+    for channel in range(3):
+        target = out[:, channel]
+        torch.addcmul(offsets[:, channel], planes[:, 0], weights[:, channel, 0], out=target)
+        target.addcmul_(planes[:, 1], weights[:, channel, 1])
+        target.addcmul_(planes[:, 2], weights[:, channel, 2])
+    return out.clamp_(0.0, high).view_as(img)

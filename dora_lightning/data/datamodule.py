@@ -177,6 +177,18 @@ class VideoClipDataModule(pl.LightningDataModule):
             persistent_workers=False,
         )
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise the views on the training device: the workers hand over uint8 views (4x fewer bytes to copy
+        between processes and to the GPU than float32); see ``ClipMultiCrop(output_dtype=...)``."""
+        if not isinstance(batch, dict) or "global_views" not in batch:
+            return batch
+        normalize = self.transform.normalize
+        return {
+            **batch,
+            "global_views": [normalize(v) for v in batch["global_views"]],
+            "local_views": [normalize(v) for v in batch["local_views"]],
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """The loader's position: epoch and batches done in it, with what must match for an exact resume."""
         epoch, batches = self._iterations, 0

@@ -25,17 +25,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from dora_lightning.data.color_ops import (
-    adjust_brightness_,
-    adjust_contrast_,
-    adjust_hue_,
-    adjust_saturation_,
-    gaussian_blur,
-    rgb_to_grayscale,
-)
 from dora_lightning.data.crop_boxes import ClipBoxes, pixel_box, sample_clip_boxes
+from dora_lightning.data.view_colour import (
+    COLOUR_BACKENDS,
+    NUM_DRAWS,
+    OUTPUT_DTYPES,
+    ColourSettings,
+    colour_views,
+    normalize_views,
+)
 
-__all__ = ["CROP_BACKENDS", "ClipMultiCrop"]
+__all__ = ["COLOUR_BACKENDS", "CROP_BACKENDS", "OUTPUT_DTYPES", "ClipMultiCrop"]
 
 CROP_BACKENDS = ("roi_align", "interpolate")
 
@@ -74,42 +74,6 @@ def _check_triple(name: str, value: Sequence[float], positive: bool = False) -> 
     return float(value[0]), float(value[1]), float(value[2])
 
 
-# Columns of the per-image colour draws.
-_U_JITTER, _U_BRIGHT, _U_CONTRAST, _U_SAT, _U_HUE, _U_GRAY, _U_BLUR, _U_SIGMA = range(8)
-# Colour ops run on chunks of about this many pixels, so that an op chain's working set (~12 planes) stays in L2;
-# on a 2 MB-L2 core this is ~1.5x faster than whole-batch ops.
-_CHUNK_PIXELS = 1 << 16
-
-
-def _apply(img: Tensor, params: Tensor, mask: Tensor, fn, chunk: int) -> None:
-    """Replace the images of ``img`` selected by ``mask`` with ``fn(images, their params)``, ``chunk`` at a time.
-
-    ``fn(images, params, out)`` may work in place and may write its result to ``out`` (a contiguous tensor to
-    fill, or None). Unselected images are not touched; a contiguous selection is processed in place (no
-    gather/scatter copies).
-    """
-    idx = mask.nonzero().squeeze(1)
-    count = idx.numel()
-    if count == 0:
-        return
-    first = int(idx[0])
-    if int(idx[-1]) - first + 1 == count:
-        for start in range(first, first + count, chunk):
-            stop = min(start + chunk, first + count)
-            part = img[start:stop]
-            out = fn(part, params[start:stop], part)
-            if out is not part:
-                part.copy_(out)
-    else:
-        for part in idx.to(img.device).split(chunk):
-            img.index_copy_(0, part, fn(img.index_select(0, part), params.index_select(0, part), None))
-
-
-def _planar_float(hwc: Tensor, out: Tensor) -> Tensor:
-    """Write uint8 (N, h, w, 3) images into float (N, 3, h, w) ``out``, scaled to [0, 1]."""
-    return out.copy_(hwc.permute(0, 3, 1, 2)).mul_(1.0 / 255.0)
-
-
 class ClipMultiCrop:
     """DoRA's multi-crop augmentation of one clip (spec C), for all T frames at once.
 
@@ -120,9 +84,14 @@ class ClipMultiCrop:
     3. ``num_local_crops`` local views: a RandomResizedCrop(``local_size``, ``local_scale``) box in the pre-crop per
        view AND per frame, no flip.
     4. Per image (view x frame): colour jitter (``jitter_prob``; brightness/contrast/saturation factor in
-       [1-x, 1+x], hue shift in [-hue, hue], in one random order per clip), grayscale (``grayscale_prob``),
-       Gaussian blur (``global_blur_prob`` / ``local_blur_prob``, sigma in ``blur_sigma`` output pixels), then
-       normalisation with ``mean``/``std``.
+       [1-x, 1+x], hue shift in [-hue, hue]), grayscale (``grayscale_prob``), Gaussian blur
+       (``global_blur_prob`` / ``local_blur_prob``, sigma in ``blur_sigma`` output pixels). ``colour_backend``
+       ``"fused"`` (default) applies jitter + grayscale as one affine colour map per image (YIQ hue rotation, one
+       clamp); ``"exact"`` runs torchvision's ColorJitter ops in one random order per clip with HSV hue and a clamp
+       after each op (~3x slower); see :mod:`.view_colour` and docs/data.md.
+    5. Hand-off: ``output_dtype="uint8"`` (default) returns quantised uint8 views, normalised with ``mean``/``std``
+       on the training device by :meth:`normalize` (VideoClipDataModule does this in ``on_after_batch_transfer``),
+       which moves 4x fewer bytes from the loader workers; ``"float32"`` returns normalised float views.
 
     Crop boxes are composed into frame coordinates, so each view is resampled from the frame once (the official
     code resamples twice: frame -> pre-crop -> view). ``crop_backend="interpolate"`` (the default) rounds the boxes
@@ -154,6 +123,8 @@ class ClipMultiCrop:
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         crop_backend: Literal["roi_align", "interpolate"] = "interpolate",
+        colour_backend: Literal["fused", "exact"] = "fused",
+        output_dtype: Literal["uint8", "float32"] = "uint8",
     ) -> None:
         self.global_size = _check_int("global_size", global_size)
         self.local_size = _check_int("local_size", local_size)
@@ -183,12 +154,31 @@ class ClipMultiCrop:
         if crop_backend not in CROP_BACKENDS:
             raise ValueError(f"crop_backend must be one of {CROP_BACKENDS}, got {crop_backend!r}")
         self.crop_backend = crop_backend
+        if colour_backend not in COLOUR_BACKENDS:
+            raise ValueError(f"colour_backend must be one of {COLOUR_BACKENDS}, got {colour_backend!r}")
+        if output_dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"output_dtype must be one of {OUTPUT_DTYPES}, got {output_dtype!r}")
+        self.colour_backend = colour_backend
+        self.output_dtype = output_dtype
+        self.colour = ColourSettings(
+            jitter_prob=self.jitter_prob,
+            brightness=self.brightness,
+            contrast=self.contrast,
+            saturation=self.saturation,
+            hue=self.hue,
+            grayscale_prob=self.grayscale_prob,
+            blur_sigma=self.blur_sigma,
+            mean=self.mean,
+            std=self.std,
+            backend=colour_backend,
+            output_dtype=output_dtype,
+        )
 
     def __repr__(self) -> str:
         keys = (
             "global_size local_size num_global_crops num_local_crops pre_crop_size pre_crop_scale global_scale "
             "local_scale global_flip_prob jitter_prob brightness contrast saturation hue grayscale_prob "
-            "global_blur_prob local_blur_prob blur_sigma mean std crop_backend"
+            "global_blur_prob local_blur_prob blur_sigma mean std crop_backend colour_backend output_dtype"
         ).split()
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
 
@@ -226,7 +216,8 @@ class ClipMultiCrop:
 
         Returns:
             ``{"global_views": [G x (T, 3, global_size, global_size)], "local_views": [L x (T, 3, local_size,
-            local_size)]}``, float32, normalised with ``mean``/``std``.
+            local_size)]}``: uint8 in 0..255 (``output_dtype="uint8"``; :meth:`normalize` them) or float32
+            normalised with ``mean``/``std``.
         """
         if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
             raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
@@ -237,14 +228,14 @@ class ClipMultiCrop:
         gs, ls = self.global_size, self.local_size
         boxes = self.sample_boxes(T, height, width, generator)
         order = torch.randperm(4, generator=generator).tolist()
-        u_global = torch.rand(G * T, 8, generator=generator)
-        u_local = torch.rand(L * T, 8, generator=generator)
+        u_global = torch.rand(G * T, NUM_DRAWS, generator=generator)
+        u_local = torch.rand(L * T, NUM_DRAWS, generator=generator)
 
         gboxes = boxes.to_frame(boxes.global_boxes)  # (G, 4)
         # Local images are made in the order [jitter only, jitter + blur, blur only, neither] so that both
         # subsets are contiguous slices for the colour ops; `restore` puts them back in (view, frame) order.
-        jittered = u_local[:, _U_JITTER] < self.jitter_prob
-        blurred = u_local[:, _U_BLUR] < self.local_blur_prob
+        jittered = u_local[:, 0] < self.jitter_prob  # columns: see view_colour's draws
+        blurred = u_local[:, 6] < self.local_blur_prob
         group = torch.where(jittered, blurred.long(), 3 - blurred.long())
         order_local = torch.sort(group, stable=True).indices
         restore = torch.argsort(order_local)
@@ -260,8 +251,10 @@ class ClipMultiCrop:
             for v in range(G):  # the flip is shared by all frames of a view
                 if bool(boxes.global_flip[v]):
                     global_out[v * T : (v + 1) * T] = global_out[v * T : (v + 1) * T].flip(-1)
-        global_out = self._colour(global_out, u_global, order, self.global_blur_prob)
-        local_out = self._colour(local_out, u_local[order_local], order, self.local_blur_prob)
+        global_out = colour_views(global_out, 255.0, u_global, order, self.global_blur_prob, self.colour)
+        local_out = colour_views(
+            local_out, 255.0, u_local[order_local], order, self.local_blur_prob, self.colour
+        )
         local_out = local_out.index_select(0, restore.to(local_out.device))
         return {
             "global_views": list(global_out.view(G, T, 3, gs, gs).unbind(0)),
@@ -272,7 +265,7 @@ class ClipMultiCrop:
         self, frames: Tensor, pre_crop: Tensor, gboxes: Tensor, lboxes: Tensor, lframes: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Cut global views (boxes shared by all frames) and local views (box ``lboxes[i]`` of frame ``lframes[i]``)
-        with roi_align. Returns float (G*T, 3, gs, gs) ordered (view, frame) and (K, 3, ls, ls), in [0, 1]."""
+        with roi_align. Returns float (G*T, 3, gs, gs) ordered (view, frame) and (K, 3, ls, ls), in [0, 255]."""
         T, height, width, _ = frames.shape
         G = gboxes.shape[0]
         # Convert only the part of the frames the crops can touch: the pre-crop plus a 1-pixel margin for the
@@ -281,7 +274,7 @@ class ClipMultiCrop:
         cx0, cy0 = max(px0 - 1, 0), max(py0 - 1, 0)
         cx1, cy1 = min(px1 + 1, width), min(py1 + 1, height)
         src = frames[:, cy0:cy1, cx0:cx1]
-        image = _planar_float(src, torch.empty(T, 3, cy1 - cy0, cx1 - cx0, device=frames.device))
+        image = torch.empty(T, 3, cy1 - cy0, cx1 - cx0, device=frames.device).copy_(src.permute(0, 3, 1, 2))
         shift = torch.tensor([cx0, cy0, cx0, cy0], dtype=torch.float64)
 
         # Global boxes are shared by all frames: cut each once from the (1, 3T, h, w) stack (roi_align's per-box
@@ -308,7 +301,7 @@ class ClipMultiCrop:
         self, frames: Tensor, gboxes: Tensor, gflip: Tensor, lboxes: Tensor, lframes: Tensor
     ) -> tuple[Tensor, Tensor]:
         """As :meth:`_crop_roi_align`, with uint8 antialiased bilinear interpolation of boxes rounded to whole
-        frame pixels."""
+        frame pixels. Values in [0, 255]."""
         T, height, width, _ = frames.shape
         gs, ls = self.global_size, self.local_size
         channels = frames.permute(0, 3, 1, 2)  # (T, 3, H, W) channels-last view: the fast uint8 path
@@ -324,67 +317,19 @@ class ClipMultiCrop:
             crop = resize(channels[:, :, y0:y1, x0:x1], gs)
             if bool(gflip[v]):  # flip the uint8 crop: a quarter of the bytes of the float view
                 crop = crop.flip(2)
-            _planar_float(crop, global_out[v * T : (v + 1) * T])
+            global_out[v * T : (v + 1) * T].copy_(crop.permute(0, 3, 1, 2))
         hwc = torch.empty(lboxes.shape[0], ls, ls, 3, dtype=torch.uint8, device=frames.device)
         for i, (box, t) in enumerate(zip(lboxes.tolist(), lframes.tolist(), strict=True)):
             x0, y0, x1, y1 = pixel_box(box, height, width)
             hwc[i] = resize(channels[t : t + 1, :, y0:y1, x0:x1], ls)[0]
-        local_out = _planar_float(hwc, torch.empty(lboxes.shape[0], 3, ls, ls, device=frames.device))
+        local_out = torch.empty(lboxes.shape[0], 3, ls, ls, device=frames.device).copy_(
+            hwc.permute(0, 3, 1, 2)
+        )
         return global_out, local_out
 
-    def _colour(self, img: Tensor, u: Tensor, order: list[int], blur_prob: float) -> Tensor:
-        """Per-image jitter / grayscale / blur of (N, 3, S, S) images in [0, 1] (in place), then normalise.
-
-        ``u`` (N, 8) holds each image's uniforms; every op only touches the images it is applied to.
-        """
-        n, _, height, width = img.shape
-        if n == 0:
-            return img
-        chunk = max(1, _CHUNK_PIXELS // (height * width))
-        # Per-image parameters, computed once: (N, 5) = brightness, contrast, saturation factors, hue shift, sigma.
-        lo, hi = self.blur_sigma
-        params = torch.stack(
-            [
-                self._factor(u[:, _U_BRIGHT], self.brightness),
-                self._factor(u[:, _U_CONTRAST], self.contrast),
-                self._factor(u[:, _U_SAT], self.saturation),
-                (u[:, _U_HUE] * 2.0 - 1.0) * self.hue,
-                lo + (hi - lo) * u[:, _U_SIGMA],
-            ],
-            dim=1,
-        ).to(device=img.device, dtype=img.dtype)
-
-        ops = []
-        for op in order:
-            if op == 0 and self.brightness > 0:
-                ops.append(lambda x, p: adjust_brightness_(x, p[:, 0]))
-            elif op == 1 and self.contrast > 0:
-                ops.append(lambda x, p: adjust_contrast_(x, p[:, 1]))
-            elif op == 2 and self.saturation > 0:
-                ops.append(lambda x, p: adjust_saturation_(x, p[:, 2]))
-            elif op == 3 and self.hue > 0:
-                ops.append(lambda x, p: adjust_hue_(x, p[:, 3]))
-
-        def jitter(x: Tensor, p: Tensor, out: Tensor | None) -> Tensor:
-            for fn in ops:
-                x = fn(x, p)
-            return x
-
-        if ops:
-            _apply(img, params, u[:, _U_JITTER] < self.jitter_prob, jitter, chunk)
-        grey = lambda x, p, out: rgb_to_grayscale(x).expand_as(x)  # noqa: E731
-        _apply(img, params, u[:, _U_GRAY] < self.grayscale_prob, grey, chunk)
-        blur = lambda x, p, out: gaussian_blur(x, p[:, 4], out)  # noqa: E731
-        _apply(img, params, u[:, _U_BLUR] < blur_prob, blur, n)  # one grouped convolution for all
-
-        mean = img.new_tensor(self.mean).view(1, 3, 1, 1)
-        std = img.new_tensor(self.std).view(1, 3, 1, 1)
-        for start in range(0, n, chunk):
-            img[start : start + chunk].sub_(mean).div_(std)
-        return img
-
-    @staticmethod
-    def _factor(u: Tensor, strength: float) -> Tensor:
-        """Map uniforms in [0, 1) to factors uniform in [max(0, 1 - strength), 1 + strength]."""
-        lo = max(0.0, 1.0 - strength)
-        return lo + (1.0 + strength - lo) * u
+    def normalize(self, views: Tensor) -> Tensor:
+        """Views as the network takes them: float32 ``(views / 255 - mean) / std`` for uint8 views (on their
+        device); float views are returned unchanged (this transform's float32 output is normalised already)."""
+        if views.dtype != torch.uint8:
+            return views
+        return normalize_views(views, self.mean, self.std)
