@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench demo format lint clean
+.PHONY: install test test-fast bench bench-learning demo format lint clean
 
 install: $(STAMP)
 
@@ -25,13 +25,16 @@ bench: install
 	$(PY) benchmarks/bench_data.py --out bench_out/bench_data.json
 	$(PY) benchmarks/bench_step.py --out bench_out/bench_step.json
 	$(PY) benchmarks/bench_knn.py --out bench_out/bench_knn.json
+	$(PY) benchmarks/bench_seg.py --out bench_out/bench_seg.json
+	$(PY) benchmarks/bench_davis.py --out bench_out/bench_davis.json
 
-DEMO_CKPT := runs/demo/checkpoints/last.ckpt
-
+# random init vs DINO vs DoRA on the bundled video, evaluated with k-NN, linear probe and DAVIS propagation
 demo: install
-	$(VENV)/bin/dora fit --config configs/demo.yaml
-	$(VENV)/bin/dora validate --config configs/eval/knn.yaml --ckpt_path $(DEMO_CKPT) \
-		--evaluator.image_size 64 --evaluator.output_dir runs/demo/eval/knn
+	$(PY) -m dora_lightning.compare --config configs/demo.yaml --output_dir runs/demo
+
+# the same comparison over 3 seeds (mean and spread; docs/benchmarks.md)
+bench-learning: install
+	$(PY) -m dora_lightning.compare --config configs/demo.yaml --output_dir bench_out/learning --seeds 0 1 2
 
 format: install
 	$(VENV)/bin/ruff format .

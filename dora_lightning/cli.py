@@ -228,14 +228,23 @@ class DoraCLI(LightningCLI):
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the `dora` console script."""
+    """Entry point of the `dora` console script (``dora visualize ...`` goes to :mod:`dora_lightning.visualize`)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["visualize"]:
+        from dora_lightning.visualize import main as visualize_main
+
+        status = visualize_main(argv[1:])
+        if status:
+            raise SystemExit(status)
+        return
     DoraCLI(
         DoRAModule,
         VideoClipDataModule,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
-            "description": "DoRA / DINO self-supervised pretraining from long videos (dora-lightning)"
+            "description": "DoRA / DINO self-supervised pretraining from long videos (dora-lightning). "
+            "Also: `dora visualize --help` renders a checkpoint's attention and object tracks on a video."
         },
         args=list(args) if args is not None else None,
     )

@@ -13,8 +13,13 @@ from dora_lightning.checkpoint_formats import PRETRAIN_KIND
 from dora_lightning.core.ema import ema_update_
 from dora_lightning.core.loss import LossParts, dino_loss, dora_loss, teacher_entropy, update_center
 from dora_lightning.core.schedules import cosine_schedule, linear_warmup_then_constant
-from dora_lightning.core.tracker import TrackerInputs, TrackerOutput, sample_heads, track_objects
-from dora_lightning.models.backbone import build_vit, forward_features, forward_with_last_block_taps
+from dora_lightning.core.tracker import TrackerOutput, sample_heads, track_objects
+from dora_lightning.models.backbone import (
+    build_vit,
+    clip_tracker_inputs,
+    forward_features,
+    forward_with_last_block_taps,
+)
 from dora_lightning.models.head import DINOHead, cancel_last_layer_grad_
 from dora_lightning.models.lean_mlp import use_lean_mlps_
 from dora_lightning.viz import attention_grid, track_grid
@@ -206,17 +211,8 @@ class DoRAModule(pl.LightningModule):
             taps = forward_with_last_block_taps(self.teacher.backbone, global_view.flatten(0, 1))
             logits = self.teacher.head(taps.cls).unflatten(0, (batch, frames)).transpose(0, 1)
 
-        def per_clip(x: Tensor) -> Tensor:
-            return x.unflatten(0, (batch, frames))
-
-        queries, keys = per_clip(taps.queries), per_clip(taps.keys)  # (B,T,h,N,dh)
-        inputs = TrackerInputs(
-            cls_attention=per_clip(taps.cls_attention)[:, 0],
-            queries=queries[:, 0].permute(0, 2, 1, 3).flatten(2),
-            keys=keys.permute(0, 1, 3, 2, 4).flatten(3),
-            tokens=per_clip(taps.patch_tokens)[:, 0],
-        )
-        self._last_attention = (per_clip(taps.cls_attention)[0, 0], taps.grid)
+        inputs = clip_tracker_inputs(taps, batch, frames)
+        self._last_attention = (taps.cls_attention.unflatten(0, (batch, frames))[0, 0], taps.grid)
         heads = sample_heads(self.num_heads, self.hparams.num_objects, self.head_generator)
         tracked = track_objects(
             inputs,

@@ -37,6 +37,8 @@ _OWN_DISTRIBUTION = "dora-lightning"
 BUILTIN_EVALUATORS: dict[str, str] = {
     "knn": "evaluators.knn:KNNEvaluator",
     "linear": "evaluators.linear:LinearProbeEvaluator",
+    "segmentation": "evaluators.segmentation:SegmentationEvaluator",
+    "davis": "evaluators.davis:DavisEvaluator",
 }
 
 

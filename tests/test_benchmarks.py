@@ -68,3 +68,18 @@ def test_bench_knn_small(tmp_path):
     )
     (result,) = json.loads(out.read_text())["results"]
     assert result["queries_per_s"] > 0 and result["peak_rss_gb"] > 0
+
+
+@pytest.mark.slow
+def test_bench_davis_tiny(tmp_path):
+    out = tmp_path / "davis.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/bench_davis.py", "--frames", "2", "--warmup", "1", "--height", "64",
+         "--width", "96", "--short-side", "64", "--arch", "vit_tiny_patch16_224", "--quiet-wait", "0",
+         "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["machine"] and "frames_per_s" in json.dumps(report)

@@ -241,7 +241,7 @@ def test_evaluator_help_lists_its_options(capsys):
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("unknown", "unknown evaluator 'nope'; known: knn, linear"),
+        ("unknown", "unknown evaluator 'nope'; known: davis, knn, linear, segmentation"),
         ("no_ckpt", "--evaluator needs --ckpt_path"),
         ("fit", "--evaluator only applies to `dora validate` (got `dora fit`)"),
         ("missing_file", "does not exist"),

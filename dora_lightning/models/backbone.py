@@ -16,7 +16,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from dora_lightning.core.tracker import TrackerInputs
+
 __all__ = [
+    "clip_tracker_inputs",
     "TeacherForward",
     "build_vit",
     "check_vit",
@@ -198,3 +201,22 @@ def last_n_block_cls(model: VisionTransformer, images: Tensor, n: int) -> Tensor
         images, indices=n, norm=True, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
     )
     return torch.cat([prefix[:, 0] for _patches, prefix in outs], dim=-1)
+
+
+def clip_tracker_inputs(taps: TeacherForward, batch: int, frames: int) -> TrackerInputs:
+    """The tracker's inputs from the last-block taps of ``batch * frames`` frames (clip-major order).
+
+    Frame 0 of each clip gives the CLS attention, the per-head queries (heads concatenated) and the tokens Z; every
+    frame gives its keys (spec A.3). Used by DoRAModule in training and by ``dora visualize``.
+    """
+
+    def per_clip(x: Tensor) -> Tensor:
+        return x.unflatten(0, (batch, frames))
+
+    queries, keys = per_clip(taps.queries), per_clip(taps.keys)  # (B,T,h,N,dh)
+    return TrackerInputs(
+        cls_attention=per_clip(taps.cls_attention)[:, 0],
+        queries=queries[:, 0].permute(0, 2, 1, 3).flatten(2),
+        keys=keys.permute(0, 1, 3, 2, 4).flatten(3),
+        tokens=per_clip(taps.patch_tokens)[:, 0],
+    )

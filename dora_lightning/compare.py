@@ -1,0 +1,318 @@
+"""Does it learn? Random init vs DINO vs DoRA at the same budget, pretrained and evaluated, in one table.
+
+``make demo`` runs one seed on the bundled video; ``make bench-learning`` three seeds. For every seed, from one base
+config (``configs/demo.yaml``): DoRA is pretrained as configured, DINO with the same data, schedule and local crops
+(``model.method=dino`` with the two global crops DINO needs), and a randomly initialised backbone of the same
+architecture is written for reference. Each backbone is then evaluated with the evaluator plugins (k-NN and linear
+probe on the bundled labelled images, DAVIS-style label propagation on generated sequences) through
+``dora validate --evaluator``, and checked for collapse (feature rank of its CLS features, the teacher entropy logged
+during fit). Everything a run writes stays under ``--output_dir``: the generated configs, checkpoints, TensorBoard
+logs, ``results_*.json`` of every evaluation and ``comparison.{md,json}``. See docs/quickstart.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Comparison", "main", "method_config", "summarise"]
+
+METHODS = ("random", "dino", "dora")
+EVALUATORS = ("knn", "linear", "davis")
+# (column title, evaluator, metric key in its results file)
+HEADLINE = (
+    ("k-NN top-1 (k=20)", "knn", "knn/top1_k20"),
+    ("linear top-1 (best)", "linear", "linear/top1_best"),
+    ("DAVIS J&F", "davis", "davis/J&F-mean"),
+)
+COLLAPSE = (
+    ("teacher entropy", "teacher_entropy"),
+    ("feature rank", "effective_rank"),
+    ("feature std", "feature_std"),
+)
+
+
+def method_config(
+    base: dict[str, Any], method: str, seed: int, run_dir: Path, max_epochs: int | None
+) -> dict:
+    """The fit config of ``method`` ("dora" or "dino") for ``seed``, writing everything under ``run_dir``."""
+    if method not in ("dora", "dino"):
+        raise ValueError(f"method must be 'dora' or 'dino', got {method!r}")
+    config = copy.deepcopy(base)
+    config["seed_everything"] = seed
+    trainer = config.setdefault("trainer", {})
+    trainer["default_root_dir"] = str(run_dir)
+    if max_epochs is not None:
+        trainer["max_epochs"] = max_epochs
+    for callback in trainer.get("callbacks") or []:
+        if str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
+            callback.setdefault("init_args", {})["dirpath"] = str(run_dir / "checkpoints")
+    config.setdefault("model", {})["method"] = method
+    data = config.setdefault("data", {})
+    data["seed"] = seed
+    transform = data.setdefault("transform", {"class_path": "dora_lightning.data.transforms.ClipMultiCrop"})
+    transform.setdefault("init_args", {})["num_global_crops"] = 2 if method == "dino" else 1
+    return config
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """``{method: {column: (mean, std over seeds, n)}}`` of per-seed rows ``{"method", "seed", column: value}``."""
+    columns = [title for title, _, _ in HEADLINE] + [title for title, _ in COLLAPSE]
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        out[method] = {}
+        for column in columns:
+            values = [float(r[column]) for r in mine if r.get(column) is not None]
+            if values:
+                out[method][column] = (*_mean_std(values), len(values))
+    return out
+
+
+def format_summary(summary: dict[str, dict[str, tuple[float, float, int]]]) -> str:
+    """A Markdown table: one row per method, "mean ± std (n)" per column (just the value for one seed)."""
+    columns = [title for title, _, _ in HEADLINE] + [title for title, _ in COLLAPSE]
+    columns = [c for c in columns if any(c in cells for cells in summary.values())]
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    names = {"random": "random init", "dino": "DINO", "dora": "DoRA"}
+    for method, cells in summary.items():
+        row = []
+        for column in columns:
+            if column not in cells:
+                row.append("n/a")
+                continue
+            mean, std, n = cells[column]
+            digits = 3 if column == "feature std" else 2
+            row.append(f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})")
+        lines.append(f"| {names[method]} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class Comparison:
+    """One comparison: settings, then :meth:`run` pretrains, evaluates and tabulates."""
+
+    config: Path
+    output_dir: Path
+    seeds: list[int]
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    evaluators: list[str] = field(default_factory=lambda: list(EVALUATORS))
+    max_epochs: int | None = None
+    image_size: int = 64
+    linear_epochs: int = 10
+    davis_dir: Path | None = None
+    davis_short_side: int = 96
+    eval_args: list[str] = field(default_factory=list)
+    fit_args: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def run(self) -> dict[str, Any]:
+        """Run every seed and method, write ``comparison.{json,md}``, print and return the summary."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        base = yaml.safe_load(self.config.read_text())
+        started = time.monotonic()
+        if "davis" in self.evaluators:
+            self.davis_dir = self._davis_data()
+        for seed in self.seeds:
+            checkpoints: dict[str, Path] = {}
+            if "random" in self.methods:
+                checkpoints["random"] = self._random_backbone(base, seed)
+            for method in ("dino", "dora"):
+                if method in self.methods:
+                    checkpoints[method] = self._pretrain(base, method, seed)
+            for method in self.methods:
+                self.rows.append(self._evaluate(method, seed, checkpoints[method]))
+                self._write()
+        report = self._write()
+        report["seconds"] = round(time.monotonic() - started, 1)
+        (self.output_dir / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+        print("\n" + report["table"] + "\n", flush=True)
+        print(f"written: {self.output_dir / 'comparison.md'} ({report['seconds']} s)", flush=True)
+        return report
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+
+    def _run_dir(self, method: str, seed: int) -> Path:
+        return self.output_dir / f"seed{seed}" / method
+
+    def _pretrain(self, base: dict[str, Any], method: str, seed: int) -> Path:
+        from dora_lightning.cli import main as dora_main
+
+        run_dir = self._run_dir(method, seed)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "fit_config.yaml"
+        config_path.write_text(yaml.safe_dump(method_config(base, method, seed, run_dir, self.max_epochs)))
+        _banner(f"pretraining {method.upper()} (seed {seed}) -> {run_dir}")
+        dora_main(["fit", "--config", str(config_path), *self.fit_args])
+        checkpoint = run_dir / "checkpoints" / "last.ckpt"
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{method} pretraining wrote no '{checkpoint}'; see the log above")
+        return checkpoint
+
+    def _random_backbone(self, base: dict[str, Any], seed: int) -> Path:
+        """The DoRA module of the config as it is before its first step (same seed), saved as a checkpoint."""
+        import lightning.pytorch as pl
+        import torch
+
+        from dora_lightning.checkpoint_formats import PRETRAIN_KIND
+        from dora_lightning.module import DoRAModule
+
+        out = self._run_dir("random", seed) / "random_init.ckpt"
+        _banner(f"random init (seed {seed}): the config's networks before training -> {out}")
+        pl.seed_everything(seed, verbose=False)
+        module = DoRAModule(**{**base.get("model", {}), "seed": seed})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "state_dict": module.state_dict(),
+                "hyper_parameters": dict(module.hparams),
+                "dora": {"kind": PRETRAIN_KIND, "random_init": True},
+            },
+            out,
+        )
+        return out
+
+    def _evaluate(self, method: str, seed: int, checkpoint: Path) -> dict[str, Any]:
+        from dora_lightning.cli import main as dora_main
+
+        row: dict[str, Any] = {"method": method, "seed": seed, "checkpoint": str(checkpoint)}
+        eval_root = self._run_dir(method, seed) / "eval"
+        for title, evaluator, metric in HEADLINE:
+            if evaluator not in self.evaluators:
+                continue
+            out = eval_root / evaluator
+            _banner(f"{evaluator} on {method} (seed {seed})")
+            dora_main(["validate", *self._evaluator_args(evaluator), "--ckpt_path", str(checkpoint),
+                       "--evaluator.output_dir", str(out), *self.eval_args])  # fmt: skip
+            metrics = json.loads((out / f"results_{evaluator}.json").read_text())["metrics"]
+            row[title] = metrics[metric]
+        row.update(self._collapse(method, seed, checkpoint))
+        return row
+
+    def _evaluator_args(self, evaluator: str) -> list[str]:
+        size = ["--evaluator.image_size", str(self.image_size)]
+        if evaluator == "knn":
+            return ["--config", "configs/eval/knn.yaml", *size]
+        if evaluator == "linear":
+            return [
+                "--config",
+                "configs/eval/linear.yaml",
+                *size,
+                "--evaluator.epochs",
+                str(self.linear_epochs),
+            ]
+        assert self.davis_dir is not None
+        return ["--config", "configs/eval/davis.yaml", "--evaluator.data_dir", str(self.davis_dir),
+                "--evaluator.short_side", str(self.davis_short_side)]  # fmt: skip
+
+    def _davis_data(self) -> Path:
+        from evaluators.synthetic import make_davis_fixture
+
+        root = self.output_dir / "davis_synthetic"
+        if not (root / "ImageSets" / "2017" / "val.txt").is_file():
+            _banner(f"generating DAVIS-layout sequences (shapes on frames of the bundled video) -> {root}")
+            make_davis_fixture(root)
+        return root
+
+    def _collapse(self, method: str, seed: int, checkpoint: Path) -> dict[str, Any]:
+        from dora_lightning.checkpoints import load_backbone
+        from dora_lightning.collapse import feature_report, last_logged_scalar
+        from evaluators.image_data import ImageFolderDataModule
+
+        backbone, _ = load_backbone(checkpoint, "teacher", self.image_size)
+        data = ImageFolderDataModule(
+            "assets/fashion_mnist", image_size=self.image_size, batch_size=128, num_workers=0
+        )
+        data.setup("validate")
+        report = feature_report(backbone, data.val_dataloader())
+        found = last_logged_scalar(self._run_dir(method, seed), "train/teacher_entropy")
+        return {
+            "teacher entropy": None if found is None else found[1],
+            "feature rank": report["effective_rank"],
+            "feature std": report["feature_std"],
+            "features": report,
+        }
+
+    def _write(self) -> dict[str, Any]:
+        summary = summarise(self.rows)
+        table = format_summary(summary)
+        (self.output_dir / "comparison.md").write_text(table + "\n")
+        report = {"seeds": self.seeds, "methods": self.methods, "evaluators": self.evaluators,
+                  "config": str(self.config), "rows": self.rows, "summary": summary, "table": table}  # fmt: skip
+        (self.output_dir / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dora_lightning.compare",
+        description="Pretrain DINO and DoRA from one config at the same budget, evaluate them and a random init "
+        "with the evaluator plugins, and print one table (make demo / make bench-learning).",
+    )
+    p.add_argument(
+        "--config", type=Path, default=Path("configs/demo.yaml"), help="base `dora fit` config (DoRA)"
+    )
+    p.add_argument("--output_dir", type=Path, default=Path("runs/demo"), help="where everything is written")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full comparison per seed")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--evaluators", nargs="+", choices=EVALUATORS, default=list(EVALUATORS))
+    p.add_argument("--max_epochs", type=int, default=None, help="override the config's trainer.max_epochs")
+    p.add_argument("--image_size", type=int, default=64, help="k-NN / linear probe image size")
+    p.add_argument("--linear_epochs", type=int, default=10, help="linear probe epochs")
+    p.add_argument("--davis_short_side", type=int, default=96, help="DAVIS frames' short side")
+    p.add_argument(
+        "--fit_arg", action="append", default=[], help="extra argument for every `dora fit`, e.g. "
+        "--fit_arg=--trainer.max_steps=20 (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--eval_arg", action="append", default=[], help="extra argument for every `dora validate`, e.g. "
+        "--eval_arg=--trainer.limit_val_batches=2 (repeatable)",
+    )  # fmt: skip
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point: ``python -m dora_lightning.compare [options]``."""
+    args = build_parser().parse_args(argv)
+    if not args.config.is_file():
+        raise SystemExit(f"error: --config '{args.config}' does not exist; give a `dora fit` YAML config")
+    comparison = Comparison(
+        config=args.config,
+        output_dir=args.output_dir,
+        seeds=args.seeds,
+        methods=args.methods,
+        evaluators=args.evaluators,
+        max_epochs=args.max_epochs,
+        image_size=args.image_size,
+        linear_epochs=args.linear_epochs,
+        davis_short_side=args.davis_short_side,
+        eval_args=args.eval_arg,
+        fit_args=args.fit_arg,
+    )
+    return comparison.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,127 @@
+"""Tests for the learning comparison (dora_lightning.compare, `make demo`) and the collapse checks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dora_lightning.collapse import effective_rank, feature_report, last_logged_scalar, uniform_entropy
+from dora_lightning.compare import format_summary, main, method_config, summarise
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_method_config_changes_only_what_the_comparison_needs(tmp_path):
+    base = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    dino = method_config(base, "dino", 3, tmp_path / "run", max_epochs=5)
+    dora = method_config(base, "dora", 3, tmp_path / "run", max_epochs=None)
+    assert (
+        base["model"]["method"] == "dora" and base["trainer"]["default_root_dir"] == "runs/demo"
+    )  # untouched
+    assert dino["model"]["method"] == "dino" and dora["model"]["method"] == "dora"
+    assert dino["data"]["transform"]["init_args"]["num_global_crops"] == 2
+    assert dora["data"]["transform"]["init_args"]["num_global_crops"] == 1
+    assert dino["seed_everything"] == dino["data"]["seed"] == 3
+    assert (
+        dino["trainer"]["max_epochs"] == 5 and dora["trainer"]["max_epochs"] == base["trainer"]["max_epochs"]
+    )
+    (checkpoint,) = dino["trainer"]["callbacks"]
+    assert checkpoint["init_args"]["dirpath"] == str(tmp_path / "run" / "checkpoints")
+    # everything else (model size, schedule, crops) is the base config's
+    for key in ("backbone", "depth", "base_lr", "out_dim"):
+        assert dino["model"][key] == dora["model"][key] == base["model"][key]
+    assert (
+        dino["data"]["transform"]["init_args"]["local_size"]
+        == base["data"]["transform"]["init_args"]["local_size"]
+    )
+    with pytest.raises(ValueError, match="method must be"):
+        method_config(base, "random", 0, tmp_path, None)
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    rows = [
+        {"method": "dora", "seed": 0, "k-NN top-1 (k=20)": 50.0, "feature rank": 10.0},
+        {"method": "dora", "seed": 1, "k-NN top-1 (k=20)": 54.0, "feature rank": 12.0},
+        {"method": "random", "seed": 0, "k-NN top-1 (k=20)": 40.0, "teacher entropy": None},
+    ]
+    summary = summarise(rows)
+    mean, std, n = summary["dora"]["k-NN top-1 (k=20)"]
+    assert (mean, n) == (52.0, 2) and std == pytest.approx(math.sqrt(8.0))
+    assert summary["random"]["k-NN top-1 (k=20)"] == (40.0, 0.0, 1)
+    assert "teacher entropy" not in summary["random"]  # not logged: no value, shown as n/a
+    table = format_summary(summary)
+    assert "| DoRA | 52.00 ± 2.83 (n=2) | 11.00 ± 1.41 (n=2) |" in table
+    assert "| random init | 40.00 | n/a |" in table
+
+
+def test_effective_rank_and_collapse_report():
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.randn(400, 32, generator=generator)
+    assert effective_rank(spread) > 25
+    line = torch.randn(400, 1, generator=generator) * torch.randn(1, 32, generator=generator)
+    assert effective_rank(line) == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="N >= 2"):
+        effective_rank(torch.ones(1, 4))
+
+    class Constant(torch.nn.Module):  # a collapsed "backbone": the same CLS feature for every image
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+
+    images = [(torch.rand(5, 3, 8, 8), torch.zeros(5)) for _ in range(3)]
+    import dora_lightning.models.backbone as backbone_module
+
+    original = backbone_module.forward_features
+    backbone_module.forward_features = lambda model, x: (model.weight.expand(x.shape[0], 8), None)
+    try:
+        report = feature_report(Constant(), images)  # type: ignore[arg-type]
+    finally:
+        backbone_module.forward_features = original
+    assert report["images"] == 15 and report["feature_std"] == pytest.approx(0.0, abs=1e-6)
+    assert report["mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert uniform_entropy(4096) == pytest.approx(math.log(4096))
+
+
+def test_last_logged_scalar_reads_tensorboard(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "version_0"))
+    for step, value in [(0, 3.0), (5, 2.5), (10, 2.0)]:
+        writer.add_scalar("train/teacher_entropy", value, step)
+    writer.close()
+    assert last_logged_scalar(tmp_path, "train/teacher_entropy") == (10, 2.0)
+    assert last_logged_scalar(tmp_path, "train/other") is None
+    assert last_logged_scalar(tmp_path / "missing", "train/teacher_entropy") is None
+
+
+@pytest.mark.slow
+def test_demo_pipeline_at_a_tiny_budget(tmp_path, monkeypatch):
+    """The whole comparison (random init, DINO, DoRA; k-NN) runs end to end and writes its table."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "demo"
+    report = main(
+        ["--output_dir", str(out), "--evaluators", "knn", "--image_size", "32",
+         "--fit_arg=--trainer.max_steps=2", "--fit_arg=--trainer.enable_progress_bar=false",
+         "--eval_arg=--trainer.enable_progress_bar=false"]
+    )  # fmt: skip
+    assert [(r["method"], r["seed"]) for r in report["rows"]] == [("random", 0), ("dino", 0), ("dora", 0)]
+    for row in report["rows"]:
+        assert 0.0 < row["k-NN top-1 (k=20)"] <= 100.0
+        assert row["feature rank"] > 1.0
+    table = (out / "comparison.md").read_text()
+    assert all(f"| {name} |" in table for name in ("random init", "DINO", "DoRA"))
+    assert json.loads((out / "comparison.json").read_text())["rows"] == report["rows"]
+    # random init = the config's networks before the first step: the teacher is still the student
+    state = torch.load(out / "seed0/random/random_init.ckpt", weights_only=False)["state_dict"]
+    key = "backbone.blocks.0.attn.qkv.weight"
+    assert torch.equal(state[f"teacher.{key}"], state[f"student.{key}"])
+    trained = torch.load(out / "seed0/dora/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    assert not torch.equal(trained[f"student.{key}"], state[f"student.{key}"])
+    assert (out / "seed0/dino/fit_config.yaml").is_file() and (
+        out / "seed0/dora/eval/knn/results_knn.json"
+    ).is_file()
