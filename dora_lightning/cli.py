@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from dora_lightning.data.datamodule import VideoClipDataModule
 from dora_lightning.module import DoRAModule
-from evaluators.base import Evaluator, evaluator_name
+from evaluators.base import EvaluationDataError, Evaluator, evaluator_name
 
 _EVALUATOR_FLAGS = ("--evaluator", "--evaluator.help", "--evaluator.class_path")
 _CKPT_KINDS = "a `dora fit` .ckpt, a dora-export backbone or an official DINO/DoRA checkpoint"
@@ -38,6 +38,21 @@ def _resolve_evaluator_value(value: str) -> str:
     return class_path_of(get_evaluator_class(text))
 
 
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line.
+
+    An error raised in a DataLoader worker comes back re-raised with the worker's traceback in its message
+    (``Caught X in DataLoader worker process 0. Original Traceback ...``); its last line holds the original message,
+    after ``module.Class: ``.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(err).__name__
+    last = lines[-1]
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return last[len(prefix) :] if last.startswith(prefix) else last
+
+
 class DoraCLI(LightningCLI):
     """LightningCLI with the links DoRA needs (the data's batch size feeds the lr scaling rule) and ``--evaluator``.
 
@@ -46,7 +61,8 @@ class DoraCLI(LightningCLI):
     instead the ``E.which`` backbone of CKPT is loaded at ``E.image_size`` (:func:`dora_lightning.checkpoints.load_backbone`),
     ``E.evaluate(backbone, trainer_kwargs)`` runs with the ``trainer.*`` options, and the metrics are printed and
     written to ``results_<name>.json`` (in ``E.output_dir``, default ``<trainer.default_root_dir or cwd>/eval/<name>``).
-    After the run, ``evaluation_metrics`` and ``results_path`` hold what was written.
+    After the run, ``evaluation_metrics`` and ``results_path`` hold what was written. Evaluation data that is missing
+    or malformed (:class:`evaluators.base.EvaluationDataError`) ends the command with one line on stderr, exit status 2.
     """
 
     evaluator: Evaluator | None = None
@@ -199,13 +215,20 @@ class DoraCLI(LightningCLI):
         return self.run_evaluator()
 
     def run_evaluator(self) -> dict[str, float]:
-        """Evaluate the loaded backbone, then (rank 0) print the metrics table and write ``results_<name>.json``."""
+        """Evaluate the loaded backbone, then (rank 0) print the metrics table and write ``results_<name>.json``.
+
+        An :class:`~evaluators.base.EvaluationDataError` (the data is missing or malformed) becomes a one-line error
+        (:meth:`_fail`); every other exception propagates unchanged.
+        """
         from evaluators.results import format_table, write_results
 
         evaluator = self.evaluator
         assert evaluator is not None
         name = evaluator_name(type(evaluator))
-        metrics = evaluator.evaluate(self.backbone, dict(self.evaluator_trainer_kwargs))
+        try:
+            metrics = evaluator.evaluate(self.backbone, dict(self.evaluator_trainer_kwargs))
+        except EvaluationDataError as err:
+            self._fail(f"--evaluator {name}: {_one_line(err)}")
         root = self.evaluator_trainer_kwargs.get("default_root_dir") or Path.cwd()
         output_dir = Path(evaluator.output_dir) if evaluator.output_dir else Path(root) / "eval" / name
         self.evaluation_metrics = dict(metrics)

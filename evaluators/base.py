@@ -5,6 +5,10 @@ An evaluator is a class whose ``__init__`` arguments (typed, with defaults and a
 the CLI loaded from ``--ckpt_path`` (with ``which`` and ``image_size`` taken from the evaluator), :meth:`Evaluator.evaluate`
 builds its own data and LightningModule, runs a ``Trainer(**trainer_kwargs)`` and returns its metrics; the CLI then
 writes them with :meth:`Evaluator.protocol` to ``results_<name>.json``. See docs/plugins.md.
+
+An evaluator that finds its data missing or malformed raises :class:`EvaluationDataError` (or
+:class:`EvaluationDataNotFoundError`) with a one-line message naming the file and the fix; ``dora validate`` prints
+that line as an error, without a traceback.
 """
 
 from __future__ import annotations
@@ -12,14 +16,28 @@ from __future__ import annotations
 import abc
 import inspect
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from timm.models.vision_transformer import VisionTransformer
+if TYPE_CHECKING:  # annotations only: the data readers import this module's errors without importing timm
+    from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["Evaluator", "evaluator_name"]
+__all__ = ["EvaluationDataError", "EvaluationDataNotFoundError", "Evaluator", "evaluator_name"]
 
 # constructor arguments that change how fast an evaluation runs or where it writes, not what it measures
 _NOT_PROTOCOL = frozenset({"num_workers", "output_dir"})
+
+
+class EvaluationDataError(ValueError):
+    """The evaluation data is missing or malformed; the message names the file and the fix.
+
+    Raised by the data readers of the evaluators (a missing folder, a malformed layout, an unreadable image, a mask of
+    the wrong mode, size or label range). ``dora validate --evaluator`` reports it as one line on stderr and exits
+    with status 2 instead of printing a traceback. A ``ValueError``, so callers that catch those still do.
+    """
+
+
+class EvaluationDataNotFoundError(EvaluationDataError, FileNotFoundError):
+    """A file or folder of the evaluation data is missing; also a ``FileNotFoundError``."""
 
 
 def evaluator_name(cls: type) -> str:

@@ -25,6 +25,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from evaluators.base import EvaluationDataError, EvaluationDataNotFoundError
+
 __all__ = [
     "DAVIS_MEAN",
     "DAVIS_STD",
@@ -97,12 +99,12 @@ def _image_header(path: Path) -> tuple[str, tuple[int, int]]:
         with Image.open(path) as image:
             return image.mode, (image.height, image.width)
     except Exception as err:  # PIL raises several kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
-        raise ValueError(f"cannot read image '{path}': {type(err).__name__}: {err}") from err
+        raise EvaluationDataError(f"cannot read image '{path}': {type(err).__name__}: {err}") from err
 
 
 def _check_mask_mode(path: Path, mode: str) -> None:
     if mode not in ("P", "L"):
-        raise ValueError(
+        raise EvaluationDataError(
             f"'{path}' is a {mode} image; DAVIS masks must be palette ('P') PNGs of object indices "
             "(0 background, 1..K objects, 255 void); re-save it as a palette PNG"
         )
@@ -110,19 +112,19 @@ def _check_mask_mode(path: Path, mode: str) -> None:
 
 def _read_sequence_list(list_file: Path) -> list[str]:
     if not list_file.is_file():
-        raise FileNotFoundError(
+        raise EvaluationDataNotFoundError(
             f"'{list_file}' not found: the list of the {list_file.stem} sequences of ImageSets/2017; {_HOW_TO}"
         )
     names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
     if not names:
-        raise ValueError(f"'{list_file}' lists no sequence; put one sequence name per line")
+        raise EvaluationDataError(f"'{list_file}' lists no sequence; put one sequence name per line")
     return names
 
 
 def _scan_sequence(name: str, image_root: Path, mask_root: Path, list_file: Path) -> DavisSequence:
     frame_dir, mask_dir = image_root / name, mask_root / name
     if not frame_dir.is_dir():
-        raise FileNotFoundError(
+        raise EvaluationDataNotFoundError(
             f"sequence '{name}' is listed in '{list_file}' but '{frame_dir}' does not exist; "
             "restore the sequence's frames or remove it from the list"
         )
@@ -130,16 +132,16 @@ def _scan_sequence(name: str, image_root: Path, mask_root: Path, list_file: Path
         p for p in frame_dir.iterdir() if p.suffix.lower() == ".jpg" and not p.name.startswith(".")
     )
     if not frames:
-        raise ValueError(
+        raise EvaluationDataError(
             f"'{frame_dir}' holds no .jpg frame (sequence '{name}' is empty); restore its frames"
         )
     if len(frames) < 3:
-        raise ValueError(
+        raise EvaluationDataError(
             f"'{frame_dir}' holds {len(frames)} frame(s); DAVIS scoring skips the first and the last frame, "
             "so a sequence needs at least 3"
         )
     if not mask_dir.is_dir():
-        raise FileNotFoundError(
+        raise EvaluationDataNotFoundError(
             f"'{mask_dir}' not found: the ground-truth masks of sequence '{name}'; every listed sequence needs "
             "Annotations/480p/<sequence>/<frame>.png"
         )
@@ -147,19 +149,19 @@ def _scan_sequence(name: str, image_root: Path, mask_root: Path, list_file: Path
     _, size = _image_header(frames[0])
     for frame, mask in zip(frames, masks, strict=True):
         if not mask.is_file():
-            raise FileNotFoundError(
+            raise EvaluationDataNotFoundError(
                 f"'{mask}' not found: the mask of frame '{frame}'; every frame needs a mask of the same name"
             )
         _, frame_size = _image_header(frame)
         mode, mask_size = _image_header(mask)
         _check_mask_mode(mask, mode)
         if frame_size != size:
-            raise ValueError(
+            raise EvaluationDataError(
                 f"'{frame}' is {frame_size[1]}x{frame_size[0]} but '{frames[0]}' is {size[1]}x{size[0]}; "
                 "all frames of a sequence must have one size"
             )
         if mask_size != frame_size:
-            raise ValueError(
+            raise EvaluationDataError(
                 f"'{mask}' is {mask_size[1]}x{mask_size[0]} but its frame '{frame}' is "
                 f"{frame_size[1]}x{frame_size[0]}; a mask must have the size of its frame"
             )
@@ -177,17 +179,19 @@ def scan_davis(
 
     Checks, before any frame goes through a model: the list file, the frame and mask folders, one mask per frame,
     equal sizes, palette masks, and (decoding the masks once) that no mask holds an object id beyond the first
-    frame's. Raises FileNotFoundError / ValueError with one line naming the faulty file and what to do.
+    frame's. Raises :class:`~evaluators.base.EvaluationDataNotFoundError` (a ``FileNotFoundError``) for a missing
+    file or folder and :class:`~evaluators.base.EvaluationDataError` (a ``ValueError``) for a malformed one, with one
+    line naming the faulty file and what to do.
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"DAVIS folder '{root}' not found; {_HOW_TO}")
+        raise EvaluationDataNotFoundError(f"DAVIS folder '{root}' not found; {_HOW_TO}")
     list_file = root / "ImageSets" / "2017" / f"{split}.txt"
     names = _read_sequence_list(list_file)
     if sequences is not None:
         unknown = [s for s in sequences if s not in names]
         if unknown:
-            raise ValueError(
+            raise EvaluationDataError(
                 f"sequence(s) {unknown} not listed in '{list_file}'; pick among: {', '.join(names[:10])}"
                 + (" ..." if len(names) > 10 else "")
             )
@@ -197,9 +201,9 @@ def scan_davis(
     image_root = root / "JPEGImages" / resolution
     mask_root = root / "Annotations" / resolution
     if not image_root.is_dir():
-        raise FileNotFoundError(f"'{image_root}' not found: the DAVIS frames; {_HOW_TO}")
+        raise EvaluationDataNotFoundError(f"'{image_root}' not found: the DAVIS frames; {_HOW_TO}")
     if not mask_root.is_dir():
-        raise FileNotFoundError(
+        raise EvaluationDataNotFoundError(
             f"'{mask_root}' not found: the DAVIS ground-truth masks (semi-supervised Annotations); {_HOW_TO}"
         )
     return [_scan_sequence(name, image_root, mask_root, list_file) for name in names]
@@ -232,7 +236,7 @@ def read_frame(path: str | Path, size: tuple[int, int]) -> Tensor:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
     except Exception as err:
-        raise ValueError(f"cannot read frame '{path}': {type(err).__name__}: {err}") from err
+        raise EvaluationDataError(f"cannot read frame '{path}': {type(err).__name__}: {err}") from err
     tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()
     if tuple(tensor.shape[1:]) != tuple(size):
         tensor = F.interpolate(
@@ -257,11 +261,11 @@ def read_mask(path: str | Path, num_objects: int | None = None) -> np.ndarray:
     except ValueError:
         raise
     except Exception as err:
-        raise ValueError(f"cannot read mask '{path}': {type(err).__name__}: {err}") from err
+        raise EvaluationDataError(f"cannot read mask '{path}': {type(err).__name__}: {err}") from err
     if num_objects is not None:
         bad = np.unique(labels[(labels > num_objects) & (labels != 255)])
         if bad.size:
-            raise ValueError(
+            raise EvaluationDataError(
                 f"'{path}' holds object id(s) {bad.tolist()[:5]} but the first frame has {num_objects} object(s) "
                 f"(ids 1..{num_objects}); every object must appear in the first frame's mask"
             )
@@ -273,7 +277,7 @@ def count_objects(first_mask: np.ndarray, path: str | Path) -> int:
     ids = first_mask[first_mask != 255]
     k = int(ids.max()) if ids.size else 0
     if k == 0:
-        raise ValueError(
+        raise EvaluationDataError(
             f"first-frame mask '{path}' holds no object (only background/void): nothing to propagate"
         )
     return k

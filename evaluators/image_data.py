@@ -10,7 +10,8 @@ as in torchvision's ImageFolder. Hidden entries (names starting with ``.``, e.g.
 ``.ipynb_checkpoints``) are ignored; every other file must be an image with one of torchvision's extensions
 (``IMG_EXTENSIONS``), and every class folder must hold at least one. The layout is checked once, in
 :meth:`ImageFolderDataModule.setup`, before any image is decoded; an image that cannot be decoded is reported, by
-path, when it is loaded.
+path, when it is loaded. Both raise :class:`~evaluators.base.EvaluationDataError` (a ``ValueError``; missing folders
+raise its ``FileNotFoundError`` subclass :class:`~evaluators.base.EvaluationDataNotFoundError`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from evaluators.base import EvaluationDataError, EvaluationDataNotFoundError
+from evaluators.sampling import unrepeated_sampler
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -46,13 +50,14 @@ _LAYOUT = (
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image file as RGB (grayscale and palette images are converted); errors name the file."""
+    """Open an image file as RGB (grayscale and palette images are converted); errors
+    (:class:`~evaluators.base.EvaluationDataError`) name the file."""
     try:
         with open(path, "rb") as fh:
             image = Image.open(fh)
             return image.convert("RGB")
     except Exception as err:  # PIL raises several kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
-        raise ValueError(f"cannot read image '{path}': {type(err).__name__}: {err}") from err
+        raise EvaluationDataError(f"cannot read image '{path}': {type(err).__name__}: {err}") from err
 
 
 def _visible(name: str) -> bool:
@@ -74,12 +79,12 @@ def _class_folders(split_dir: Path) -> list[str]:
             (classes if entry.is_dir() else loose).append(entry.name)
     if loose:
         first = split_dir / sorted(loose)[0]
-        raise ValueError(
+        raise EvaluationDataError(
             f"'{first}' is a file directly in the split folder '{split_dir}' ({len(loose)} such file(s)); "
             f"every image must be inside its class folder: {split_dir}/<class_name>/<image>"
         )
     if not classes:
-        raise ValueError(f"'{split_dir}' holds no class folders; {_LAYOUT}")
+        raise EvaluationDataError(f"'{split_dir}' holds no class folders; {_LAYOUT}")
     return sorted(classes)
 
 
@@ -87,7 +92,7 @@ def scan_split(split_dir: str | Path, classes: list[str]) -> list[tuple[str, int
     """Every image of ``split_dir/<class>/**`` as (path, class index), in sorted order, checking each file.
 
     Raises:
-        ValueError: a class folder holds no image, or a visible file is not an image (by extension).
+        EvaluationDataError: a class folder holds no image, or a visible file is not an image (by extension).
     """
     split_dir = Path(split_dir)
     samples: list[tuple[str, int]] = []
@@ -101,13 +106,13 @@ def scan_split(split_dir: str | Path, classes: list[str]) -> list[tuple[str, int
         others = [os.path.join(*f) for f in found if not f[1].lower().endswith(IMG_EXTENSIONS)]
         if others:
             more = f" (and {len(others) - 1} more in this class folder)" if len(others) > 1 else ""
-            raise ValueError(
+            raise EvaluationDataError(
                 f"'{others[0]}' is not an image file{more}; supported extensions: {', '.join(IMG_EXTENSIONS)}; "
                 f"remove it or move it out of '{split_dir.parent}'"
             )
         samples.extend((os.path.join(folder, fname), index) for folder, fname in found)
         if not found:
-            raise ValueError(
+            raise EvaluationDataError(
                 f"class folder '{class_dir}' holds no images; every class needs at least one image in each split "
                 f"(supported extensions: {', '.join(IMG_EXTENSIONS)})"
             )
@@ -215,10 +220,14 @@ class ImageFolderDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------------------------ layout
     def _check_layout(self) -> list[str]:
         if not self.root.is_dir():
-            raise ValueError(f"data folder '{self.root}' does not exist or is not a folder; {_LAYOUT}")
+            raise EvaluationDataNotFoundError(
+                f"data folder '{self.root}' does not exist or is not a folder; {_LAYOUT}"
+            )
         for split in SPLITS:
             if not (self.root / split).is_dir():
-                raise ValueError(f"'{self.root / split}' does not exist or is not a folder; {_LAYOUT}")
+                raise EvaluationDataNotFoundError(
+                    f"'{self.root / split}' does not exist or is not a folder; {_LAYOUT}"
+                )
         train, val = (_class_folders(self.root / split) for split in SPLITS)
         if train != val:
             only_train = sorted(set(train) - set(val))
@@ -228,14 +237,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 for where, names in ((self.root / "train", only_train), (self.root / "val", only_val))
                 if names
             ]
-            raise ValueError(
+            raise EvaluationDataError(
                 f"'{self.root / 'train'}' and '{self.root / 'val'}' must hold the same class folders; "
                 + "; ".join(parts)
             )
         return train
 
     def setup(self, stage: str | None = None) -> None:
-        """Check the layout (once) and build the datasets; raises ``ValueError`` naming what is wrong."""
+        """Check the layout (once) and build the datasets; raises :class:`~evaluators.base.EvaluationDataError`
+        (a ``ValueError``) naming what is wrong."""
         if self._classes is not None:
             return
         classes = self._check_layout()
@@ -263,12 +273,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return len(self.class_names)
 
     # ------------------------------------------------------------------------------------------------ loaders
-    def _loader(self, dataset: ImageFolder | None, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: ImageFolder | None, shuffle: bool, sampler: Sampler | None = None
+    ) -> DataLoader:
         assert dataset is not None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
@@ -279,9 +292,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.setup()
         return self._loader(self.train_dataset, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The validation images in file order; with ``world_size`` > 1, process ``rank``'s share of them, each image
+        in exactly one share (:func:`evaluators.sampling.unrepeated_sampler`: no padding repeats, so metrics summed
+        over processes count every image once). Without arguments (as Lightning calls a data module's loaders) it
+        holds every image, and Lightning shards it under DDP with its padding ``DistributedSampler``."""
         self.setup()
-        return self._loader(self.val_dataset, shuffle=False)
+        assert self.val_dataset is not None
+        return self._loader(
+            self.val_dataset, shuffle=False, sampler=unrepeated_sampler(self.val_dataset, rank, world_size)
+        )
 
     def train_eval_dataloader(self) -> DataLoader:
         """The training images in file order with the eval transform (k-NN memory bank)."""

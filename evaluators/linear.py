@@ -5,7 +5,8 @@ tokens of the last ``n_last_blocks`` blocks (optionally followed by the average 
 tokens). One ``nn.Linear`` per learning rate (weights N(0, 0.01), bias 0) is trained on the same features with SGD
 (momentum 0.9), the lr scaled as ``base_lr * global_batch / 256`` and annealed to 0 by a per-step cosine. Top-1 and
 top-5 accuracy on the validation split are measured after every epoch; both the best epoch's top-1 (DINO's headline)
-and the final epoch's are reported, in percent.
+and the final epoch's are reported, in percent. Under DDP each process scores its own share of the validation images,
+none repeated (:func:`evaluators.sampling.unrepeated_sampler`), so every image counts exactly once.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ PREFIX = "linear"
 def summarize(history: Sequence[dict[str, Any]], lrs: Sequence[float], per_lr: bool) -> dict[str, float]:
     """Metrics from the per-epoch validation history of :class:`LinearProbeModule`.
 
-    ``history[j]`` is ``{"epoch": e (1-based), "top1": [per head], "top5": [per head]}`` (accuracies in percent,
-    as DINO and the k-NN evaluator print them). Returns:
+    ``history[j]`` is ``{"epoch": e (1-based), "top1": [per head], "top5": [per head], "images": n}`` (accuracies in
+    percent, as DINO and the k-NN evaluator print them; ``images`` is not used here). Returns:
 
     * ``linear/top1_best``: the highest top-1 over all epochs (and all lrs of a grid) — DINO's headline number;
       ``linear/top1_best_epoch`` (1-based, the first epoch reaching it), ``linear/top1_best_lr`` (base lr) and
@@ -227,9 +228,12 @@ class LinearProbeEvaluator(Evaluator):
                     f"({type(trainer.strategy).__name__}, start method {trainer.strategy._start_method!r}): its "
                     "per-epoch results would stay in the worker processes; use --trainer.strategy ddp"
                 )
+            # each process validates its own share of the images, none repeated (Lightning's default DistributedSampler
+            # pads the shards with repeats, which the accuracies would count twice)
+            val_loader = data.val_dataloader(trainer.global_rank, trainer.world_size)
             with warnings.catch_warnings():  # the frozen backbone is in eval mode on purpose
                 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-                trainer.fit(module, datamodule=data)
+                trainer.fit(module, train_dataloaders=data.train_dataloader(), val_dataloaders=val_loader)
         finally:
             for name, p in backbone.named_parameters():
                 p.requires_grad_(grads[name])
@@ -270,5 +274,6 @@ class LinearProbeEvaluator(Evaluator):
         if self.effective_lrs:  # facts learnt while evaluating
             mine["effective_lrs"] = self.effective_lrs
             mine.update(self.data_facts)
-            mine["val_history"] = self.history  # per validated epoch: top-1 / top-5 per head (base_lrs order)
+            # per validated epoch: top-1 / top-5 per head (base_lrs order) and the number of images scored
+            mine["val_history"] = self.history
         return {**super().protocol(), **mine}

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from dora_lightning.models.backbone import last_n_block_cls
@@ -66,8 +67,10 @@ class LinearProbeModule(pl.LightningModule):
         seed: seeds the heads' initialisation (a private generator, so the grid's size does not change the global
             random stream).
 
-    After every validation epoch (not the sanity check) ``history`` gets ``{"epoch", "top1", "top5"}`` with one
-    accuracy per head, in percent; top-5 is top-min(5, num_classes).
+    After every validation epoch (not the sanity check) ``history`` gets ``{"epoch", "top1", "top5", "images"}``: one
+    accuracy per head, in percent (top-5 is top-min(5, num_classes)), and the number of validation images scored,
+    summed over processes. Under DDP the validation loader must not repeat images (see
+    :func:`evaluators.sampling.unrepeated_sampler`), or the repeats count twice.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class LinearProbeModule(pl.LightningModule):
         self.top5 = nn.ModuleList(
             MulticlassAccuracy(num_classes, top_k=top_k, average="micro") for _ in self.lrs
         )
+        self.val_images = SumMetric()  # images scored per validation, summed over processes
         self.history: list[dict[str, Any]] = []
         self.effective_lrs: list[float] = []
 
@@ -144,16 +148,18 @@ class LinearProbeModule(pl.LightningModule):
         for logits, top1, top5 in zip(self(images), self.top1, self.top5, strict=True):
             top1.update(logits.float(), labels)
             top5.update(logits.float(), labels)
+        self.val_images.update(float(len(labels)))
 
     def on_validation_epoch_end(self) -> None:
         # percent, rounded to 1e-4 (float32 accuracies carry noise in the 7th digit)
         top1 = [round(100.0 * float(m.compute()), 4) for m in self.top1]
         top5 = [round(100.0 * float(m.compute()), 4) for m in self.top5]
-        for metric in (*self.top1, *self.top5):
+        images = int(self.val_images.compute())
+        for metric in (*self.top1, *self.top5, self.val_images):
             metric.reset()
         if self.trainer.sanity_checking:
             return
-        self.history.append({"epoch": self.current_epoch + 1, "top1": top1, "top5": top5})
+        self.history.append({"epoch": self.current_epoch + 1, "top1": top1, "top5": top5, "images": images})
         single = len(self.lrs) == 1
         for lr, a1, a5 in zip(self.lrs, top1, top5, strict=True):
             key = "val" if single else f"val/{lr_key(lr)}"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from PIL import Image
 from dora_lightning.models.backbone import build_vit, forward_features, last_n_block_cls
 from evaluators.base import Evaluator
 from evaluators.linear import LinearProbeEvaluator, LinearProbeModule, probe_features, summarize
+from evaluators.sampling import unrepeated_sampler
 
 REPO = Path(__file__).resolve().parents[1]
 # the class is the colour; brightness and pixel noise vary, so train and val images differ
@@ -191,6 +195,84 @@ def test_avgpool_patchtokens_end_to_end(colour_data: Path, tmp_path: Path) -> No
     metrics = ev.evaluate(micro_vit(), trainer_kwargs(tmp_path))
     assert ev.module.heads[0].in_features == 2 * 48
     assert 0.0 <= metrics["linear/top1_final"] <= 100.0
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch
+from dora_lightning.models.backbone import build_vit
+from evaluators.linear import LinearProbeEvaluator
+
+torch.set_num_threads(1)
+devices, data, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.manual_seed(0)
+vit = build_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+ev = LinearProbeEvaluator(
+    data, image_size=32, batch_size=2, num_workers=0, n_last_blocks=2, epochs=1, lr=0.0, train_augment=False
+)
+kwargs = dict(
+    accelerator="cpu", devices=devices, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    default_root_dir=out,
+)
+metrics = ev.evaluate(vit, {**kwargs, **({"strategy": "ddp"} if devices > 1 else {})})
+with open(f"{out}/result_{os.environ.get('LOCAL_RANK', '0')}.json", "w") as fh:
+    json.dump({"metrics": metrics, "history": ev.history}, fh)
+"""
+
+
+def write_mixed_folder(root: Path, val_counts: tuple[int, ...] = (3, 2, 2)) -> Path:
+    """ImageFolder of noisy images of random colours (not tied to the class, so that an untrained head is right on some
+    images and wrong on others): 3 training images per class and ``val_counts`` validation images (7: odd)."""
+    rng = np.random.default_rng(0)
+    colours = list(COLOURS.values())
+    for split, counts in (("train", (3,) * len(val_counts)), ("val", val_counts)):
+        for c, count in enumerate(counts):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                rgb = np.array(colours[int(rng.integers(0, len(colours)))])
+                pixels = rgb[None, None] * rng.uniform(0.5, 1.3) + rng.normal(0, 30, (32, 32, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_unrepeated_sampler_shares_every_item_once() -> None:
+    items = list(range(7))
+    assert unrepeated_sampler(items, 0, 1) is None
+    shares = [list(unrepeated_sampler(items, rank, 2)) for rank in (0, 1)]
+    assert shares == [[0, 2, 4, 6], [1, 3, 5]]
+    with pytest.raises(ValueError, match="1 evaluation item"):
+        unrepeated_sampler([0], 0, 2)
+    with pytest.raises(ValueError, match="rank < world_size"):
+        unrepeated_sampler(items, 2, 2)
+
+
+@pytest.mark.slow
+def test_ddp_scores_every_validation_image_once(tmp_path: Path) -> None:
+    """Two CPU DDP processes (gloo) on 7 validation images (odd: DistributedSampler would repeat one) count 7 images
+    and report exactly the single process's top-1/top-5. lr 0 keeps the seeded heads identical in both runs."""
+    data = write_mixed_folder(tmp_path / "data")
+    script = tmp_path / "ddp_linear.py"
+    script.write_text(DDP_SCRIPT)
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"out{devices}"
+        out.mkdir()
+        run = subprocess.run(
+            [sys.executable, str(script), str(devices), str(data), str(out)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        files = sorted(out.glob("result_*.json"))
+        assert len(files) == devices
+        results[devices] = [json.loads(path.read_text()) for path in files]
+    (single,) = results[1]
+    assert single["history"][-1]["images"] == 7
+    assert 0 < single["metrics"]["linear/top1_final"] < 100  # a repeated image would change it
+    assert results[2] == [single, single]
 
 
 # ------------------------------------------------------------------------------------------------ summarize
