@@ -105,7 +105,9 @@ def test_get_evaluator_class_accepts_names_and_paths(spec):
 
 
 def test_unknown_evaluator_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown evaluator 'nope'; known: davis, knn, linear, segmentation; .*class_path"):
+    with pytest.raises(
+        ValueError, match=r"unknown evaluator 'nope'; known: davis, knn, linear, segmentation; .*class_path"
+    ):
         get_evaluator_class("nope")
 
 
