@@ -159,12 +159,21 @@ class Comparison:
         run_dir = self._run_dir(method, seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "fit_config.yaml"
-        config_path.write_text(yaml.safe_dump(method_config(base, method, seed, run_dir, self.max_epochs)))
+        config_text = yaml.safe_dump(method_config(base, method, seed, run_dir, self.max_epochs))
+        checkpoint = run_dir / "checkpoints" / "last.ckpt"
+        done, recipe = run_dir / "fit_done.json", {"config": config_text, "fit_args": self.fit_args}
+        if checkpoint.is_file() and done.is_file() and json.loads(done.read_text()) == recipe:
+            _banner(
+                f"{method.upper()} (seed {seed}) already pretrained with this config: reusing {checkpoint}"
+            )
+            return checkpoint
+        done.unlink(missing_ok=True)
+        config_path.write_text(config_text)
         _banner(f"pretraining {method.upper()} (seed {seed}) -> {run_dir}")
         dora_main(["fit", "--config", str(config_path), *self.fit_args])
-        checkpoint = run_dir / "checkpoints" / "last.ckpt"
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{method} pretraining wrote no '{checkpoint}'; see the log above")
+        done.write_text(json.dumps(recipe))  # a finished fit: a rerun with the same recipe reuses it
         return checkpoint
 
     def _random_backbone(self, base: dict[str, Any], seed: int) -> Path:
@@ -288,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--eval_arg", action="append", default=[], help="extra argument for every `dora validate`, e.g. "
-        "--eval_arg=--trainer.limit_val_batches=2 (repeatable)",
+        "--eval_arg=--trainer.enable_progress_bar=false (repeatable)",
     )  # fmt: skip
     return p
 

@@ -248,12 +248,12 @@ class DoRAModule(pl.LightningModule):
                 "the batch holds uint8 views that were never normalised: pass the VideoClipDataModule to the Trainer "
                 "(its on_after_batch_transfer normalises them) or apply ClipMultiCrop.normalize to every view"
             )
-        size = batch["global_views"][0].shape[-1]
-        if size % self.patch_size:
-            raise ValueError(
-                f"the global crop size {size} is not a multiple of the patch size {self.patch_size} of "
-                f"{self.hparams.backbone}; set data.transform.init_args.global_size to a multiple of {self.patch_size}"
-            )
+        for kind, views in (("global", batch["global_views"]), ("local", batch["local_views"][:1])):
+            if views and (size := views[0].shape[-1]) % self.patch_size:
+                raise ValueError(
+                    f"the {kind} crop size {size} is not a multiple of the patch size {self.patch_size} of "
+                    f"{self.hparams.backbone}; set data.transform.init_args.{kind}_size to a multiple of {self.patch_size}"
+                )
 
     def compute_loss(
         self, batch: dict[str, Any], teacher_temp: float

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dora_lightning.models.backbone import forward_features
-from evaluators.base import Evaluator
+from evaluators.base import EvaluationDataError, Evaluator
 from evaluators.davis_data import (
     DAVIS_MEAN,
     DAVIS_STD,
@@ -279,7 +279,7 @@ class DavisEvaluator(Evaluator):
 
     def __init__(
         self,
-        data_dir: str = "data/davis",
+        data_dir: str = "data/DAVIS",
         split: Literal["val", "train"] = "val",
         sequences: list[str] | None = None,
         short_side: int = 480,
@@ -305,6 +305,8 @@ class DavisEvaluator(Evaluator):
             raise ValueError(f"split must be 'val' or 'train', got {split!r}")
         if not bound_th > 0:
             raise ValueError(f"bound_th must be > 0, got {bound_th}")
+        if sequences is not None and not sequences:
+            raise ValueError("sequences=[] selects no sequence; leave it unset (null) for the whole split")
         # None: the CLI loads the backbone at its checkpoint's size (no resampling at load); each frame's grid then
         # resamples the position embedding once (timm dynamic image size).
         self.image_size = None  # type: ignore[assignment]
@@ -325,6 +327,12 @@ class DavisEvaluator(Evaluator):
         return Path(trainer_kwargs.get("default_root_dir") or Path.cwd()) / "eval" / self.name
 
     def evaluate(self, backbone: VisionTransformer, trainer_kwargs: dict[str, Any]) -> dict[str, float]:
+        patch_size = int(backbone.patch_embed.patch_size[0])
+        if self.short_side < patch_size:
+            raise EvaluationDataError(  # a setting that does not fit this backbone: reported as one CLI line
+                f"short_side={self.short_side} is smaller than the backbone's patch size {patch_size}; "
+                f"pass --evaluator.short_side {patch_size * 4} or more"
+            )
         sequences = scan_davis(self.data_dir, self.split, self.sequences)
         output_dir = self.resolved_output_dir(trainer_kwargs)
         module = DavisPropagationModule(

@@ -418,3 +418,17 @@ def test_two_processes_split_the_sequences_and_agree(davis_root, tmp_path):
         assert rank_result["objects"] == single["objects"] == 4
         for name, value in single["metrics"].items():
             assert rank_result["metrics"][name] == pytest.approx(value, abs=1e-9)
+
+
+def test_empty_sequence_list_and_tiny_short_side_are_refused():
+    from dora_lightning.models.backbone import build_vit
+    from evaluators.base import EvaluationDataError
+    from evaluators.davis import DavisEvaluator
+
+    with pytest.raises(ValueError, match=r"sequences=\[\] selects no sequence"):
+        DavisEvaluator(sequences=[])
+    backbone = build_vit("vit_tiny_patch16_224", img_size=32, depth=1)
+    with pytest.raises(
+        EvaluationDataError, match="short_side=8 is smaller than the backbone's patch size 16"
+    ):
+        DavisEvaluator(short_side=8).evaluate(backbone, {})

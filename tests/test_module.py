@@ -24,10 +24,12 @@ def clip_video(tmp_path_factory) -> Path:
     return write_video(tmp_path_factory.mktemp("train") / "walk.mp4", 120, width=96, height=64)
 
 
-def make_data(video: Path, num_global: int = 1, global_size: int = 32, **kw) -> VideoClipDataModule:
+def make_data(
+    video: Path, num_global: int = 1, global_size: int = 32, local_size: int = 16, **kw
+) -> VideoClipDataModule:
     transform = ClipMultiCrop(
         global_size=global_size,
-        local_size=16,
+        local_size=local_size,
         num_global_crops=num_global,
         num_local_crops=2,
         pre_crop_size=48,
@@ -129,10 +131,14 @@ def test_too_many_objects_is_a_config_error():
         DoRAModule(**(MICRO | {"num_objects": 4}))
 
 
-def test_crop_not_divisible_by_patch(tmp_path, clip_video):
+@pytest.mark.parametrize("kind, sizes", [("global", {"global_size": 36}), ("local", {"local_size": 20})])
+def test_crop_not_divisible_by_patch(tmp_path, clip_video, kind, sizes):
     module = DoRAModule(**MICRO)
-    with pytest.raises(ValueError, match="global crop size 36 is not a multiple of the patch size 8"):
-        make_trainer(tmp_path, 1).fit(module, datamodule=make_data(clip_video, global_size=36))
+    size = next(iter(sizes.values()))
+    with pytest.raises(
+        ValueError, match=f"{kind} crop size {size} is not a multiple of the patch size 8.*{kind}_size"
+    ):
+        make_trainer(tmp_path, 1).fit(module, datamodule=make_data(clip_video, **sizes))
 
 
 def test_dino_needs_two_global_views(tmp_path, clip_video):
