@@ -101,17 +101,19 @@ def test_last_logged_scalar_reads_tensorboard(tmp_path):
 
 @pytest.mark.slow
 def test_demo_pipeline_at_a_tiny_budget(tmp_path, monkeypatch):
-    """The whole comparison (random init, DINO, DoRA; k-NN) runs end to end and writes its table."""
+    """The whole comparison (random init, DINO, DoRA; k-NN, linear probe, DAVIS) runs end to end, writes its table and
+    reuses a finished pretraining when rerun."""
     monkeypatch.chdir(REPO)
     out = tmp_path / "demo"
     report = main(
-        ["--output_dir", str(out), "--evaluators", "knn", "--image_size", "32",
+        ["--output_dir", str(out), "--image_size", "32", "--linear_epochs", "1", "--davis_short_side", "32",
          "--fit_arg=--trainer.max_steps=2", "--fit_arg=--trainer.enable_progress_bar=false",
          "--eval_arg=--trainer.enable_progress_bar=false"]
     )  # fmt: skip
     assert [(r["method"], r["seed"]) for r in report["rows"]] == [("random", 0), ("dino", 0), ("dora", 0)]
     for row in report["rows"]:
         assert 0.0 < row["k-NN top-1 (k=20)"] <= 100.0
+        assert 0.0 <= row["linear top-1 (best)"] <= 100.0 and 0.0 <= row["DAVIS J&F"] <= 100.0
         assert row["feature rank"] > 1.0
     table = (out / "comparison.md").read_text()
     assert all(f"| {name} |" in table for name in ("random init", "DINO", "DoRA"))
