@@ -95,9 +95,8 @@ class ClipMultiCrop:
 
     Crop boxes are composed into frame coordinates, so each view is resampled from the frame once (the official
     code resamples twice: frame -> pre-crop -> view). ``crop_backend="interpolate"`` (the default) rounds the boxes
-    to whole frame pixels and uses uint8 antialiased bilinear ``F.interpolate`` (PIL-like filtering; ~35 ms per
-    paper-scale clip on one CPU thread); ``"roi_align"`` cuts the exact (fractional) boxes with bilinear
-    ``roi_align`` (adaptive sampling, i.e. box-averaged when shrinking) on float frames (~60 ms per clip).
+    to whole frame pixels and uses uint8 antialiased bilinear ``F.interpolate`` (PIL-like filtering); ``"roi_align"`` cuts the exact (fractional) boxes with bilinear
+    ``roi_align`` (adaptive sampling, i.e. box-averaged when shrinking) on float frames (about 1.7x slower).
     """
 
     def __init__(
