@@ -388,8 +388,8 @@ class DoRAModule(pl.LightningModule):
         state = checkpoint.get("dora")
         if state is None or state.get("kind") != PRETRAIN_KIND:
             raise ValueError(
-                "this checkpoint was not written by `dora fit` (no 'dora' section); to start from other weights, "
-                "see docs/training.md (loading official DoRA/DINO weights)"
+                "this checkpoint was not written by `dora fit` (no 'dora' section): `fit --ckpt_path` only resumes "
+                "our own runs; evaluate other weights with `dora validate --evaluator NAME --ckpt_path FILE`"
             )
         self.head_generator.set_state(state["head_generator"])
         self._pending_rng = (state["torch_rng"], state["cuda_rng"])
