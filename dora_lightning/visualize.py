@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(all objects' masks in their colours) and summary.json. See docs/visualize.md."
         ),
         epilog=(
-            "example: dora visualize --ckpt_path runs/demo/checkpoints/last.ckpt --source assets/video/vtest.mp4 "
+            "example: dora visualize --ckpt_path runs/demo/seed0/dora/checkpoints/last.ckpt --source assets/video/vtest.mp4 "
             "--output_dir runs/demo/visualize --image_size 64"
         ),
     )
