@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -86,3 +87,28 @@ def video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_video(folder / "a.mp4", 300)
     write_video(folder / "b.mkv", 180)
     return folder
+
+
+def micro_vit(seed: int = 0, depth: int = 2) -> Any:
+    """A seeded micro ViT for evaluator tests (32 px, patch 8, width 48, 3 heads)."""
+    import torch
+
+    from dora_lightning.models.backbone import build_vit
+
+    torch.manual_seed(seed)
+    return build_vit(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=depth, embed_dim=48, num_heads=3
+    )
+
+
+def cpu_trainer_kwargs(tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    """Quiet single-CPU Trainer options for an evaluator's ``evaluate(backbone, trainer_kwargs)``."""
+    return {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+        **extra,
+    }

@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import REPO
+from conftest import REPO, micro_vit
 from PIL import Image
-from test_knn import micro_vit
 from test_validate_cli import QUIET, fit_checkpoint  # noqa: F401 - fixture
 from torch.utils.data import DataLoader
 
@@ -301,7 +300,9 @@ def test_random_features_score_far_below_the_oracle(davis_root, tmp_path):
             n = super().frame_features(batch).shape[0]
             return torch.randn(n, 8, generator=torch.Generator().manual_seed(int(batch["index"])))
 
-    module = NoiseModule(micro_vit(), scan_davis(davis_root), tmp_path / "out", short_side=96, num_workers=0)
+    module = NoiseModule(
+        micro_vit(depth=1), scan_davis(davis_root), tmp_path / "out", short_side=96, num_workers=0
+    )
     pl.Trainer(**TRAINER).validate(module, verbose=False)
     assert module.metrics["davis/J&F-mean"] < 60
 

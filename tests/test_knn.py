@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import micro_vit
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dora_lightning.models.backbone import build_vit
 from evaluators.knn import KNNEvaluator, KNNModule, _dedup_by_index, knn_classify, knn_metric_names
 
 COLOURS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (220, 30, 30)}  # sorted names = label order
-
-
-def micro_vit(seed: int = 0):
-    torch.manual_seed(seed)
-    return build_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=3)
 
 
 def write_image_folder(root: Path, train_per_class: int = 4, val_per_class: int = 2, size: int = 36) -> Path:
@@ -145,7 +140,7 @@ def _trainer() -> pl.Trainer:
 
 
 def test_knn_module_through_trainer_validate():
-    backbone = micro_vit()
+    backbone = micro_vit(depth=1)
     module = KNNModule(backbone, num_classes=3, ks=[1, 3], temperature=0.07, chunk_size=2)
     bank = DataLoader(_ColourImages(4, seed=1, repeat=True), batch_size=5)
     queries = DataLoader(_ColourImages(2, seed=2, repeat=True), batch_size=4)
@@ -162,7 +157,7 @@ def test_knn_module_through_trainer_validate():
 
 def test_knn_module_matches_knn_classify_on_its_features():
     """The module's accuracy equals knn_classify on features computed outside Lightning (labels kept aligned)."""
-    backbone = micro_vit(seed=5)
+    backbone = micro_vit(seed=5, depth=1)
     gen = torch.Generator().manual_seed(0)
     # random images and labels: accuracy well below 100 %, so a misaligned bank would show
     bank_x, query_x = torch.randn(30, 3, 32, 32, generator=gen), torch.randn(12, 3, 32, 32, generator=gen)
@@ -182,7 +177,7 @@ def test_knn_module_matches_knn_classify_on_its_features():
 
 
 def test_knn_module_refuses_k_larger_than_the_bank():
-    module = KNNModule(micro_vit(), num_classes=3, ks=[20])
+    module = KNNModule(micro_vit(depth=1), num_classes=3, ks=[20])
     bank = DataLoader(_ColourImages(2, seed=1), batch_size=4)
     queries = DataLoader(_ColourImages(1, seed=2), batch_size=4)
     with pytest.raises(ValueError, match="k=20 exceeds the 6 training images"):
@@ -193,7 +188,7 @@ def test_knn_evaluator_on_an_image_folder(tmp_path):
     root = write_image_folder(tmp_path / "colours")
     evaluator = KNNEvaluator(ks=[1, 3], data_dir=str(root), image_size=32, batch_size=5, num_workers=0)
     trainer_kwargs = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "devices": 1}
-    metrics = evaluator.evaluate(micro_vit(), trainer_kwargs)
+    metrics = evaluator.evaluate(micro_vit(depth=1), trainer_kwargs)
     assert metrics == {
         "knn/top1_k1": 100.0,
         "knn/top5_k1": 100.0,
@@ -212,7 +207,7 @@ def test_knn_evaluator_checks_k_against_the_training_images(tmp_path):
     root = write_image_folder(tmp_path / "colours", train_per_class=2, val_per_class=1)
     evaluator = KNNEvaluator(ks=[10], data_dir=str(root), image_size=32, num_workers=0)
     with pytest.raises(ValueError, match=r"k=10 exceeds the 6 training images.*--evaluator.ks"):
-        evaluator.evaluate(micro_vit(), {"accelerator": "cpu", "logger": False})
+        evaluator.evaluate(micro_vit(depth=1), {"accelerator": "cpu", "logger": False})
 
 
 def test_knn_evaluator_validates_its_arguments():
@@ -238,7 +233,7 @@ def test_knn_module_under_ddp_counts_every_image_once():
             for x, y in ((bank_x, bank_y), (query_x, query_y))
         ]
 
-    single = KNNModule(micro_vit(seed=1), num_classes=3, ks=[1, 3])
+    single = KNNModule(micro_vit(seed=1, depth=1), num_classes=3, ks=[1, 3])
     _trainer().validate(single, dataloaders=loaders(), verbose=False)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -248,7 +243,7 @@ def test_knn_module_under_ddp_counts_every_image_once():
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    module = KNNModule(micro_vit(seed=1), num_classes=3, ks=[1, 3])
+    module = KNNModule(micro_vit(seed=1, depth=1), num_classes=3, ks=[1, 3])
     out = trainer.validate(module, dataloaders=loaders(), verbose=False)[0]  # logged by rank 0
     assert {k: pytest.approx(v) for k, v in single.metrics.items()} == {k: out[k] for k in single.metrics}
     assert 0 < single.metrics["knn/top1_k3"] < 100

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import cpu_trainer_kwargs as trainer_kwargs
+from conftest import micro_vit
 from PIL import Image
 
 from dora_lightning.models.backbone import build_vit, forward_features, last_n_block_cls
@@ -50,23 +52,6 @@ def colour_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 pixels = np.array(rgb)[None, None] * rng.uniform(0.6, 1.2) + rng.normal(0, 25, (32, 32, 3))
                 Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
     return root
-
-
-def micro_vit(seed: int = 0) -> Any:
-    torch.manual_seed(seed)
-    return build_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
-
-
-def trainer_kwargs(tmp_path: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(tmp_path),
-        **extra,
-    }
 
 
 def evaluator(data: Path, **kwargs: Any) -> LinearProbeEvaluator:

@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import cpu_trainer_kwargs as trainer_kwargs
+from conftest import micro_vit
 from PIL import Image
 from test_seg_data import save_palette, write_voc
 from test_validate_cli import QUIET, fit_checkpoint, print_config  # noqa: F401 - fixture
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from dora_lightning.cli import main
-from dora_lightning.models.backbone import build_vit, forward_features
+from dora_lightning.models.backbone import forward_features
 from evaluators.base import Evaluator
 from evaluators.segmentation import (
     SegmentationEvaluator,
@@ -64,25 +66,6 @@ class ColourBackbone(nn.Module):
 
     def forward_intermediates(self, images: Tensor, **kwargs: Any) -> list[Tensor]:
         return [F.avg_pool2d(images, self.patch)]
-
-
-def micro_vit(depth: int = 2) -> Any:
-    torch.manual_seed(0)
-    return build_vit(
-        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=depth, embed_dim=48, num_heads=3
-    )
-
-
-def trainer_kwargs(tmp_path: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(tmp_path),
-        **extra,
-    }
 
 
 def evaluator(data: Path, **kwargs: Any) -> SegmentationEvaluator:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, micro_vit
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from test_cli import MICRO_ARGS
 from test_evaluators_base import toy_distribution  # noqa: F401 - fixture
-from test_knn import micro_vit, write_image_folder
+from test_knn import write_image_folder
 
 import dora_lightning.cli as cli_module
 from dora_lightning.checkpoints import EXPORT_FORMAT, load_backbone
@@ -57,7 +57,7 @@ def image_root(tmp_path_factory) -> tuple[Path, int]:
 @pytest.fixture
 def exported_teacher(tmp_path) -> Path:
     """A dora-export file holding only a micro teacher backbone (depth 1, 32 px, patch 8)."""
-    model = micro_vit()
+    model = micro_vit(depth=1)
     path = tmp_path / "teacher.pth"
     kwargs = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3}
     torch.save(

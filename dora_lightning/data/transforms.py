@@ -27,7 +27,9 @@ from torchvision.ops import roi_align
 
 from dora_lightning.data.crop_boxes import ClipBoxes, pixel_box, sample_clip_boxes
 from dora_lightning.data.view_colour import (
+    BLUR_DRAW,
     COLOUR_BACKENDS,
+    JITTER_DRAW,
     NUM_DRAWS,
     OUTPUT_DTYPES,
     ColourSettings,
@@ -159,7 +161,12 @@ class ClipMultiCrop:
             raise ValueError(f"output_dtype must be one of {OUTPUT_DTYPES}, got {output_dtype!r}")
         self.colour_backend = colour_backend
         self.output_dtype = output_dtype
-        self.colour = ColourSettings(
+
+    @property
+    def colour(self) -> ColourSettings:
+        """The colour settings :func:`~dora_lightning.data.view_colour.colour_views` takes, from this transform's
+        arguments."""
+        return ColourSettings(
             jitter_prob=self.jitter_prob,
             brightness=self.brightness,
             contrast=self.contrast,
@@ -169,8 +176,8 @@ class ClipMultiCrop:
             blur_sigma=self.blur_sigma,
             mean=self.mean,
             std=self.std,
-            backend=colour_backend,
-            output_dtype=output_dtype,
+            backend=self.colour_backend,
+            output_dtype=self.output_dtype,
         )
 
     def __repr__(self) -> str:
@@ -233,8 +240,8 @@ class ClipMultiCrop:
         gboxes = boxes.to_frame(boxes.global_boxes)  # (G, 4)
         # Local images are made in the order [jitter only, jitter + blur, blur only, neither] so that both
         # subsets are contiguous slices for the colour ops; `restore` puts them back in (view, frame) order.
-        jittered = u_local[:, 0] < self.jitter_prob  # columns: see view_colour's draws
-        blurred = u_local[:, 6] < self.local_blur_prob
+        jittered = u_local[:, JITTER_DRAW] < self.jitter_prob
+        blurred = u_local[:, BLUR_DRAW] < self.local_blur_prob
         group = torch.where(jittered, blurred.long(), 3 - blurred.long())
         order_local = torch.sort(group, stable=True).indices
         restore = torch.argsort(order_local)
@@ -250,10 +257,9 @@ class ClipMultiCrop:
             for v in range(G):  # the flip is shared by all frames of a view
                 if bool(boxes.global_flip[v]):
                     global_out[v * T : (v + 1) * T] = global_out[v * T : (v + 1) * T].flip(-1)
-        global_out = colour_views(global_out, 255.0, u_global, order, self.global_blur_prob, self.colour)
-        local_out = colour_views(
-            local_out, 255.0, u_local[order_local], order, self.local_blur_prob, self.colour
-        )
+        colour = self.colour
+        global_out = colour_views(global_out, 255.0, u_global, order, self.global_blur_prob, colour)
+        local_out = colour_views(local_out, 255.0, u_local[order_local], order, self.local_blur_prob, colour)
         local_out = local_out.index_select(0, restore.to(local_out.device))
         return {
             "global_views": list(global_out.view(G, T, 3, gs, gs).unbind(0)),

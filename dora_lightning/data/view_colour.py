@@ -44,7 +44,7 @@ __all__ = [
 COLOUR_BACKENDS = ("fused", "exact")
 OUTPUT_DTYPES = ("uint8", "float32")
 # Columns of the per-view uniform draws.
-_U_JITTER, _U_BRIGHT, _U_CONTRAST, _U_SAT, _U_HUE, _U_GRAY, _U_BLUR, _U_SIGMA = range(8)
+JITTER_DRAW, _U_BRIGHT, _U_CONTRAST, _U_SAT, _U_HUE, _U_GRAY, BLUR_DRAW, _U_SIGMA = range(8)
 NUM_DRAWS = 8
 # The exact ops run on chunks of about this many pixels, so that an op chain's working set (~12 planes) stays in
 # L2; on a 2 MB-L2 core this is ~1.5x faster than whole-batch ops.
@@ -132,7 +132,7 @@ def _jitter_exact_(img: Tensor, params: Tensor, u: Tensor, order: Sequence[int],
         return x
 
     if ops:
-        _apply(img, params, u[:, _U_JITTER] < s.jitter_prob, jitter, chunk)
+        _apply(img, params, u[:, JITTER_DRAW] < s.jitter_prob, jitter, chunk)
     grey = lambda x, p, out: rgb_to_grayscale(x).expand_as(x)  # noqa: E731
     _apply(img, params, u[:, _U_GRAY] < s.grayscale_prob, grey, chunk)
     return img
@@ -140,16 +140,13 @@ def _jitter_exact_(img: Tensor, params: Tensor, u: Tensor, order: Sequence[int],
 
 def _jitter_fused(img: Tensor, params: Tensor, u: Tensor, high: float, s: ColourSettings) -> Tensor:
     """Jitter then grayscale as one affine map per view, clamped to [0, high]; returns a new tensor."""
-    jittered = u[:, _U_JITTER] < s.jitter_prob
+    jittered = u[:, JITTER_DRAW] < s.jitter_prob
     grey = u[:, _U_GRAY] < s.grayscale_prob
     if not bool((jittered | grey).any()):
         return img
     unchanged = ~jittered.to(params.device)
     factors = params[:, :4].clone()
     factors[unchanged] = factors.new_tensor([1.0, 1.0, 1.0, 0.0])
-    for column, strength in enumerate((s.brightness, s.contrast, s.saturation, s.hue)):
-        if strength == 0:  # the exact backend skips a zero-strength op; keep it the identity here too
-            factors[:, column] = 1.0 if column < 3 else 0.0
     matrix, bias = colour_affine(*factors.unbind(1), grey, img.mean(dim=(-2, -1)))
     return apply_colour_affine(img, matrix, bias, high)
 
@@ -176,7 +173,7 @@ def colour_views(
     else:
         img = _jitter_fused(img, params, u, high, s)
     blur = lambda x, p, out: gaussian_blur(x, p[:, 4], out)  # noqa: E731
-    _apply(img, params, u[:, _U_BLUR] < blur_prob, blur, n)  # one grouped convolution for all
+    _apply(img, params, u[:, BLUR_DRAW] < blur_prob, blur, n)  # one grouped convolution for all
     if s.output_dtype == "uint8":
         scaled = img.mul_(255.0 / high) if high != 255.0 else img
         # every op keeps values in [0, high] (clamps, convex blur weights): rounding half up needs no clamp
