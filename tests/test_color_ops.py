@@ -1,4 +1,4 @@
-"""Tests for dora_lightning.data.color_ops (grayscale, HSV, colour jitter and blur on groups of images)."""
+"""Tests for dora_lightning.data.color_ops (grayscale, HSV and colour jitter on groups of images)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from dora_lightning.data.color_ops import (
     adjust_saturation_,
     apply_colour_affine,
     colour_affine,
-    gaussian_blur,
+    colour_map_uint8,
+    colour_matrix,
     hsv_to_rgb,
     rgb_to_grayscale,
     rgb_to_hsv,
@@ -98,20 +99,6 @@ def test_hue_zero_is_identity_and_matches_torchvision():
     torch.testing.assert_close(adjust_hue_(adjust_hue_(x.clone(), half), half), x, rtol=0, atol=1e-5)
 
 
-def test_gaussian_blur_matches_reference():
-    x = random_images(n=4, size=20)
-    sigma = torch.tensor([0.1, 0.5, 1.3, 2.0])
-    out = gaussian_blur(x, sigma)
-    for i in range(4):
-        k = 2 * math.ceil(3 * float(sigma[i])) + 1
-        expected = TF.gaussian_blur(x[i], kernel_size=[k, k], sigma=[float(sigma[i])] * 2)
-        torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-5)
-    # constant images are unchanged; the kernel radius is capped to fit reflect padding on tiny images
-    torch.testing.assert_close(
-        gaussian_blur(torch.full((2, 3, 3, 3), 0.7), torch.tensor([2.0, 0.3])), torch.full((2, 3, 3, 3), 0.7)
-    )
-
-
 # -- fused colour jitter ---------------------------------------------------------------------------------------
 
 
@@ -188,3 +175,39 @@ def test_fused_clamps_and_scales():
     )
     scaled = apply_colour_affine(img * 255, matrix, bias, 255.0)
     torch.testing.assert_close(scaled / 255, _fused(img, b=1.3, c=0.8), rtol=0, atol=1e-5)
+
+
+def test_colour_matrix_offset_is_colour_affines_bias():
+    n = 5
+    u = torch.rand(n, 4, generator=gen(5))
+    factors = (0.6 + 0.8 * u[:, 0], 0.6 + 0.8 * u[:, 1], 0.8 + 0.4 * u[:, 2], 0.2 * u[:, 3] - 0.1)
+    grey = torch.tensor([False, True, False, True, False])
+    channel_mean = 255 * torch.rand(n, 3, generator=gen(6))
+    matrix, mean_coef = colour_matrix(*factors, grey)
+    matrix2, bias = colour_affine(*factors, grey, channel_mean)
+    torch.testing.assert_close(matrix, matrix2)
+    expected = mean_coef.double() * (
+        channel_mean.double() @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+    )
+    torch.testing.assert_close(bias, expected.float().view(n, 1).expand(n, 3), rtol=1e-6, atol=1e-4)
+
+
+def test_colour_map_uint8_is_the_float_map_rounded():
+    """The uint8 colour map = the float affine map of the same images, clamped to [0, 255] and rounded half up."""
+    n = 6
+    views = torch.randint(0, 256, (n, 3, 11, 13), dtype=torch.uint8, generator=gen(7))
+    u = torch.rand(n, 4, generator=gen(8))
+    factors = (0.3 + 1.4 * u[:, 0], 0.3 + 1.4 * u[:, 1], 0.5 + u[:, 2], 0.4 * u[:, 3] - 0.2)  # strong: clamps
+    grey = torch.tensor([False, True, False, False, True, False])
+    matrix, mean_coef = colour_matrix(*factors, grey)
+    out = colour_map_uint8(views, matrix, mean_coef)
+    assert out.dtype == torch.uint8 and out.shape == views.shape
+    x = views.float()
+    m, b = colour_affine(*factors, grey, x.mean(dim=(-2, -1)))
+    expected = apply_colour_affine(x, m, b, 255.0)
+    assert (out.float() - expected).abs().max() <= 0.5 + 1e-3
+    assert (out == 0).any() and (out == 255).any()  # the strong factors did clamp
+    identity, zero = colour_matrix(
+        torch.ones(n), torch.ones(n), torch.ones(n), torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+    )
+    assert torch.equal(colour_map_uint8(views, identity, zero), views)

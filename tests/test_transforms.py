@@ -17,8 +17,14 @@ from dora_lightning.data.transforms import COLOUR_BACKENDS, CROP_BACKENDS, ClipM
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 # float32 output: the views normalised, with no uint8 quantisation, so crops compare to 1e-5
+# (the float backend: the compiled one rounds every view to 8 bits, which the exact-resampling checks would see)
 NO_COLOUR = dict(
-    jitter_prob=0.0, grayscale_prob=0.0, global_blur_prob=0.0, local_blur_prob=0.0, output_dtype="float32"
+    jitter_prob=0.0,
+    grayscale_prob=0.0,
+    global_blur_prob=0.0,
+    local_blur_prob=0.0,
+    output_dtype="float32",
+    colour_backend="fused",
 )
 # roi_align crops, no flip, no colour ops: global views are plain (exact-box) resamplings of the frame.
 PLAIN_ROI_ALIGN = dict(crop_backend="roi_align", global_flip_prob=0.0, **NO_COLOUR)
@@ -340,3 +346,21 @@ if __name__ == "__main__":
         print(
             f"{backend:12s} T=8 256x455 -> 224 + 6x112, 1 thread: median {wall_ms:.1f} ms/clip wall, {cpu_ms:.1f} ms CPU"
         )
+
+
+@pytest.mark.parametrize("crop_backend", CROP_BACKENDS)
+def test_compiled_backend_is_the_fused_backend_in_8_bits(crop_backend):
+    """Same draws, same maps: the compiled backend rounds to uint8 after the colour map and again after the blur
+    (as PIL's pipeline does), the fused one once at the end, so they differ by at most one level (two where a
+    blurred view's double rounding adds up)."""
+    frames = random_frames(T=4, H=60, W=80)
+    kwargs = dict(
+        global_size=32, local_size=16, num_local_crops=3, local_blur_prob=0.7, crop_backend=crop_backend
+    )
+    compiled = ClipMultiCrop(**kwargs, colour_backend="compiled")(frames, gen(4))
+    fused = ClipMultiCrop(**kwargs, colour_backend="fused")(frames, gen(4))
+    for key in compiled:
+        for a, b in zip(compiled[key], fused[key], strict=True):
+            assert a.dtype == b.dtype == torch.uint8
+            diff = (a.int() - b.int()).abs()
+            assert diff.max() <= 2 and diff.float().mean() < 0.3, (key, diff.max(), diff.float().mean())

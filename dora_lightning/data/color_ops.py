@@ -1,4 +1,4 @@
-"""Colour ops for the clip augmentation (spec section C): grayscale, HSV, colour jitter and Gaussian blur.
+"""Colour ops for the clip augmentation (spec section C): grayscale, HSV and colour jitter (the blur: :mod:`.blur_ops`).
 
 They work on groups of float images (n, 3, H, W) in [0, 1] with per-image parameters (n,), so one call handles many
 views/frames at once; no PIL, no per-image Python loops. The ``*_`` functions work in place (and return ``img``):
@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -21,7 +20,8 @@ __all__ = [
     "adjust_saturation_",
     "apply_colour_affine",
     "colour_affine",
-    "gaussian_blur",
+    "colour_map_uint8",
+    "colour_matrix",
     "hsv_to_rgb",
     "rgb_to_grayscale",
     "rgb_to_hsv",
@@ -127,38 +127,6 @@ def adjust_hue_(img: Tensor, shift: Tensor) -> Tensor:
     return _rgb_from_hue_(img, hue, minc, maxc, chroma)
 
 
-def gaussian_blur(img: Tensor, sigma: Tensor, out: Tensor | None = None) -> Tensor:
-    """Blur (n, C, H, W) images with a separable Gaussian of per-image ``sigma`` (n,), reflect padding.
-
-    ``out`` (optional, contiguous, may be ``img`` itself) receives the result, saving a copy.
-
-    Image i uses kernel size 2 * ceil(3 * sigma_i) + 1, the radius capped at ``min(H, W) - 1`` so that reflect
-    padding fits. All images go through one grouped (depthwise) convolution per direction.
-    """
-    n, c, height, width = img.shape
-    cap = min(height, width) - 1
-    if n == 0 or cap < 1:
-        return img.clone() if out is None else out.copy_(img)
-    sigma = sigma.to(torch.float64).cpu()
-    radius = torch.ceil(3.0 * sigma).clamp_(1, cap)
-    r_max = int(radius.max())
-    offsets = torch.arange(-r_max, r_max + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma.view(-1, 1)) ** 2)
-    kernel = kernel * (offsets.abs() <= radius.view(-1, 1))  # per-image kernel size
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(device=img.device, dtype=img.dtype)
-    kernel = kernel.repeat_interleave(c, dim=0)  # (n * c, K)
-    k = kernel.shape[1]
-    x = F.pad(img.reshape(1, n * c, height, width), (r_max, r_max, r_max, r_max), mode="reflect")
-    # Depthwise convolutions are ~2x faster channels-last on CPU (oneDNN vectorises over channels).
-    x = x.contiguous(memory_format=torch.channels_last)
-    x = F.conv2d(x, kernel.view(n * c, 1, k, 1), groups=n * c)
-    x = F.conv2d(x, kernel.view(n * c, 1, 1, k), groups=n * c)
-    if out is None:
-        return x.reshape(n, c, height, width)
-    out.view(1, n * c, height, width).copy_(x)  # one copy from channels-last straight into ``out``
-    return out
-
-
 # -- fused colour jitter: the whole jitter + grayscale chain as one affine map per image ---------------------------
 
 # RGB -> YIQ (NTSC); its Y row is _LUMA, so saturation (a blend with luma grey) scales I and Q, and a hue shift
@@ -168,30 +136,30 @@ _RGB_TO_YIQ = torch.tensor(
 )
 
 
-def colour_affine(
+def colour_matrix(
     brightness: Tensor,
     contrast: Tensor,
     saturation: Tensor,
     hue: Tensor,
     grayscale: Tensor,
-    channel_mean: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """The per-image affine colour map ``x -> A x + b`` equal to jitter followed by optional grayscale.
+    """The per-image affine colour map of jitter followed by optional grayscale, as ``(A, mean_coef)``.
 
-    Brightness (factor), contrast (blend with the luma of the image mean), saturation (blend with luma grey) and
-    hue (rotation of the YIQ chroma plane by ``-2 pi shift``, the YIQ approximation of an HSV hue shift used by
-    e.g. NVIDIA DALI; a positive shift turns red towards yellow as in HSV) are all affine and, without the
-    intermediate clamps of the exact ops, commute, so their order does not matter. ``grayscale`` (bool, n) appends
-    the luma projection. An image with factors (1, 1, 1), shift 0 and no grayscale maps to itself.
+    The map is ``x -> A x + mean_coef * m`` (the same offset in every channel), where ``m`` is the luma of the
+    image's channel means: brightness (factor), contrast (blend with ``m``), saturation (blend with luma grey) and
+    hue (rotation of the YIQ chroma plane by ``-2 pi shift``, the YIQ approximation of an HSV hue shift used by e.g.
+    NVIDIA DALI; a positive shift turns red towards yellow as in HSV) are all affine and, without the intermediate
+    clamps of the exact ops, commute, so their order does not matter. ``grayscale`` (bool, n) appends the luma
+    projection (which keeps a grey offset: the luma weights sum to 1). Factors (1, 1, 1), shift 0 and no grayscale
+    give the identity.
 
     Args:
         brightness, contrast, saturation: (n,) factors (1 = unchanged).
         hue: (n,) shifts in turns.
         grayscale: (n,) bool, convert to grey after the jitter.
-        channel_mean: (n, 3) mean of each channel of each input image (contrast needs it).
 
     Returns:
-        ``A`` (n, 3, 3) and ``b`` (n, 3), float32, for pixels in the scale of ``channel_mean``.
+        ``A`` (n, 3, 3) and ``mean_coef`` (n,), float32 on the CPU.
     """
     n = brightness.shape[0]
     f64 = dict(dtype=torch.float64, device="cpu")
@@ -205,16 +173,47 @@ def colour_affine(
     to_yiq = _RGB_TO_YIQ.to(**f64)
     matrix = torch.linalg.inv(to_yiq) @ chroma @ to_yiq  # saturation and hue
     matrix = matrix * (b * c).view(n, 1, 1)
-    luma = to_yiq[0]
-    mean_grey = channel_mean.detach().to(**f64) @ luma  # (n,)
-    bias = (b * (1.0 - c) * mean_grey).view(n, 1).expand(n, 3).clone()
     grey = grayscale.detach().cpu().bool()
     if bool(grey.any()):
-        project = torch.ones(3, 1, **f64) * luma.view(1, 3)  # every channel := luma
+        project = torch.ones(3, 1, **f64) * to_yiq[0].view(1, 3)  # every channel := luma
         matrix[grey] = project @ matrix[grey]
-        bias[grey] = bias[grey] @ project.T
+    return matrix.to(torch.float32), (b * (1.0 - c)).to(torch.float32)
+
+
+def colour_affine(
+    brightness: Tensor,
+    contrast: Tensor,
+    saturation: Tensor,
+    hue: Tensor,
+    grayscale: Tensor,
+    channel_mean: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`colour_matrix` with its offset resolved for images of the given (n, 3) ``channel_mean``.
+
+    Returns ``A`` (n, 3, 3) and ``b`` (n, 3), float32 on ``channel_mean``'s device, for pixels in the scale of
+    ``channel_mean``: the map is ``x -> A x + b``.
+    """
+    matrix, mean_coef = colour_matrix(brightness, contrast, saturation, hue, grayscale)
+    mean_grey = channel_mean.detach().to(device="cpu", dtype=torch.float64) @ _RGB_TO_YIQ[0]  # (n,)
+    bias = (mean_coef.to(torch.float64) * mean_grey).view(-1, 1).expand(-1, 3)
     device = channel_mean.device
-    return matrix.to(device=device, dtype=torch.float32), bias.to(device=device, dtype=torch.float32)
+    return matrix.to(device), bias.to(device=device, dtype=torch.float32)
+
+
+def colour_map_uint8(views: Tensor, matrix: Tensor, mean_coef: Tensor) -> Tensor:
+    """Apply :func:`colour_matrix`'s maps to uint8 images (n, 3, H, W) and return them as uint8 (n, 3, H, W).
+
+    ``round(clamp(A_i x + mean_coef_i * m_i, 0, 255))`` (half up) per pixel x of image i, with ``m_i`` the luma of
+    its channel means, computed in float32. Written as broadcast elementwise ops so that ``torch.compile`` turns it
+    into one vectorised loop (:mod:`.compiled_colour`); run eagerly it is the reference and the fallback.
+    """
+    x = views.to(torch.float32)
+    channel_mean = x.mean(dim=(2, 3))
+    mean_grey = channel_mean[:, 0] * _LUMA[0] + channel_mean[:, 1] * _LUMA[1] + channel_mean[:, 2] * _LUMA[2]
+    offset = (mean_coef * mean_grey + 0.5).view(-1, 1, 1, 1)  # + 0.5: the float -> uint8 cast truncates
+    a = matrix.view(-1, 3, 3, 1, 1)
+    mixed = a[:, :, 0] * x[:, 0:1] + a[:, :, 1] * x[:, 1:2] + a[:, :, 2] * x[:, 2:3] + offset
+    return mixed.clamp(0.5, 255.5).to(torch.uint8)
 
 
 def apply_colour_affine(img: Tensor, matrix: Tensor, bias: Tensor, high: float) -> Tensor:

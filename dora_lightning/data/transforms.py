@@ -124,7 +124,7 @@ class ClipMultiCrop:
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         crop_backend: Literal["roi_align", "interpolate"] = "interpolate",
-        colour_backend: Literal["fused", "exact"] = "fused",
+        colour_backend: Literal["compiled", "fused", "exact"] = "compiled",
         output_dtype: Literal["uint8", "float32"] = "uint8",
     ) -> None:
         self.global_size = _check_int("global_size", global_size)
@@ -251,7 +251,11 @@ class ClipMultiCrop:
         if self.crop_backend == "roi_align":
             global_out, local_out = self._crop_roi_align(frames, boxes.pre_crop, gboxes, lboxes, lframes)
         else:
-            global_out, local_out = self._crop_interpolate(frames, gboxes, boxes.global_flip, lboxes, lframes)
+            # the compiled colour backend takes the uint8 crops as they are
+            dtype = torch.uint8 if self.colour_backend == "compiled" else torch.float32
+            global_out, local_out = self._crop_interpolate(
+                frames, gboxes, boxes.global_flip, lboxes, lframes, dtype
+            )
 
         if self.crop_backend == "roi_align":  # (the interpolate backend flips its uint8 crops)
             for v in range(G):  # the flip is shared by all frames of a view
@@ -303,10 +307,16 @@ class ClipMultiCrop:
         )
 
     def _crop_interpolate(
-        self, frames: Tensor, gboxes: Tensor, gflip: Tensor, lboxes: Tensor, lframes: Tensor
+        self,
+        frames: Tensor,
+        gboxes: Tensor,
+        gflip: Tensor,
+        lboxes: Tensor,
+        lframes: Tensor,
+        dtype: torch.dtype,
     ) -> tuple[Tensor, Tensor]:
         """As :meth:`_crop_roi_align`, with uint8 antialiased bilinear interpolation of boxes rounded to whole
-        frame pixels. Values in [0, 255]."""
+        frame pixels. Values in [0, 255], contiguous (n, 3, s, s) of ``dtype``."""
         T, height, width, _ = frames.shape
         gs, ls = self.global_size, self.local_size
         channels = frames.permute(0, 3, 1, 2)  # (T, 3, H, W) channels-last view: the fast uint8 path
@@ -316,7 +326,7 @@ class ClipMultiCrop:
             out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             return out.permute(0, 2, 3, 1)  # a plain view: the output is channels-last
 
-        global_out = torch.empty(gboxes.shape[0] * T, 3, gs, gs, device=frames.device)
+        global_out = torch.empty(gboxes.shape[0] * T, 3, gs, gs, dtype=dtype, device=frames.device)
         for v, box in enumerate(gboxes.tolist()):
             x0, y0, x1, y1 = pixel_box(box, height, width)
             crop = resize(channels[:, :, y0:y1, x0:x1], gs)
@@ -327,7 +337,7 @@ class ClipMultiCrop:
         for i, (box, t) in enumerate(zip(lboxes.tolist(), lframes.tolist(), strict=True)):
             x0, y0, x1, y1 = pixel_box(box, height, width)
             hwc[i] = resize(channels[t : t + 1, :, y0:y1, x0:x1], ls)[0]
-        local_out = torch.empty(lboxes.shape[0], 3, ls, ls, device=frames.device).copy_(
+        local_out = torch.empty(lboxes.shape[0], 3, ls, ls, dtype=dtype, device=frames.device).copy_(
             hwc.permute(0, 3, 1, 2)
         )
         return global_out, local_out

@@ -1,0 +1,60 @@
+"""Tests for dora_lightning.data.compiled_ops: the compiled kernels equal the eager math; a compile failure falls back
+with one warning."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from dora_lightning.data.blur_ops import gaussian_blur
+from dora_lightning.data.color_ops import colour_map_uint8, colour_matrix
+from dora_lightning.data.compiled_ops import CompiledFunction, compiled_blur_uint8, compiled_colour_map_uint8
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _maps(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    u = torch.rand(n, 5, generator=gen(seed))
+    return colour_matrix(
+        0.6 + 0.8 * u[:, 0], 0.6 + 0.8 * u[:, 1], 0.8 + 0.4 * u[:, 2], 0.2 * u[:, 3] - 0.1, u[:, 4] < 0.3
+    )
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 24, 24), (3, 3, 16, 20), (1, 3, 8, 8)])
+def test_compiled_colour_map_equals_eager(shape):
+    views = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen(shape[0]))
+    matrix, mean_coef = _maps(shape[0], shape[2])
+    out = compiled_colour_map_uint8(views, matrix, mean_coef)
+    assert compiled_colour_map_uint8.failure is None, compiled_colour_map_uint8.failure
+    assert out.dtype == torch.uint8 and out.shape == views.shape
+    assert (out.int() - colour_map_uint8(views, matrix, mean_coef).int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 24, 24), (2, 3, 12, 20), (1, 3, 32, 32), (4, 3, 5, 5)])
+def test_compiled_blur_equals_the_convolution_blur(shape):
+    views = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen(1))
+    sigma = 0.1 + 1.9 * torch.rand(shape[0], generator=gen(2))
+    out = compiled_blur_uint8(views, sigma, 2.0)
+    assert out.dtype == torch.uint8 and out.shape == views.shape
+    assert (out.int() - gaussian_blur(views, sigma).int()).abs().max() <= 1
+    assert not torch.equal(out, views)
+
+
+def test_compile_failure_falls_back_once_with_a_warning():
+    def not_traceable(x: torch.Tensor) -> torch.Tensor:
+        if x.sum().item() > 0:  # data-dependent control flow: no full graph
+            return x + 1
+        return x - 1
+
+    fn = CompiledFunction("test kernel", not_traceable, lambda x: x * 10)
+    x = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the test kernel failed"):
+        first = fn(x)
+    assert torch.equal(first, x * 10) and fn.failure is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(fn(x), x * 10)  # no second warning, no second compile attempt
