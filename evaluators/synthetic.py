@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -34,9 +35,12 @@ from evaluators.synthetic_shapes import (
     TEXTURES,
     ShapeStyle,
     class_style,
+    paint,
     paint_scene,
+    random_shape,
     random_tracks,
     render_tracks,
+    shape_mask,
     void_band,
 )
 
@@ -51,6 +55,7 @@ __all__ = [
     "main",
     "make_ade20k_fixture",
     "make_davis_fixture",
+    "make_shapes_fixture",
     "make_voc_fixture",
     "read_video_frames",
     "video_frame_count",
@@ -245,6 +250,57 @@ def make_ade20k_fixture(
         (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(root / "images" / split / f"{stem}.jpg", quality=JPEG_QUALITY)
         Image.fromarray(class_map, mode="L").save(root / "annotations" / split / f"{stem}.png")
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ shapes (classification)
+def make_shapes_fixture(
+    root: str | Path,
+    per_class_train: int = 100,
+    per_class_val: int = 50,
+    size: int = 64,
+    seed: int = 0,
+    video: str | Path = DEFAULT_VIDEO,
+) -> Path:
+    """Write an image-classification set in the video's own domain and return ``root``: one shape per image on a crop
+    of a frame of ``video``; the class is the shape family (:data:`FAMILIES`: ellipse, rectangle, triangle, star).
+
+    Colour and texture are drawn per image from all :data:`COLOURS` and :data:`TEXTURES` (independent of the class),
+    as are the size (radius 18-34 % of the image), aspect, angle, position (centre within the middle third) and the
+    background (a random square crop, 45-100 % of the frame's short side, of a random frame). So neither colour nor
+    texture nor position tells the classes apart: only the outline does. Layout: ``root/{train,val}/<family>/NNNN.png``
+    (the ImageFolder layout of the k-NN and linear evaluators), ``size`` x ``size`` RGB.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    count = len(FAMILIES) * (per_class_train + per_class_val)
+    frame_count = video_frame_count(video)
+    picks = rng.integers(0, frame_count, size=count)
+    frames = read_video_frames(video, sorted(set(picks.tolist())), (288, 384))
+    index = 0
+    for split, per_class in (("train", per_class_train), ("val", per_class_val)):
+        for family in FAMILIES:
+            folder = root / split / family
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(per_class):
+                frame = frames[int(picks[index])]
+                index += 1
+                side = int(rng.uniform(0.45, 1.0) * min(frame.shape[:2]))
+                top = int(rng.integers(0, frame.shape[0] - side + 1))
+                left = int(rng.integers(0, frame.shape[1] - side + 1))
+                crop = Image.fromarray(frame[top : top + side, left : left + side])
+                image = np.array(crop.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+                style = ShapeStyle(
+                    family,
+                    COLOURS[int(rng.integers(len(COLOURS)))],
+                    TEXTURES[int(rng.integers(len(TEXTURES)))],
+                )
+                centre = tuple(float(c) for c in rng.uniform(size / 3, 2 * size / 3, size=2))
+                shape = replace(
+                    random_shape(rng, 1, centre, float(rng.uniform(0.18, 0.34) * size)), style=style
+                )
+                paint(image, shape, shape_mask(shape, (size, size)), rng)
+                Image.fromarray(image).save(folder / f"{n:04d}.png")
     return root
 
 

@@ -88,9 +88,11 @@ class ClipMultiCrop:
     4. Per image (view x frame): colour jitter (``jitter_prob``; brightness/contrast/saturation factor in
        [1-x, 1+x], hue shift in [-hue, hue]), grayscale (``grayscale_prob``), Gaussian blur
        (``global_blur_prob`` / ``local_blur_prob``, sigma in ``blur_sigma`` output pixels). ``colour_backend``
-       ``"fused"`` (default) applies jitter + grayscale as one affine colour map per image (YIQ hue rotation, one
-       clamp); ``"exact"`` runs torchvision's ColorJitter ops in one random order per clip with HSV hue and a clamp
-       after each op (~3x slower); see :mod:`.view_colour` and docs/data.md.
+       ``"compiled"`` (default) applies jitter + grayscale as one affine colour map per image (YIQ hue rotation, one
+       clamp) with a ``torch.compile``d uint8 kernel and blurs the 8-bit result with two more (eager fallback, one
+       warning, where compiling fails); ``"fused"`` is the same map in eager float ops (~2x slower per clip);
+       ``"exact"`` runs torchvision's ColorJitter ops in one random order per clip with HSV hue and a clamp after
+       each op (~3x slower again); see :mod:`.view_colour` and docs/data.md.
     5. Hand-off: ``output_dtype="uint8"`` (default) returns quantised uint8 views, normalised with ``mean``/``std``
        on the training device by :meth:`normalize` (VideoClipDataModule does this in ``on_after_batch_transfer``),
        which moves 4x fewer bytes from the loader workers; ``"float32"`` returns normalised float views.
