@@ -1,4 +1,5 @@
-"""Small synthetic stand-ins for DAVIS-2017, Pascal VOC 2012 and ADE20K, built without any download.
+"""Small synthetic stand-ins for DAVIS-2017, Pascal VOC 2012 and ADE20K, and a shape-classification set, built without
+any download.
 
 Textured shapes with exact masks are pasted on real frames of the bundled video (``assets/video/vtest.mp4``, read with
 PyAV), and written in each data set's own folder layout, so that the evaluators' readers and protocols run unchanged on
@@ -11,8 +12,9 @@ video frames and writes the data sets.
   (fixed z-order per sequence) and may partly leave the frame.
 * :func:`make_voc_fixture`: Pascal VOC 2012 segmentation layout, with VOC's 255 "void" band around every object.
 * :func:`make_ade20k_fixture`: ADEChallengeData2016 layout (0 = "other", classes 1..C).
+* :func:`make_shapes_fixture`: ImageFolder layout for k-NN / linear probes; the class is the shape's outline only.
 
-Command line: ``python -m evaluators.synthetic {davis,voc,ade20k} --out DIR [--seed N ...]``.
+Command line: ``python -m evaluators.synthetic {davis,voc,ade20k,shapes} --out DIR [--seed N ...]``.
 Everything is deterministic for a given seed.
 """
 
@@ -306,12 +308,14 @@ def make_shapes_fixture(
 
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: Sequence[str] | None = None) -> Path:
-    """``python -m evaluators.synthetic {davis,voc,ade20k} --out DIR [...]``: write a fixture, print and return its root."""
+    """``python -m evaluators.synthetic {davis,voc,ade20k,shapes} --out DIR [...]``: write a fixture, print and return
+    its root."""
     parser = argparse.ArgumentParser(
         prog="python -m evaluators.synthetic",
-        description="Write a small synthetic DAVIS-2017, Pascal VOC 2012 or ADE20K data set (no download).",
+        description="Write a small synthetic DAVIS-2017, Pascal VOC 2012 or ADE20K data set, or a shape-classification "
+        "set (no download).",
     )
-    parser.add_argument("kind", choices=("davis", "voc", "ade20k"))
+    parser.add_argument("kind", choices=("davis", "voc", "ade20k", "shapes"))
     parser.add_argument("--out", required=True, help="folder to write (created)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--video", default=DEFAULT_VIDEO, help="video whose frames become the backgrounds")
@@ -322,12 +326,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--objects", type=int, default=2, help="davis: objects per sequence")
     parser.add_argument("--images", type=int, default=40, help="voc/ade20k: number of images")
     parser.add_argument("--classes", type=int, default=4, help="voc/ade20k: number of shape classes")
+    parser.add_argument("--train_per_class", type=int, default=100, help="shapes: training images per class")
+    parser.add_argument("--val_per_class", type=int, default=50, help="shapes: validation images per class")
     args = parser.parse_args(argv)
-    default_size = (480, 640) if args.kind == "davis" else (160, 224)
+    default_size = {"davis": (480, 640), "shapes": (64, 64)}.get(args.kind, (160, 224))
     size = (args.height or default_size[0], args.width or default_size[1])
     if args.kind == "davis":
         root = make_davis_fixture(
             args.out, args.sequences, args.frames, args.objects, size, args.seed, args.video
+        )
+    elif args.kind == "shapes":
+        if size[0] != size[1]:
+            parser.error(
+                f"shapes images are square: give --height and --width equal, got {size[0]} and {size[1]}"
+            )
+        root = make_shapes_fixture(
+            args.out, args.train_per_class, args.val_per_class, size[0], args.seed, args.video
         )
     elif args.kind == "voc":
         root = make_voc_fixture(args.out, args.images, size, args.classes, args.seed, args.video)

@@ -10,7 +10,15 @@ import pytest
 from PIL import Image
 
 from evaluators.davis_data import davis_palette
-from evaluators.synthetic import class_style, main, make_ade20k_fixture, make_davis_fixture, make_voc_fixture
+from evaluators.synthetic import (
+    FAMILIES,
+    class_style,
+    main,
+    make_ade20k_fixture,
+    make_davis_fixture,
+    make_shapes_fixture,
+    make_voc_fixture,
+)
 
 
 def digest(root: Path) -> str:
@@ -161,3 +169,29 @@ def test_bad_arguments_are_refused(tmp_path):
         make_davis_fixture(tmp_path, frames=2)
     with pytest.raises(FileNotFoundError, match="video 'nope.mp4' not found"):
         make_voc_fixture(tmp_path, video="nope.mp4")
+
+
+def test_shapes_layout_and_only_the_outline_tells_classes_apart(tmp_path):
+    root = make_shapes_fixture(tmp_path / "s", per_class_train=12, per_class_val=4, size=32, seed=0)
+    for split, count in (("train", 12), ("val", 4)):
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(FAMILIES)
+        for family in FAMILIES:
+            files = sorted((root / split / family).glob("*.png"))
+            assert len(files) == count
+            assert Image.open(files[0]).size == (32, 32) and Image.open(files[0]).mode == "RGB"
+    # colour is not a class cue: mean colours of the classes overlap (per-image colours are drawn from all colours)
+    means = {
+        family: np.stack([np.asarray(Image.open(f), dtype=np.float64).mean(axis=(0, 1)) for f in
+                          sorted((root / "train" / family).glob("*.png"))])
+        for family in FAMILIES
+    }  # fmt: skip
+    spread = np.mean([m.std(axis=0).mean() for m in means.values()])
+    between = np.stack([m.mean(axis=0) for m in means.values()]).std(axis=0).mean()
+    assert between < spread
+    again = make_shapes_fixture(tmp_path / "t", per_class_train=12, per_class_val=4, size=32, seed=0)
+    assert digest(root) == digest(again)
+    main(["shapes", "--out", str(tmp_path / "c"), "--train_per_class", "2", "--val_per_class", "1", "--height", "24",
+          "--width", "24"])  # fmt: skip
+    assert len(list((tmp_path / "c" / "val").glob("*/*.png"))) == len(FAMILIES)
+    with pytest.raises(SystemExit):
+        main(["shapes", "--out", str(tmp_path / "d"), "--height", "24", "--width", "32"])
