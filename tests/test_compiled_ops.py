@@ -58,3 +58,17 @@ def test_compile_failure_falls_back_once_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(fn(x), x * 10)  # no second warning, no second compile attempt
+
+
+def test_clip_multicrop_warm_up_compiles_only_for_the_compiled_backend(monkeypatch):
+    from dora_lightning.data.transforms import ClipMultiCrop
+
+    calls = []
+    fused = ClipMultiCrop(32, 16, num_local_crops=2, colour_backend="fused")
+    monkeypatch.setattr(
+        ClipMultiCrop, "__call__", lambda self, frames, gen: calls.append(tuple(frames.shape))
+    )
+    fused.warm_up(3, 40, 56)
+    assert calls == []
+    ClipMultiCrop(32, 16, num_local_crops=2).warm_up(3, 40, 56, clips=2)
+    assert calls == [(3, 40, 56, 3)] * 2

@@ -344,6 +344,18 @@ class ClipMultiCrop:
         )
         return global_out, local_out
 
+    def warm_up(self, clip_length: int, height: int, width: int, clips: int = 4) -> None:
+        """Augment a few clips of ``clip_length`` black ``height x width`` frames and discard them, so that the
+        compiled colour backend's kernels exist in this process: data-loader workers forked afterwards inherit them
+        instead of each compiling (or loading from inductor's cache) at every epoch's start. A no-op for the other
+        backends."""
+        if self.colour_backend != "compiled":
+            return
+        frames = torch.zeros(clip_length, height, width, 3, dtype=torch.uint8)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(clips):
+            self(frames, generator)
+
     def normalize(self, views: Tensor) -> Tensor:
         """Views as the network takes them: float32 ``(views / 255 - mean) / std`` for uint8 views (on their
         device); float views are returned unchanged (this transform's float32 output is normalised already)."""
