@@ -70,5 +70,12 @@ def test_clip_multicrop_warm_up_compiles_only_for_the_compiled_backend(monkeypat
     )
     fused.warm_up(3, 40, 56)
     assert calls == []
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(
+        ClipMultiCrop,
+        "__call__",
+        lambda self, frames, gen: calls.append((tuple(frames.shape), torch.get_num_threads())),
+    )
     ClipMultiCrop(32, 16, num_local_crops=2).warm_up(3, 40, 56, clips=2)
-    assert calls == [(3, 40, 56, 3)] * 2
+    assert calls == [((3, 40, 56, 3), 1)] * 2  # compiled as a one-thread data-loader worker will run it
+    assert torch.get_num_threads() == threads

@@ -353,8 +353,13 @@ class ClipMultiCrop:
             return
         frames = torch.zeros(clip_length, height, width, 3, dtype=torch.uint8)
         generator = torch.Generator().manual_seed(0)
-        for _ in range(clips):
-            self(frames, generator)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a data-loader worker: compiled code is guarded on the thread count
+        try:
+            for _ in range(clips):
+                self(frames, generator)
+        finally:
+            torch.set_num_threads(threads)
 
     def normalize(self, views: Tensor) -> Tensor:
         """Views as the network takes them: float32 ``(views / 255 - mean) / std`` for uint8 views (on their
