@@ -134,6 +134,7 @@ def adjust_hue_(img: Tensor, shift: Tensor) -> Tensor:
 _RGB_TO_YIQ = torch.tensor(
     [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
 )
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
 def colour_matrix(
@@ -170,12 +171,11 @@ def colour_matrix(
     chroma[:, 0, 0] = 1.0
     chroma[:, 1, 1], chroma[:, 1, 2] = s * cos, -s * sin
     chroma[:, 2, 1], chroma[:, 2, 2] = s * sin, s * cos
-    to_yiq = _RGB_TO_YIQ.to(**f64)
-    matrix = torch.linalg.inv(to_yiq) @ chroma @ to_yiq  # saturation and hue
+    matrix = _YIQ_TO_RGB @ chroma @ _RGB_TO_YIQ  # saturation and hue
     matrix = matrix * (b * c).view(n, 1, 1)
     grey = grayscale.detach().cpu().bool()
     if bool(grey.any()):
-        project = torch.ones(3, 1, **f64) * to_yiq[0].view(1, 3)  # every channel := luma
+        project = torch.ones(3, 1, **f64) * _RGB_TO_YIQ[0].view(1, 3)  # every channel := luma
         matrix[grey] = project @ matrix[grey]
     return matrix.to(torch.float32), (b * (1.0 - c)).to(torch.float32)
 

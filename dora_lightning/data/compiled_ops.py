@@ -83,12 +83,10 @@ def compiled_blur_uint8(views: Tensor, sigma: Tensor, sigma_max: float) -> Tenso
     radius = blur_radius(sigma_max, views.shape[2], views.shape[3])
     if views.shape[0] == 0 or radius == 0:
         return views.clone()
-    if _rows.failure is not None or _columns.failure is not None:
-        return gaussian_blur(views, sigma)
-    kernel = gaussian_kernels(sigma, radius, width=radius).to(device=views.device, dtype=torch.float32)
-    padded = F.pad(views, (radius, radius, radius, radius), mode="reflect")
-    rows = _rows(padded, kernel)
-    if _rows.failure is not None:
-        return gaussian_blur(views, sigma)
-    out = _columns(rows, kernel)
-    return gaussian_blur(views, sigma) if _columns.failure is not None else out
+    if _rows.failure is None and _columns.failure is None:
+        kernel = gaussian_kernels(sigma, radius, width=radius).to(device=views.device, dtype=torch.float32)
+        rows = _rows(F.pad(views, (radius, radius, radius, radius), mode="reflect"), kernel)
+        out = _columns(rows, kernel) if _rows.failure is None else None
+        if out is not None and _columns.failure is None:
+            return out
+    return gaussian_blur(views, sigma)

@@ -167,9 +167,8 @@ class VideoClipDataModule(pl.LightningDataModule):
         """Batches of ``{"global_views": [...], "local_views": [...], "video", "start", "decoded_frames"}``."""
         if self.dataset is None:
             self.setup("fit")
-        if (
-            self.num_workers > 0
-        ):  # compile the augmentation kernels once here: the forked workers inherit them
+        if self.num_workers > 0:
+            # compile the augmentation kernels once here, for each decode size: the forked workers inherit them
             sizes = {video.decode_size(self.decode_short_side) for video in self.dataset.videos}
             for width, height in sorted(sizes)[:4]:
                 self.transform.warm_up(self.dataset.spec.clip_length, height, width)

@@ -144,18 +144,18 @@ def _jitter_exact_(img: Tensor, params: Tensor, u: Tensor, order: Sequence[int],
     return img
 
 
-def _jitter_factors(params: Tensor, u: Tensor, s: ColourSettings) -> tuple[Tensor, Tensor]:
-    """(N, 4) jitter factors (identity for views not jittered) and the (N,) grayscale decisions."""
-    unchanged = ~(u[:, JITTER_DRAW] < s.jitter_prob).to(params.device)
+def _jitter_factors(params: Tensor, u: Tensor, s: ColourSettings) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, 4) jitter factors (identity for views not jittered), and the (N,) jitter and grayscale decisions."""
+    jittered = u[:, JITTER_DRAW] < s.jitter_prob
     factors = params[:, :4].clone()
-    factors[unchanged] = factors.new_tensor([1.0, 1.0, 1.0, 0.0])
-    return factors, u[:, _U_GRAY] < s.grayscale_prob
+    factors[~jittered.to(params.device)] = factors.new_tensor([1.0, 1.0, 1.0, 0.0])
+    return factors, jittered, u[:, _U_GRAY] < s.grayscale_prob
 
 
 def _jitter_fused(img: Tensor, params: Tensor, u: Tensor, high: float, s: ColourSettings) -> Tensor:
     """Jitter then grayscale as one affine map per view, clamped to [0, high]; returns a new tensor."""
-    factors, grey = _jitter_factors(params, u, s)
-    if not bool(((u[:, JITTER_DRAW] < s.jitter_prob) | grey).any()):
+    factors, jittered, grey = _jitter_factors(params, u, s)
+    if not bool((jittered | grey).any()):
         return img
     matrix, bias = colour_affine(*factors.unbind(1), grey, img.mean(dim=(-2, -1)))
     return apply_colour_affine(img, matrix, bias, high)
@@ -164,7 +164,7 @@ def _jitter_fused(img: Tensor, params: Tensor, u: Tensor, high: float, s: Colour
 def _colour_views_compiled(img: Tensor, u: Tensor, blur_prob: float, s: ColourSettings) -> Tensor:
     """The ``"compiled"`` backend on uint8 views (N, 3, S, S): colour map to uint8, then blur and round again."""
     params = _parameters(u, s).to(device=img.device, dtype=torch.float32)
-    factors, grey = _jitter_factors(params, u, s)
+    factors, _, grey = _jitter_factors(params, u, s)
     matrix, mean_coef = colour_matrix(*factors.cpu().unbind(1), grey)
     img = compiled_colour_map_uint8(img.contiguous(), matrix.to(img.device), mean_coef.to(img.device))
     blur = lambda x, p, out: compiled_blur_uint8(x, p[:, 4], s.blur_sigma[1])  # noqa: E731
