@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from dora_lightning.data.blur_ops import gaussian_blur
-from dora_lightning.data.color_ops import colour_map_uint8, colour_matrix
-from dora_lightning.data.compiled_ops import CompiledFunction, compiled_blur_uint8, compiled_colour_map_uint8
+from dora_lightning.data.color_ops import colour_map_rgbx_uint8, colour_map_uint8, colour_matrix
+from dora_lightning.data.compiled_ops import (
+    CompiledFunction,
+    compiled_blur_uint8,
+    compiled_colour_map_rgbx_uint8,
+    compiled_colour_map_uint8,
+)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -32,6 +37,21 @@ def test_compiled_colour_map_equals_eager(shape):
     assert compiled_colour_map_uint8.failure is None, compiled_colour_map_uint8.failure
     assert out.dtype == torch.uint8 and out.shape == views.shape
     assert (out.int() - colour_map_uint8(views, matrix, mean_coef).int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("shape", [(7, 24, 24), (3, 16, 20), (1, 8, 8)])
+def test_packed_colour_map_equals_the_planar_map(shape):
+    """RGBA pixels read as int32 words give the planar map of their RGB, whatever the fourth byte holds."""
+    rgba = torch.randint(0, 256, (*shape, 4), dtype=torch.uint8, generator=gen(shape[0]))
+    planar = rgba[..., :3].permute(0, 3, 1, 2).contiguous()
+    matrix, mean_coef = _maps(shape[0], shape[1])
+    words = rgba.view(torch.int32).squeeze(-1)
+    eager = colour_map_rgbx_uint8(words, matrix, mean_coef)
+    assert eager.shape == planar.shape and eager.dtype == torch.uint8
+    assert torch.equal(eager, colour_map_uint8(planar, matrix, mean_coef))
+    compiled = compiled_colour_map_rgbx_uint8(words, matrix, mean_coef)
+    assert compiled_colour_map_rgbx_uint8.failure is None, compiled_colour_map_rgbx_uint8.failure
+    assert (compiled.int() - eager.int()).abs().max() <= 1
 
 
 @pytest.mark.parametrize("shape", [(5, 3, 24, 24), (2, 3, 12, 20), (1, 3, 32, 32), (4, 3, 5, 5)])
@@ -77,5 +97,5 @@ def test_clip_multicrop_warm_up_compiles_only_for_the_compiled_backend(monkeypat
         lambda self, frames, gen: calls.append((tuple(frames.shape), torch.get_num_threads())),
     )
     ClipMultiCrop(32, 16, num_local_crops=2).warm_up(3, 40, 56, clips=2)
-    assert calls == [((3, 40, 56, 3), 1)] * 2  # compiled as a one-thread data-loader worker will run it
+    assert calls == [((3, 40, 56, 4), 1)] * 2  # RGBA frames, one thread: as a data-loader worker runs it
     assert torch.get_num_threads() == threads

@@ -183,3 +183,27 @@ def test_transform_gets_a_seeded_generator(video_dir):
         samples = [s for _, s in zip(range(5), stream, strict=False)]
     assert "clip" in samples[0]
     assert seen[:5] == seen[5:] and len(set(seen[:5])) == 5
+
+
+def test_frames_are_decoded_in_the_transforms_frame_format(video_dir):
+    """A transform asking for RGBA frames gets (T, H, W, 4) clips with alpha 255; RGB within a few levels of the
+    RGB24 decode (swscale rounds the two scaled conversions differently); no transform: RGB24."""
+    seen = []
+
+    class RGBATransform:
+        frame_format = "rgba"
+
+        def __call__(self, clip: torch.Tensor, generator: torch.Generator):
+            seen.append(clip.clone())
+            return {}
+
+    videos = probe_videos(resolve_video_paths(str(video_dir)), SPEC.span)
+    options = dict(batch_size=2, num_workers=0, segment_length=60, seed=3, decode_short_side=32)
+    rgba_stream = VideoClipStream(videos, SPEC, RGBATransform(), **options)
+    assert rgba_stream.pixel_format == "rgba"
+    samples = [s for _, s in zip(range(3), rgba_stream, strict=False)]
+    plain = [s for _, s in zip(range(3), VideoClipStream(videos, SPEC, None, **options), strict=False)]
+    for clip, sample, reference in zip(seen, samples, plain, strict=True):
+        assert (sample["video"], sample["start"]) == (reference["video"], reference["start"])
+        assert clip.shape == (*reference["frames"].shape[:3], 4) and bool((clip[..., 3] == 255).all())
+        assert (clip[..., :3].int() - reference["frames"].int()).abs().max() <= 8

@@ -129,6 +129,34 @@ def test_bad_frames():
         t(torch.zeros(2, 10, 10, 3), gen())
     with pytest.raises(ValueError, match="frames"):
         t(torch.zeros(2, 3, 10, 10, dtype=torch.uint8), gen())
+    with pytest.raises(ValueError, match=r"\(T, H, W, 4\)"):
+        t(torch.zeros(2, 10, 10, 2, dtype=torch.uint8), gen())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"colour_backend": "fused"}, {"colour_backend": "exact"}, {"crop_backend": "roi_align"}],
+)
+def test_rgba_frames_give_the_rgb_frames_views(kwargs):
+    """The fourth byte of RGBA frames is ignored: every backend gives the views of the RGB frames, bit for bit
+    (the default backends read the RGBA crops in place, the others drop the fourth channel)."""
+    t = ClipMultiCrop(32, 16, num_local_crops=3, pre_crop_size=40, **kwargs)
+    rgb = torch.randint(0, 256, (3, 36, 52, 3), dtype=torch.uint8, generator=gen(7))
+    rgba = torch.cat(
+        [rgb, torch.randint(0, 256, (3, 36, 52, 1), dtype=torch.uint8, generator=gen(8))], dim=-1
+    )
+    for seed in range(4):
+        want, got = t(rgb, gen(seed)), t(rgba, gen(seed))
+        for key in ("global_views", "local_views"):
+            for a, b in zip(want[key], got[key], strict=True):
+                assert a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous() and b.is_contiguous()
+                assert torch.equal(a, b), (key, seed)
+
+
+def test_frame_format_is_rgba_only_for_the_packed_fast_path():
+    assert ClipMultiCrop(32, 16).frame_format == "rgba"
+    assert ClipMultiCrop(32, 16, colour_backend="fused").frame_format == "rgb24"
+    assert ClipMultiCrop(32, 16, crop_backend="roi_align").frame_format == "rgb24"
 
 
 # ---------------------------------------------------------------------------------------------------------------

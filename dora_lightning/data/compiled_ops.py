@@ -21,9 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dora_lightning.data.blur_ops import blur_columns, blur_radius, blur_rows, gaussian_blur, gaussian_kernels
-from dora_lightning.data.color_ops import colour_map_uint8
+from dora_lightning.data.color_ops import colour_map_rgbx_uint8, colour_map_uint8
 
-__all__ = ["CompiledFunction", "compiled_blur_uint8", "compiled_colour_map_uint8"]
+__all__ = [
+    "CompiledFunction",
+    "compiled_blur_uint8",
+    "compiled_colour_map_rgbx_uint8",
+    "compiled_colour_map_uint8",
+]
 
 
 # These kernels run in forked data-loader workers. Compile in-process (a compile-worker pool inherited from the
@@ -68,6 +73,9 @@ class CompiledFunction:
 
 
 compiled_colour_map_uint8 = CompiledFunction("colour map", colour_map_uint8, colour_map_uint8)
+compiled_colour_map_rgbx_uint8 = CompiledFunction(
+    "colour map (packed pixels)", colour_map_rgbx_uint8, colour_map_rgbx_uint8
+)
 _rows = CompiledFunction("blur (rows)", blur_rows, blur_rows, dynamic=True)
 _columns = CompiledFunction("blur (columns)", blur_columns, blur_columns, dynamic=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import av
 import numpy as np
@@ -43,7 +44,8 @@ class RangeReader:
     """Decodes frames ``[first, stop)`` of one video once, in order, from one open container.
 
     Iterating yields ``(index, frame)`` for every decoded index in range; ``frame`` is an (H, W, 3) uint8 array at
-    ``size`` when ``wanted(index)`` is true and None otherwise (skipping the colour conversion of unneeded frames).
+    ``size`` (``pixel_format="rgba"``: (H, W, 4), alpha 255) when ``wanted(index)`` is true and None otherwise
+    (skipping the colour conversion of unneeded frames).
     On a decode or demux error it reopens the file and seeks past the bad stretch, at most ``max_retries`` times in a
     row; the frames it could not decode are simply not yielded. The end of the file ends the iteration early.
     """
@@ -58,7 +60,11 @@ class RangeReader:
         stats: DecodeStats,
         max_retries: int = 3,
         threads: int = 1,
+        pixel_format: Literal["rgb24", "rgba"] = "rgb24",
     ) -> None:
+        if pixel_format not in ("rgb24", "rgba"):
+            raise ValueError(f"pixel_format must be 'rgb24' or 'rgba', got {pixel_format!r}")
+        self.pixel_format = pixel_format
         self.info, self.first, self.stop, self.size = info, first, stop, size
         self.wanted, self.stats, self.max_retries, self.threads = wanted, stats, max_retries, threads
         self._container: av.container.InputContainer | None = None
@@ -83,7 +89,9 @@ class RangeReader:
     def _convert(self, frame: av.VideoFrame) -> np.ndarray:
         width, height = self.size
         # threads=1: swscale's own slice threads would be inherited half-dead by forked dataloader workers and hang them
-        return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA", threads=1)
+        return frame.to_ndarray(
+            format=self.pixel_format, width=width, height=height, interpolation="AREA", threads=1
+        )
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray | None]]:
         target, failures, previous = self.first, 0, self.first - 1

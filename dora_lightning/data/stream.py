@@ -89,6 +89,13 @@ class VideoClipStream(IterableDataset):
         self.epoch, self.batches_done = 0, 0
 
     @property
+    def pixel_format(self) -> str:
+        """What frames are decoded to: the transform's ``frame_format`` if it has one (ClipMultiCrop's default
+        backends read RGBA crops fastest), else ``"rgb24"``; the ``frames`` of a stream without a transform are
+        always (T, H, W, 3)."""
+        return getattr(self.transform, "frame_format", "rgb24")
+
+    @property
     def num_shards(self) -> int:
         return self.world_size * self.num_workers
 
@@ -190,6 +197,7 @@ class VideoClipStream(IterableDataset):
                 stats,
                 self.max_decode_retries,
                 self.decode_threads,
+                self.pixel_format,
             )
             state.iterator = iter(state.reader)
         last = int(clip[-1])

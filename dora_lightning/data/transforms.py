@@ -17,6 +17,7 @@ Tested on CPU (the data-loader workers); tensors stay on the frames' device, but
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Literal
 
@@ -219,7 +220,8 @@ class ClipMultiCrop:
         """Augment one clip.
 
         Args:
-            frames: uint8 (T, H, W, 3) decoded frames, any H and W.
+            frames: uint8 (T, H, W, 3) decoded frames, any H and W; or (T, H, W, 4) RGBA frames (the fourth byte is
+                ignored), which the default backends read without a layout copy (see :attr:`frame_format`).
             generator: source of all randomness (same state -> identical output).
 
         Returns:
@@ -227,8 +229,10 @@ class ClipMultiCrop:
             local_size)]}``: uint8 in 0..255 (``output_dtype="uint8"``; :meth:`normalize` them) or float32
             normalised with ``mean``/``std``.
         """
-        if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
-            raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+        if frames.dim() != 4 or frames.shape[-1] not in (3, 4) or frames.dtype != torch.uint8:
+            raise ValueError(
+                f"frames must be uint8 (T, H, W, 3) or (T, H, W, 4), got {frames.dtype} {tuple(frames.shape)}"
+            )
         T, height, width, _ = frames.shape
         if T < 1 or height < 1 or width < 1:
             raise ValueError(f"frames must be non-empty, got shape {tuple(frames.shape)}")
@@ -250,13 +254,17 @@ class ClipMultiCrop:
         lboxes = boxes.to_frame(boxes.local_boxes).view(L * T, 4)[order_local]
         lframes = torch.arange(T).repeat(L)[order_local]
 
+        packed = False
         if self.crop_backend == "roi_align":
-            global_out, local_out = self._crop_roi_align(frames, boxes.pre_crop, gboxes, lboxes, lframes)
+            global_out, local_out = self._crop_roi_align(
+                frames[..., :3], boxes.pre_crop, gboxes, lboxes, lframes
+            )
         else:
-            # the compiled colour backend takes the uint8 crops as they are
+            # the compiled colour backend takes the uint8 crops as they are, RGBA crops in their packed layout
             dtype = torch.uint8 if self.colour_backend == "compiled" else torch.float32
+            packed = frames.shape[-1] == 4 and self.frame_format == "rgba"
             global_out, local_out = self._crop_interpolate(
-                frames, gboxes, boxes.global_flip, lboxes, lframes, dtype
+                frames, gboxes, boxes.global_flip, lboxes, lframes, dtype, packed
             )
 
         if self.crop_backend == "roi_align":  # (the interpolate backend flips its uint8 crops)
@@ -264,8 +272,10 @@ class ClipMultiCrop:
                 if bool(boxes.global_flip[v]):
                     global_out[v * T : (v + 1) * T] = global_out[v * T : (v + 1) * T].flip(-1)
         colour = self.colour
-        global_out = colour_views(global_out, 255.0, u_global, order, self.global_blur_prob, colour)
-        local_out = colour_views(local_out, 255.0, u_local[order_local], order, self.local_blur_prob, colour)
+        global_out = colour_views(global_out, 255.0, u_global, order, self.global_blur_prob, colour, packed)
+        local_out = colour_views(
+            local_out, 255.0, u_local[order_local], order, self.local_blur_prob, colour, packed
+        )
         local_out = local_out.index_select(0, restore.to(local_out.device))
         return {
             "global_views": list(global_out.view(G, T, 3, gs, gs).unbind(0)),
@@ -316,33 +326,49 @@ class ClipMultiCrop:
         lboxes: Tensor,
         lframes: Tensor,
         dtype: torch.dtype,
+        packed: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """As :meth:`_crop_roi_align`, with uint8 antialiased bilinear interpolation of boxes rounded to whole
-        frame pixels. Values in [0, 255], contiguous (n, 3, s, s) of ``dtype``."""
-        T, height, width, _ = frames.shape
+        frame pixels. Values in [0, 255], contiguous (n, 3, s, s) of ``dtype``; with ``packed`` (RGBA frames),
+        uint8 (n, s, s, 4) as the resampling writes them (no layout copy)."""
+        T, height, width, channels_in = frames.shape
         gs, ls = self.global_size, self.local_size
-        channels = frames.permute(0, 3, 1, 2)  # (T, 3, H, W) channels-last view: the fast uint8 path
+        channels = frames.permute(0, 3, 1, 2)  # (T, C, H, W) channels-last view: the fast uint8 path
 
         def resize(crop: Tensor, size: int) -> Tensor:
-            """uint8 (n, 3, h, w) -> uint8 (n, size, size, 3)."""
+            """uint8 (n, C, h, w) -> uint8 (n, size, size, C)."""
             out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             return out.permute(0, 2, 3, 1)  # a plain view: the output is channels-last
 
-        global_out = torch.empty(gboxes.shape[0] * T, 3, gs, gs, dtype=dtype, device=frames.device)
+        def planar(pixels: Tensor, out: Tensor) -> Tensor:
+            """Copy uint8 (n, s, s, C) pixels' RGB into ``out`` (n, 3, s, s) (unless packed: then ``out`` is
+            (n, s, s, C) and takes them as they are)."""
+            return out.copy_(pixels if packed else pixels[..., :3].permute(0, 3, 1, 2))
+
+        def buffer(n: int, size: int) -> Tensor:
+            shape = (n, size, size, channels_in) if packed else (n, 3, size, size)
+            return torch.empty(shape, dtype=torch.uint8 if packed else dtype, device=frames.device)
+
+        global_out = buffer(gboxes.shape[0] * T, gs)
         for v, box in enumerate(gboxes.tolist()):
             x0, y0, x1, y1 = pixel_box(box, height, width)
             crop = resize(channels[:, :, y0:y1, x0:x1], gs)
             if bool(gflip[v]):  # flip the uint8 crop: a quarter of the bytes of the float view
                 crop = crop.flip(2)
-            global_out[v * T : (v + 1) * T].copy_(crop.permute(0, 3, 1, 2))
-        hwc = torch.empty(lboxes.shape[0], ls, ls, 3, dtype=torch.uint8, device=frames.device)
+            planar(crop, global_out[v * T : (v + 1) * T])
+        hwc = torch.empty(lboxes.shape[0], ls, ls, channels_in, dtype=torch.uint8, device=frames.device)
         for i, (box, t) in enumerate(zip(lboxes.tolist(), lframes.tolist(), strict=True)):
             x0, y0, x1, y1 = pixel_box(box, height, width)
             hwc[i] = resize(channels[t : t + 1, :, y0:y1, x0:x1], ls)[0]
-        local_out = torch.empty(lboxes.shape[0], 3, ls, ls, dtype=dtype, device=frames.device).copy_(
-            hwc.permute(0, 3, 1, 2)
-        )
-        return global_out, local_out
+        return global_out, (hwc if packed else planar(hwc, buffer(lboxes.shape[0], ls)))
+
+    @property
+    def frame_format(self) -> Literal["rgb24", "rgba"]:
+        """The pixel format this transform is fastest on, which VideoClipDataModule decodes to: ``"rgba"`` for the
+        default backends (the compiled colour kernel reads the crops' 4-byte pixels in place, so no crop is ever
+        transposed to planar layout; about as cheap to decode as RGB), ``"rgb24"`` otherwise."""
+        fast = self.crop_backend == "interpolate" and self.colour_backend == "compiled"
+        return "rgba" if fast and sys.byteorder == "little" else "rgb24"
 
     def warm_up(self, clip_length: int, height: int, width: int, clips: int = 4) -> None:
         """Augment a few clips of ``clip_length`` black ``height x width`` frames and discard them, so that the
@@ -351,7 +377,8 @@ class ClipMultiCrop:
         backends."""
         if self.colour_backend != "compiled":
             return
-        frames = torch.zeros(clip_length, height, width, 3, dtype=torch.uint8)
+        channels = 4 if self.frame_format == "rgba" else 3
+        frames = torch.zeros(clip_length, height, width, channels, dtype=torch.uint8)
         generator = torch.Generator().manual_seed(0)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in a data-loader worker: compiled code is guarded on the thread count

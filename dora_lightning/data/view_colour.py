@@ -18,6 +18,7 @@ the device by :func:`normalize_views`) or as float32 already normalised.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -36,7 +37,11 @@ from dora_lightning.data.color_ops import (
     colour_matrix,
     rgb_to_grayscale,
 )
-from dora_lightning.data.compiled_ops import compiled_blur_uint8, compiled_colour_map_uint8
+from dora_lightning.data.compiled_ops import (
+    compiled_blur_uint8,
+    compiled_colour_map_rgbx_uint8,
+    compiled_colour_map_uint8,
+)
 
 __all__ = [
     "COLOUR_BACKENDS",
@@ -161,12 +166,21 @@ def _jitter_fused(img: Tensor, params: Tensor, u: Tensor, high: float, s: Colour
     return apply_colour_affine(img, matrix, bias, high)
 
 
-def _colour_views_compiled(img: Tensor, u: Tensor, blur_prob: float, s: ColourSettings) -> Tensor:
-    """The ``"compiled"`` backend on uint8 views (N, 3, S, S): colour map to uint8, then blur and round again."""
+def _colour_views_compiled(
+    img: Tensor, u: Tensor, blur_prob: float, s: ColourSettings, packed: bool
+) -> Tensor:
+    """The ``"compiled"`` backend on uint8 views, planar (N, 3, S, S) or ``packed`` (N, S, S, 4): colour map to
+    planar uint8, then blur and round again."""
     params = _parameters(u, s).to(device=img.device, dtype=torch.float32)
     factors, _, grey = _jitter_factors(params, u, s)
     matrix, mean_coef = colour_matrix(*factors.cpu().unbind(1), grey)
-    img = compiled_colour_map_uint8(img.contiguous(), matrix.to(img.device), mean_coef.to(img.device))
+    matrix, mean_coef = matrix.to(img.device), mean_coef.to(img.device)
+    if packed:  # one int32 word per pixel: bytes R, G, B, X in memory order
+        img = compiled_colour_map_rgbx_uint8(
+            img.contiguous().view(torch.int32).squeeze(-1), matrix, mean_coef
+        )
+    else:
+        img = compiled_colour_map_uint8(img.contiguous(), matrix, mean_coef)
     blur = lambda x, p, out: compiled_blur_uint8(x, p[:, 4], s.blur_sigma[1])  # noqa: E731
     _apply(img, params, u[:, BLUR_DRAW] < blur_prob, blur, img.shape[0])
     if s.output_dtype == "uint8":
@@ -175,25 +189,37 @@ def _colour_views_compiled(img: Tensor, u: Tensor, blur_prob: float, s: ColourSe
 
 
 def colour_views(
-    img: Tensor, high: float, u: Tensor, order: Sequence[int], blur_prob: float, s: ColourSettings
+    img: Tensor,
+    high: float,
+    u: Tensor,
+    order: Sequence[int],
+    blur_prob: float,
+    s: ColourSettings,
+    packed: bool = False,
 ) -> Tensor:
     """Colour-augment views (N, 3, S, S) with values in [0, ``high``] and return them in the output format.
 
     The ``"compiled"`` backend takes uint8 views (``high`` 255; float views are rounded to uint8 first), the others
-    float views (modified in place).
+    float views (modified in place). ``packed``: ``img`` is instead uint8 (N, S, S, 4), RGB plus an ignored fourth
+    byte per pixel (the layout of RGBA-decoded frames' crops), which the compiled backend reads as it is and the
+    others convert first; the result is planar either way.
 
     ``u`` (N, NUM_DRAWS) holds each view's uniforms (jitter / grayscale / blur decisions and parameters),
     ``order`` the clip's jitter-op order (used by the exact backend only). Returns uint8 views in 0..255
     (``s.output_dtype == "uint8"``) or float32 views normalised with ``s.mean`` / ``s.std``.
     """
+    if packed and (s.backend != "compiled" or img.dtype != torch.uint8 or sys.byteorder != "little"):
+        planar = img[..., :3].permute(0, 3, 1, 2)
+        dtype = img.dtype if s.backend == "compiled" else torch.float32
+        img, packed = torch.empty(planar.shape, dtype=dtype, device=img.device).copy_(planar), False
     n = img.shape[0]
     if n == 0:
         dtype = torch.uint8 if s.output_dtype == "uint8" else torch.float32
-        return img.to(dtype)
+        return (img[..., :3].permute(0, 3, 1, 2) if packed else img).to(dtype)
     if s.backend == "compiled":
         if img.dtype != torch.uint8:  # values stay in [0, high]: rounding half up needs no clamp
             img = img.mul_(255.0 / high).add_(0.5).to(torch.uint8)
-        return _colour_views_compiled(img, u, blur_prob, s)
+        return _colour_views_compiled(img, u, blur_prob, s, packed)
     params = _parameters(u, s).to(device=img.device, dtype=img.dtype)
     if s.backend == "exact":
         if high != 1.0:
