@@ -340,27 +340,30 @@ class ClipMultiCrop:
             out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             return out.permute(0, 2, 3, 1)  # a plain view: the output is channels-last
 
-        def planar(pixels: Tensor, out: Tensor) -> Tensor:
-            """Copy uint8 (n, s, s, C) pixels' RGB into ``out`` (n, 3, s, s) (unless packed: then ``out`` is
-            (n, s, s, C) and takes them as they are)."""
-            return out.copy_(pixels if packed else pixels[..., :3].permute(0, 3, 1, 2))
+        def to_planar(pixels: Tensor, out: Tensor) -> Tensor:
+            """Copy the RGB of uint8 (n, s, s, C) pixels into ``out`` (n, 3, s, s) of ``dtype``."""
+            return out.copy_(pixels[..., :3].permute(0, 3, 1, 2))
 
-        def buffer(n: int, size: int) -> Tensor:
-            shape = (n, size, size, channels_in) if packed else (n, 3, size, size)
-            return torch.empty(shape, dtype=torch.uint8 if packed else dtype, device=frames.device)
-
-        global_out = buffer(gboxes.shape[0] * T, gs)
+        crops = []
         for v, box in enumerate(gboxes.tolist()):
             x0, y0, x1, y1 = pixel_box(box, height, width)
             crop = resize(channels[:, :, y0:y1, x0:x1], gs)
-            if bool(gflip[v]):  # flip the uint8 crop: a quarter of the bytes of the float view
-                crop = crop.flip(2)
-            planar(crop, global_out[v * T : (v + 1) * T])
+            # flip the uint8 crop: a quarter of the bytes of the float view
+            crops.append(crop.flip(2) if bool(gflip[v]) else crop)
+        if packed:  # the crops are contiguous (T, s, s, C) already
+            global_out = crops[0] if len(crops) == 1 else torch.cat(crops)
+        else:
+            global_out = torch.empty(len(crops) * T, 3, gs, gs, dtype=dtype, device=frames.device)
+            for v, crop in enumerate(crops):
+                to_planar(crop, global_out[v * T : (v + 1) * T])
         hwc = torch.empty(lboxes.shape[0], ls, ls, channels_in, dtype=torch.uint8, device=frames.device)
         for i, (box, t) in enumerate(zip(lboxes.tolist(), lframes.tolist(), strict=True)):
             x0, y0, x1, y1 = pixel_box(box, height, width)
             hwc[i] = resize(channels[t : t + 1, :, y0:y1, x0:x1], ls)[0]
-        return global_out, (hwc if packed else planar(hwc, buffer(lboxes.shape[0], ls)))
+        if packed:
+            return global_out, hwc
+        local_out = torch.empty(lboxes.shape[0], 3, ls, ls, dtype=dtype, device=frames.device)
+        return global_out, to_planar(hwc, local_out)
 
     @property
     def frame_format(self) -> Literal["rgb24", "rgba"]:
