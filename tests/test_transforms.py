@@ -153,6 +153,32 @@ def test_rgba_frames_give_the_rgb_frames_views(kwargs):
                 assert torch.equal(a, b), (key, seed)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"num_global_crops": 2}, {"crop_backend": "roi_align"}])
+def test_a_list_of_frames_gives_the_stacked_frames_views(kwargs):
+    """VideoClipStream hands ClipMultiCrop its frames unstacked: same views, bit for bit."""
+    t = ClipMultiCrop(32, 16, num_local_crops=3, pre_crop_size=40, **kwargs)
+    assert t.accepts_frame_list
+    frames = torch.randint(0, 256, (3, 36, 52, 4), dtype=torch.uint8, generator=gen(5))
+    for seed in range(4):
+        want, got = t(frames, gen(seed)), t(list(frames.unbind(0)), gen(seed))
+        for key in ("global_views", "local_views"):
+            for a, b in zip(want[key], got[key], strict=True):
+                assert torch.equal(a, b), (key, seed)
+
+
+def test_bad_frame_lists():
+    t = ClipMultiCrop(32, 16)
+    frame = torch.zeros(10, 12, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        t([frame, torch.zeros(10, 14, 3, dtype=torch.uint8)], gen())
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        t([frame, frame.float()], gen())
+    with pytest.raises(ValueError, match="empty list"):
+        t([], gen())
+    with pytest.raises(ValueError, match="uint8"):
+        t([frame.float()], gen())
+
+
 def test_frame_format_is_rgba_only_for_the_packed_fast_path():
     assert ClipMultiCrop(32, 16).frame_format == "rgba"
     assert ClipMultiCrop(32, 16, colour_backend="fused").frame_format == "rgb24"

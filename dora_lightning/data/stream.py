@@ -15,6 +15,10 @@ from dora_lightning.data.sampling import ClipSpec, Run, ShardPlan, clips_per_sha
 from dora_lightning.data.sources import VideoInfo
 
 ClipTransform = Callable[[torch.Tensor, torch.Generator], dict[str, Any]]
+"""Called with a clip's uint8 (T, H, W, C) frames and a seeded generator; returns the sample's fields. A transform
+whose ``accepts_frame_list`` attribute is true gets the T (H, W, C) frames as a list instead (saves stacking them into
+a new tensor: ClipMultiCrop reads only the crop regions), and one with a ``frame_format`` attribute gets frames in that
+pixel format (see :attr:`VideoClipStream.pixel_format`)."""
 
 
 def clip_seed(seed: int, epoch: int, video: int, start: int) -> int:
@@ -147,7 +151,7 @@ class VideoClipStream(IterableDataset):
         }
         stats = DecodeStats()
         reported = 0
-        last_good: tuple[np.ndarray, int] | None = None
+        last_good: tuple[list[np.ndarray], int] | None = None
         debt: list[tuple[int, int]] = []
         try:
             for r, start in zip(run_index.tolist(), starts.tolist(), strict=True):
@@ -183,7 +187,7 @@ class VideoClipStream(IterableDataset):
             for state in states.values():
                 state.close()
 
-    def _gather(self, state: _RunState, start: int, stats: DecodeStats) -> np.ndarray | None:
+    def _gather(self, state: _RunState, start: int, stats: DecodeStats) -> list[np.ndarray] | None:
         """Decode ``state``'s run up to the clip's last frame; return the clip's frames, or None if some are missing."""
         clip = self.spec.frames(start)
         if state.iterator is None and not state.exhausted:
@@ -226,13 +230,14 @@ class VideoClipStream(IterableDataset):
                 f"{video.num_frames} frames); such clips are replaced by the previous good clip and counted",
             )
             return None
-        return np.stack(frames)
+        return frames
 
-    def _sample(self, frames: np.ndarray, video: int, start: int, decoded: int) -> dict[str, Any]:
-        clip = torch.from_numpy(frames)
+    def _sample(self, frames: list[np.ndarray], video: int, start: int, decoded: int) -> dict[str, Any]:
+        tensors = [torch.from_numpy(frame) for frame in frames]
         if self.transform is None:
-            views: dict[str, Any] = {"frames": clip}
+            views: dict[str, Any] = {"frames": torch.stack(tensors)}
         else:
             generator = torch.Generator().manual_seed(clip_seed(self.seed, self.epoch, video, start))
+            clip = tensors if getattr(self.transform, "accepts_frame_list", False) else torch.stack(tensors)
             views = self.transform(clip, generator)
         return {**views, "video": video, "start": start, "decoded_frames": decoded}

@@ -77,6 +77,29 @@ def _check_triple(name: str, value: Sequence[float], positive: bool = False) -> 
     return float(value[0]), float(value[1]), float(value[2])
 
 
+def _check_frames(frames: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+    """``frames`` as given (a tensor) or as a list, after checking they are T >= 1 non-empty uint8 frames of one
+    shape with 3 or 4 channels."""
+    if not isinstance(frames, Tensor):
+        frames = list(frames)
+        shapes = sorted({tuple(frame.shape) for frame in frames})
+        dtypes = {frame.dtype for frame in frames}
+        if len(shapes) > 1 or len(dtypes) > 1:
+            raise ValueError(
+                f"frames must all have one shape and dtype, got shapes {shapes} and dtypes {dtypes}"
+            )
+        if not frames:
+            raise ValueError("frames must be non-empty, got an empty list")
+        shape, dtype = (len(frames), *shapes[0]), frames[0].dtype
+    else:
+        shape, dtype = tuple(frames.shape), frames.dtype
+    if len(shape) != 4 or dtype != torch.uint8 or shape[-1] not in (3, 4):
+        raise ValueError(f"frames must be uint8 (T, H, W, 3) or (T, H, W, 4), got {dtype} {shape}")
+    if min(shape[:3]) < 1:
+        raise ValueError(f"frames must be non-empty, got shape {shape}")
+    return frames
+
+
 class ClipMultiCrop:
     """DoRA's multi-crop augmentation of one clip (spec C), for all T frames at once.
 
@@ -216,12 +239,17 @@ class ClipMultiCrop:
 
     # -- the transform -------------------------------------------------------------------------------------------
 
-    def __call__(self, frames: Tensor, generator: torch.Generator) -> dict[str, list[Tensor]]:
+    accepts_frame_list = True  # VideoClipStream passes the decoded frames unstacked (see __call__)
+
+    def __call__(
+        self, frames: Tensor | Sequence[Tensor], generator: torch.Generator
+    ) -> dict[str, list[Tensor]]:
         """Augment one clip.
 
         Args:
             frames: uint8 (T, H, W, 3) decoded frames, any H and W; or (T, H, W, 4) RGBA frames (the fourth byte is
-                ignored), which the default backends read without a layout copy (see :attr:`frame_format`).
+                ignored), which the default backends read without a layout copy (see :attr:`frame_format`); or a
+                sequence of T such (H, W, C) frames (the default crop backend then copies only the crop regions).
             generator: source of all randomness (same state -> identical output).
 
         Returns:
@@ -229,13 +257,8 @@ class ClipMultiCrop:
             local_size)]}``: uint8 in 0..255 (``output_dtype="uint8"``; :meth:`normalize` them) or float32
             normalised with ``mean``/``std``.
         """
-        if frames.dim() != 4 or frames.shape[-1] not in (3, 4) or frames.dtype != torch.uint8:
-            raise ValueError(
-                f"frames must be uint8 (T, H, W, 3) or (T, H, W, 4), got {frames.dtype} {tuple(frames.shape)}"
-            )
-        T, height, width, _ = frames.shape
-        if T < 1 or height < 1 or width < 1:
-            raise ValueError(f"frames must be non-empty, got shape {tuple(frames.shape)}")
+        frames = _check_frames(frames)
+        T, height, width = len(frames), frames[0].shape[0], frames[0].shape[1]
         G, L = self.num_global_crops, self.num_local_crops
         gs, ls = self.global_size, self.local_size
         boxes = self.sample_boxes(T, height, width, generator)
@@ -256,13 +279,14 @@ class ClipMultiCrop:
 
         packed = False
         if self.crop_backend == "roi_align":
+            stacked = frames if isinstance(frames, Tensor) else torch.stack(frames)
             global_out, local_out = self._crop_roi_align(
-                frames[..., :3], boxes.pre_crop, gboxes, lboxes, lframes
+                stacked[..., :3], boxes.pre_crop, gboxes, lboxes, lframes
             )
         else:
             # the compiled colour backend takes the uint8 crops as they are, RGBA crops in their packed layout
             dtype = torch.uint8 if self.colour_backend == "compiled" else torch.float32
-            packed = frames.shape[-1] == 4 and self.frame_format == "rgba"
+            packed = frames[0].shape[-1] == 4 and self.frame_format == "rgba"
             global_out, local_out = self._crop_interpolate(
                 frames, gboxes, boxes.global_flip, lboxes, lframes, dtype, packed
             )
@@ -320,7 +344,7 @@ class ClipMultiCrop:
 
     def _crop_interpolate(
         self,
-        frames: Tensor,
+        frames: Tensor | Sequence[Tensor],
         gboxes: Tensor,
         gflip: Tensor,
         lboxes: Tensor,
@@ -331,9 +355,19 @@ class ClipMultiCrop:
         """As :meth:`_crop_roi_align`, with uint8 antialiased bilinear interpolation of boxes rounded to whole
         frame pixels. Values in [0, 255], contiguous (n, 3, s, s) of ``dtype``; with ``packed`` (RGBA frames),
         uint8 (n, s, s, 4) as the resampling writes them (no layout copy)."""
-        T, height, width, channels_in = frames.shape
+        T, (height, width, channels_in), device = len(frames), frames[0].shape, frames[0].device
         gs, ls = self.global_size, self.local_size
-        channels = frames.permute(0, 3, 1, 2)  # (T, C, H, W) channels-last view: the fast uint8 path
+
+        def region(t0: int, t1: int, x0: int, y0: int, x1: int, y1: int) -> Tensor:
+            """uint8 (t1 - t0, C, h, w) channels-last view of frames t0..t1-1's box (a stack of just the box for a
+            list of frames): the fast uint8 path of F.interpolate."""
+            if isinstance(frames, Tensor):
+                crop = frames[t0:t1, y0:y1, x0:x1]
+            elif t1 - t0 == 1:
+                crop = frames[t0][y0:y1, x0:x1].unsqueeze(0)
+            else:
+                crop = torch.stack([frame[y0:y1, x0:x1] for frame in frames[t0:t1]])
+            return crop.permute(0, 3, 1, 2)
 
         def resize(crop: Tensor, size: int) -> Tensor:
             """uint8 (n, C, h, w) -> uint8 (n, size, size, C)."""
@@ -347,22 +381,22 @@ class ClipMultiCrop:
         crops = []
         for v, box in enumerate(gboxes.tolist()):
             x0, y0, x1, y1 = pixel_box(box, height, width)
-            crop = resize(channels[:, :, y0:y1, x0:x1], gs)
+            crop = resize(region(0, T, x0, y0, x1, y1), gs)
             # flip the uint8 crop: a quarter of the bytes of the float view
             crops.append(crop.flip(2) if bool(gflip[v]) else crop)
         if packed:  # the crops are contiguous (T, s, s, C) already
             global_out = crops[0] if len(crops) == 1 else torch.cat(crops)
         else:
-            global_out = torch.empty(len(crops) * T, 3, gs, gs, dtype=dtype, device=frames.device)
+            global_out = torch.empty(len(crops) * T, 3, gs, gs, dtype=dtype, device=device)
             for v, crop in enumerate(crops):
                 to_planar(crop, global_out[v * T : (v + 1) * T])
-        hwc = torch.empty(lboxes.shape[0], ls, ls, channels_in, dtype=torch.uint8, device=frames.device)
+        hwc = torch.empty(lboxes.shape[0], ls, ls, channels_in, dtype=torch.uint8, device=device)
         for i, (box, t) in enumerate(zip(lboxes.tolist(), lframes.tolist(), strict=True)):
             x0, y0, x1, y1 = pixel_box(box, height, width)
-            hwc[i] = resize(channels[t : t + 1, :, y0:y1, x0:x1], ls)[0]
+            hwc[i] = resize(region(t, t + 1, x0, y0, x1, y1), ls)[0]
         if packed:
             return global_out, hwc
-        local_out = torch.empty(lboxes.shape[0], 3, ls, ls, dtype=dtype, device=frames.device)
+        local_out = torch.empty(lboxes.shape[0], 3, ls, ls, dtype=dtype, device=device)
         return global_out, to_planar(hwc, local_out)
 
     @property
