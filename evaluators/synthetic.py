@@ -13,8 +13,11 @@ video frames and writes the data sets.
 * :func:`make_voc_fixture`: Pascal VOC 2012 segmentation layout, with VOC's 255 "void" band around every object.
 * :func:`make_ade20k_fixture`: ADEChallengeData2016 layout (0 = "other", classes 1..C).
 * :func:`make_shapes_fixture`: ImageFolder layout for k-NN / linear probes; the class is the shape's outline only.
+* :func:`make_images_video`: the other way round, a video whose frames are the images of a labelled folder (one image
+  per frame), to pretrain on the probe's own images: a check that pretraining learns anything at a given budget,
+  independent of the domain gap between a video and a labelled set.
 
-Command line: ``python -m evaluators.synthetic {davis,voc,ade20k,shapes} --out DIR [--seed N ...]``.
+Command line: ``python -m evaluators.synthetic {davis,voc,ade20k,shapes,images_video} --out PATH [--seed N ...]``.
 Everything is deterministic for a given seed.
 """
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import torch
 from PIL import Image
 
 from evaluators.davis_data import write_palette_png
@@ -57,6 +61,7 @@ __all__ = [
     "main",
     "make_ade20k_fixture",
     "make_davis_fixture",
+    "make_images_video",
     "make_shapes_fixture",
     "make_voc_fixture",
     "read_video_frames",
@@ -306,17 +311,51 @@ def make_shapes_fixture(
     return root
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def make_images_video(
+    images: str | Path, out: str | Path, count: int = 800, size: int = 96, fps: float = 10.0, seed: int = 0
+) -> Path:
+    """Write an H.264 MP4 whose frames are ``count`` images found under ``images`` (recursively, e.g. an ImageFolder
+    split), drawn without replacement in a seeded random order, each resized to ``size`` x ``size`` (bilinear) and
+    shown for one frame at ``fps``; return ``out``.
+
+    Pretraining on such a video with ``method: dino`` is plain image DINO on those images (each frame gets its own
+    views; a clip's T frames are T unrelated images), which tells whether a pretraining budget learns anything in the
+    probe's own domain. Raises FileNotFoundError when ``images`` holds no images.
+    """
+    from dora_lightning.viz import write_mp4
+
+    folder = Path(images)
+    files = (
+        sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"--image_dir '{folder}': no {'/'.join(IMAGE_SUFFIXES)} images found under it"
+        )
+    order = np.random.default_rng(seed).permutation(len(files))[:count]
+    frames = np.stack(
+        [np.asarray(Image.open(files[i]).convert("RGB").resize((size, size), Image.BILINEAR)) for i in order]
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_mp4(torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0), out, fps)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: Sequence[str] | None = None) -> Path:
-    """``python -m evaluators.synthetic {davis,voc,ade20k,shapes} --out DIR [...]``: write a fixture, print and return
-    its root."""
+    """``python -m evaluators.synthetic {davis,voc,ade20k,shapes,images_video} --out PATH [...]``: write a fixture (or
+    the video), print and return its path."""
     parser = argparse.ArgumentParser(
         prog="python -m evaluators.synthetic",
         description="Write a small synthetic DAVIS-2017, Pascal VOC 2012 or ADE20K data set, or a shape-classification "
         "set (no download).",
     )
-    parser.add_argument("kind", choices=("davis", "voc", "ade20k", "shapes"))
-    parser.add_argument("--out", required=True, help="folder to write (created)")
+    parser.add_argument("kind", choices=("davis", "voc", "ade20k", "shapes", "images_video"))
+    parser.add_argument("--out", required=True, help="folder to write (created); images_video: the .mp4 file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--video", default=DEFAULT_VIDEO, help="video whose frames become the backgrounds")
     parser.add_argument("--height", type=int, default=None, help="image height (davis: 480, voc/ade20k: 160)")
@@ -328,7 +367,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--classes", type=int, default=4, help="voc/ade20k: number of shape classes")
     parser.add_argument("--train_per_class", type=int, default=100, help="shapes: training images per class")
     parser.add_argument("--val_per_class", type=int, default=50, help="shapes: validation images per class")
+    parser.add_argument(
+        "--image_dir", default=None, help="images_video: folder of images (searched recursively)"
+    )
+    parser.add_argument("--count", type=int, default=800, help="images_video: number of images (frames)")
+    parser.add_argument("--size", type=int, default=96, help="images_video: frame side in pixels")
+    parser.add_argument("--fps", type=float, default=10.0, help="images_video: frame rate")
     args = parser.parse_args(argv)
+    if args.kind == "images_video":
+        if args.image_dir is None:
+            parser.error("images_video needs --image_dir, the folder whose images become the frames")
+        try:
+            path = make_images_video(args.image_dir, args.out, args.count, args.size, args.fps, args.seed)
+        except FileNotFoundError as err:
+            parser.error(str(err))
+        print(f"wrote a video of {min(args.count, video_frame_count(path))} images to {path}")
+        return path
     default_size = {"davis": (480, 640), "shapes": (64, 64)}.get(args.kind, (160, 224))
     size = (args.height or default_size[0], args.width or default_size[1])
     if args.kind == "davis":

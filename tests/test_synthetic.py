@@ -195,3 +195,34 @@ def test_shapes_layout_and_only_the_outline_tells_classes_apart(tmp_path):
     assert len(list((tmp_path / "c" / "val").glob("*/*.png"))) == len(FAMILIES)
     with pytest.raises(SystemExit):
         main(["shapes", "--out", str(tmp_path / "d"), "--height", "24", "--width", "32"])
+
+
+def test_images_video_shows_each_image_for_one_frame(tmp_path):
+    """images_video: `count` of the folder's images, one per frame, resized, in a seeded order; bad folders refused."""
+    import av
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 210)}
+    for name, colour in colours.items():
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        Image.new("RGB", (20, 28), colour).save(tmp_path / "imgs" / name / "0.png")
+    out = main(["images_video", "--image_dir", str(tmp_path / "imgs"), "--out", str(tmp_path / "v.mp4"),
+                "--count", "3", "--size", "32", "--fps", "5"])  # fmt: skip
+    with av.open(str(out)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 3 and frames[0].shape == (32, 32, 3)
+    nearest = []
+    for frame in frames:  # each frame is one of the images, nearly uniform in its colour (H.264 at crf 18)
+        distance = {
+            name: np.abs(frame.reshape(-1, 3).mean(0) - colour).max() for name, colour in colours.items()
+        }
+        nearest.append(min(distance, key=distance.get))
+        assert distance[nearest[-1]] < 20
+    assert sorted(nearest) == sorted(colours)
+    again = main(["images_video", "--image_dir", str(tmp_path / "imgs"), "--out", str(tmp_path / "w.mp4"),
+                  "--count", "3", "--size", "32", "--fps", "5"])  # fmt: skip
+    assert again.read_bytes() == out.read_bytes()  # deterministic for a seed
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main(["images_video", "--image_dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x.mp4")])
+    with pytest.raises(SystemExit):
+        main(["images_video", "--out", str(tmp_path / "x.mp4")])
