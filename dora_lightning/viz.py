@@ -150,14 +150,17 @@ def video_codec() -> str:
 
 
 def write_mp4(frames: Tensor, path: str | Path, fps: float, codec: str | None = None) -> str:
-    """Write frames (T, 3, H, W) in [0, 1] as an MP4 at ``fps`` frames per second; returns the codec used.
+    """Write frames (T, 3, H, W) in [0, 1] (or uint8, written as they are) as an MP4 at ``fps`` frames per second;
+    returns the codec used.
 
     yuv420p needs even sizes, so an odd height or width gets one black row or column at the bottom or right.
     """
     import av
 
     codec = codec or video_codec()
-    images = frames.detach().float().cpu()
+    images = frames.detach().cpu()
+    if images.dtype != torch.uint8:
+        images = images.float()
     height, width = images.shape[-2:]
     images = F.pad(images, (0, width % 2, 0, height % 2))
     path = Path(path)
@@ -170,7 +173,10 @@ def write_mp4(frames: Tensor, path: str | Path, fps: float, codec: str | None = 
         else:
             stream.bit_rate = 8_000_000  # mpeg4's default (~200 kb/s) blurs thin mask edges
         for image in images:
-            frame = av.VideoFrame.from_ndarray(to_uint8(image), format="rgb24")
+            pixels = (
+                image.permute(1, 2, 0).contiguous().numpy() if image.dtype == torch.uint8 else to_uint8(image)
+            )
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

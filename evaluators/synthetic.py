@@ -33,6 +33,7 @@ import av
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from evaluators.davis_data import write_palette_png
 from evaluators.synthetic_shapes import (
@@ -311,9 +312,6 @@ def make_shapes_fixture(
     return root
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
 def make_images_video(
     images: str | Path, out: str | Path, count: int = 800, size: int = 96, fps: float = 10.0, seed: int = 0
 ) -> Path:
@@ -329,11 +327,13 @@ def make_images_video(
 
     folder = Path(images)
     files = (
-        sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        sorted(p for p in folder.rglob("*") if p.name.lower().endswith(IMG_EXTENSIONS))
+        if folder.is_dir()
+        else []
     )
     if not files:
         raise FileNotFoundError(
-            f"--image_dir '{folder}': no {'/'.join(IMAGE_SUFFIXES)} images found under it"
+            f"--image_dir '{folder}': no images ({', '.join(IMG_EXTENSIONS)}) found under it"
         )
     order = np.random.default_rng(seed).permutation(len(files))[:count]
     frames = np.stack(
@@ -341,7 +341,7 @@ def make_images_video(
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0), out, fps)
+    write_mp4(torch.from_numpy(frames).permute(0, 3, 1, 2), out, fps)
     return out
 
 

@@ -99,3 +99,17 @@ def test_clip_multicrop_warm_up_compiles_only_for_the_compiled_backend(monkeypat
     ClipMultiCrop(32, 16, num_local_crops=2).warm_up(3, 40, 56, clips=2)
     assert calls == [((3, 40, 56, 4), 1)] * 2  # RGBA frames, one thread: as a data-loader worker runs it
     assert torch.get_num_threads() == threads
+
+
+def test_packed_views_are_refused_by_the_eager_backends():
+    from dora_lightning.data.transforms import ClipMultiCrop
+    from dora_lightning.data.view_colour import NUM_DRAWS, colour_views
+
+    views = torch.zeros(2, 8, 8, 4, dtype=torch.uint8)
+    u = torch.rand(2, NUM_DRAWS, generator=gen())
+    for backend in ("fused", "exact"):
+        settings = ClipMultiCrop(32, 16, colour_backend=backend).colour
+        with pytest.raises(ValueError, match="packed"):
+            colour_views(views, 255.0, u, [0, 1, 2, 3], 0.5, settings, packed=True)
+    out = colour_views(views, 255.0, u, [0, 1, 2, 3], 0.5, ClipMultiCrop(32, 16).colour, packed=True)
+    assert out.shape == (2, 3, 8, 8) and out.dtype == torch.uint8

@@ -9,11 +9,13 @@ arithmetic.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "PACKED_PIXELS",
     "adjust_brightness_",
     "adjust_contrast_",
     "adjust_hue_",
@@ -28,6 +30,8 @@ __all__ = [
     "rgb_to_hsv",
 ]
 
+# Whether a uint8 RGBA pixel viewed as an int32 word holds R in its low byte, as colour_map_rgbx_uint8 reads it.
+PACKED_PIXELS = sys.byteorder == "little"
 # ITU-R 601 luma weights, as PIL's convert("L") used by the official code (torchvision uses 0.2989 for R).
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -201,34 +205,8 @@ def colour_affine(
     return matrix.to(device), bias.to(device=device, dtype=torch.float32)
 
 
-def colour_map_uint8(views: Tensor, matrix: Tensor, mean_coef: Tensor) -> Tensor:
-    """Apply :func:`colour_matrix`'s maps to uint8 images (n, 3, H, W) and return them as uint8 (n, 3, H, W).
-
-    ``round(clamp(A_i x + mean_coef_i * m_i, 0, 255))`` (half up) per pixel x of image i, with ``m_i`` the luma of
-    its channel means, computed in float32. Written as broadcast elementwise ops so that ``torch.compile`` turns it
-    into one vectorised loop (:mod:`.compiled_colour`); run eagerly it is the reference and the fallback.
-    """
-    x = views.to(torch.float32)
-    channel_mean = x.mean(dim=(2, 3))
-    mean_grey = channel_mean[:, 0] * _LUMA[0] + channel_mean[:, 1] * _LUMA[1] + channel_mean[:, 2] * _LUMA[2]
-    offset = (mean_coef * mean_grey + 0.5).view(-1, 1, 1, 1)  # + 0.5: the float -> uint8 cast truncates
-    a = matrix.view(-1, 3, 3, 1, 1)
-    mixed = a[:, :, 0] * x[:, 0:1] + a[:, :, 1] * x[:, 1:2] + a[:, :, 2] * x[:, 2:3] + offset
-    return mixed.clamp(0.5, 255.5).to(torch.uint8)
-
-
-def colour_map_rgbx_uint8(words: Tensor, matrix: Tensor, mean_coef: Tensor) -> Tensor:
-    """:func:`colour_map_uint8` for packed pixels: int32 ``words`` (n, H, W), each the 4 bytes R, G, B, X of one
-    pixel as stored in memory (an (n, H, W, 4) uint8 RGBX/RGBA image viewed as int32 on a little-endian machine;
-    the fourth byte is ignored), to planar uint8 (n, 3, H, W).
-
-    The same map, rounding and clamping as :func:`colour_map_uint8`, so the two agree exactly on the same pixels.
-    Reading whole 4-byte pixels keeps the loads contiguous: compiled, the planar transposition of the crops costs
-    nothing extra (3-byte RGB pixels would need strided gathers).
-    """
-    red = (words & 255).to(torch.float32)
-    green = ((words >> 8) & 255).to(torch.float32)
-    blue = ((words >> 16) & 255).to(torch.float32)
+def _map_channels(red: Tensor, green: Tensor, blue: Tensor, matrix: Tensor, mean_coef: Tensor) -> Tensor:
+    """The colour map of :func:`colour_map_uint8` on float32 channel planes (n, H, W): uint8 (n, 3, H, W)."""
     mean_grey = (
         red.mean(dim=(1, 2)) * _LUMA[0] + green.mean(dim=(1, 2)) * _LUMA[1] + blue.mean(dim=(1, 2)) * _LUMA[2]
     )
@@ -236,6 +214,30 @@ def colour_map_rgbx_uint8(words: Tensor, matrix: Tensor, mean_coef: Tensor) -> T
     a = matrix.view(-1, 3, 3, 1, 1)
     mixed = a[:, :, 0] * red[:, None] + a[:, :, 1] * green[:, None] + a[:, :, 2] * blue[:, None] + offset
     return mixed.clamp(0.5, 255.5).to(torch.uint8)
+
+
+def colour_map_uint8(views: Tensor, matrix: Tensor, mean_coef: Tensor) -> Tensor:
+    """Apply :func:`colour_matrix`'s maps to uint8 images (n, 3, H, W) and return them as uint8 (n, 3, H, W).
+
+    ``round(clamp(A_i x + mean_coef_i * m_i, 0, 255))`` (half up) per pixel x of image i, with ``m_i`` the luma of
+    its channel means, computed in float32. Written as broadcast elementwise ops so that ``torch.compile`` turns it
+    into one vectorised loop (:mod:`.compiled_ops`); run eagerly it is the reference and the fallback.
+    """
+    x = views.to(torch.float32)
+    return _map_channels(x[:, 0], x[:, 1], x[:, 2], matrix, mean_coef)
+
+
+def colour_map_rgbx_uint8(words: Tensor, matrix: Tensor, mean_coef: Tensor) -> Tensor:
+    """:func:`colour_map_uint8` for packed pixels: int32 ``words`` (n, H, W), each the 4 bytes R, G, B, X of one
+    pixel as stored in memory (an (n, H, W, 4) uint8 RGBX/RGBA image viewed as int32, which needs a little-endian
+    machine: :data:`PACKED_PIXELS`; the fourth byte is ignored), to planar uint8 (n, 3, H, W).
+
+    The same map, rounding and clamping as :func:`colour_map_uint8`, so the two agree exactly on the same pixels.
+    Reading whole 4-byte pixels keeps the loads contiguous: compiled, the planar transposition of the crops costs
+    nothing extra (3-byte RGB pixels would need strided gathers).
+    """
+    red, green, blue = ((words >> shift) & 255 for shift in (0, 8, 16))
+    return _map_channels(red.float(), green.float(), blue.float(), matrix, mean_coef)
 
 
 def apply_colour_affine(img: Tensor, matrix: Tensor, bias: Tensor, high: float) -> Tensor:

@@ -17,7 +17,6 @@ Tested on CPU (the data-loader workers); tensors stay on the frames' device, but
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Literal
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from dora_lightning.data.color_ops import PACKED_PIXELS
 from dora_lightning.data.crop_boxes import ClipBoxes, pixel_box, sample_clip_boxes
 from dora_lightning.data.view_colour import (
     BLUR_DRAW,
@@ -405,7 +405,7 @@ class ClipMultiCrop:
         default backends (the compiled colour kernel reads the crops' 4-byte pixels in place, so no crop is ever
         transposed to planar layout; about as cheap to decode as RGB), ``"rgb24"`` otherwise."""
         fast = self.crop_backend == "interpolate" and self.colour_backend == "compiled"
-        return "rgba" if fast and sys.byteorder == "little" else "rgb24"
+        return "rgba" if fast and PACKED_PIXELS else "rgb24"
 
     def warm_up(self, clip_length: int, height: int, width: int, clips: int = 4) -> None:
         """Augment a few clips of ``clip_length`` black ``height x width`` frames and discard them, so that the

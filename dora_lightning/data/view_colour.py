@@ -18,7 +18,6 @@ the device by :func:`normalize_views`) or as float32 already normalised.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from dora_lightning.data.blur_ops import gaussian_blur
 from dora_lightning.data.color_ops import (
+    PACKED_PIXELS,
     adjust_brightness_,
     adjust_contrast_,
     adjust_hue_,
@@ -201,17 +201,18 @@ def colour_views(
 
     The ``"compiled"`` backend takes uint8 views (``high`` 255; float views are rounded to uint8 first), the others
     float views (modified in place). ``packed``: ``img`` is instead uint8 (N, S, S, 4), RGB plus an ignored fourth
-    byte per pixel (the layout of RGBA-decoded frames' crops), which the compiled backend reads as it is and the
-    others convert first; the result is planar either way.
+    byte per pixel (the layout of RGBA-decoded frames' crops), which the compiled backend reads as it is (the only
+    backend that takes them; ``ClipMultiCrop.frame_format`` asks for RGBA frames only then); the result is planar.
 
     ``u`` (N, NUM_DRAWS) holds each view's uniforms (jitter / grayscale / blur decisions and parameters),
     ``order`` the clip's jitter-op order (used by the exact backend only). Returns uint8 views in 0..255
     (``s.output_dtype == "uint8"``) or float32 views normalised with ``s.mean`` / ``s.std``.
     """
-    if packed and (s.backend != "compiled" or img.dtype != torch.uint8 or sys.byteorder != "little"):
-        planar = img[..., :3].permute(0, 3, 1, 2)
-        dtype = img.dtype if s.backend == "compiled" else torch.float32
-        img, packed = torch.empty(planar.shape, dtype=dtype, device=img.device).copy_(planar), False
+    if packed and not (s.backend == "compiled" and img.dtype == torch.uint8 and PACKED_PIXELS):
+        raise ValueError(
+            "packed (N, S, S, 4) views need the compiled colour backend, uint8 views and a little-endian machine "
+            f"(got backend {s.backend!r}, {img.dtype}); pass planar (N, 3, S, S) views otherwise"
+        )
     n = img.shape[0]
     if n == 0:
         dtype = torch.uint8 if s.output_dtype == "uint8" else torch.float32
