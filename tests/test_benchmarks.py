@@ -35,6 +35,20 @@ def test_bench_data_quick(tmp_path):
     assert json.dumps(report).count("clips_per_s") >= 2
 
 
+def test_bench_handoff_small(tmp_path):
+    out = tmp_path / "handoff.json"
+    args = ["--batches", "4", "--warmup", "2", "--rounds", "1", "--batch-size", "2", "--quiet-wait", "0"]
+    subprocess.run(
+        [sys.executable, "benchmarks/bench_handoff.py", *args, "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    assert set(report["median"]) == {"default_collate", "collate_clips", "recycled"}
+    assert all(m["clips_per_s"] > 0 and m["total_cpu_ms_per_clip"] >= 0 for m in report["median"].values())
+
+
 @pytest.mark.slow
 def test_bench_step_quick(tmp_path):
     out = tmp_path / "step.json"
