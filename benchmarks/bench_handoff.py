@@ -121,6 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     add_quiet_wait_arg(parser, default=30)
     args = parser.parse_args(argv)
+    if (
+        min(args.workers, args.batch_size, args.clip_length, args.batches, args.rounds) < 1
+        or min(args.warmup, args.local_crops) < 0
+    ):
+        parser.error(
+            "--workers, --batch-size, --clip-length, --batches, --rounds must be >= 1, --warmup, --local-crops >= 0"
+        )
     started = dt.datetime.now(dt.timezone.utc)
     waited, load = wait_for_quiet(args.quiet_wait, 0.3, include_children=True)
     runs = {way: [] for way in WAYS}

@@ -47,6 +47,13 @@ def test_bench_handoff_small(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["median"]) == {"default_collate", "collate_clips", "recycled"}
     assert all(m["clips_per_s"] > 0 and m["total_cpu_ms_per_clip"] >= 0 for m in report["median"].values())
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/bench_handoff.py", "--batches", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "--batches, --rounds must be >= 1" in bad.stderr
 
 
 @pytest.mark.slow

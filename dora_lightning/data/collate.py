@@ -128,8 +128,8 @@ class RecycledBlocks:
     """Shared-memory batch blocks that a DataLoader's workers reuse once the training process has let go of them.
 
     A new shared-memory block costs its first writer a page fault and a zeroed page per 4 KiB and the training
-    process an ``mmap``/``munmap`` per batch: about 1.8 ms of the two processes' CPU per paper-scale clip, ~9 % of
-    the 2-worker loader's work (docs/benchmarks.md). Each worker keeps up to ``blocks_per_worker`` blocks; a block
+    process an ``mmap``/``munmap`` per batch: 2.5-3 ms of the two processes' CPU per paper-scale clip more than a
+    recycled block, ~9 % of the 2-worker loader's work (benchmarks/bench_handoff.py, docs/benchmarks.md). Each worker keeps up to ``blocks_per_worker`` blocks; a block
     goes back to its worker only when every tensor of the batch written into it has been freed in the training
     process (checked with a weak reference to its storage before each batch is fetched), so a batch the training
     loop holds on to is never overwritten: while all of a worker's blocks are held, it writes new blocks as
