@@ -212,3 +212,23 @@ def test_recycled_batches_equal_plain_batches():
 def test_recycled_blocks_need_workers():
     with pytest.raises(ValueError, match="num_workers >= 1"):
         RecycledBlocks(0)
+
+
+class NumberedStream(Numbered):
+    """Numbered with the position hook ClipLoader calls."""
+
+    def set_position(self, epoch: int, batches_done: int = 0) -> None:
+        self.position = (epoch, batches_done)
+
+
+def test_spawned_workers_recycle_with_the_loaders_context():
+    """With the spawn start method (macOS's default) the blocks' queues must come from the loader's context (a
+    fork-context lock cannot be sent to a spawned worker)."""
+    plain = list(DataLoader(Numbered(12), batch_size=2, num_workers=2, collate_fn=collate_clips))
+    loader = ClipLoader(
+        NumberedStream(12), lambda: (0, 0), batch_size=2, num_workers=2, multiprocessing_context="spawn"
+    )
+    batches = list(loader)
+    assert len(batches) == len(plain) == 12
+    for batch, reference in zip(batches, plain, strict=True):
+        assert_same_batch(batch, reference)

@@ -134,18 +134,20 @@ class RecycledBlocks:
     process (checked with a weak reference to its storage before each batch is fetched), so a batch the training
     loop holds on to is never overwritten: while all of a worker's blocks are held, it writes new blocks as
     ``collate_clips`` does. Use one instance per DataLoader iterator: pass :meth:`collate` as the loader's
-    ``collate_fn`` and iterate through :meth:`batches`. Not for pinned loaders (``pin_memory=True`` hands the
+    ``collate_fn`` and iterate through :meth:`batches`; ``context`` is the loader's ``multiprocessing_context`` (None:
+    the default start method). Not for pinned loaders (``pin_memory=True`` hands the
     training process copies, so its weak references would see the copies, not the blocks).
     """
 
-    def __init__(self, num_workers: int, blocks_per_worker: int = 4) -> None:
+    def __init__(self, num_workers: int, blocks_per_worker: int = 4, context: Any = None) -> None:
         if num_workers < 1 or blocks_per_worker < 1:
             raise ValueError(
                 f"RecycledBlocks needs num_workers >= 1 and blocks_per_worker >= 1, got {num_workers}, "
                 f"{blocks_per_worker}"
             )
         self.blocks_per_worker = blocks_per_worker
-        self._returned = [multiprocessing.get_context().SimpleQueue() for _ in range(num_workers)]
+        context = context if context is not None else multiprocessing.get_context()  # the loader's, for spawn
+        self._returned = [context.SimpleQueue() for _ in range(num_workers)]
         self._pool: list[torch.UntypedStorage] = []  # this worker's blocks (each worker process has its own)
         self._free: set[int] = set()
         self._held: list[tuple[StorageWeakRef, int, int]] = []  # training process: batches not yet freed

@@ -47,7 +47,9 @@ class ClipLoader(DataLoader):
         if not self.recycle_blocks or self.num_workers == 0 or self.pin_memory or self.persistent_workers:
             self.collate_fn = collate_clips
             return super().__iter__()
-        blocks = RecycledBlocks(self.num_workers, blocks_per_worker=self.prefetch_factor + 2)
+        blocks = RecycledBlocks(
+            self.num_workers, blocks_per_worker=self.prefetch_factor + 2, context=self.multiprocessing_context
+        )
         self.collate_fn = blocks.collate  # read by the iterator created below, and by its workers only
         return blocks.batches(super().__iter__())
 
