@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import multiprocessing.reduction
+import time
 from itertools import islice
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's pickling of shared tensors)
@@ -151,14 +153,17 @@ def test_the_data_module_batches_through_it():
 
 
 class Numbered(IterableDataset):
-    """Each worker yields samples whose every value identifies (worker, index)."""
+    """Each worker yields samples whose every value identifies (worker, index), ``delay`` seconds apart (a worker
+    slower than the training loop, as in real training: the blocks freed by the loop are back before its next
+    collate)."""
 
-    def __init__(self, per_worker: int = 40) -> None:
-        self.per_worker = per_worker
+    def __init__(self, per_worker: int = 40, delay: float = 0.0) -> None:
+        self.per_worker, self.delay = per_worker, delay
 
     def __iter__(self):
         worker = get_worker_info().id
         for index in range(self.per_worker):
+            time.sleep(self.delay)
             value = (worker * 100 + index) % 251
             yield {
                 "global_views": [torch.full((2, 3, 8, 8), value, dtype=torch.uint8)],
@@ -167,11 +172,11 @@ class Numbered(IterableDataset):
             }
 
 
-def recycled(hold, per_worker: int = 40, blocks_per_worker: int = 3):
+def recycled(hold, per_worker: int = 40, blocks_per_worker: int = 4, delay: float = 0.01):
     """Iterate a 2-worker loader through RecycledBlocks; ``hold(step, batch)`` says whether to keep the batch until the
     end (True) or drop it at the next step. Returns the blocks, the kept batches and copies made on receipt."""
     blocks = RecycledBlocks(2, blocks_per_worker=blocks_per_worker)
-    loader = DataLoader(Numbered(per_worker), batch_size=2, num_workers=2, collate_fn=blocks.collate)
+    loader = DataLoader(Numbered(per_worker, delay), batch_size=2, num_workers=2, collate_fn=blocks.collate)
     kept, copies = [], []
     for step, batch in enumerate(blocks.batches(iter(loader))):
         assert BLOCK_FIELD not in batch and list(batch) == ["global_views", "local_views", "start"]
@@ -192,7 +197,7 @@ def test_recycled_blocks_are_reused_and_held_batches_never_overwritten():
 
 
 def test_no_block_is_reused_while_the_training_process_holds_every_batch():
-    blocks, kept, copies = recycled(lambda step, batch: True)
+    blocks, kept, copies = recycled(lambda step, batch: True, delay=0.0)
     assert blocks.reused == 0 and len(kept) == 40
     for batch, copy in zip(kept, copies, strict=True):
         assert_same_batch(batch, copy)
@@ -203,7 +208,7 @@ def test_no_block_is_reused_while_the_training_process_holds_every_batch():
 
 def test_recycled_batches_equal_plain_batches():
     plain = list(DataLoader(Numbered(), batch_size=2, num_workers=2, collate_fn=collate_clips))
-    blocks, kept, _ = recycled(lambda step, batch: step % 3 == 0, blocks_per_worker=1)
+    blocks, kept, _ = recycled(lambda step, batch: step % 3 == 0)
     assert blocks.reused > 0
     for batch, reference in zip(kept, plain[::3], strict=True):
         assert_same_batch(batch, reference)
@@ -232,3 +237,27 @@ def test_spawned_workers_recycle_with_the_loaders_context():
     assert len(batches) == len(plain) == 12
     for batch, reference in zip(batches, plain, strict=True):
         assert_same_batch(batch, reference)
+
+
+class WithArrays(IterableDataset):
+    """Samples whose first field is a numpy array: default_collate batches it into a storage of its own."""
+
+    def __iter__(self):
+        worker = get_worker_info().id
+        for index in range(30):
+            time.sleep(0.01)
+            value = (worker * 100 + index) % 251
+            yield {"meta": np.full(3, value), "views": torch.full((2, 3, 8, 8), value, dtype=torch.uint8)}
+
+
+def test_a_block_is_tracked_by_its_own_tensors():
+    """Keeping only the views (dropping the field default_collate made) must still keep their block from reuse."""
+    blocks = RecycledBlocks(2, blocks_per_worker=2)
+    loader = DataLoader(WithArrays(), batch_size=2, num_workers=2, collate_fn=blocks.collate)
+    kept = []
+    for batch in blocks.batches(iter(loader)):
+        assert batch["meta"].untyped_storage().data_ptr() != batch["views"].untyped_storage().data_ptr()
+        kept.append((batch["views"], batch["meta"][:, 0].clone()))
+    assert len(kept) == 30
+    for views, values in kept:
+        assert torch.equal(views[:, 0, 0, 0, 0].long(), values)

@@ -119,9 +119,8 @@ def collate_clips(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return _fill(plan, samples, _new_block(plan.size, shared=get_worker_info() is not None))
 
 
-BLOCK_FIELD = (
-    "_recycled_block"  # (worker, slot, reused): added by RecycledBlocks.collate, removed by .batches
-)
+# (worker, slot, reused, (field, index) of a tensor in the block): added by RecycledBlocks.collate, removed by .batches
+BLOCK_FIELD = "_recycled_block"
 
 
 class RecycledBlocks:
@@ -161,7 +160,9 @@ class RecycledBlocks:
         plan = _plan(samples)
         storage, slot, reused = self._block(info.id, plan.size)
         batch = _fill(plan, samples, storage)
-        batch[BLOCK_FIELD] = (info.id, slot, reused)
+        # a tensor of the block: fields batched by default_collate live in storages of their own
+        anchor = plan.layout[0][:2] if plan.layout else None
+        batch[BLOCK_FIELD] = (info.id, slot if anchor else -1, reused, anchor)
         return batch
 
     def _block(self, worker: int, size: int) -> tuple[torch.UntypedStorage, int, bool]:
@@ -199,11 +200,11 @@ class RecycledBlocks:
             batch = next(loader_iterator, None)
             if batch is None:
                 return
-            worker, slot, reused = batch.pop(BLOCK_FIELD)
-            tensors = [t for value in batch.values() for t in (value if isinstance(value, list) else [value])]
-            storage = next((t.untyped_storage() for t in tensors if isinstance(t, Tensor)), None)
-            if slot >= 0 and storage is not None:
-                self._held.append((StorageWeakRef(storage), worker, slot))
+            worker, slot, reused, anchor = batch.pop(BLOCK_FIELD)
+            if slot >= 0:
+                key, index = anchor
+                tensor = batch[key] if index is None else batch[key][index]
+                self._held.append((StorageWeakRef(tensor.untyped_storage()), worker, slot))
             self.reused += int(reused)
             self.written_new += int(not reused)
             yield batch
