@@ -42,6 +42,7 @@ from benchmarks.common import (  # noqa: E402
     wait_for_quiet,
     write_json,
 )
+from benchmarks.data_cases import BUSY_CORES  # noqa: E402
 from dora_lightning.data.collate import RecycledBlocks, collate_clips  # noqa: E402
 
 WAYS = ("default_collate", "collate_clips", "recycled")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
             "--workers, --batch-size, --clip-length, --batches, --rounds must be >= 1, --warmup, --local-crops >= 0"
         )
     started = dt.datetime.now(dt.timezone.utc)
-    waited, load = wait_for_quiet(args.quiet_wait, 0.3, include_children=True)
+    waited, load = wait_for_quiet(args.quiet_wait, BUSY_CORES, include_children=True)
     runs = {way: [] for way in WAYS}
     for round_ in range(args.rounds):
         for way in WAYS:

@@ -261,3 +261,18 @@ def test_a_block_is_tracked_by_its_own_tensors():
     assert len(kept) == 30
     for views, values in kept:
         assert torch.equal(views[:, 0, 0, 0, 0].long(), values)
+
+
+class Paths(IterableDataset):
+    def __iter__(self):
+        yield from ({"path": f"w{get_worker_info().id}_{i}.mp4"} for i in range(4))
+
+
+def test_batches_without_tensors_pass_through_the_blocks():
+    blocks = RecycledBlocks(2)
+    loader = DataLoader(Paths(), batch_size=2, num_workers=2, collate_fn=blocks.collate)
+    batches = list(blocks.batches(iter(loader)))
+    assert sorted(path for batch in batches for path in batch["path"]) == sorted(
+        f"w{w}_{i}.mp4" for w in range(2) for i in range(4)
+    )
+    assert all(list(batch) == ["path"] for batch in batches) and blocks.reused + blocks.written_new == 0

@@ -119,7 +119,8 @@ def collate_clips(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return _fill(plan, samples, _new_block(plan.size, shared=get_worker_info() is not None))
 
 
-# (worker, slot, reused, (field, index) of a tensor in the block): added by RecycledBlocks.collate, removed by .batches
+# (worker, slot or -1, reused, (field, index) of the block's first tensor): added by RecycledBlocks.collate, removed by
+# RecycledBlocks.batches
 BLOCK_FIELD = "_recycled_block"
 
 
@@ -155,29 +156,25 @@ class RecycledBlocks:
     def collate(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """``collate_clips`` into one of this worker's free blocks (in the main process: ``collate_clips``)."""
         info = get_worker_info()
-        if info is None:
-            return collate_clips(samples)
         plan = _plan(samples)
+        if info is None or not plan.layout:  # nothing to put in a block, or no other process to hand it to
+            return _fill(plan, samples, _new_block(plan.size, shared=info is not None))
         storage, slot, reused = self._block(info.id, plan.size)
         batch = _fill(plan, samples, storage)
-        # a tensor of the block: fields batched by default_collate live in storages of their own
-        anchor = plan.layout[0][:2] if plan.layout else None
-        batch[BLOCK_FIELD] = (info.id, slot if anchor else -1, reused, anchor)
+        # the block is tracked through its first tensor: fields batched by default_collate have storages of their own
+        batch[BLOCK_FIELD] = (info.id, slot, reused, plan.layout[0][:2])
         return batch
 
     def _block(self, worker: int, size: int) -> tuple[torch.UntypedStorage, int, bool]:
         returned = self._returned[worker]
         while not returned.empty():
             self._free.add(returned.get())
-        for slot in sorted(self._free):
-            if self._pool[slot].nbytes() == size:
-                self._free.discard(slot)
-                return self._pool[slot], slot, True
-        if self._free:  # a free block of another size (batches of other shapes): replace it
-            slot = min(self._free)
-            self._free.discard(slot)
-            self._pool[slot] = _new_block(size, shared=True)
-            return self._pool[slot], slot, False
+        if self._free:
+            slot = self._free.pop()
+            reused = self._pool[slot].nbytes() == size
+            if not reused:  # a batch of other shapes: the block is replaced
+                self._pool[slot] = _new_block(size, shared=True)
+            return self._pool[slot], slot, reused
         if len(self._pool) < self.blocks_per_worker:
             self._pool.append(_new_block(size, shared=True))
             return self._pool[-1], len(self._pool) - 1, False
@@ -200,6 +197,9 @@ class RecycledBlocks:
             batch = next(loader_iterator, None)
             if batch is None:
                 return
+            if BLOCK_FIELD not in batch:  # a batch without tensors
+                yield batch
+                continue
             worker, slot, reused, anchor = batch.pop(BLOCK_FIELD)
             if slot >= 0:
                 key, index = anchor
