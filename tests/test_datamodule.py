@@ -24,9 +24,7 @@ def make(paths, **kw) -> VideoClipDataModule:
         decode_short_side=48,
         batch_size=3,
         num_workers=0,
-        segment_length=60,
-        interleave=2,
-        shuffle_buffer=8,
+        start_step=5,
         transform=SMALL,
     )
     return VideoClipDataModule(paths=paths, **(options | kw))
@@ -55,6 +53,28 @@ def test_batches_have_the_documented_layout(video_dir):
         / torch.tensor([0.229, 0.224, 0.225]),
     )
     assert torch.equal(ready["start"], batch["start"])
+
+
+def test_batches_carry_their_clip_index_as_planned():
+    """clip_index is an int64 (B, 2) tensor of (video, first frame): on real batches from worker processes it matches
+    the video/start fields and the plan (batch n from worker n % workers), and no clip comes twice in an epoch."""
+    dm = make(
+        str(BUNDLED_VIDEO), num_workers=2, frame_stride=10, decode_short_side=48, batch_size=4, cursors=8
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    got = [b["clip_index"] for b in loader]
+    assert len(got) == len(loader) > 2
+    assert all(index.dtype == torch.int64 and index.shape == (4, 2) for index in got)
+    plans = [dm.dataset.shard_plan(worker) for worker in range(2)]
+    for n, index in enumerate(got):
+        plan, row = plans[n % 2], (n // 2) * 4
+        assert index[:, 0].tolist() == plan.videos[row : row + 4].tolist()
+        assert index[:, 1].tolist() == plan.starts[row : row + 4].tolist()
+    clips = [tuple(row) for index in got for row in index.tolist()]
+    assert len(clips) == len(set(clips))
+    batch = next(iter(dm.train_dataloader()))
+    assert torch.equal(batch["clip_index"], torch.stack([batch["video"], batch["start"]], dim=1))
 
 
 def test_bundled_video_with_workers():
@@ -156,7 +176,10 @@ def test_too_few_clips_for_a_batch(video_dir):
         make(str(video_dir / "b.mkv"), batch_size=400).setup("fit")
 
 
-@pytest.mark.parametrize(("key", "value"), [("batch_size", 0), ("interleave", 0), ("clip_length", 0)])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("batch_size", 0), ("start_step", 0), ("start_step", 3), ("cursors", 2), ("clip_length", 0)],
+)
 def test_bad_options_name_the_key(key, value):
     with pytest.raises(ValueError, match=f"data.{key}"):
         make("unused", **{key: value})

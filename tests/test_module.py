@@ -35,9 +35,7 @@ def make_data(
         pre_crop_size=48,
     )
     options = dict(clip_length=2, frame_stride=3, decode_short_side=64, batch_size=2, num_workers=0) | kw
-    return VideoClipDataModule(
-        paths=str(video), segment_length=20, interleave=2, shuffle_buffer=8, transform=transform, **options
-    )
+    return VideoClipDataModule(paths=str(video), start_step=3, transform=transform, **options)
 
 
 def make_trainer(root: Path, max_steps: int, **kw) -> pl.Trainer:

@@ -1,6 +1,8 @@
-"""The clip plan: shard coverage, determinism, interleaving and the shuffle buffer (pure index arithmetic)."""
+"""The clip plan: shard coverage, determinism, batch diversity against uniform draws (pure index arithmetic)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -9,29 +11,39 @@ from dora_lightning.data.sampling import (
     ClipSpec,
     Run,
     clips_per_shard,
-    epoch_segments,
-    interleave_order,
+    cursor_order,
+    distinct_moments,
+    mean_pairwise_gap,
     plan_shard,
-    shuffle_buffer_order,
-    split_for_interleave,
 )
 
 
-def all_plans(num_starts, num_shards, epoch=0, seed=0, multiple_of=1, **kw):
+def all_plans(num_starts, num_shards, epoch=0, seed=0, workers_per_rank=1, **kw):
     spec = ClipSpec(kw.pop("clip_length", 8), kw.pop("frame_stride", 60))
-    options = dict(segment_length=500, interleave=3, shuffle_buffer=64) | kw
+    options = dict(batch_size=4, cursors=8, start_step=4) | kw
     return [
         plan_shard(
             num_starts,
             spec,
             shard=s,
             num_shards=num_shards,
+            workers_per_rank=workers_per_rank,
             seed=seed,
             epoch=epoch,
-            multiple_of=multiple_of,
             **options,
         )
         for s in range(num_shards)
+    ]
+
+
+def emitted(plans):
+    return [(int(v), int(s)) for p in plans for v, s in zip(p.videos, p.starts, strict=True)]
+
+
+def batches(plan, batch_size):
+    videos = plan.videos
+    return [
+        (videos[i : i + batch_size], plan.starts[i : i + batch_size]) for i in range(0, len(plan), batch_size)
     ]
 
 
@@ -44,79 +56,157 @@ def test_clip_spec_geometry():
         ClipSpec(8, 0)
 
 
-@pytest.mark.parametrize("num_shards", [1, 2, 6])  # e.g. 2 ranks x 3 workers
-def test_shards_cover_every_start_once(num_shards):
-    num_starts = [5000, 1234, 777]
-    plans = all_plans(num_starts, num_shards)
-    emitted = [(p.runs[r].video, s) for p in plans for r, s in zip(p.run_index, p.starts, strict=True)]
-    assert len(emitted) == len(set(emitted)), "a start was emitted twice"
+def test_run_starts_follow_the_step():
+    run = Run(0, 3, 20, 4)
+    assert run.starts().tolist() == [3, 7, 11, 15, 19] and len(run) == 5
+    assert len(Run(1, 0, 10)) == 10
+
+
+def test_distinct_moments_groups_starts_within_a_span():
+    span = 31
+    assert distinct_moments([0, 0, 0], [0, 31, 62], span) == 1  # each within one span of the next: one chain
+    assert distinct_moments([0, 0, 0], [0, 32, 64], span) == 3
+    assert distinct_moments([0, 1], [5, 5], span) == 2  # other video, other moment
+    assert distinct_moments([0, 0, 0, 0], [500, 0, 10, 480], span) == 2  # order does not matter
+    assert distinct_moments([], [], span) == 0
+    assert mean_pairwise_gap([0, 0, 0], [0, 10, 30]) == pytest.approx((10 + 30 + 20) / 3)
+    assert math.isnan(mean_pairwise_gap([0, 1], [0, 10]))  # no pair of one video
+
+
+@pytest.mark.parametrize(
+    ("num_starts", "num_shards", "workers", "batch", "cursors", "step"),
+    [
+        ([5000, 1234, 777], 6, 3, 4, 8, 4),
+        ([1003], 4, 2, 2, 4, 3),
+        ([50], 4, 2, 2, 8, 1),
+        ([20_000], 1, 1, 6, 12, 6),
+    ],
+)
+def test_shards_cover_every_start_once(num_starts, num_shards, workers, batch, cursors, step):
+    plans = all_plans(
+        num_starts, num_shards, workers_per_rank=workers, batch_size=batch, cursors=cursors, start_step=step
+    )
+    clips = emitted(plans)
+    assert len(clips) == len(set(clips)), "a start was emitted twice"
     total = sum(num_starts)
-    assert len(emitted) == total - total % num_shards
-    everything = {(v, s) for v, n in enumerate(num_starts) for s in range(n)}
-    assert set(emitted) <= everything
-    assert {len(p) for p in plans} == {total // num_shards}
+    assert {len(p) for p in plans} == {clips_per_shard(num_starts, num_shards, batch)}
+    assert len(plans[0]) % batch == 0
+    assert total - len(clips) < num_shards * batch
+    assert set(clips) <= {(v, s) for v, n in enumerate(num_starts) for s in range(n)}
+    for plan in plans:  # every clip lies on its run's lattice of starts, and a run never leaves its video
+        for r, start in zip(plan.run_index.tolist(), plan.starts.tolist(), strict=True):
+            run = plan.runs[r]
+            assert run.start <= start < run.stop and (start - run.start) % step == 0
+            assert run.stop <= num_starts[run.video]
 
 
-def test_shards_are_whole_batches_and_equal():
-    plans = all_plans([1000, 333], 4, multiple_of=6)
-    assert {len(p) for p in plans} == {clips_per_shard([1000, 333], 4, 6)}
-    assert len(plans[0]) % 6 == 0
-
-
-def test_same_seed_same_plan_and_epochs_differ():
-    a = all_plans([3000], 2, epoch=1, seed=7)
-    b = all_plans([3000], 2, epoch=1, seed=7)
-    c = all_plans([3000], 2, epoch=2, seed=7)
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x.starts, y.starts)
-        np.testing.assert_array_equal(x.run_index, y.run_index)
-    assert not np.array_equal(a[0].starts, c[0].starts)
+def test_every_start_once_when_the_shards_divide_it():
+    """2 ranks x 2 workers, batch 5, 4 x 5 x 600 starts: nothing is left out, every start exactly once."""
+    plans = all_plans([6000, 6000], 4, workers_per_rank=2, batch_size=5, cursors=10, start_step=4)
+    assert sorted(emitted(plans)) == [(v, s) for v in range(2) for s in range(6000)]
 
 
 def test_dropped_remainder_rotates_over_epochs():
-    num_starts = [1003]
     seen = set()
     for epoch in range(6):
-        plans = all_plans(num_starts, 4, epoch=epoch, segment_length=100)
-        seen |= {int(s) for p in plans for s in p.starts}
+        seen |= set(emitted(all_plans([1003], 4, epoch=epoch, batch_size=2, cursors=4, start_step=3)))
     assert len(seen) == 1003
 
 
-def test_segments_are_permuted_and_cover_videos():
-    segments = epoch_segments([250, 100], segment_length=100, seed=0, epoch=0)
-    assert sorted((s.video, s.start, s.stop) for s in segments) == [
-        (0, 0, 100),
-        (0, 100, 200),
-        (0, 200, 250),
-        (1, 0, 100),
+def test_same_seed_same_plan_and_epochs_differ():
+    a = all_plans([30_000], 2, epoch=1, seed=7)
+    b = all_plans([30_000], 2, epoch=1, seed=7)
+    c = all_plans([30_000], 2, epoch=2, seed=7)
+    d = all_plans([30_000], 2, epoch=1, seed=8)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x.starts, y.starts)
+        np.testing.assert_array_equal(x.run_index, y.run_index)
+        assert x.runs == y.runs
+    assert not np.array_equal(a[0].starts, c[0].starts)
+    assert not np.array_equal(a[0].starts, d[0].starts)
+
+
+def test_a_cursor_takes_one_residue_and_moves_forward():
+    """The frames a cursor holds are every start_step-th frame: all its starts in a run share one residue; its
+    clips come in increasing order within a run, start_step apart."""
+    (plan,) = all_plans([40_000], 1, batch_size=4, cursors=8, start_step=4)
+    for cursor in range(8):
+        mine = plan.cursor == cursor
+        for r in np.unique(plan.run_index[mine]).tolist():
+            starts = plan.starts[mine & (plan.run_index == r)]
+            assert np.all(np.diff(starts) == 4)
+
+
+def test_consecutive_batches_of_a_worker_use_other_cursors():
+    (plan,) = all_plans([40_000], 1, batch_size=4, cursors=8)
+    cursors = plan.cursor.reshape(-1, 4)
+    for a, b in zip(cursors[:-1], cursors[1:], strict=True):
+        assert len(set(a.tolist())) == 4 and not set(a.tolist()) & set(b.tolist())
+
+
+def test_cursor_order_spreads_or_blocks_the_sets():
+    # wide spacing: sets of every other cursor
+    assert cursor_order(8, 4, worker_spacing=1000.0, span=421).tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    # cursors 12 starts apart, span 31: blocks of 2 neighbours, blocks 36 apart within a set
+    assert cursor_order(8, 4, worker_spacing=12.0, span=31).tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
+
+
+def test_wt_scale_batches_beat_uniform_draws():
+    """configs/wt.yaml at 8 GPUs x 8 workers on a 90-min 60 fps video, batch 16 (index arithmetic over the plan):
+    every batch of rank 0 holds >= 15 distinct moments (median), never < 12; 10 consecutive batches of the rank hold
+    >= 144; pairwise time gaps at least 0.9 x those of uniform draws."""
+    spec = ClipSpec(8, 60)
+    num_starts = [spec.num_starts(324_000)]
+    plans = [
+        plan_shard(
+            num_starts,
+            spec,
+            shard=w,
+            num_shards=64,
+            workers_per_rank=8,
+            batch_size=16,
+            cursors=32,
+            start_step=4,
+            seed=0,
+            epoch=3,
+        )
+        for w in range(8)
     ]
-
-
-def test_interleave_alternates_runs():
-    runs = [Run(0, 0, 3), Run(0, 100, 102), Run(1, 50, 53)]
-    run_index, starts = interleave_order(runs, interleave=2)
-    assert run_index.tolist() == [0, 1, 0, 1, 0, 2, 2, 2]
-    assert starts.tolist() == [0, 100, 1, 101, 2, 50, 51, 52]
-
-
-def test_split_for_interleave_respects_minimum_length():
-    pieces = split_for_interleave([Run(0, 0, 1000)], interleave=4, min_length=200)
-    assert len(pieces) == 4 and sum(len(p) for p in pieces) == 1000
-    assert split_for_interleave([Run(0, 0, 300)], interleave=4, min_length=200) == [Run(0, 0, 300)]
-
-
-def test_shuffle_buffer_is_a_bounded_permutation():
+    per_worker = [batches(p, 16) for p in plans]
+    moments = [distinct_moments(v, s, spec.span) for worker in per_worker for v, s in worker]
+    gaps = [mean_pairwise_gap(v, s) for worker in per_worker for v, s in worker]
+    rank_batches = [b for group in zip(*per_worker, strict=True) for b in group]  # rank batch n: worker n % 8
+    windows = [
+        distinct_moments(
+            np.concatenate([v for v, _ in rank_batches[i : i + 10]]),
+            np.concatenate([s for _, s in rank_batches[i : i + 10]]),
+            spec.span,
+        )
+        for i in range(0, len(rank_batches) - 10, 7)
+    ]
     rng = np.random.default_rng(0)
-    order = shuffle_buffer_order(1000, 32, rng)
-    assert sorted(order.tolist()) == list(range(1000))
-    assert not np.array_equal(order, np.arange(1000))
-    # an item can leave the buffer only after it entered it: position p emits an item inserted before p + 32
-    assert np.all(order[:-32] < np.arange(1000 - 32) + 32)
-    np.testing.assert_array_equal(shuffle_buffer_order(50, 1, rng), np.arange(50))
+    uniform_gap = np.mean(
+        [mean_pairwise_gap(np.zeros(16), rng.integers(0, num_starts[0], 16)) for _ in range(2000)]
+    )
+    assert np.median(moments) >= 15 and min(moments) >= 12
+    assert min(windows) >= 144
+    assert np.mean(gaps) >= 0.9 * uniform_gap
 
 
-def test_shuffle_buffer_mixes_distant_moments():
-    """A batch should mix runs: with interleave and a buffer, consecutive clips rarely come from the same run."""
-    plan = all_plans([20_000], 1, segment_length=2000, interleave=4, shuffle_buffer=256)[0]
-    same_run = np.mean(plan.run_index[1:] == plan.run_index[:-1])
-    assert same_run < 0.5
+@pytest.mark.parametrize(("batch", "least"), [(8, 6), (32, 9)])
+def test_demo_batches_match_uniform_draws(batch, least):
+    """configs/demo.yaml on the bundled video (795 frames, clip_length 4, stride 10, 2 workers)."""
+    spec = ClipSpec(4, 10)
+    num_starts = [spec.num_starts(795)]
+    plans = all_plans(
+        num_starts,
+        2,
+        workers_per_rank=2,
+        clip_length=4,
+        frame_stride=10,
+        batch_size=batch,
+        cursors=2 * batch,
+        start_step=2,
+    )
+    moments = [distinct_moments(v, s, spec.span) for p in plans for v, s in batches(p, batch)]
+    assert np.median(moments) >= least

@@ -21,7 +21,7 @@ SPEC = ClipSpec(clip_length=4, frame_stride=5)
 
 def make_stream(paths, num_workers=0, batch_size=2, **kw) -> VideoClipStream:
     videos = probe_videos(resolve_video_paths(paths), SPEC.span)
-    options = dict(segment_length=60, interleave=3, shuffle_buffer=16, decode_short_side=32) | kw
+    options = dict(cursors=4, start_step=5, decode_short_side=32) | kw
     return VideoClipStream(videos, SPEC, None, batch_size=batch_size, num_workers=num_workers, **options)
 
 
@@ -91,29 +91,39 @@ def test_resume_continues_identically(video_dir, batches_done):
     assert resumed == full[batches_done:]
 
 
-def test_frames_decoded_per_clip_is_close_to_one(tmp_path):
+@pytest.mark.parametrize("start_step", [1, 5])
+def test_frames_decoded_per_clip_match_the_cost_model(tmp_path, start_step):
+    """Each cursor decodes its stretch once: about start_step + cursors x (span + GOP) / starts frames per clip."""
     path = write_video(tmp_path / "long.mp4", 1200, gop=30)
-    stream = make_stream(str(path), segment_length=600, interleave=2, shuffle_buffer=32)
+    stream = make_stream(str(path), cursors=4, start_step=start_step)
     samples = list(stream)
     decoded = sum(s["decoded_frames"] for s in samples)
-    assert decoded / len(samples) <= 1.1
+    starts = stream.num_starts[0]
+    bound = start_step + 4 * (SPEC.span + 30) / starts + 0.2
+    assert start_step <= decoded / len(samples) <= bound
 
 
-def test_memory_is_bounded_by_the_buffer(tmp_path):
-    """Frames held at any time stay near shuffle_buffer x clip_length, however long the video is."""
+def test_memory_per_cursor_is_a_span_over_the_step(tmp_path):
+    """A cursor holds at most the every-start_step-th frames of one clip span, however long the video is; all
+    cursors together at most cursors x that."""
     path = write_video(tmp_path / "long.mp4", 1500, gop=30)
-    stream = make_stream(str(path), segment_length=500, interleave=2, shuffle_buffer=16)
-    held = []
+    stream = make_stream(str(path), cursors=4, start_step=5)
+    held, total = [], []
     original = stream._gather
+    states = set()
 
     def spy(state, start, stats):
         out = original(state, start, stats)
+        states.add(state)
         held.append(len(state.frames))
+        total.append(sum(len(s.frames) for s in states))
         return out
 
     stream._gather = spy
     list(stream)
-    assert max(held) <= 16 * SPEC.clip_length + SPEC.span
+    per_cursor = SPEC.span // 5 + 1
+    assert max(held) <= per_cursor
+    assert max(total) <= 4 * per_cursor
 
 
 def damaged(path: Path, how: str) -> Path:
@@ -179,7 +189,7 @@ def test_transform_gets_a_seeded_generator(video_dir):
 
     videos = probe_videos(resolve_video_paths(str(video_dir)), SPEC.span)
     for _ in range(2):
-        stream = VideoClipStream(videos, SPEC, transform, batch_size=2, num_workers=0, segment_length=60)
+        stream = VideoClipStream(videos, SPEC, transform, batch_size=2, num_workers=0, start_step=5)
         samples = [s for _, s in zip(range(5), stream, strict=False)]
     assert "clip" in samples[0]
     assert seen[:5] == seen[5:] and len(set(seen[:5])) == 5
@@ -198,7 +208,7 @@ def test_frames_are_decoded_in_the_transforms_frame_format(video_dir):
             return {}
 
     videos = probe_videos(resolve_video_paths(str(video_dir)), SPEC.span)
-    options = dict(batch_size=2, num_workers=0, segment_length=60, seed=3, decode_short_side=32)
+    options = dict(batch_size=2, num_workers=0, start_step=5, seed=3, decode_short_side=32)
     rgba_stream = VideoClipStream(videos, SPEC, RGBATransform(), **options)
     assert rgba_stream.pixel_format == "rgba"
     samples = [s for _, s in zip(range(3), rgba_stream, strict=False)]

@@ -57,11 +57,13 @@ class ClipLoader(DataLoader):
 class VideoClipDataModule(pl.LightningDataModule):
     """Clips of ``clip_length`` frames ``frame_stride`` apart, streamed from one or many long videos.
 
-    Each stretch of video is decoded once, sequentially, downscaled at decode time to ``decode_short_side``; clips are
-    cut from the decoded frames (every frame is a clip start), mixed by a shuffle buffer, and multi-cropped on tensors.
-    Time segments of ``segment_length`` clip starts are sharded over (DDP rank x dataloader worker); each start is used
-    at most once per epoch and the order is a function of ``seed`` and the epoch. The position within an epoch is saved
-    in checkpoints, so ``fit --ckpt_path`` continues with the same clips. See docs/data.md.
+    Video is decoded sequentially, downscaled at decode time to ``decode_short_side``, by many decode cursors per
+    dataloader worker, placed far apart in the videos afresh each epoch; a batch holds one clip of each of
+    ``batch_size`` different cursors, so its clips are spread over the videos like independent uniform draws (the
+    official loader's batches), and clips are multi-cropped on tensors. Every frame is a clip start and each start is
+    used at most once per epoch (all but fewer than ranks x workers x batch_size), sharded over (DDP rank x dataloader
+    worker); the order is a function of ``seed`` and the epoch. The position within an epoch is saved in checkpoints,
+    so ``fit --ckpt_path`` continues with the same clips. See docs/data.md.
 
     Args:
         paths: a video file, a folder (searched recursively, e.g. one folder per Walking Tours city), a glob, or a list.
@@ -70,10 +72,14 @@ class VideoClipDataModule(pl.LightningDataModule):
         decode_short_side: scale frames at decode time so the short side is this many pixels (None: native size).
         batch_size: clips per batch per process.
         num_workers: dataloader worker processes per process (0 decodes in the main process).
-        segment_length: clip starts per time segment, the unit that is shuffled and sharded.
-        interleave: runs each worker decodes side by side, so its clips mix distant moments.
-        shuffle_buffer: clips held by each worker's shuffle buffer (memory grows with it; see docs/data.md).
-        seed: seed of the segment order, shuffle buffers and augmentations.
+        cursors: decode cursors per worker, each with one open container and about span / start_step decoded frames
+            in memory (span = (clip_length - 1) x frame_stride + 1); at least batch_size; None: 2 x batch_size, so
+            consecutive batches of a worker come from different cursors.
+        start_step: a cursor takes every start_step-th clip start of its stretch (an epoch still uses every start:
+            the other cursors take the rest); must divide frame_stride. Decoded frames per clip are about
+            start_step + cursors x ranks x workers x (span + GOP / 2) / (clip starts of all videos); memory per
+            cursor falls as 1 / start_step.
+        seed: seed of the cursor placement, the clip order and the augmentations.
         transform: multi-crop augmentation applied to each clip.
         max_decode_retries: consecutive decode errors tolerated in one stretch before the rest of it is skipped.
         decode_threads: FFmpeg decoding threads per worker (0: FFmpeg's choice).
@@ -88,9 +94,8 @@ class VideoClipDataModule(pl.LightningDataModule):
         decode_short_side: int | None = 320,
         batch_size: int = 6,
         num_workers: int = 4,
-        segment_length: int = 3600,
-        interleave: int = 4,
-        shuffle_buffer: int = 256,
+        cursors: int | None = None,
+        start_step: int = 4,
         seed: int = 0,
         transform: ClipMultiCrop | None = None,
         max_decode_retries: int = 3,
@@ -102,19 +107,24 @@ class VideoClipDataModule(pl.LightningDataModule):
         for name, value, low in (
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),
-            ("interleave", interleave, 1),
-            ("shuffle_buffer", shuffle_buffer, 0),
+            ("start_step", start_step, 1),
             ("max_decode_retries", max_decode_retries, 0),
             ("decode_threads", decode_threads, 0),
         ):
             if value < low:
                 raise ValueError(f"data.{name} must be >= {low}, got {value}")
+        if frame_stride % start_step:
+            raise ValueError(
+                f"data.start_step must divide data.frame_stride={frame_stride}, got {start_step}"
+            )
+        if cursors is not None and cursors < batch_size:
+            raise ValueError(f"data.cursors must be >= data.batch_size={batch_size} (or null), got {cursors}")
         if decode_short_side is not None and decode_short_side < 16:
             raise ValueError(f"data.decode_short_side must be >= 16 or null, got {decode_short_side}")
         self.paths = paths
         self.decode_short_side = decode_short_side
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.segment_length, self.interleave, self.shuffle_buffer = segment_length, interleave, shuffle_buffer
+        self.cursors, self.start_step = cursors, start_step
         self.seed = seed
         self.transform = transform if transform is not None else ClipMultiCrop()
         self.max_decode_retries, self.decode_threads, self.pin_memory = (
@@ -152,9 +162,8 @@ class VideoClipDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             rank=rank,
             world_size=world,
-            segment_length=self.segment_length,
-            interleave=self.interleave,
-            shuffle_buffer=self.shuffle_buffer,
+            cursors=self.cursors,
+            start_step=self.start_step,
             seed=self.seed,
             decode_short_side=self.decode_short_side,
             max_decode_retries=self.max_decode_retries,
@@ -180,7 +189,8 @@ class VideoClipDataModule(pl.LightningDataModule):
         return epoch, 0
 
     def train_dataloader(self) -> ClipLoader:
-        """Batches of ``{"global_views": [...], "local_views": [...], "video", "start", "decoded_frames"}``."""
+        """Batches of ``{"global_views": [...], "local_views": [...], "video", "start", "clip_index",
+        "decoded_frames"}``; ``clip_index`` is an int64 (B, 2) tensor of (video index, first frame) per clip."""
         if self.dataset is None:
             self.setup("fit")
         if self.num_workers > 0:
@@ -224,6 +234,8 @@ class VideoClipDataModule(pl.LightningDataModule):
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,
             "world_size": world,
+            "cursors": self.dataset.cursors if self.dataset is not None else self.cursors,
+            "start_step": self.start_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -234,13 +246,21 @@ class VideoClipDataModule(pl.LightningDataModule):
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,
             "world_size": world,
+            "cursors": self.cursors if self.cursors is not None else 2 * self.batch_size,
+            "start_step": self.start_step,
         }
-        changed = {k: (state_dict.get(k), v) for k, v in current.items() if state_dict.get(k) != v}
+        # cursors and start_step are compared only when the checkpoint has them (older checkpoints do not)
+        changed = {
+            k: (state_dict.get(k), v)
+            for k, v in current.items()
+            if state_dict.get(k) != v and (k in state_dict or k not in ("cursors", "start_step"))
+        }
         if changed:
             detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
             raise ValueError(
                 f"cannot resume the clip stream exactly: {detail} differ from the checkpoint; "
-                "resume with the same data.seed, data.batch_size, data.num_workers and number of processes"
+                "resume with the same data.seed, data.batch_size, data.num_workers, data.cursors, data.start_step and "
+                "number of processes"
             )
         self._resume = {"epoch": int(state_dict["epoch"]), "batches_done": int(state_dict["batches_done"])}
         self._iterations = int(state_dict["epoch"])

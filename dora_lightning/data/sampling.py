@@ -1,19 +1,41 @@
 """Which clips each (rank x worker) shard emits in an epoch, and in what order: pure index arithmetic, no decoding.
 
-A clip is ``clip_length`` frames ``frame_stride`` apart; every frame where a whole clip fits is a clip *start*. Each epoch,
-the starts of all videos are cut into segments of ``segment_length`` starts, the segments are permuted with a seed,
-and the permuted sequence is cut into equal contiguous shards, one per (rank x dataloader worker). A shard decodes
-``interleave`` of its runs side by side (far-apart moments of the video) and passes the clips through a shuffle buffer.
-Because the emission order is computed here from indices alone, a resumed run can skip what was consumed without
-decoding it, and the same seed gives the same clips on any machine.
+A clip is ``clip_length`` frames ``frame_stride`` apart; every frame where a whole clip fits is a clip *start*. A batch
+must look like independent uniform draws over all videos (docs/data.md), yet frames are decoded sequentially. So each
+worker keeps ``cursors`` decode cursors at far-apart moments and fills every batch with clips of different cursors.
+
+The epoch plan, from ``(seed, epoch)``:
+
+1. The videos' starts are laid end to end on one axis of N starts. With ``start_step`` s, the starts fall into s
+   residue classes (local start index mod s); a cursor only ever takes starts of one class, so the frames it holds are
+   every s-th frame (s divides ``frame_stride``).
+2. The classes are concatenated, in a seeded order, each rotated to begin at a seeded point ``u`` plus one lane further
+   than the previous class, into a sequence Z of all N starts. Z is cut into C = shards x cursors chunks: one chunk is
+   one cursor's work for the epoch, a stretch of about s x N / C frames of which it takes every s-th start.
+3. The chunks sit ``N / C`` starts apart on the axis (the classes are shifted by one lane each) and all cursors advance
+   at the same pace, so they stay that far apart all epoch. Chunks are dealt to (rank, worker, cursor) by position
+   (lane m -> cursor m // shards, slot m % shards = worker slot x ranks + rank slot, slots permuted each epoch): the
+   cursors of one worker are N / cursors apart, those of one rank N / (cursors x workers) apart.
+4. A worker cycles over its cursors in a fixed order made of ``cursors / batch_size`` sets of ``batch_size`` cursors
+   spread over the whole axis, so a batch takes one clip from each cursor of a set and consecutive batches of a worker
+   use different sets. When a batch's clips cannot all be a clip span apart (batch_size x span > N), the sets are made
+   of small blocks of neighbouring cursors instead, which keeps the blocks more than a span apart.
+
+Every shard gets exactly ``N // shards`` starts and emits the largest multiple of the batch size of them, so every
+start is used at most once per epoch and all but fewer than ``shards x batch_size`` each epoch (those rotate with the
+seeded rotation). Because the emission order is computed from indices alone, a resumed run can skip what was consumed
+without decoding it, and the same seed gives the same clips on any machine.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+PLAN_TAG = 0x5A17  # keeps the plan's random stream apart from other uses of (seed, epoch)
 
 
 @dataclass(frozen=True)
@@ -45,124 +67,90 @@ class ClipSpec:
 
 @dataclass(frozen=True)
 class Run:
-    """A contiguous range of clip starts ``[start, stop)`` in video ``video``, decoded sequentially by one reader."""
+    """Clip starts ``start, start + step, ...`` below ``stop`` in video ``video``, decoded sequentially by one reader."""
 
     video: int
     start: int
     stop: int
+    step: int = 1
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return max(0, -(-(self.stop - self.start) // self.step))
+
+    def starts(self) -> np.ndarray:
+        return np.arange(self.start, self.stop, self.step, dtype=np.int64)
 
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """The clips one shard emits in one epoch: ``runs`` and, in emission order, each clip's run index and start."""
+    """The clips one shard emits in one epoch: ``runs`` and, in emission order, each clip's run index, start and
+    cursor. A cursor works through its runs one after another (at most one reader open per cursor)."""
 
     runs: list[Run]
     run_index: np.ndarray
     starts: np.ndarray
+    cursor: np.ndarray
 
     def __len__(self) -> int:
         return len(self.starts)
 
+    @property
+    def videos(self) -> np.ndarray:
+        """Video index of each emitted clip."""
+        return np.asarray([r.video for r in self.runs], dtype=np.int64)[self.run_index]
 
-def epoch_segments(num_starts: Sequence[int], segment_length: int, seed: int, epoch: int) -> list[Run]:
-    """All segments of all videos, permuted by (seed, epoch)."""
-    if segment_length < 1:
-        raise ValueError(f"data.segment_length must be >= 1, got {segment_length}")
-    segments = [
-        Run(video, begin, min(begin + segment_length, count))
-        for video, count in enumerate(num_starts)
-        for begin in range(0, count, segment_length)
+
+def distinct_moments(videos: np.ndarray, starts: np.ndarray, span: int) -> int:
+    """Distinct moments among clips given by (video, start): per video, the sorted starts are grouped wherever
+    consecutive ones are at most ``span`` frames apart; the number of groups over all videos."""
+    videos, starts = np.asarray(videos, dtype=np.int64), np.asarray(starts, dtype=np.int64)
+    if len(starts) == 0:
+        return 0
+    order = np.lexsort((starts, videos))
+    v, s = videos[order], starts[order]
+    new_group = (v[1:] != v[:-1]) | (s[1:] - s[:-1] > span)
+    return 1 + int(new_group.sum())
+
+
+def mean_pairwise_gap(videos: np.ndarray, starts: np.ndarray) -> float:
+    """Mean |start_i - start_j| over the pairs of clips of the same video (NaN when there is no such pair)."""
+    videos, starts = np.asarray(videos, dtype=np.int64), np.asarray(starts, dtype=np.float64)
+    total, pairs = 0.0, 0
+    for v in np.unique(videos):
+        s = np.sort(starts[videos == v])
+        n = len(s)
+        if n < 2:
+            continue
+        # sum over pairs of (s_j - s_i), i < j, for sorted s: sum_k s_k (2k - n + 1)
+        total += float(np.dot(s, 2 * np.arange(n) - n + 1))
+        pairs += n * (n - 1) // 2
+    return total / pairs if pairs else float("nan")
+
+
+def _residue_class(num_starts: Sequence[int], bases: np.ndarray, step: int, residue: int) -> np.ndarray:
+    """Axis positions of the starts whose index within their video is ``residue`` mod ``step``, in axis order."""
+    parts = [
+        base + np.arange(residue, count, step, dtype=np.int64)
+        for base, count in zip(bases, num_starts, strict=True)
     ]
-    order = np.random.default_rng([seed, epoch]).permutation(len(segments))
-    return [segments[i] for i in order]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def shard_runs(segments: Sequence[Run], shard: int, num_shards: int) -> list[Run]:
-    """The ``shard``-th of ``num_shards`` equal contiguous pieces of the segments' concatenated starts.
+def cursor_order(num_cursors: int, batch_size: int, worker_spacing: float, span: int) -> np.ndarray:
+    """The order in which a worker visits its cursors (numbered by position along the axis), one clip per visit.
 
-    Every shard gets ``total // num_shards`` starts; the remaining ``total % num_shards`` starts at the end of the
-    permuted sequence are left out this epoch (a different few each epoch, like DistributedSampler's drop_last).
+    The cursors form ``num_cursors / batch_size`` interleaved sets, one set per batch: set j holds the blocks of
+    ``b`` neighbouring cursors whose block number is j mod sets. ``b`` is 1 when the set's cursors can all be more than
+    a clip span apart; otherwise it is the smallest block that keeps neighbouring blocks of a set more than a span
+    apart (``worker_spacing``: starts between neighbouring cursors of the worker).
     """
-    per_shard = sum(len(s) for s in segments) // num_shards
-    lo, hi = shard * per_shard, (shard + 1) * per_shard
-    pieces: list[Run] = []
-    offset = 0
-    for seg in segments:
-        seg_lo, seg_hi = offset, offset + len(seg)
-        offset = seg_hi
-        a, b = max(lo, seg_lo), min(hi, seg_hi)
-        if a < b:
-            pieces.append(Run(seg.video, seg.start + a - seg_lo, seg.start + b - seg_lo))
-        if offset >= hi:
-            break
-    return pieces
-
-
-def split_for_interleave(runs: Sequence[Run], interleave: int, min_length: int) -> list[Run]:
-    """Split runs so at least ``interleave`` can be decoded side by side, never below ``min_length`` starts each.
-
-    ``min_length`` keeps the decode overhead bounded: a run of L starts decodes L + span - 1 frames.
-    """
-    runs = list(runs)
-    total = sum(len(r) for r in runs)
-    if len(runs) >= interleave or total == 0:
-        return runs
-    pieces = max(len(runs), min(interleave, total // max(min_length, 1)))
-    if pieces <= len(runs):
-        return runs
-    out: list[Run] = []
-    for run in runs:
-        share = max(1, round(pieces * len(run) / total))
-        bounds = np.linspace(run.start, run.stop, share + 1).round().astype(int)
-        out.extend(
-            Run(run.video, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a
-        )
-    return out
-
-
-def interleave_order(runs: Sequence[Run], interleave: int) -> tuple[np.ndarray, np.ndarray]:
-    """Insertion order of clips: round-robin over ``interleave`` active runs, the next run taking a finished one's slot."""
-    run_index: list[int] = []
-    starts: list[int] = []
-    pending = list(range(len(runs)))[::-1]
-    active = [[i, runs[i].start] for i in (pending.pop() for _ in range(min(interleave, len(pending))))]
-    while active:
-        still_active = []
-        for slot in active:
-            idx, nxt = slot
-            run_index.append(idx)
-            starts.append(nxt)
-            slot[1] += 1
-            if slot[1] < runs[idx].stop:
-                still_active.append(slot)
-            elif pending:
-                new = pending.pop()
-                still_active.append([new, runs[new].start])
-        active = still_active
-    return np.asarray(run_index, dtype=np.int64), np.asarray(starts, dtype=np.int64)
-
-
-def shuffle_buffer_order(count: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Emission order of ``count`` items passed through a shuffle buffer of ``buffer_size`` (a permutation).
-
-    The buffer fills up, then each new item replaces a uniformly drawn buffered item, which is emitted; at the end the
-    buffer is emitted in random order. ``buffer_size <= 1`` keeps the insertion order.
-    """
-    if buffer_size <= 1 or count <= 1:
-        return np.arange(count)
-    size = min(buffer_size, count)
-    buffer = list(range(size))
-    draws = rng.integers(0, size, count - size)
-    out = np.empty(count, dtype=np.int64)
-    for step, item in enumerate(range(size, count)):
-        slot = draws[step]
-        out[step] = buffer[slot]
-        buffer[slot] = item
-    out[count - size :] = np.asarray(buffer)[rng.permutation(size)]
-    return out
+    sets = max(1, num_cursors // max(batch_size, 1))
+    block = 1
+    if sets > 1 and worker_spacing > 0:
+        lanes = math.floor(span / worker_spacing) + 1  # gap in cursor numbers that clears a span
+        block = max(1, math.ceil((lanes - 1) / (sets - 1)))
+    blocks = np.arange(num_cursors) // block
+    return np.lexsort((np.arange(num_cursors), blocks // sets, blocks % sets))
 
 
 def plan_shard(
@@ -171,23 +159,95 @@ def plan_shard(
     *,
     shard: int,
     num_shards: int,
-    segment_length: int,
-    interleave: int,
-    shuffle_buffer: int,
+    batch_size: int,
+    cursors: int,
+    start_step: int = 1,
+    workers_per_rank: int = 1,
     seed: int,
     epoch: int,
-    multiple_of: int = 1,
 ) -> ShardPlan:
-    """The emission plan of one shard for one epoch, truncated to a multiple of ``multiple_of`` clips (whole batches)."""
-    segments = epoch_segments(num_starts, segment_length, seed, epoch)
-    runs = split_for_interleave(
-        shard_runs(segments, shard, num_shards), interleave, min_length=2 * (spec.span - 1)
-    )
-    run_index, starts = interleave_order(runs, interleave)
-    order = shuffle_buffer_order(len(starts), shuffle_buffer, np.random.default_rng([seed, epoch, shard, 1]))
-    keep = len(order) - len(order) % multiple_of
-    order = order[:keep]
-    return ShardPlan(runs=runs, run_index=run_index[order], starts=starts[order])
+    """The emission plan of one shard (``rank * workers_per_rank + worker``) for one epoch: a whole number of batches
+    of ``batch_size`` clips, from ``cursors`` decode cursors (see the module docstring)."""
+    if not 0 <= shard < num_shards or num_shards % workers_per_rank:
+        raise ValueError(f"shard {shard} of {num_shards} with {workers_per_rank} workers per rank")
+    if cursors < 1 or start_step < 1 or batch_size < 1:
+        raise ValueError(
+            f"cursors, start_step and batch_size must be >= 1: {cursors}, {start_step}, {batch_size}"
+        )
+    counts = np.asarray(num_starts, dtype=np.int64)
+    total = int(counts.sum())
+    per_shard = total // num_shards
+    keep = per_shard - per_shard % batch_size
+    empty = np.zeros(0, dtype=np.int64)
+    if keep == 0:
+        return ShardPlan([], empty, empty, empty)
+    ranks = num_shards // workers_per_rank
+    num_chunks = num_shards * cursors
+    lane = total / num_chunks
+    bases = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    rng = np.random.default_rng([seed, epoch, PLAN_TAG])
+    rotation = int(rng.integers(total))
+    class_order = rng.permutation(start_step)
+    worker_slot = rng.permutation(workers_per_rank)
+    rank_slot = rng.permutation(ranks)
+
+    # 2. Z: the residue classes, each rotated to begin one lane after the previous one
+    pieces = []
+    for a, residue in enumerate(class_order.tolist()):
+        cls = _residue_class(counts.tolist(), bases, start_step, residue)
+        begin = int(np.searchsorted(cls, (rotation + a * lane) % total))
+        pieces.append(np.roll(cls, -begin))
+    z = np.concatenate(pieces)[: per_shard * num_shards]
+
+    # 3. chunks of equal size -> their lanes (rank of their first position along the axis from the rotation point)
+    approx = np.round(np.arange(num_chunks) * (len(z) / num_chunks)).astype(np.int64)
+    first = (z[np.minimum(approx, len(z) - 1)] - rotation) % total
+    lane_of_chunk = np.empty(num_chunks, dtype=np.int64)
+    lane_of_chunk[np.argsort(first, kind="stable")] = np.arange(num_chunks)
+    slot, cursor_of_chunk = lane_of_chunk % num_shards, lane_of_chunk // num_shards
+    owner = np.empty(num_shards, dtype=np.int64)  # slot -> shard
+    for rank in range(ranks):
+        for worker in range(workers_per_rank):
+            owner[worker_slot[worker] * ranks + rank_slot[rank]] = rank * workers_per_rank + worker
+    shard_of_chunk = owner[slot]
+    # exact sizes: each shard's per_shard starts split evenly over its cursors (in position order)
+    k = cursor_of_chunk
+    sizes = (k + 1) * per_shard // cursors - k * per_shard // cursors
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+
+    # this shard's cursors: their starts, cut into runs at video changes and jumps
+    runs: list[Run] = []
+    clips: list[
+        tuple[np.ndarray, np.ndarray]
+    ] = []  # per cursor (by position): run index and start of each clip
+    mine = np.flatnonzero(shard_of_chunk == shard)
+    for chunk in mine[np.argsort(k[mine])].tolist():
+        positions = z[bounds[chunk] : bounds[chunk + 1]]
+        video = np.searchsorted(bases, positions, side="right") - 1
+        local = positions - bases[video]
+        cut = np.flatnonzero((video[1:] != video[:-1]) | (local[1:] - local[:-1] != start_step)) + 1
+        run_of = np.zeros(len(positions), dtype=np.int64)
+        for lo, hi in zip(
+            np.concatenate([[0], cut]).tolist(), np.concatenate([cut, [len(positions)]]).tolist(), strict=True
+        ):
+            if hi > lo:
+                run_of[lo:hi] = len(runs)
+                runs.append(Run(int(video[lo]), int(local[lo]), int(local[hi - 1]) + 1, start_step))
+        clips.append((run_of, local))
+
+    # 4. round-robin over the cursors in the batch-set order
+    order = cursor_order(cursors, batch_size, total / cursors, spec.span)
+    longest = max(len(c[1]) for c in clips)
+    run_index = np.full((longest, cursors), -1, dtype=np.int64)
+    starts = np.zeros((longest, cursors), dtype=np.int64)
+    for column, c in enumerate(order.tolist()):
+        run_of, local = clips[c]
+        run_index[: len(local), column] = run_of
+        starts[: len(local), column] = local
+    cursor = np.broadcast_to(order, run_index.shape).ravel()
+    valid = run_index.ravel() >= 0
+    run_index, starts, cursor = run_index.ravel()[valid], starts.ravel()[valid], cursor[valid]
+    return ShardPlan(runs=runs, run_index=run_index[:keep], starts=starts[:keep], cursor=cursor[:keep].copy())
 
 
 def clips_per_shard(num_starts: Sequence[int], num_shards: int, multiple_of: int = 1) -> int:

@@ -1,4 +1,5 @@
-"""The clip stream: an IterableDataset that decodes each shard's runs once and emits clips in the planned order."""
+"""The clip stream: an IterableDataset whose workers each decode many far-apart cursors sequentially and emit clips
+in the planned order (dora_lightning/data/sampling.py: one clip of each of ``batch_size`` cursors per batch)."""
 
 from __future__ import annotations
 
@@ -27,16 +28,20 @@ def clip_seed(seed: int, epoch: int, video: int, start: int) -> int:
 
 
 class _RunState:
-    """Decoding state of one run: its reader, the frames decoded and still needed, and how many clips remain."""
+    """Decoding state of one run: its reader, the frames decoded and still needed, and how many clips remain.
+
+    A run takes every ``run.step``-th start and ``step`` divides the frame stride, so only every ``step``-th frame is
+    ever needed: a cursor holds about span / step frames (the clips it has started but not finished)."""
 
     def __init__(self, run: Run, spec: ClipSpec, pending_starts: np.ndarray) -> None:
         self.run = run
-        self.needed = np.zeros(len(run) + spec.span - 1, dtype=np.int32)
+        self.needed = np.zeros(run.stop - run.start + spec.span - 1, dtype=np.int32)
         offsets = (pending_starts - run.start)[:, None] + spec.frame_stride * np.arange(spec.clip_length)[
             None, :
         ]
         np.add.at(self.needed, offsets.ravel(), 1)
         self.first = int(pending_starts.min()) if len(pending_starts) else run.start
+        self.last_frame = int(pending_starts.max()) + spec.span if len(pending_starts) else run.start
         self.remaining = len(pending_starts)
         self.frames: dict[int, np.ndarray] = {}
         self.head = self.first
@@ -57,7 +62,9 @@ class _RunState:
 class VideoClipStream(IterableDataset):
     """Clips of ``spec`` from ``videos``, sharded over (rank x worker), each multi-cropped by ``transform``.
 
-    Every shard emits the same number of clips per epoch (a whole number of batches), so DDP ranks stay in step and
+    Each worker keeps ``cursors`` decode cursors far apart in the videos, takes every ``start_step``-th clip start
+    inside a cursor's stretch and fills each batch with clips of ``batch_size`` different cursors (the plan:
+    :func:`~dora_lightning.data.sampling.plan_shard`). Every shard emits the same number of clips per epoch (a whole number of batches), so DDP ranks stay in step and
     ``len()`` is exact. ``set_position(epoch, batches_done)`` before iterating resumes mid-epoch: each worker skips the
     batches the previous run consumed and the remaining clips come out in the same order as in an uninterrupted run.
     A clip whose frames cannot be decoded (corrupt or truncated stretch) is replaced by the worker's previous good
@@ -74,9 +81,8 @@ class VideoClipStream(IterableDataset):
         num_workers: int,
         rank: int = 0,
         world_size: int = 1,
-        segment_length: int = 3600,
-        interleave: int = 4,
-        shuffle_buffer: int = 256,
+        cursors: int | None = None,
+        start_step: int = 1,
         seed: int = 0,
         decode_short_side: int | None = None,
         max_decode_retries: int = 3,
@@ -86,7 +92,8 @@ class VideoClipStream(IterableDataset):
         self.videos, self.spec, self.transform = list(videos), spec, transform
         self.batch_size, self.num_workers = batch_size, max(1, num_workers)
         self.rank, self.world_size = rank, world_size
-        self.segment_length, self.interleave, self.shuffle_buffer = segment_length, interleave, shuffle_buffer
+        self.cursors = cursors if cursors is not None else 2 * batch_size
+        self.start_step = start_step
         self.seed, self.decode_short_side = seed, decode_short_side
         self.max_decode_retries, self.decode_threads = max_decode_retries, decode_threads
         self.num_starts = [spec.num_starts(v.num_frames) for v in self.videos]
@@ -121,12 +128,12 @@ class VideoClipStream(IterableDataset):
             self.spec,
             shard=self.rank * self.num_workers + logical_worker,
             num_shards=self.num_shards,
-            segment_length=self.segment_length,
-            interleave=self.interleave,
-            shuffle_buffer=self.shuffle_buffer,
+            batch_size=self.batch_size,
+            cursors=self.cursors,
+            start_step=self.start_step,
+            workers_per_rank=self.num_workers,
             seed=self.seed,
             epoch=self.epoch,
-            multiple_of=self.batch_size,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -195,7 +202,7 @@ class VideoClipStream(IterableDataset):
             state.reader = RangeReader(
                 video,
                 state.first,
-                state.run.stop + self.spec.span - 1,
+                state.last_frame,
                 video.decode_size(self.decode_short_side),
                 state.wanted,
                 stats,
@@ -240,4 +247,10 @@ class VideoClipStream(IterableDataset):
             generator = torch.Generator().manual_seed(clip_seed(self.seed, self.epoch, video, start))
             clip = tensors if getattr(self.transform, "accepts_frame_list", False) else torch.stack(tensors)
             views = self.transform(clip, generator)
-        return {**views, "video": video, "start": start, "decoded_frames": decoded}
+        return {
+            **views,
+            "video": video,
+            "start": start,
+            "clip_index": torch.tensor([video, start], dtype=torch.int64),
+            "decoded_frames": decoded,
+        }
