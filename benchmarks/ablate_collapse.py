@@ -89,7 +89,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
 
     what, method, overrides = VARIANTS[name]
     fit_args = [*overrides, *(f"--data.paths={args.video}" for _ in [0] if args.video)]
-    out_dir = args.output_dir / name
+    out_dir = args.output_dir / (f"{name}@{Path(args.video).stem}" if args.video else name)
     started = time.monotonic()
     comparison = Comparison(
         config=args.config,
