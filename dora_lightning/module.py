@@ -7,13 +7,14 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from dora_lightning.checkpoint_formats import PRETRAIN_KIND
 from dora_lightning.core.ema import ema_update_
 from dora_lightning.core.loss import LossParts, dino_loss, dora_loss, teacher_entropy, update_center
 from dora_lightning.core.schedules import cosine_schedule, linear_warmup_then_constant
-from dora_lightning.core.tracker import TrackerOutput, sample_heads, track_objects
+from dora_lightning.core.tracker import TrackerOutput, head_seed, sample_heads, track_objects
 from dora_lightning.models.backbone import (
     build_vit,
     clip_tracker_inputs,
@@ -80,7 +81,8 @@ class DoRAModule(pl.LightningModule):
         freeze_last_layer_epochs: epochs during which the head's last layer gets no update.
         clip_grad: per-parameter gradient-norm clip (0 disables).
         batch_size: clips per batch per process (linked from ``data.batch_size`` by the CLI).
-        seed: seed of the tracker's head sampling.
+        seed: seed of the tracker's head sampling; each process draws its own heads (stream ``seed + global_rank``,
+            the released code's per-GPU seed), one draw per training batch (``core.tracker.head_seed``).
         log_images_every_n_steps: every N steps, log one clip's object tracks and frame-0 CLS attention per head to
             TensorBoard (0 disables).
         lean_mlp: student MLPs save one hidden activation instead of two (same results, less memory; see
@@ -158,7 +160,9 @@ class DoRAModule(pl.LightningModule):
         self.patch_size = int(student_backbone.patch_embed.patch_size[0])
         self.num_heads = num_heads
         self.register_buffer("center", torch.zeros(1, out_dim))
+        # _track draws from head_generator; training_step reseeds it per batch from (seed + rank, draw count)
         self.head_generator = torch.Generator().manual_seed(seed)
+        self._head_draws = 0
         self._pending_rng: tuple[Tensor, list[Tensor]] | None = None
         self._last_attention: tuple[Tensor, tuple[int, int]] | None = None
 
@@ -292,6 +296,8 @@ class DoRAModule(pl.LightningModule):
         if batch_idx == 0:
             self._check_batch(batch)
         values = self.schedule_values(self.global_step)
+        self.head_generator.manual_seed(head_seed(self.hparams.seed, self.global_rank, self._head_draws))
+        self._head_draws += 1
         parts, teacher, tracked = self.compute_loss(batch, values["teacher_temp"])
         if not torch.isfinite(parts.total):
             raise NonFiniteLossError(
@@ -379,7 +385,7 @@ class DoRAModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dora"] = {
             "kind": PRETRAIN_KIND,
-            "head_generator": self.head_generator.get_state(),
+            "head_draws": self._head_draws,  # the same on every rank: each rank resumes its own stream from it
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -391,7 +397,11 @@ class DoRAModule(pl.LightningModule):
                 "this checkpoint was not written by `dora fit` (no 'dora' section): `fit --ckpt_path` only resumes "
                 "our own runs; evaluate other weights with `dora validate --evaluator NAME --ckpt_path FILE`"
             )
-        self.head_generator.set_state(state["head_generator"])
+        if "head_draws" not in state:
+            rank_zero_warn(
+                "this checkpoint predates per-rank head draws: the tracker's head sequence restarts"
+            )
+        self._head_draws = int(state.get("head_draws", 0))
         self._pending_rng = (state["torch_rng"], state["cuda_rng"])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -62,6 +62,24 @@ def test_head_bottleneck_is_l2_normalised_and_weight_normed():
     torch.testing.assert_close(head(x), z @ w.T, rtol=1e-5, atol=1e-6)
 
 
+def test_head_last_layer_runs_in_fp32_under_bf16_autocast():
+    """The MLP runs in bf16, but the wide last layer gets the fp32 bottleneck and returns fp32 logits (spec G.3)."""
+    torch.manual_seed(0)
+    head = _head(norm_last_layer=False, out_dim=4096)
+    x = torch.randn(6, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(x)
+        bottleneck = head.mlp(x)
+    assert bottleneck.dtype == torch.bfloat16, "the MLP no longer runs under autocast"
+    assert logits.dtype == torch.float32
+    expected = head.last_layer(F.normalize(bottleneck.float(), dim=-1))  # fp32, no autocast
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    rounded = expected.bfloat16().float()
+    assert not torch.equal(logits, rounded), "logits carry no more than bf16 precision"
+    logits.sum().backward()
+    assert head.weight_v.grad.dtype == torch.float32 and head.mlp[0].weight.grad is not None
+
+
 @pytest.mark.parametrize("norm_last_layer", [True, False])
 def test_head_weight_g_frozen_iff_norm_last_layer(norm_last_layer):
     head = _head(norm_last_layer=norm_last_layer)

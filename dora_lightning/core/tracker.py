@@ -16,6 +16,7 @@ Everything runs in float32 with autocast disabled, under ``no_grad`` (the tracke
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,7 @@ __all__ = [
     "TrackerInputs",
     "TrackerOutput",
     "apply_masks",
+    "head_seed",
     "object_masks",
     "object_prototypes",
     "refine_prototypes",
@@ -116,6 +118,17 @@ def _check_heads(heads: Tensor, num_heads: int) -> Tensor:
     if len(set(values)) != k:
         raise ValueError(f"heads must be distinct, got {values}")
     return heads.to(torch.long)
+
+
+def head_seed(seed: int, rank: int, draw: int) -> int:
+    """Seed of the generator for head draw number ``draw`` (0, 1, ...) of process ``rank``.
+
+    Each process has its own stream keyed by ``seed + rank`` (the released code seeds each GPU with ``seed + rank``),
+    and each draw gets a fresh generator seeded by a hash of (``seed + rank``, ``draw``): a draw depends on nothing but
+    these numbers, so a resumed run (on any rank) only needs the draw count, which is the same on every rank.
+    """
+    digest = hashlib.blake2b(f"{seed + rank}:{draw}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: a valid manual_seed
 
 
 def sample_heads(num_heads: int, k: int, generator: torch.Generator) -> Tensor:

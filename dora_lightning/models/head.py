@@ -78,10 +78,14 @@ class DINOHead(nn.Module):
         return self.last_layer.parametrizations.weight.original1
 
     def forward(self, x: Tensor) -> Tensor:
-        """(..., in_dim) features -> (..., out_dim) logits."""
+        """(..., in_dim) features -> (..., out_dim) float32 logits.
+
+        The MLP runs under any active autocast (e.g. bf16); the L2 normalisation and the wide last layer run in float32
+        with autocast disabled (spec G.3), so the logits are never rounded to bf16 before the softmax and the loss.
+        """
         x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2)
-        return self.last_layer(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.last_layer(F.normalize(x.float(), dim=-1, p=2))
 
 
 def cancel_last_layer_grad_(head: nn.Module) -> None:
