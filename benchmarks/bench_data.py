@@ -64,7 +64,9 @@ from benchmarks.make_long_video import DEFAULT_SOURCE, make_video, probe_video, 
 # The official loader measured on a 720p60 GOP-120 video on this machine kind (2 workers, 8 frames, stride 60, 6 locals).
 REFERENCE_OFFICIAL_CLIPS_PER_S = 1.24
 TARGET_SPEEDUP = 50.0
-TARGET_DECODED_PER_CLIP = 1.5
+# spec G.4 (amended 2026-12-04): batch diversity first; <= 16 decoded frames per clip is still 20x below the official
+# loader (~377). The many far-apart cursors per worker decode about start_step + a seek and a span per cursor stretch.
+TARGET_DECODED_PER_CLIP = 16.0
 BUNDLED_VIDEO = REPO_ROOT / "assets" / "video" / "vtest.mp4"
 
 # ---------------------------------------------------------------------------------------------------------------

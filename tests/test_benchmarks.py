@@ -35,6 +35,36 @@ def test_bench_data_quick(tmp_path):
     assert json.dumps(report).count("clips_per_s") >= 2
 
 
+@pytest.mark.slow
+def test_bench_diversity_quick(tmp_path):
+    out = tmp_path / "diversity.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_diversity.py",
+            "--quick",
+            "--decode-batches",
+            "4",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    assert report["machine"] and report["date_utc"]
+    assert set(report["cases"]) == {"wt_8x8", "demo_b8", "demo_b32", "decode"}
+    for case in ("wt_8x8", "demo_b8", "demo_b32"):
+        assert (
+            report["cases"][case]["ours"]["moments_median"] > 0
+            and report["cases"][case]["uniform"]["batches"] > 0
+        )
+    assert (
+        report["cases"]["decode"]["batches"] == 4 and report["cases"]["decode"]["clip_index_mismatches"] == 0
+    )
+
+
 def test_bench_handoff_small(tmp_path):
     out = tmp_path / "handoff.json"
     args = ["--batches", "4", "--warmup", "2", "--rounds", "1", "--batch-size", "2", "--quiet-wait", "0"]
