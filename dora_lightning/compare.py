@@ -28,6 +28,8 @@ import yaml
 __all__ = ["Comparison", "main", "method_config", "summarise"]
 
 METHODS = ("random", "dino", "dora")
+# ClipMultiCrop's arguments that its ``recipe`` sets (dora_lightning.data.multicrop_args.RECIPES)
+RECIPE_ARGUMENTS = ("global_blur_prob", "global_solarize_prob", "local_flip_prob")
 EVALUATORS = ("knn", "linear", "davis")
 # (column title, evaluator, metric key in its results file)
 HEADLINE = (
@@ -45,7 +47,13 @@ COLLAPSE = (
 def method_config(
     base: dict[str, Any], method: str, seed: int, run_dir: Path, max_epochs: int | None
 ) -> dict:
-    """The fit config of ``method`` ("dora" or "dino") for ``seed``, writing everything under ``run_dir``."""
+    """The fit config of ``method`` ("dora" or "dino") for ``seed``, writing everything under ``run_dir``.
+
+    DoRA keeps the base config's transform (one global view per clip). DINO gets DINO's own augmentation: two global
+    views and ``recipe: dino`` (first global view always blurred, the second blurred with p 0.1 and solarised with p
+    0.2, local views flipped with p 0.5; see docs/method.md); the base's own values of the arguments the recipe sets
+    are DoRA's, so they are dropped. Crop sizes, scales and the colour jitter stay the base config's.
+    """
     if method not in ("dora", "dino"):
         raise ValueError(f"method must be 'dora' or 'dino', got {method!r}")
     config = copy.deepcopy(base)
@@ -61,7 +69,12 @@ def method_config(
     data = config.setdefault("data", {})
     data["seed"] = seed
     transform = data.setdefault("transform", {"class_path": "dora_lightning.data.transforms.ClipMultiCrop"})
-    transform.setdefault("init_args", {})["num_global_crops"] = 2 if method == "dino" else 1
+    init_args = transform.setdefault("init_args", {})
+    init_args["num_global_crops"] = 2 if method == "dino" else 1
+    if method == "dino":
+        for name in RECIPE_ARGUMENTS:
+            init_args.pop(name, None)
+        init_args["recipe"] = "dino"
     return config
 
 

@@ -1,10 +1,11 @@
-"""Tests for dora_lightning.data.color_ops (grayscale, HSV and colour jitter on groups of images)."""
+"""Tests for dora_lightning.data.color_ops (grayscale, HSV, colour jitter and solarisation on groups of images)."""
 
 from __future__ import annotations
 
 import colorsys
 import math
 
+import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
@@ -20,6 +21,7 @@ from dora_lightning.data.color_ops import (
     hsv_to_rgb,
     rgb_to_grayscale,
     rgb_to_hsv,
+    solarize,
 )
 
 
@@ -211,3 +213,25 @@ def test_colour_map_uint8_is_the_float_map_rounded():
         torch.ones(n), torch.ones(n), torch.ones(n), torch.zeros(n), torch.zeros(n, dtype=torch.bool)
     )
     assert torch.equal(colour_map_uint8(views, identity, zero), views)
+
+
+def test_solarize_known_pixels_and_pil():
+    """DINO's solarisation (PIL ImageOps.solarize, threshold 128): 8-bit levels >= 128 become 255 - level."""
+    from PIL import Image, ImageOps
+
+    levels = torch.tensor([0, 1, 100, 127, 128, 129, 200, 254, 255], dtype=torch.uint8)
+    expected = torch.tensor([0, 1, 100, 127, 127, 126, 55, 1, 0], dtype=torch.uint8)
+    assert torch.equal(solarize(levels.view(1, 1, 1, -1)).view(-1), expected)
+    pixels = torch.randint(0, 256, (2, 3, 9, 11), dtype=torch.uint8, generator=gen(4))
+    for image in pixels:
+        pil = ImageOps.solarize(Image.fromarray(image.permute(1, 2, 0).numpy()), threshold=128)
+        assert torch.equal(solarize(image), torch.from_numpy(np.array(pil)).permute(2, 0, 1))
+    assert torch.equal(solarize(pixels), TF.solarize(pixels, threshold=128))
+    # float images in [0, high]: solarised then rounded = rounded then solarised (threshold at level 127.5; only
+    # exact half levels, where rounding half up is not symmetric, may differ by one)
+    floats = torch.rand(4, 3, 16, 16, generator=gen(5)) * 255.0
+    floats[0, 0, 0, :4] = torch.tensor([127.49, 127.51, 128.0, 255.0])
+    rounded = (floats + 0.5).to(torch.uint8)
+    assert torch.equal((solarize(floats) + 0.5).to(torch.uint8), solarize(rounded))
+    torch.testing.assert_close(solarize(floats / 255.0, high=1.0), solarize(floats) / 255.0)
+    torch.testing.assert_close(solarize(torch.tensor([0.2, 0.6]), high=1.0), torch.tensor([0.2, 0.4]))

@@ -26,6 +26,12 @@ def test_method_config_changes_only_what_the_comparison_needs(tmp_path):
     assert dino["model"]["method"] == "dino" and dora["model"]["method"] == "dora"
     assert dino["data"]["transform"]["init_args"]["num_global_crops"] == 2
     assert dora["data"]["transform"]["init_args"]["num_global_crops"] == 1
+    # DINO trains with DINO's augmentation, DoRA with the base config's
+    assert dino["data"]["transform"]["init_args"]["recipe"] == "dino"
+    assert dora["data"]["transform"]["init_args"] == {
+        **base["data"]["transform"]["init_args"],
+        "num_global_crops": 1,
+    }
     assert dino["seed_everything"] == dino["data"]["seed"] == 3
     assert (
         dino["trainer"]["max_epochs"] == 5 and dora["trainer"]["max_epochs"] == base["trainer"]["max_epochs"]
@@ -127,3 +133,27 @@ def test_demo_pipeline_at_a_tiny_budget(tmp_path, monkeypatch):
     assert (out / "seed0/dino/fit_config.yaml").is_file() and (
         out / "seed0/dora/eval/knn/results_knn.json"
     ).is_file()
+
+
+def test_dino_gets_dinos_augmentation():
+    """method_config's DINO transform and configs/dino_wt.yaml's are DINO's recipe, whatever DoRA-side values of
+    the recipe's arguments the base config has; configs/wt.yaml's is DoRA's."""
+    from dora_lightning.compare import RECIPE_ARGUMENTS
+    from dora_lightning.data.multicrop_args import RECIPES
+    from dora_lightning.data.transforms import ClipMultiCrop
+
+    assert set(RECIPE_ARGUMENTS) == set(RECIPES["dino"])
+    base = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    base["data"]["transform"]["init_args"].update(global_blur_prob=0.1, local_flip_prob=0.0)
+    dino_args = method_config(base, "dino", 0, Path("run"), None)["data"]["transform"]["init_args"]
+    dora_args = method_config(base, "dora", 0, Path("run"), None)["data"]["transform"]["init_args"]
+    wt_dino = yaml.safe_load((REPO / "configs/dino_wt.yaml").read_text())["data"]["transform"]["init_args"]
+    wt_dora = yaml.safe_load((REPO / "configs/wt.yaml").read_text())["data"]["transform"]["init_args"]
+    for args in (dino_args, wt_dino):
+        t = ClipMultiCrop(**args)
+        assert (t.num_global_crops, t.global_blur_prob, t.global_solarize_prob) == (2, (1.0, 0.1), (0.0, 0.2))
+        assert (t.local_flip_prob, t.local_blur_prob) == (0.5, 0.5)
+    for args in (dora_args, wt_dora):
+        t = ClipMultiCrop(**args)
+        assert (t.num_global_crops, t.global_blur_prob, t.global_solarize_prob) == (1, (0.1,), (0.0,))
+        assert t.local_flip_prob == 0.0

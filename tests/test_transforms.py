@@ -265,7 +265,7 @@ def test_flip_mirrors_global_view(backend):
             torch.testing.assert_close(b, a.flip(-1), rtol=0, atol=1e-4)
             assert not torch.allclose(a, b)
         for a, b in zip(plain["local_views"], flipped["local_views"], strict=True):
-            torch.testing.assert_close(a, b)  # no flip on locals
+            torch.testing.assert_close(a, b)  # local flips are local_flip_prob's (0 by default)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,6 +325,9 @@ def test_colour_ops_leave_unselected_images_alone():
         ({"grayscale_prob": 2.0}, "grayscale_prob"),
         ({"global_blur_prob": -1.0}, "global_blur_prob"),
         ({"local_blur_prob": float("nan")}, "local_blur_prob"),
+        ({"global_solarize_prob": 1.2}, "global_solarize_prob"),
+        ({"local_flip_prob": -0.5}, "local_flip_prob"),
+        ({"recipe": "simclr"}, "recipe"),
         ({"brightness": -0.1}, "brightness"),
         ({"contrast": -1.0}, "contrast"),
         ({"saturation": -0.5}, "saturation"),

@@ -1,4 +1,5 @@
-"""Colour ops for the clip augmentation (spec section C): grayscale, HSV and colour jitter (the blur: :mod:`.blur_ops`).
+"""Colour ops for the clip augmentation (spec section C): grayscale, HSV, colour jitter and solarisation (the blur:
+:mod:`.blur_ops`).
 
 They work on groups of float images (n, 3, H, W) in [0, 1] with per-image parameters (n,), so one call handles many
 views/frames at once; no PIL, no per-image Python loops. The ``*_`` functions work in place (and return ``img``):
@@ -28,10 +29,13 @@ __all__ = [
     "hsv_to_rgb",
     "rgb_to_grayscale",
     "rgb_to_hsv",
+    "solarize",
 ]
 
 # Whether a uint8 RGBA pixel viewed as an int32 word holds R in its low byte, as colour_map_rgbx_uint8 reads it.
 PACKED_PIXELS = sys.byteorder == "little"
+# Solarisation inverts the pixels at or above this 8-bit level (PIL's ImageOps.solarize default, used by DINO).
+SOLARIZE_THRESHOLD = 128
 # ITU-R 601 luma weights, as PIL's convert("L") used by the official code (torchvision uses 0.2989 for R).
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -256,3 +260,16 @@ def apply_colour_affine(img: Tensor, matrix: Tensor, bias: Tensor, high: float) 
         target.addcmul_(planes[:, 1], weights[:, channel, 1])
         target.addcmul_(planes[:, 2], weights[:, channel, 2])
     return out.clamp_(0.0, high).view_as(img)
+
+
+def solarize(img: Tensor, high: float = 255.0) -> Tensor:
+    """PIL's ``ImageOps.solarize(threshold=128)`` (DINO's solarisation) on images with values in [0, ``high``].
+
+    uint8 images: every value ``x >= 128`` becomes ``255 - x``. Float images: every value that would round to an
+    8-bit level ``>= 128`` (``x * 255 / high >= 127.5``) becomes ``high - x``, so a float view solarised and then
+    rounded equals the rounded view solarised. Returns a new tensor of ``img``'s dtype.
+    """
+    if img.dtype == torch.uint8:
+        return torch.where(img >= SOLARIZE_THRESHOLD, 255 - img, img)
+    threshold = (SOLARIZE_THRESHOLD - 0.5) * high / 255.0
+    return torch.where(img >= threshold, high - img, img)

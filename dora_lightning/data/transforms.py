@@ -7,9 +7,9 @@ is turned into DoRA's views with a few hundred tensor ops:
   drawn from a ``torch.Generator``; see :mod:`.crop_boxes`) and composed into frame coordinates, so each view is
   resampled from the frame once: with uint8 antialiased ``F.interpolate`` (default) or ``torchvision.ops.roi_align``
   (one call per view size);
-* colour jitter, grayscale and Gaussian blur (:mod:`.color_ops`) run on groups of images with per-image random
-  parameters, only on the images an op is applied to, in L2-sized chunks; no PIL, no per-frame Python loops in the
-  colour ops.
+* colour jitter, grayscale, Gaussian blur and solarisation (:mod:`.color_ops`) run on groups of images with
+  per-image random parameters, only on the images an op is applied to, in L2-sized chunks; no PIL, no per-frame
+  Python loops in the colour ops.
 
 All randomness comes from the ``torch.Generator`` passed in, so a seeded generator reproduces a clip exactly.
 Tested on CPU (the data-loader workers); tensors stay on the frames' device, but GPU use is untested.
@@ -27,6 +27,18 @@ from torchvision.ops import roi_align
 
 from dora_lightning.data.color_ops import PACKED_PIXELS
 from dora_lightning.data.crop_boxes import ClipBoxes, pixel_box, sample_clip_boxes
+from dora_lightning.data.multicrop_args import (
+    RECIPES,
+    Recipe,
+    check_frames,
+    check_int,
+    check_per_view,
+    check_prob,
+    check_range,
+    check_triple,
+    per_image,
+    recipe_value,
+)
 from dora_lightning.data.view_colour import (
     BLUR_DRAW,
     COLOUR_BACKENDS,
@@ -38,80 +50,27 @@ from dora_lightning.data.view_colour import (
     normalize_views,
 )
 
-__all__ = ["COLOUR_BACKENDS", "CROP_BACKENDS", "OUTPUT_DTYPES", "ClipMultiCrop"]
+__all__ = ["COLOUR_BACKENDS", "CROP_BACKENDS", "OUTPUT_DTYPES", "RECIPES", "ClipMultiCrop"]
 
 CROP_BACKENDS = ("roi_align", "interpolate")
 
 
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_prob(name: str, value: float) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_pair(name: str, value: Sequence[float]) -> tuple[float, float]:
-    if len(value) != 2:
-        raise ValueError(f"{name} must be a pair (lo, hi), got {value!r}")
-    return float(value[0]), float(value[1])
-
-
-def _check_range(name: str, value: Sequence[float], upper: float | None = 1.0) -> tuple[float, float]:
-    lo, hi = _check_pair(name, value)
-    if not (0.0 < lo <= hi and (upper is None or hi <= upper)):
-        bound = "" if upper is None else f" <= {upper:g}"
-        raise ValueError(f"{name} must satisfy 0 < lo <= hi{bound}, got {value!r}")
-    return lo, hi
-
-
-def _check_triple(name: str, value: Sequence[float], positive: bool = False) -> tuple[float, float, float]:
-    if len(value) != 3:
-        raise ValueError(f"{name} must have 3 values (one per RGB channel), got {value!r}")
-    if positive and min(value) <= 0:
-        raise ValueError(f"{name} values must be > 0, got {value!r}")
-    return float(value[0]), float(value[1]), float(value[2])
-
-
-def _check_frames(frames: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
-    """``frames`` as given (a tensor) or as a list, after checking they are T >= 1 non-empty uint8 frames of one
-    shape with 3 or 4 channels."""
-    if not isinstance(frames, Tensor):
-        frames = list(frames)
-        shapes = sorted({tuple(frame.shape) for frame in frames})
-        dtypes = {frame.dtype for frame in frames}
-        if len(shapes) > 1 or len(dtypes) > 1:
-            raise ValueError(
-                f"frames must all have one shape and dtype, got shapes {shapes} and dtypes {dtypes}"
-            )
-        if not frames:
-            raise ValueError("frames must be non-empty, got an empty list")
-        shape, dtype = (len(frames), *shapes[0]), frames[0].dtype
-    else:
-        shape, dtype = tuple(frames.shape), frames.dtype
-    if len(shape) != 4 or dtype != torch.uint8 or shape[-1] not in (3, 4):
-        raise ValueError(f"frames must be uint8 (T, H, W, 3) or (T, H, W, 4), got {dtype} {shape}")
-    if min(shape[:3]) < 1:
-        raise ValueError(f"frames must be non-empty, got shape {shape}")
-    return frames
-
-
 class ClipMultiCrop:
-    """DoRA's multi-crop augmentation of one clip (spec C), for all T frames at once.
+    """DoRA's (``recipe="dora"``, default) or DINO's (``recipe="dino"``) multi-crop augmentation of one clip (spec
+    C), for all T frames at once.
 
     1. One RandomResizedCrop(``pre_crop_size``, ``pre_crop_scale``) region per clip, shared by all frames
        (``pre_crop_size=None``: the whole frame).
     2. ``num_global_crops`` global views: a RandomResizedCrop(``global_size``, ``global_scale``) box in the pre-crop
        and a horizontal flip (``global_flip_prob``), both shared by all frames.
-    3. ``num_local_crops`` local views: a RandomResizedCrop(``local_size``, ``local_scale``) box in the pre-crop per
-       view AND per frame, no flip.
+    3. ``num_local_crops`` local views: a RandomResizedCrop(``local_size``, ``local_scale``) box in the pre-crop and
+       a horizontal flip (``local_flip_prob``), both per view AND per frame.
     4. Per image (view x frame): colour jitter (``jitter_prob``; brightness/contrast/saturation factor in
        [1-x, 1+x], hue shift in [-hue, hue]), grayscale (``grayscale_prob``), Gaussian blur
-       (``global_blur_prob`` / ``local_blur_prob``, sigma in ``blur_sigma`` output pixels). ``colour_backend``
+       (``global_blur_prob`` / ``local_blur_prob``, sigma in ``blur_sigma`` output pixels), then solarisation of
+       global views (``global_solarize_prob``; pixels >= 128 of 255 inverted). ``global_blur_prob`` and
+       ``global_solarize_prob`` take one probability for every global view or a list with one per global view
+       (length ``num_global_crops``). ``colour_backend``
        ``"compiled"`` (default) applies jitter + grayscale as one affine colour map per image (YIQ hue rotation, one
        clamp) with a ``torch.compile``d uint8 kernel and blurs the 8-bit result with two more (eager fallback, one
        warning, where compiling fails); ``"fused"`` is the same map in eager float ops (~2x slower per clip);
@@ -120,6 +79,13 @@ class ClipMultiCrop:
     5. Hand-off: ``output_dtype="uint8"`` (default) returns quantised uint8 views, normalised with ``mean``/``std``
        on the training device by :meth:`normalize` (VideoClipDataModule does this in ``on_after_batch_transfer``),
        which moves 4x fewer bytes from the loader workers; ``"float32"`` returns normalised float views.
+
+    ``recipe`` (``"dora"`` or ``"dino"``) sets the arguments in which DINO's augmentation (Caron et al. 2021)
+    differs from DoRA's and that are left None: ``global_blur_prob`` (DoRA 0.1; DINO [1.0, 0.1]),
+    ``global_solarize_prob`` (0; [0, 0.2]) and ``local_flip_prob`` (0; 0.5); see ``RECIPES`` in
+    :mod:`.multicrop_args` and docs/method.md. An argument given explicitly wins over its recipe's value. DINO's
+    lists have two values, so ``recipe="dino"`` needs ``num_global_crops=2``; in YAML: ``init_args:
+    {num_global_crops: 2, recipe: dino}``.
 
     Crop boxes are composed into frame coordinates, so each view is resampled from the frame once (the official
     code resamples twice: frame -> pre-crop -> view). ``crop_backend="interpolate"`` (the default) rounds the boxes
@@ -144,8 +110,11 @@ class ClipMultiCrop:
         saturation: float = 0.2,
         hue: float = 0.1,
         grayscale_prob: float = 0.2,
-        global_blur_prob: float = 0.1,
+        global_blur_prob: float | list[float] | None = None,
         local_blur_prob: float = 0.5,
+        global_solarize_prob: float | list[float] | None = None,
+        local_flip_prob: float | None = None,
+        recipe: Recipe = "dora",
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
@@ -153,16 +122,16 @@ class ClipMultiCrop:
         colour_backend: Literal["compiled", "fused", "exact"] = "compiled",
         output_dtype: Literal["uint8", "float32"] = "uint8",
     ) -> None:
-        self.global_size = _check_int("global_size", global_size)
-        self.local_size = _check_int("local_size", local_size)
-        self.num_global_crops = _check_int("num_global_crops", num_global_crops)
-        self.num_local_crops = _check_int("num_local_crops", num_local_crops, minimum=0)
-        self.pre_crop_size = None if pre_crop_size is None else _check_int("pre_crop_size", pre_crop_size)
-        self.pre_crop_scale = _check_range("pre_crop_scale", pre_crop_scale)
-        self.global_scale = _check_range("global_scale", global_scale)
-        self.local_scale = _check_range("local_scale", local_scale)
-        self.global_flip_prob = _check_prob("global_flip_prob", global_flip_prob)
-        self.jitter_prob = _check_prob("jitter_prob", jitter_prob)
+        self.global_size = check_int("global_size", global_size)
+        self.local_size = check_int("local_size", local_size)
+        self.num_global_crops = check_int("num_global_crops", num_global_crops)
+        self.num_local_crops = check_int("num_local_crops", num_local_crops, minimum=0)
+        self.pre_crop_size = None if pre_crop_size is None else check_int("pre_crop_size", pre_crop_size)
+        self.pre_crop_scale = check_range("pre_crop_scale", pre_crop_scale)
+        self.global_scale = check_range("global_scale", global_scale)
+        self.local_scale = check_range("local_scale", local_scale)
+        self.global_flip_prob = check_prob("global_flip_prob", global_flip_prob)
+        self.jitter_prob = check_prob("jitter_prob", jitter_prob)
         for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
             if not value >= 0.0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
@@ -172,12 +141,22 @@ class ClipMultiCrop:
         self.contrast = float(contrast)
         self.saturation = float(saturation)
         self.hue = float(hue)
-        self.grayscale_prob = _check_prob("grayscale_prob", grayscale_prob)
-        self.global_blur_prob = _check_prob("global_blur_prob", global_blur_prob)
-        self.local_blur_prob = _check_prob("local_blur_prob", local_blur_prob)
-        self.blur_sigma = _check_range("blur_sigma", blur_sigma, upper=None)
-        self.mean = _check_triple("mean", mean)
-        self.std = _check_triple("std", std, positive=True)
+        self.grayscale_prob = check_prob("grayscale_prob", grayscale_prob)
+        self.recipe = recipe
+        G = self.num_global_crops
+        self.global_blur_prob = check_per_view(
+            "global_blur_prob", recipe_value(recipe, "global_blur_prob", global_blur_prob), G
+        )
+        self.local_blur_prob = check_prob("local_blur_prob", local_blur_prob)
+        self.global_solarize_prob = check_per_view(
+            "global_solarize_prob", recipe_value(recipe, "global_solarize_prob", global_solarize_prob), G
+        )
+        self.local_flip_prob = check_prob(
+            "local_flip_prob", recipe_value(recipe, "local_flip_prob", local_flip_prob)
+        )
+        self.blur_sigma = check_range("blur_sigma", blur_sigma, upper=None)
+        self.mean = check_triple("mean", mean)
+        self.std = check_triple("std", std, positive=True)
         if crop_backend not in CROP_BACKENDS:
             raise ValueError(f"crop_backend must be one of {CROP_BACKENDS}, got {crop_backend!r}")
         self.crop_backend = crop_backend
@@ -210,7 +189,8 @@ class ClipMultiCrop:
         keys = (
             "global_size local_size num_global_crops num_local_crops pre_crop_size pre_crop_scale global_scale "
             "local_scale global_flip_prob jitter_prob brightness contrast saturation hue grayscale_prob "
-            "global_blur_prob local_blur_prob blur_sigma mean std crop_backend colour_backend output_dtype"
+            "global_blur_prob local_blur_prob global_solarize_prob local_flip_prob recipe blur_sigma mean std "
+            "crop_backend colour_backend output_dtype"
         ).split()
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
 
@@ -257,7 +237,7 @@ class ClipMultiCrop:
             local_size)]}``: uint8 in 0..255 (``output_dtype="uint8"``; :meth:`normalize` them) or float32
             normalised with ``mean``/``std``.
         """
-        frames = _check_frames(frames)
+        frames = check_frames(frames)
         T, height, width = len(frames), frames[0].shape[0], frames[0].shape[1]
         G, L = self.num_global_crops, self.num_local_crops
         gs, ls = self.global_size, self.local_size
@@ -265,6 +245,11 @@ class ClipMultiCrop:
         order = torch.randperm(4, generator=generator).tolist()
         u_global = torch.rand(G * T, NUM_DRAWS, generator=generator)
         u_local = torch.rand(L * T, NUM_DRAWS, generator=generator)
+        # Drawn after all of DoRA's draws (so its views are unchanged) and whatever the probabilities: a uniform per
+        # global image for its solarisation and per local image for its flip, (view, frame) order.
+        u_extra = torch.rand(G * T + L * T, generator=generator)
+        solarized = u_extra[: G * T] < per_image(self.global_solarize_prob, T)
+        local_flip = u_extra[G * T :] < self.local_flip_prob
 
         gboxes = boxes.to_frame(boxes.global_boxes)  # (G, 4)
         # Local images are made in the order [jitter only, jitter + blur, blur only, neither] so that both
@@ -276,6 +261,7 @@ class ClipMultiCrop:
         restore = torch.argsort(order_local)
         lboxes = boxes.to_frame(boxes.local_boxes).view(L * T, 4)[order_local]
         lframes = torch.arange(T).repeat(L)[order_local]
+        lflip = local_flip[order_local]
 
         packed = False
         if self.crop_backend == "roi_align":
@@ -288,15 +274,19 @@ class ClipMultiCrop:
             dtype = torch.uint8 if self.colour_backend == "compiled" else torch.float32
             packed = frames[0].shape[-1] == 4 and self.frame_format == "rgba"
             global_out, local_out = self._crop_interpolate(
-                frames, gboxes, boxes.global_flip, lboxes, lframes, dtype, packed
+                frames, gboxes, boxes.global_flip, lboxes, lframes, lflip, dtype, packed
             )
 
         if self.crop_backend == "roi_align":  # (the interpolate backend flips its uint8 crops)
             for v in range(G):  # the flip is shared by all frames of a view
                 if bool(boxes.global_flip[v]):
                     global_out[v * T : (v + 1) * T] = global_out[v * T : (v + 1) * T].flip(-1)
+            flipped = lflip.nonzero().squeeze(1)
+            if flipped.numel():
+                local_out[flipped] = local_out[flipped].flip(-1)
         colour = self.colour
-        global_out = colour_views(global_out, 255.0, u_global, order, self.global_blur_prob, colour, packed)
+        blur_prob = per_image(self.global_blur_prob, T)
+        global_out = colour_views(global_out, 255.0, u_global, order, blur_prob, colour, packed, solarized)
         local_out = colour_views(
             local_out, 255.0, u_local[order_local], order, self.local_blur_prob, colour, packed
         )
@@ -349,11 +339,12 @@ class ClipMultiCrop:
         gflip: Tensor,
         lboxes: Tensor,
         lframes: Tensor,
+        lflip: Tensor,
         dtype: torch.dtype,
         packed: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """As :meth:`_crop_roi_align`, with uint8 antialiased bilinear interpolation of boxes rounded to whole
-        frame pixels. Values in [0, 255], contiguous (n, 3, s, s) of ``dtype``; with ``packed`` (RGBA frames),
+        frame pixels, and the flips (``gflip`` per global view, ``lflip`` per local image) applied. Values in [0, 255], contiguous (n, 3, s, s) of ``dtype``; with ``packed`` (RGBA frames),
         uint8 (n, s, s, 4) as the resampling writes them (no layout copy)."""
         T, (height, width, channels_in), device = len(frames), frames[0].shape, frames[0].device
         gs, ls = self.global_size, self.local_size
@@ -391,9 +382,12 @@ class ClipMultiCrop:
             for v, crop in enumerate(crops):
                 to_planar(crop, global_out[v * T : (v + 1) * T])
         hwc = torch.empty(lboxes.shape[0], ls, ls, channels_in, dtype=torch.uint8, device=device)
-        for i, (box, t) in enumerate(zip(lboxes.tolist(), lframes.tolist(), strict=True)):
+        for i, (box, t, flip) in enumerate(
+            zip(lboxes.tolist(), lframes.tolist(), lflip.tolist(), strict=True)
+        ):
             x0, y0, x1, y1 = pixel_box(box, height, width)
-            hwc[i] = resize(region(t, t + 1, x0, y0, x1, y1), ls)[0]
+            crop = resize(region(t, t + 1, x0, y0, x1, y1), ls)[0]
+            hwc[i] = crop.flip(1) if flip else crop
         if packed:
             return global_out, hwc
         local_out = torch.empty(lboxes.shape[0], 3, ls, ls, dtype=dtype, device=device)

@@ -1,4 +1,5 @@
-"""The colour half of the clip augmentation (spec C): jitter, grayscale, blur and the hand-off format of the views.
+"""The colour half of the clip augmentation (spec C): jitter, grayscale, blur, solarisation and the hand-off format of
+the views.
 
 Three jitter backends work on groups of views (N, 3, S, S) with per-view random draws:
 
@@ -11,6 +12,9 @@ Three jitter backends work on groups of views (N, 3, S, S) with per-view random 
 * ``"fused"``: the same affine map on float views in eager ops, blurred in float, rounded once.
 * ``"exact"``: torchvision's ColorJitter arithmetic, op by op in one random order per clip, clamping after each op,
   with the HSV hue shift (~35 passes over each view).
+
+Every backend solarises the views it is asked to last (after the blur, as DINO's pipeline does): on the 8-bit views
+for ``"compiled"``, on the float views (threshold at the 8-bit level 127.5) for the others.
 
 Views then leave as uint8 (``output_dtype="uint8"``, quantised; 4x less to copy between processes, normalised on
 the device by :func:`normalize_views`) or as float32 already normalised.
@@ -36,6 +40,7 @@ from dora_lightning.data.color_ops import (
     colour_affine,
     colour_matrix,
     rgb_to_grayscale,
+    solarize,
 )
 from dora_lightning.data.compiled_ops import (
     compiled_blur_uint8,
@@ -167,10 +172,15 @@ def _jitter_fused(img: Tensor, params: Tensor, u: Tensor, high: float, s: Colour
 
 
 def _colour_views_compiled(
-    img: Tensor, u: Tensor, blur_prob: float, s: ColourSettings, packed: bool
+    img: Tensor,
+    u: Tensor,
+    blur_prob: float | Tensor,
+    s: ColourSettings,
+    packed: bool,
+    solarized: Tensor | None,
 ) -> Tensor:
     """The ``"compiled"`` backend on uint8 views, planar (N, 3, S, S) or ``packed`` (N, S, S, 4): colour map to
-    planar uint8, then blur and round again."""
+    planar uint8, then blur and round again, then solarise."""
     params = _parameters(u, s).to(device=img.device, dtype=torch.float32)
     factors, _, grey = _jitter_factors(params, u, s)
     matrix, mean_coef = colour_matrix(*factors.cpu().unbind(1), grey)
@@ -183,9 +193,16 @@ def _colour_views_compiled(
         img = compiled_colour_map_uint8(img.contiguous(), matrix, mean_coef)
     blur = lambda x, p, out: compiled_blur_uint8(x, p[:, 4], s.blur_sigma[1])  # noqa: E731
     _apply(img, params, u[:, BLUR_DRAW] < blur_prob, blur, img.shape[0])
+    _solarize(img, params, solarized, 255.0)
     if s.output_dtype == "uint8":
         return img
     return normalize_views(img, s.mean, s.std)
+
+
+def _solarize(img: Tensor, params: Tensor, solarized: Tensor | None, high: float) -> None:
+    """Solarise the views ``solarized`` (N,) bool selects, in place (None: none)."""
+    if solarized is not None:
+        _apply(img, params, solarized, lambda x, p, out: solarize(x, high), img.shape[0])
 
 
 def colour_views(
@@ -193,9 +210,10 @@ def colour_views(
     high: float,
     u: Tensor,
     order: Sequence[int],
-    blur_prob: float,
+    blur_prob: float | Tensor,
     s: ColourSettings,
     packed: bool = False,
+    solarized: Tensor | None = None,
 ) -> Tensor:
     """Colour-augment views (N, 3, S, S) with values in [0, ``high``] and return them in the output format.
 
@@ -205,8 +223,10 @@ def colour_views(
     backend that takes them; ``ClipMultiCrop.frame_format`` asks for RGBA frames only then); the result is planar.
 
     ``u`` (N, NUM_DRAWS) holds each view's uniforms (jitter / grayscale / blur decisions and parameters),
-    ``order`` the clip's jitter-op order (used by the exact backend only). Returns uint8 views in 0..255
-    (``s.output_dtype == "uint8"``) or float32 views normalised with ``s.mean`` / ``s.std``.
+    ``order`` the clip's jitter-op order (used by the exact backend only). ``blur_prob``: one probability for all
+    views, or an (N,) float32 tensor of per-view probabilities (compared with the float32 uniforms, as a float is).
+    ``solarized``: optional (N,) bool, the views to solarise after the blur (drawn by the caller). Returns uint8
+    views in 0..255 (``s.output_dtype == "uint8"``) or float32 views normalised with ``s.mean`` / ``s.std``.
     """
     if packed and not (s.backend == "compiled" and img.dtype == torch.uint8 and PACKED_PIXELS):
         raise ValueError(
@@ -220,7 +240,7 @@ def colour_views(
     if s.backend == "compiled":
         if img.dtype != torch.uint8:  # values stay in [0, high]: rounding half up needs no clamp
             img = img.mul_(255.0 / high).add_(0.5).to(torch.uint8)
-        return _colour_views_compiled(img, u, blur_prob, s, packed)
+        return _colour_views_compiled(img, u, blur_prob, s, packed, solarized)
     params = _parameters(u, s).to(device=img.device, dtype=img.dtype)
     if s.backend == "exact":
         if high != 1.0:
@@ -231,6 +251,7 @@ def colour_views(
         img = _jitter_fused(img, params, u, high, s)
     blur = lambda x, p, out: gaussian_blur(x, p[:, 4], out)  # noqa: E731
     _apply(img, params, u[:, BLUR_DRAW] < blur_prob, blur, n)  # one grouped convolution for all
+    _solarize(img, params, solarized, high)
     if s.output_dtype == "uint8":
         scaled = img.mul_(255.0 / high) if high != 255.0 else img
         # every op keeps values in [0, high] (clamps, convex blur weights): rounding half up needs no clamp
