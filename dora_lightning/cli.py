@@ -72,6 +72,10 @@ class DoraCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.batch_size", "model.batch_size")
         parser.link_arguments("data.seed", "model.seed")
+        from dora_lightning.collapse_guard import CollapseGuard
+
+        # always on, configurable as --collapse_guard.OPTION (every_n_steps: 0 turns it off); docs/training.md
+        parser.add_lightning_class_args(CollapseGuard, "collapse_guard")
         parser.add_subclass_arguments(
             Evaluator,
             "evaluator",
