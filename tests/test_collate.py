@@ -276,3 +276,14 @@ def test_batches_without_tensors_pass_through_the_blocks():
         f"w{w}_{i}.mp4" for w in range(2) for i in range(4)
     )
     assert all(list(batch) == ["path"] for batch in batches) and blocks.reused + blocks.written_new == 0
+
+
+def test_clip_index_pairs_become_a_b_by_2_int64_tensor():
+    samples = [
+        {"clip_index": torch.tensor([v, s], dtype=torch.int64), "start": s}
+        for v, s in [(0, 5), (1, 70), (0, 9)]
+    ]
+    batch = collate_clips(samples)
+    assert batch["clip_index"].dtype == torch.int64 and batch["clip_index"].shape == (3, 2)
+    assert batch["clip_index"].tolist() == [[0, 5], [1, 70], [0, 9]]
+    assert batch["start"].tolist() == [5, 70, 9]

@@ -77,6 +77,19 @@ def test_batches_carry_their_clip_index_as_planned():
     assert torch.equal(batch["clip_index"], torch.stack([batch["video"], batch["start"]], dim=1))
 
 
+@pytest.mark.parametrize(("stride", "step"), [(60, 4), (10, 2), (5, 1), (9, 3)])
+def test_default_start_step_divides_the_stride(stride, step):
+    assert make("unused", frame_stride=stride, start_step=None).start_step == step
+
+
+def test_compact_frames_reach_the_stream(video_dir):
+    dm = make(str(video_dir), compact_frames=True)
+    dm.setup("fit")
+    assert dm.dataset.compact_frames
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["global_views"][0].shape == (3, 4, 3, 32, 32)
+
+
 def test_bundled_video_with_workers():
     dm = make(str(BUNDLED_VIDEO), num_workers=2, frame_stride=10, decode_short_side=64)
     loader = dm.train_dataloader()

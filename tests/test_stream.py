@@ -49,6 +49,36 @@ def test_clips_hold_the_right_frames(video_dir):
             np.testing.assert_array_equal(frame, reference[index])
 
 
+def test_compact_frames_give_the_same_clips(video_dir):
+    """compact_frames keeps the cursors' frames as scaled YUV 4:2:0 VideoFrames and converts them per clip: the same
+    clips, the right frames, the pixels of a plain decode scaled to YUV 4:2:0 and then converted."""
+    plain = make_stream(str(video_dir), seed=2)
+    references = {}
+    for i, v in enumerate(plain.videos):
+        width, height = v.decode_size(32)
+        with av.open(v.path) as container:
+            references[i] = [
+                f.reformat(width, height, "yuv420p", interpolation="AREA").to_ndarray(format="rgb24")
+                for f in container.decode(video=0)
+            ]
+    compact = make_stream(str(video_dir), seed=2, compact_frames=True)
+    held = []
+    original = compact._gather
+
+    def spy(state, start, stats):
+        held.extend(state.frames.values())
+        return original(state, start, stats)
+
+    compact._gather = spy
+    for a, b in zip(plain, compact, strict=True):
+        assert (a["video"], a["start"]) == (b["video"], b["start"])
+        assert b["frames"].shape == a["frames"].shape and b["frames"].dtype == torch.uint8
+        assert [read_pattern_index(f) for f in b["frames"].numpy()] == SPEC.frames(b["start"]).tolist()
+        for frame, index in zip(b["frames"].numpy(), SPEC.frames(b["start"]), strict=True):
+            np.testing.assert_array_equal(frame, references[b["video"]][index])
+    assert held and all(isinstance(f, av.VideoFrame) and f.format.name == "yuv420p" for f in held)
+
+
 def test_native_resolution_when_no_downscale(video_dir):
     stream = make_stream(str(video_dir / "a.mp4"), decode_short_side=None)
     sample = next(iter(stream))

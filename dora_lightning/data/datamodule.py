@@ -78,7 +78,10 @@ class VideoClipDataModule(pl.LightningDataModule):
         start_step: a cursor takes every start_step-th clip start of its stretch (an epoch still uses every start:
             the other cursors take the rest); must divide frame_stride. Decoded frames per clip are about
             start_step + cursors x ranks x workers x (span + GOP / 2) / (clip starts of all videos); memory per
-            cursor falls as 1 / start_step.
+            cursor falls as 1 / start_step. None: the largest divisor of frame_stride up to 4 (4 for the paper's 60).
+        compact_frames: keep each cursor's decoded frames as scaled YUV 4:2:0 (1.5 bytes a pixel instead of RGBA's 4)
+            and convert a frame each time a clip uses it: 3/8 of the frame memory for ~0.4 ms of CPU per frame of a
+            clip at 568x320 (see docs/data.md).
         seed: seed of the cursor placement, the clip order and the augmentations.
         transform: multi-crop augmentation applied to each clip.
         max_decode_retries: consecutive decode errors tolerated in one stretch before the rest of it is skipped.
@@ -95,7 +98,8 @@ class VideoClipDataModule(pl.LightningDataModule):
         batch_size: int = 6,
         num_workers: int = 4,
         cursors: int | None = None,
-        start_step: int = 4,
+        start_step: int | None = None,
+        compact_frames: bool = False,
         seed: int = 0,
         transform: ClipMultiCrop | None = None,
         max_decode_retries: int = 3,
@@ -107,12 +111,15 @@ class VideoClipDataModule(pl.LightningDataModule):
         for name, value, low in (
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),
-            ("start_step", start_step, 1),
             ("max_decode_retries", max_decode_retries, 0),
             ("decode_threads", decode_threads, 0),
         ):
             if value < low:
                 raise ValueError(f"data.{name} must be >= {low}, got {value}")
+        if start_step is None:
+            start_step = max(d for d in range(1, 5) if frame_stride % d == 0)
+        if start_step < 1:
+            raise ValueError(f"data.start_step must be >= 1 or null, got {start_step}")
         if frame_stride % start_step:
             raise ValueError(
                 f"data.start_step must divide data.frame_stride={frame_stride}, got {start_step}"
@@ -124,7 +131,7 @@ class VideoClipDataModule(pl.LightningDataModule):
         self.paths = paths
         self.decode_short_side = decode_short_side
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.cursors, self.start_step = cursors, start_step
+        self.cursors, self.start_step, self.compact_frames = cursors, start_step, compact_frames
         self.seed = seed
         self.transform = transform if transform is not None else ClipMultiCrop()
         self.max_decode_retries, self.decode_threads, self.pin_memory = (
@@ -168,6 +175,7 @@ class VideoClipDataModule(pl.LightningDataModule):
             decode_short_side=self.decode_short_side,
             max_decode_retries=self.max_decode_retries,
             decode_threads=self.decode_threads,
+            compact_frames=self.compact_frames,
         )
         if self.dataset.clips_per_worker == 0:
             total = sum(self.dataset.num_starts)

@@ -40,15 +40,24 @@ class DecodeStats:
         )
 
 
+def to_pixels(frame: np.ndarray | av.VideoFrame, pixel_format: str) -> np.ndarray:
+    """A decoded frame as an (H, W, C) uint8 array in ``pixel_format`` (a compact YUV frame is converted here)."""
+    if isinstance(frame, np.ndarray):
+        return frame
+    return frame.to_ndarray(format=pixel_format, threads=1)
+
+
 class RangeReader:
     """Decodes frames ``[first, stop)`` of one video once, in order, from one open container.
 
     Iterating yields ``(index, frame)`` for every decoded index in range; ``frame`` is an (H, W, 3) uint8 array at
     ``size`` (``pixel_format="rgba"``: (H, W, 4), alpha 255) when ``wanted(index)`` is true and None otherwise
-    (skipping the colour conversion of unneeded frames). With one decoding thread, a frame that is not wanted is not
-    even decoded when nothing refers to it (``skip_frame="NONREF"`` for its packet: the non-reference B-frames of an
-    H.264 stream, about a third of its frames), so a cursor that needs every 4th frame decodes about two thirds of
-    them; such frames are neither yielded nor counted.
+    (skipping the colour conversion of unneeded frames); with ``compact=True`` the frame is instead a scaled YUV 4:2:0
+    ``av.VideoFrame`` (3/8 of the RGBA bytes), which :func:`to_pixels` converts when a clip uses it.
+    With one decoding thread, a frame that is not wanted is not even decoded when nothing refers to it
+    (``skip_frame="NONREF"`` for its packet: the non-reference B-frames of an H.264 stream, about a third of its
+    frames), so a cursor that needs every 4th frame decodes about two thirds of them; such frames are neither yielded
+    nor counted.
     On a decode or demux error it reopens the file and seeks past the bad stretch, at most ``max_retries`` times in a
     row; the frames it could not decode are simply not yielded. The end of the file ends the iteration early.
     """
@@ -64,10 +73,11 @@ class RangeReader:
         max_retries: int = 3,
         threads: int = 1,
         pixel_format: Literal["rgb24", "rgba"] = "rgb24",
+        compact: bool = False,
     ) -> None:
         if pixel_format not in ("rgb24", "rgba"):
             raise ValueError(f"pixel_format must be 'rgb24' or 'rgba', got {pixel_format!r}")
-        self.pixel_format = pixel_format
+        self.pixel_format, self.compact = pixel_format, compact
         self.info, self.first, self.stop, self.size = info, first, stop, size
         self.wanted, self.stats, self.max_retries, self.threads = wanted, stats, max_retries, threads
         self._container: av.container.InputContainer | None = None
@@ -103,8 +113,12 @@ class RangeReader:
             context.skip_frame = "DEFAULT" if wanted else "NONREF"
             yield from context.decode(packet)
 
-    def _convert(self, frame: av.VideoFrame) -> np.ndarray:
+    def _convert(self, frame: av.VideoFrame) -> np.ndarray | av.VideoFrame:
         width, height = self.size
+        if (
+            self.compact
+        ):  # scaled but kept as YUV 4:2:0 (1.5 bytes a pixel); to_pixels converts it when it is used
+            return frame.reformat(width, height, "yuv420p", interpolation="AREA", threads=1)
         # threads=1: swscale's own slice threads would be inherited half-dead by forked dataloader workers and hang them
         return frame.to_ndarray(
             format=self.pixel_format, width=width, height=height, interpolation="AREA", threads=1

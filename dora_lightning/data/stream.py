@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dora_lightning.data.reader import DecodeStats, RangeReader
+from dora_lightning.data.reader import DecodeStats, RangeReader, to_pixels
 from dora_lightning.data.sampling import ClipSpec, Run, ShardPlan, clips_per_shard, plan_shard
 from dora_lightning.data.sources import VideoInfo
 
@@ -64,8 +64,10 @@ class VideoClipStream(IterableDataset):
 
     Each worker keeps ``cursors`` decode cursors far apart in the videos, takes every ``start_step``-th clip start
     inside a cursor's stretch and fills each batch with clips of ``batch_size`` different cursors (the plan:
-    :func:`~dora_lightning.data.sampling.plan_shard`). Every shard emits the same number of clips per epoch (a whole number of batches), so DDP ranks stay in step and
-    ``len()`` is exact. ``set_position(epoch, batches_done)`` before iterating resumes mid-epoch: each worker skips the
+    :func:`~dora_lightning.data.sampling.plan_shard`); ``compact_frames`` keeps the cursors' frames as scaled YUV
+    4:2:0 until a clip uses them (3/8 of the RGBA memory, one colour conversion per frame of each clip). Every shard
+    emits the same number of clips per epoch (a whole number of batches), so DDP ranks stay in step and ``len()`` is
+    exact. ``set_position(epoch, batches_done)`` before iterating resumes mid-epoch: each worker skips the
     batches the previous run consumed and the remaining clips come out in the same order as in an uninterrupted run.
     A clip whose frames cannot be decoded (corrupt or truncated stretch) is replaced by the worker's previous good
     clip with fresh augmentation and counted, keeping the counts equal; a warning names the file.
@@ -87,6 +89,7 @@ class VideoClipStream(IterableDataset):
         decode_short_side: int | None = None,
         max_decode_retries: int = 3,
         decode_threads: int = 1,
+        compact_frames: bool = False,
     ) -> None:
         super().__init__()
         self.videos, self.spec, self.transform = list(videos), spec, transform
@@ -96,6 +99,7 @@ class VideoClipStream(IterableDataset):
         self.start_step = start_step
         self.seed, self.decode_short_side = seed, decode_short_side
         self.max_decode_retries, self.decode_threads = max_decode_retries, decode_threads
+        self.compact_frames = compact_frames
         self.num_starts = [spec.num_starts(v.num_frames) for v in self.videos]
         self.epoch, self.batches_done = 0, 0
 
@@ -209,6 +213,7 @@ class VideoClipStream(IterableDataset):
                 self.max_decode_retries,
                 self.decode_threads,
                 self.pixel_format,
+                self.compact_frames,
             )
             state.iterator = iter(state.reader)
         last = int(clip[-1])
@@ -240,7 +245,7 @@ class VideoClipStream(IterableDataset):
         return frames
 
     def _sample(self, frames: list[np.ndarray], video: int, start: int, decoded: int) -> dict[str, Any]:
-        tensors = [torch.from_numpy(frame) for frame in frames]
+        tensors = [torch.from_numpy(to_pixels(frame, self.pixel_format)) for frame in frames]
         if self.transform is None:
             views: dict[str, Any] = {"frames": torch.stack(tensors)}
         else:
