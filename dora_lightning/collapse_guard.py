@@ -40,9 +40,9 @@ log = logging.getLogger(__name__)
 ENTROPY_METRIC = "train/teacher_entropy"
 DOC_SECTION = "docs/troubleshooting.md#collapse"
 _CAUSES = (
-    "Usual causes: batches of near-identical clips (raise data diversity: more or longer videos, data.interleave, "
-    "data.shuffle_buffer, data.segment_length, data.frame_stride), a learning rate too high (model.base_lr) or a "
-    "small batch (data.batch_size)"
+    "Usual causes: batches of near-identical clips (data diversity: more or longer videos in data.paths, data.cursors "
+    "at least 2 x data.batch_size, a larger data.frame_stride), a learning rate too high (model.base_lr) or a small "
+    "batch (data.batch_size)"
 )
 
 
