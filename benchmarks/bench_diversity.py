@@ -45,6 +45,7 @@ from dora_lightning.data.sampling import (  # noqa: E402
 )
 
 BUNDLED_VIDEO = REPO_ROOT / "assets" / "video" / "vtest.mp4"
+PHOTO_WALK_FRAMES = 1280  # assets/video/photo_walk.mp4, configs/demo.yaml's video
 WINDOW = 10  # consecutive batches of one rank
 
 
@@ -338,6 +339,16 @@ def main(argv: list[str] | None = None) -> dict:
             workers=demo["num_workers"],
             batch=32,
             cursors=None,
+            start_step=demo["start_step"],
+            **common,
+        ),
+        "demo_photo_walk_b8": plan_case(  # the demo's own video since issue 13 (1280 frames, 32 scenes)
+            [PHOTO_WALK_FRAMES],
+            demo_spec,
+            world=1,
+            workers=demo["num_workers"],
+            batch=demo["batch_size"],
+            cursors=demo.get("cursors"),
             start_step=demo["start_step"],
             **common,
         ),

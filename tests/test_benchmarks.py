@@ -54,8 +54,8 @@ def test_bench_diversity_quick(tmp_path):
     )
     report = json.loads(out.read_text())
     assert report["machine"] and report["date_utc"]
-    assert set(report["cases"]) == {"wt_8x8", "demo_b8", "demo_b32", "decode"}
-    for case in ("wt_8x8", "demo_b8", "demo_b32"):
+    assert set(report["cases"]) == {"wt_8x8", "demo_b8", "demo_b32", "demo_photo_walk_b8", "decode"}
+    for case in ("wt_8x8", "demo_b8", "demo_b32", "demo_photo_walk_b8"):
         assert (
             report["cases"][case]["ours"]["moments_median"] > 0
             and report["cases"][case]["uniform"]["batches"] > 0
@@ -146,3 +146,16 @@ def test_bench_data_headline_is_the_median_run():
     assert _rate(chosen) == "66.30 (median of 3: 54.7-78.7)"
     assert median_run([{"clips_per_s": 5.0}, {"clips_per_s": 3.0}])["clips_per_s"] == 3.0  # lower middle
     assert "clips_per_s_runs" not in median_run(runs[:1]) and _rate(runs[0]) == "66.30"
+
+
+def test_diversity_bench_knows_the_demo_videos_length():
+    """bench_diversity's photo-walk case uses the real length of configs/demo.yaml's video."""
+    import yaml
+
+    from benchmarks.bench_diversity import PHOTO_WALK_FRAMES
+    from dora_lightning.data.sources import probe_videos, resolve_video_paths
+
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["data"]["paths"]
+    assert demo.endswith("photo_walk.mp4")
+    (info,) = probe_videos(resolve_video_paths(str(REPO / demo)), min_frames=1)
+    assert info.num_frames == PHOTO_WALK_FRAMES
