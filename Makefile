@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench bench-learning demo format lint clean
+.PHONY: install test test-fast bench bench-learning bench-learning-gpu demo format lint clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ demo: install
 # the same comparison over 3 seeds (mean and spread; docs/benchmarks.md)
 bench-learning: install
 	$(PY) -m dora_lightning.compare --config configs/demo.yaml --output_dir bench_out/learning --seeds 0 1 2
+
+# random init vs DINO vs DoRA at a GPU budget (one GPU, <= 8 min), checked against issue 13's learning targets
+bench-learning-gpu: install
+	benchmarks/bench_learning_gpu.sh bench_out/learning_gpu
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -5,7 +5,8 @@
 #
 # Usage: benchmarks/bench_learning_gpu.sh [OUTPUT_DIR]
 #   PYTHON=python3 benchmarks/bench_learning_gpu.sh "$OUT/learning"   # on the lent GPU machine (docs/benchmarks.md)
-#   EPOCHS=1 ACCELERATOR=cpu PRECISION=32-true BATCH=8 WORKERS=2 benchmarks/bench_learning_gpu.sh /tmp/x  # CPU smoke run
+#   MAX_STEPS=3 EPOCHS=1 ACCELERATOR=cpu PRECISION=32-true BATCH=8 WORKERS=2 benchmarks/bench_learning_gpu.sh /tmp/x
+#     (a CPU smoke run of the script itself, ~4 min on 2 cores; its numbers mean nothing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-bench_out/learning_gpu}
@@ -16,13 +17,14 @@ WORKERS=${WORKERS:-12}
 ACCELERATOR=${ACCELERATOR:-gpu}
 PRECISION=${PRECISION:-bf16-mixed}
 LIMIT_S=${LIMIT_S:-480}
+MAX_STEPS=${MAX_STEPS:--1}    # -1: the epochs decide
 mkdir -p "$OUT_DIR"
 start=$(date +%s)
 timeout "$LIMIT_S" "$PY" -m dora_lightning.compare --config configs/demo.yaml --output_dir "$OUT_DIR" \
   --evaluators knn davis --max_epochs "$EPOCHS" \
   --fit_arg=--trainer.accelerator="$ACCELERATOR" --fit_arg=--trainer.precision="$PRECISION" \
   --fit_arg=--data.batch_size="$BATCH" --fit_arg=--data.num_workers="$WORKERS" \
-  --fit_arg=--trainer.enable_progress_bar=false \
+  --fit_arg=--trainer.enable_progress_bar=false --fit_arg=--trainer.max_steps="$MAX_STEPS" \
   --eval_arg=--trainer.accelerator="$ACCELERATOR" --eval_arg=--trainer.enable_progress_bar=false \
   2>&1 | tee "$OUT_DIR/compare.log"
 echo "wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/compare.log"
