@@ -1,8 +1,8 @@
 """Reading checkpoint files and recognising their layout, for :mod:`dora_lightning.checkpoints`.
 
 :func:`read_checkpoint` loads a file with ``torch.load(..., weights_only=True)`` (``argparse.Namespace``, the ``args``
-of official checkpoints, is allowed) or safetensors; only a file that names one of dora-lightning's own formats is
-unpickled in full when it needs it. :func:`select_backbone` recognises the kind of checkpoint from its content, picks
+of official checkpoints, is allowed) or safetensors; no file is ever unpickled in full (a pickle can run code).
+:func:`select_backbone` recognises the kind of checkpoint from its content, picks
 the teacher's or student's weights with timm key names, and reads or infers (:func:`infer_architecture`) the ViT to
 build for them. The layouts are described in :mod:`dora_lightning.checkpoints`.
 """
@@ -36,7 +36,6 @@ __all__ = [
 
 EXPORT_FORMAT = "dora-lightning/backbone"
 PRETRAIN_KIND = "dora-lightning/pretrain"
-_OWN_MARKERS = (EXPORT_FORMAT, PRETRAIN_KIND)
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _USAGE = "give a checkpoint from `dora fit`, an exported backbone, or an official DINO/DoRA checkpoint"
 # embed dim -> (timm family, depth, heads) of the standard ViTs (DINO / DoRA use 64-dim heads throughout)
@@ -100,16 +99,10 @@ def _is_legacy_torch(path: Path) -> bool:
     return False
 
 
-def _names_own_format(pickled: bytes) -> bool:
-    """Whether a pickle (scanned, not executed) holds one of dora-lightning's format markers."""
-    try:
-        return any(isinstance(arg, str) and arg in _OWN_MARKERS for _, arg, _ in pickletools.genops(pickled))
-    except (ValueError, TypeError):
-        return False
-
-
 def read_checkpoint(path: Path) -> Any:
-    """Load ``path`` on the CPU, safely unless it is one of our own files that needs a full unpickle."""
+    """Load ``path`` on the CPU, always safely: ``torch.load(weights_only=True)`` (or safetensors). No file is ever
+    unpickled in full, whatever it claims to be: a pickle can run code, and our own fit checkpoints and exported
+    backbones hold only tensors, numbers, strings and containers."""
     if not path.exists():
         raise FileNotFoundError(f"'{path}' does not exist; {_USAGE}")
     if path.is_dir():
@@ -133,13 +126,12 @@ def read_checkpoint(path: Path) -> Any:
                 f"'{path}' could not be read by torch.load ({type(err).__name__}: {message.splitlines()[0][:200]}); "
                 "the file is damaged or incomplete: copy or write it again"
             ) from err
-        if pickled is not None and _names_own_format(pickled):
-            return torch.load(path, map_location="cpu", weights_only=False)
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
         what = f"the Python object {found.group(1)}" if found else "Python objects other than tensors"
         raise ValueError(
-            f"'{path}' holds {what}, which torch.load(weights_only=True) refuses, and is not a dora-lightning file; "
-            "if you trust it, re-save just its weights: torch.save(torch.load(path, weights_only=False)[...], 'weights.pth')"
+            f"'{path}' holds {what}, which torch.load(weights_only=True) refuses; checkpoints are never unpickled in "
+            "full (that can run code), whatever they claim to be: if you trust the file, re-save just its weights: "
+            "torch.save(torch.load(path, weights_only=False)[...], 'weights.pth')"
         ) from err
 
 

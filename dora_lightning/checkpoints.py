@@ -11,7 +11,7 @@ Three kinds of file are recognised by their content, not their name:
   architecture is inferred from the weights. ``.safetensors`` files holding such a state dict work as well.
 
 Files are read with ``torch.load(..., weights_only=True)`` (``argparse.Namespace``, the ``args`` of official
-checkpoints, is allowed); only a file that names one of dora-lightning's own formats is unpickled in full when it needs it
+checkpoints, is allowed), never unpickled in full: a pickle can run code, whatever format it claims
 (:mod:`dora_lightning.checkpoint_formats` reads and recognises the files).
 """
 

@@ -178,18 +178,33 @@ def test_other_img_size_interpolates_pos_embed(trained, tmp_path):
     assert features(plain, x).shape == (1, 37, 48)
 
 
-def test_own_file_with_pickled_objects_still_loads(trained, images, tmp_path):
-    """Only files naming a dora-lightning format are unpickled in full; others are refused, naming the object."""
+class _RunsCode:
+    """Unpickling this calls ``Path.touch`` on the given file: a stand-in for a payload."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_no_file_is_ever_unpickled_in_full(trained, images, tmp_path):
+    """A file that names a dora-lightning format in its pickle but holds other objects is refused like any other: its
+    objects never run (issue 14: a crafted file holding the format string ran its payload). Our own files load safely."""
     module, ckpt = trained
-    payload = torch.load(export_backbone(ckpt, tmp_path / "a.pth"), weights_only=True)
-    payload["source"] = pathlib.PurePosixPath("runs/last.ckpt")  # not allowed by weights_only
-    torch.save(payload, tmp_path / "own.pth")
-    same(features(load_backbone(tmp_path / "own.pth")[0], images), features(module.teacher.backbone, images))
+    exported = export_backbone(ckpt, tmp_path / "a.pth")
+    same(features(load_backbone(exported)[0], images), features(module.teacher.backbone, images))
+    same(features(load_backbone(ckpt)[0], images), features(module.teacher.backbone, images))
+    marker = tmp_path / "payload_ran"
+    payload = torch.load(exported, weights_only=True)
+    for name, extra in (("crafted.pth", _RunsCode(marker)), ("own.pth", pathlib.PurePosixPath("x"))):
+        torch.save({**payload, "source": extra, "kind": "dora-lightning/pretrain"}, tmp_path / name)
+        with pytest.raises(ValueError, match=r"refuses; checkpoints are never unpickled in full"):
+            load_backbone(tmp_path / name)
+    assert not marker.exists()
     foreign = dict(payload["state_dict"]) | {"meta": pathlib.PurePosixPath("x")}
     torch.save({"teacher": foreign}, tmp_path / "foreign.pth")
-    with pytest.raises(
-        ValueError, match=r"holds the Python object pathlib.*PurePosixPath.*not a dora-lightning file"
-    ):
+    with pytest.raises(ValueError, match=r"holds the Python object pathlib.*PurePosixPath"):
         load_backbone(tmp_path / "foreign.pth")
 
 
