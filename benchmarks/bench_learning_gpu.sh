@@ -11,8 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-bench_out/learning_gpu}
 PY=${PYTHON:-.venv/bin/python}
-EPOCHS=${EPOCHS:-40}          # 40 passes over the 1250 clips of assets/video/photo_walk.mp4 at batch 64: 780 steps
-BATCH=${BATCH:-64}
+EPOCHS=${EPOCHS:-20}          # 20 passes over the ~1250 clips of assets/video/photo_walk.mp4 at batch 32: 780 steps
+BATCH=${BATCH:-32}
+# the demo's learning rate per clip: base_lr x batch / 256 = 6.25e-4 as at the demo's batch 8 (which learns on the CPU)
+BASE_LR=${BASE_LR:-$(awk -v b="$BATCH" 'BEGIN { print 0.16 / b }')}
 WORKERS=${WORKERS:-12}
 ACCELERATOR=${ACCELERATOR:-gpu}
 PRECISION=${PRECISION:-bf16-mixed}
@@ -23,7 +25,7 @@ start=$(date +%s)
 timeout "$LIMIT_S" "$PY" -m dora_lightning.compare --config configs/demo.yaml --output_dir "$OUT_DIR" \
   --evaluators knn davis --max_epochs "$EPOCHS" \
   --fit_arg=--trainer.accelerator="$ACCELERATOR" --fit_arg=--trainer.precision="$PRECISION" \
-  --fit_arg=--data.batch_size="$BATCH" --fit_arg=--data.num_workers="$WORKERS" \
+  --fit_arg=--data.batch_size="$BATCH" --fit_arg=--data.num_workers="$WORKERS" --fit_arg=--model.base_lr="$BASE_LR" \
   --fit_arg=--trainer.enable_progress_bar=false --fit_arg=--trainer.max_steps="$MAX_STEPS" \
   --eval_arg=--trainer.accelerator="$ACCELERATOR" --eval_arg=--trainer.enable_progress_bar=false \
   2>&1 | tee "$OUT_DIR/compare.log"
