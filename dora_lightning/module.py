@@ -50,6 +50,28 @@ def per_parameter_clip_(parameters: list[nn.Parameter], max_norm: float) -> None
             param.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
+def close_finished_epoch(checkpoint: dict[str, Any]) -> None:
+    """Mark the epoch of a checkpoint written at its end (``on_train_epoch_end``: every_n_epochs) as completed.
+
+    Lightning counts such an epoch processed but not completed. With ``max_epochs`` it then closes it on restart, but
+    with ``max_steps`` (iteration-based training) it restarts inside it and trains one batch past its end before the
+    next epoch; a completed epoch and a fresh batch count make it start the next epoch as an uninterrupted run does.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if epochs is None or batches is None:
+        return
+    current, total = epochs["current"], epochs["total"]
+    if not (
+        current["ready"] == current["started"] == current["processed"] == current["completed"] + 1
+        and total["processed"] == total["completed"] + 1
+    ):
+        return
+    current["completed"], total["completed"] = current["processed"], total["processed"]
+    batches["current"] = dict.fromkeys(batches["current"], 0)
+    batches["is_last_batch"] = False
+
+
 class DoRAModule(pl.LightningModule):
     """DoRA pretraining (spec A with the corrections of G.1), or the DINO baseline on the same clips.
 
@@ -403,6 +425,7 @@ class DoRAModule(pl.LightningModule):
             )
         self._head_draws = int(state.get("head_draws", 0))
         self._pending_rng = (state["torch_rng"], state["cuda_rng"])
+        close_finished_epoch(checkpoint)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """After a resume, restore the RNG states here, so the loader's start-up draws do not shift drop-path masks."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -127,6 +128,42 @@ def test_state_dict_roundtrip_resumes_mid_epoch(video_dir):
     resumed = make(str(video_dir))
     resumed.load_state_dict(dm.state_dict() | {"epoch": 0, "batches_done": 5})
     assert [b["start"].tolist() for b in islice(resumed.train_dataloader(), 7)] == full[5:]
+
+
+def fake_trainer(current_epoch: int, processed: int = 0, per_epoch: int | None = None) -> SimpleNamespace:
+    """What the data module reads of a Trainer: its epoch counter, batches processed in the epoch and their number."""
+    progress = SimpleNamespace(current=SimpleNamespace(processed=processed))
+    return SimpleNamespace(
+        current_epoch=current_epoch,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+        num_training_batches=per_epoch if per_epoch is not None else float("inf"),
+        global_rank=0,
+        world_size=1,
+    )
+
+
+def test_state_dict_after_an_epochs_last_batch_is_the_next_epochs_start(video_dir):
+    """A checkpoint written at an epoch's end (or on its last batch) saves the next batch's position: (epoch + 1, 0)."""
+    dm = make(str(video_dir))
+    dm.setup("fit")
+    dm.trainer = fake_trainer(2, processed=7, per_epoch=7)
+    assert (dm.state_dict()["epoch"], dm.state_dict()["batches_done"]) == (3, 0)
+
+
+def test_loaded_position_wins_over_the_trainer_epoch_until_a_batch_comes(video_dir):
+    """Lightning iterates the loader before it restores current_epoch after an end-of-epoch checkpoint (and may
+    iterate it twice): the checkpoint's position holds until its iteration yields a batch, then the trainer leads."""
+    plain = make(str(video_dir))
+    loader = plain.train_dataloader()
+    epochs = [[b["start"].tolist() for b in islice(loader, 3)] for _ in range(3)]  # epochs 0, 1, 2
+    dm = make(str(video_dir))
+    dm.trainer = fake_trainer(0)  # a stale counter: the checkpoint is at the start of epoch 1
+    dm.load_state_dict(plain.state_dict() | {"epoch": 1, "batches_done": 0})
+    loader = dm.train_dataloader()
+    iter(loader)  # an iteration that yields nothing does not use up the checkpoint's position
+    assert [b["start"].tolist() for b in islice(loader, 3)] == epochs[1]
+    dm.trainer.current_epoch = 2
+    assert [b["start"].tolist() for b in islice(loader, 3)] == epochs[2]
 
 
 def test_resume_with_other_workers_is_refused(video_dir):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,7 +27,8 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 
 
 class ClipLoader(DataLoader):
-    """A DataLoader that tells its stream where to start (epoch, batches already done) each time it is iterated.
+    """A DataLoader that tells its stream where to start (epoch, batches already done) each time it is iterated,
+    and calls ``on_first_batch`` when an iteration yields its first batch.
 
     Batches are made by :func:`collate_clips` (one memory block per batch); with worker processes and no pinning,
     each iteration's workers reuse their shared-memory blocks once the training process has freed the batches in
@@ -35,10 +36,15 @@ class ClipLoader(DataLoader):
     """
 
     def __init__(
-        self, dataset: VideoClipStream, position: Any, recycle_blocks: bool = True, **kwargs: Any
+        self,
+        dataset: VideoClipStream,
+        position: Callable[[], tuple[int, int]],
+        recycle_blocks: bool = True,
+        on_first_batch: Callable[[], None] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(dataset, collate_fn=collate_clips, **kwargs)
-        self._position = position
+        self._position, self._on_first_batch = position, on_first_batch
         self.recycle_blocks = recycle_blocks
 
     def __iter__(self) -> Iterator[Any]:
@@ -46,12 +52,21 @@ class ClipLoader(DataLoader):
         self.dataset.set_position(epoch, batches_done)
         if not self.recycle_blocks or self.num_workers == 0 or self.pin_memory or self.persistent_workers:
             self.collate_fn = collate_clips
-            return super().__iter__()
+            return self._started(super().__iter__())
         blocks = RecycledBlocks(
             self.num_workers, blocks_per_worker=self.prefetch_factor + 2, context=self.multiprocessing_context
         )
         self.collate_fn = blocks.collate  # read by the iterator created below, and by its workers only
-        return blocks.batches(super().__iter__())
+        return self._started(blocks.batches(super().__iter__()))
+
+    def _started(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """``batches``, calling ``on_first_batch`` (if given) when the first one comes."""
+        first = self._on_first_batch
+        for batch in batches:
+            if first is not None:
+                first()
+                first = None
+            yield batch
 
 
 class VideoClipDataModule(pl.LightningDataModule):
@@ -186,15 +201,35 @@ class VideoClipDataModule(pl.LightningDataModule):
             )
 
     def _position(self) -> tuple[int, int]:
-        """(epoch, batches already done in it) for the iteration that is starting."""
+        """(epoch, batches already done in it) for the iteration that is starting.
+
+        After ``load_state_dict``, iterations start at the checkpoint's position until one of them yields a batch,
+        whatever the trainer's counters say: Lightning restores ``current_epoch`` only after it first iterates the
+        loader, and may iterate it more than once at a restart."""
+        if self._resume is not None:
+            epoch, batches_done = self._resume["epoch"], self._resume["batches_done"]
+            if (
+                batches_done >= len(self.dataset) // self.batch_size
+            ):  # a checkpoint of an older version, at an epoch's end
+                epoch, batches_done = epoch + 1, 0
+            self._iterations = epoch + 1
+            return epoch, batches_done
         if self.trainer is not None:
-            epoch = self.trainer.current_epoch
-        else:
-            epoch, self._iterations = self._iterations, self._iterations + 1
-        resume, self._resume = self._resume, None
-        if resume is not None and resume["epoch"] == epoch:
-            return epoch, resume["batches_done"]
+            return self.trainer.current_epoch, 0
+        epoch, self._iterations = self._iterations, self._iterations + 1
         return epoch, 0
+
+    def _resume_started(self) -> None:
+        """The iteration that started at the checkpoint's position has produced its first batch."""
+        self._resume = None
+
+    def _batches_per_epoch(self) -> int | None:
+        """Batches in a training epoch: the trainer's count (fewer with limit_train_batches), else the stream's."""
+        if self.dataset is None:
+            return None
+        if self.trainer is not None and isinstance(self.trainer.num_training_batches, int):
+            return self.trainer.num_training_batches
+        return len(self.dataset) // self.batch_size
 
     def train_dataloader(self) -> ClipLoader:
         """Batches of ``{"global_views": [...], "local_views": [...], "video", "start", "clip_index",
@@ -209,11 +244,16 @@ class VideoClipDataModule(pl.LightningDataModule):
         return ClipLoader(
             self.dataset,
             self._position,
+            on_first_batch=self._resume_started,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             drop_last=True,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=False,
+            # the loader draws its workers' base seed at each iteration; from its own generator, so that the global
+            # RNG (drop path) is the same after a resume at an epoch's start as in an uninterrupted run (the clips and
+            # their augmentations do not depend on it: they are seeded by data.seed, the epoch and the clip)
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -229,11 +269,16 @@ class VideoClipDataModule(pl.LightningDataModule):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The loader's position: epoch and batches done in it, with what must match for an exact resume."""
+        """The position of the next batch to produce, (epoch, batches done in it), with what must match for an exact
+        resume; after an epoch's last batch it is (next epoch, 0), so a checkpoint written at an epoch's end or on its
+        last batch resumes at the next epoch's start."""
         epoch, batches = self._iterations, 0
         if self.trainer is not None:
             epoch = self.trainer.current_epoch
             batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            per_epoch = self._batches_per_epoch()
+            if per_epoch is not None and batches >= per_epoch:
+                epoch, batches = epoch + 1, 0
         rank, world = self._rank_and_world()
         return {
             "epoch": epoch,
@@ -247,7 +292,7 @@ class VideoClipDataModule(pl.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Remember the saved position; the next iteration of that epoch skips the batches already done."""
+        """Remember the saved position: the next iteration starts there (skipping the batches already done)."""
         _, world = self._rank_and_world()
         current = {
             "seed": self.seed,
