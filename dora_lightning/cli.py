@@ -8,6 +8,7 @@ the DoRA module; see docs/plugins.md. Without ``--evaluator``, ``dora validate``
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from collections.abc import Sequence
@@ -18,11 +19,19 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from dora_lightning.data.datamodule import VideoClipDataModule
+from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, wants_traceback
 from dora_lightning.module import DoRAModule
 from evaluators.base import EvaluationDataError, Evaluator, evaluator_name
 
 _EVALUATOR_FLAGS = ("--evaluator", "--evaluator.help", "--evaluator.class_path")
 _CKPT_KINDS = "a `dora fit` .ckpt, a dora-export backbone or an official DINO/DoRA checkpoint"
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # `--ckpt_path` values Lightning resolves itself
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# the files whose ValueError / FileNotFoundError (RuntimeError: data/ only) are our messages about the user's data,
+# config or checkpoint, not bugs: the data module, the model's and collapse guard's argument checks, checkpoint reading
+_USER_ERROR_FILES = ("data", "module.py", "collapse_guard.py", "checkpoints.py", "checkpoint_formats.py")
+_WORKER_FRAME = re.compile(r'File "([^"]+)", line \d+')
 
 
 def _resolve_evaluator_value(value: str) -> str:
@@ -43,14 +52,103 @@ def _one_line(err: BaseException) -> str:
 
     An error raised in a DataLoader worker comes back re-raised with the worker's traceback in its message
     (``Caught X in DataLoader worker process 0. Original Traceback ...``); its last line holds the original message,
-    after ``module.Class: ``.
+    after ``module.Class: `` (``Class: `` for builtins). Any other message on several lines is joined into one.
     """
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if len(lines) <= 1:
         return lines[0] if lines else type(err).__name__
+    if not any(line.startswith("Original Traceback") for line in lines[:3]):
+        return " ".join(lines)  # a message of ours on several lines
     last = lines[-1]
-    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
-    return last[len(prefix) :] if last.startswith(prefix) else last
+    # the traceback names builtins by their bare name (ValueError: ...), other classes with their module
+    for prefix in (f"{type(err).__module__}.{type(err).__qualname__}: ", f"{type(err).__qualname__}: "):
+        if last.startswith(prefix):
+            return last[len(prefix) :]
+    return last
+
+
+def _raise_site(err: BaseException) -> Path | None:
+    """The file whose code raised ``err``: its innermost frame or, for an error re-raised from a DataLoader worker,
+    the innermost frame of the worker's traceback (quoted in the message)."""
+    if "Original Traceback" in str(err):
+        files = _WORKER_FRAME.findall(str(err))
+        return Path(files[-1]) if files else None
+    tb = err.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """True when ``err`` is a message of ours about the user's data, config or checkpoint: a ValueError or
+    FileNotFoundError raised by the data, model-config, collapse-guard or checkpoint code (a RuntimeError: by the
+    data code), directly or in a DataLoader worker, or evaluation data refused by an evaluator. Any other exception,
+    e.g. one raised by torch inside a training step, is a bug and keeps its traceback."""
+    if isinstance(err, EvaluationDataError):
+        return True
+    site = _raise_site(err)
+    if site is None:
+        return False
+    try:
+        parts = site.resolve().relative_to(_PACKAGE_DIR).parts
+    except ValueError:
+        return False  # raised outside dora_lightning (torch, Lightning, numpy, ...)
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        return parts[0] in _USER_ERROR_FILES
+    return isinstance(err, RuntimeError) and parts[0] == "data"
+
+
+def _did_you_mean(message: str, parser: Any) -> str:
+    """`` did you mean --KEY?`` for the first unrecognized ``--key`` of ``message`` close to an option of ``parser``."""
+    if "unrecognized arguments" not in message:
+        return ""
+    options = [
+        o for action in getattr(parser, "_actions", []) for o in action.option_strings if o.startswith("--")
+    ]
+    for token in message.split("unrecognized arguments:", 1)[1].split():
+        if token.startswith("--"):
+            key = token.split("=", 1)[0]
+            close = difflib.get_close_matches(key, options, n=1, cutoff=0.75)
+            if close:
+                return f"; did you mean {close[0]}?"
+    return ""
+
+
+class DoraArgumentParser(LightningArgumentParser):
+    """A parser whose errors are one line on stderr (``dora fit: error: ...``; no usage text), exit status 2."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        from jsonargparse._common import debug_mode_active
+
+        # jsonargparse parses nested values with exit_on_error off and expects its ArgumentError; JSONARGPARSE_DEBUG
+        if not self.exit_on_error or debug_mode_active():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        sys.stderr.write(f"{prog}: error: {text}{_did_you_mean(text, parser)} (options: {prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _describe_checkpoint(obj: Any) -> str:
+    """What a checkpoint that `dora fit` did not write holds, in a few words, for error messages."""
+    from torch import Tensor
+
+    from dora_lightning.checkpoint_formats import EXPORT_FORMAT, _summary
+
+    if not isinstance(obj, dict):
+        return f"a saved {type(obj).__name__}"
+    if obj.get("format") == EXPORT_FORMAT:
+        return "a backbone written by dora-export"
+    if "state_dict" in obj and "pytorch-lightning_version" in obj:
+        return "a Lightning checkpoint of another model (no 'dora' section)"
+    if "teacher" in obj or "student" in obj:
+        return "an official DINO/DoRA checkpoint"
+    if obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return f"a plain state dict ({len(obj)} tensors)"
+    return f"a dict without Lightning's keys (keys: {_summary(obj)})"
 
 
 class DoraCLI(LightningCLI):
@@ -68,6 +166,11 @@ class DoraCLI(LightningCLI):
     evaluator: Evaluator | None = None
     evaluation_metrics: dict[str, float] | None = None
     results_path: Path | None = None
+
+    def __init__(
+        self, *args: Any, parser_class: type[LightningArgumentParser] = DoraArgumentParser, **kwargs: Any
+    ):
+        super().__init__(*args, parser_class=parser_class, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.batch_size", "model.batch_size")
@@ -162,7 +265,45 @@ class DoraCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         if self._evaluator_config() is not None:
             return  # the DoRA model is not built: its config need not (and, for non-Lightning files, cannot) be refilled
+        self._check_fit_checkpoint()
         super()._parse_ckpt_path()
+
+    def _check_fit_checkpoint(self) -> None:
+        """Refuse a ``--ckpt_path`` that is not a `dora fit` checkpoint with one line, before Lightning reads it.
+
+        The file is read only with :func:`~dora_lightning.checkpoint_formats.read_checkpoint` (``weights_only=True``),
+        so a pickle that would run code is refused here and never reaches Lightning's loader.
+        """
+        from dora_lightning.checkpoint_formats import _USAGE, PRETRAIN_KIND, read_checkpoint
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or str(ckpt_path) in _LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry"):
+            return
+        path = Path(ckpt_path)
+        resume = "resumes" if subcommand == "fit" else f"runs `dora {subcommand}` on"
+        usage = (
+            f"`dora {subcommand} --ckpt_path` takes a .ckpt written by `dora fit` (e.g. runs/NAME/checkpoints/last.ckpt"
+            + (" or `last`)" if subcommand == "fit" else ")")
+        )
+        try:
+            obj = read_checkpoint(path)
+        except FileNotFoundError:
+            self._fail(f"--ckpt_path: '{path}' does not exist; {usage}")
+        except ValueError as err:
+            self._fail(f"--ckpt_path: {str(err).replace(_USAGE, usage)}")
+        section = obj.get("dora") if isinstance(obj, dict) else None
+        if (
+            isinstance(section, dict)
+            and section.get("kind") == PRETRAIN_KIND
+            and isinstance(obj.get("state_dict"), dict)
+        ):
+            return
+        self._fail(
+            f"--ckpt_path: '{path}' is {_describe_checkpoint(obj)}, not a `dora fit` checkpoint: `dora {subcommand}` "
+            f"only {resume} our own runs; evaluate these weights with "
+            f"`dora validate --evaluator knn --ckpt_path {path}`"
+        )
 
     # ------------------------------------------------------------------------------------------------ instantiation
     def instantiate_classes(self) -> None:
@@ -255,7 +396,12 @@ class DoraCLI(LightningCLI):
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the `dora` console script (``dora visualize ...`` goes to :mod:`dora_lightning.visualize`)."""
+    """Entry point of the `dora` console script (``dora visualize ...`` goes to :mod:`dora_lightning.visualize`).
+
+    A data, config or checkpoint error (:func:`is_user_error`) ends the command with one line on stderr,
+    ``dora SUBCOMMAND: error: ...``, and exit status 2; ``--verbose`` (anywhere on the command line) or
+    ``DORA_TRACEBACK=1`` shows its traceback instead. Other exceptions propagate with their traceback.
+    """
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["visualize"]:
         from dora_lightning.visualize import main as visualize_main
@@ -264,17 +410,33 @@ def main(args: Sequence[str] | None = None) -> None:
         if status:
             raise SystemExit(status)
         return
-    DoraCLI(
-        DoRAModule,
-        VideoClipDataModule,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={
-            "description": "DoRA / DINO self-supervised pretraining from long videos (dora-lightning). "
-            "Also: `dora visualize --help` renders a checkpoint's attention and object tracks on a video."
-        },
-        args=list(args) if args is not None else None,
-    )
+    verbose = wants_traceback(argv)
+    if VERBOSE_FLAG in argv:
+        argv = [a for a in argv if a != VERBOSE_FLAG]
+        if args is None:
+            sys.argv[1:] = argv  # LightningCLI reads sys.argv when args is None
+    subcommand = next((a for a in argv if a in _SUBCOMMANDS), None)
+    try:
+        DoraCLI(
+            DoRAModule,
+            VideoClipDataModule,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "prog": "dora",
+                "description": "DoRA / DINO self-supervised pretraining from long videos (dora-lightning). "
+                "Also: `dora visualize --help` renders a checkpoint's attention and object tracks on a video. "
+                f"Errors in the data, config or checkpoint are one line (exit status 2); {VERBOSE_FLAG} or "
+                f"{TRACEBACK_ENV}=1 shows their traceback.",
+            },
+            args=argv if args is not None else None,
+        )
+    except Exception as err:
+        if verbose or not is_user_error(err):
+            raise
+        prog = f"dora {subcommand}" if subcommand else "dora"
+        sys.stderr.write(f"{prog}: error: {_one_line(err)}\n")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

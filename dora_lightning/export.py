@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from dora_lightning.checkpoints import export_with_info
+from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, wants_traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Export the teacher (or student) ViT backbone of a `dora fit` checkpoint, an exported backbone or an "
             "official DINO/DoRA checkpoint as a timm-compatible file."
         ),
+        epilog=f"A checkpoint that cannot be read is one error line; {VERBOSE_FLAG} or {TRACEBACK_ENV}=1 shows the traceback.",
     )
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint to read")
     parser.add_argument("output", metavar="OUT", help="file to write")
@@ -43,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="attention heads, for DINO-style weights whose embed dim is not 192/384/768/1024",
     )
+    parser.add_argument(
+        VERBOSE_FLAG,
+        action="store_true",
+        help=f"show the traceback of an error instead of one line (or set {TRACEBACK_ENV}=1)",
+    )
     return parser
 
 
@@ -59,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_heads=args.num_heads,
         )
     except (FileNotFoundError, ValueError) as err:
+        if args.verbose or wants_traceback():
+            raise
         print(f"dora-export: error: {err}", file=sys.stderr)
         return 1
     what = f"the {info.which} backbone" if info.which else "the backbone"

@@ -1,0 +1,191 @@
+"""One line for every user error (issue 14 item 6): bad data, config values, unknown keys and checkpoints that are not
+`dora fit` checkpoints end `dora` with `dora SUBCOMMAND: error: ...` on stderr, exit status 2, no traceback; --verbose
+or DORA_TRACEBACK=1 shows it. Bugs keep their traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+from dora_lightning.cli import _one_line, is_user_error, main
+from dora_lightning.data.sources import VideoSourceError, resolve_video_paths
+
+FAST = ["--config", "configs/demo.yaml", "--data.num_workers", "0", "--trainer.max_steps", "1"]
+
+
+class _Payload:
+    """Unpickling this object would touch the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``dora ARGV`` in-process: asserts exit status 2 and one error line, the last on stderr; returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    # Lightning may log its own lines ("GPU available: ...") before the failure; ours is the only error and the last
+    assert [line for line in lines if "error:" in line] == lines[-1:], err
+    assert lines[-1].startswith(f"dora {argv[0]}: error: "), err
+    return lines[-1]
+
+
+@pytest.fixture
+def in_repo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("DORA_TRACEBACK", raising=False)
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------------ data and config
+@pytest.mark.parametrize("case", ["missing", "text_as_mp4", "empty_mp4"])
+def test_bad_video_is_one_line(case, in_repo, capsys):
+    video = in_repo / f"{case}.mp4"
+    if case == "text_as_mp4":
+        video.write_text("this is not a video\n")
+    elif case == "empty_mp4":
+        video.write_bytes(b"")
+    line = _run(
+        ["fit", *FAST, "--trainer.default_root_dir", str(in_repo), "--data.paths", str(video)], capsys
+    )
+    assert str(video) in line
+    assert ("does not exist" if case == "missing" else "not a readable video") in line
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("--data.batch_size=-4", "data.batch_size"), ("--model.num_objects=99", "model.num_objects")],
+)
+def test_refused_config_value_is_one_line(override, key, in_repo, capsys):
+    line = _run(["fit", *FAST, "--trainer.default_root_dir", str(in_repo), override], capsys)
+    assert key in line
+
+
+def test_unknown_key_is_one_line_without_usage(in_repo, capsys):
+    line = _run(["fit", *FAST, "--data.batch_sise", "4"], capsys)
+    assert "--data.batch_sise" in line and "did you mean --data.batch_size?" in line
+
+
+# ------------------------------------------------------------------------------------------------ --ckpt_path
+@pytest.mark.parametrize("kind", ["random_bytes", "text", "plain_state_dict", "no_lightning_keys", "missing"])
+def test_fit_ckpt_path_that_is_not_a_fit_checkpoint(kind, in_repo, capsys):
+    ckpt = in_repo / f"{kind}.ckpt"
+    if kind == "random_bytes":
+        ckpt.write_bytes(os.urandom(4096))
+    elif kind == "text":
+        ckpt.write_text("epoch=3\nstep=120\n")
+    elif kind == "plain_state_dict":
+        torch.save({"weight": torch.zeros(3, 3), "bias": torch.zeros(3)}, ckpt)
+    elif kind == "no_lightning_keys":
+        torch.save({"epoch": 3, "model": {"weight": torch.zeros(2)}}, ckpt)
+    line = _run(["fit", *FAST, "--trainer.default_root_dir", str(in_repo), "--ckpt_path", str(ckpt)], capsys)
+    assert f"'{ckpt}'" in line and "--ckpt_path" in line
+    expected = {
+        "random_bytes": "is not a PyTorch checkpoint",
+        "text": "is not a PyTorch checkpoint",
+        "plain_state_dict": "is a plain state dict",
+        "no_lightning_keys": "a dict without Lightning's keys",
+        "missing": "does not exist",
+    }[kind]
+    assert expected in line, line
+    assert "written by `dora fit`" in line or "not a `dora fit` checkpoint" in line, line
+
+
+def test_fit_ckpt_path_never_runs_a_pickle(in_repo, capsys):
+    marker = in_repo / "payload_ran"
+    ckpt = in_repo / "crafted.ckpt"
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.0", "dora": _Payload(marker)}, ckpt)
+    assert not marker.exists()
+    line = _run(["fit", *FAST, "--trainer.default_root_dir", str(in_repo), "--ckpt_path", str(ckpt)], capsys)
+    assert f"'{ckpt}'" in line and "never unpickled" in line
+    assert not marker.exists(), "the pickle's payload ran"
+
+
+def test_validate_names_the_subcommand(in_repo, capsys):
+    ckpt = in_repo / "plain.ckpt"
+    torch.save({"weight": torch.zeros(2)}, ckpt)
+    line = _run(["validate", *FAST, "--ckpt_path", str(ckpt)], capsys)
+    assert "not a `dora fit` checkpoint" in line and "--evaluator" in line
+
+
+# ------------------------------------------------------------------------------------------------ tracebacks on demand
+def test_dora_traceback_env_shows_the_traceback(in_repo, monkeypatch, capsys):
+    argv = ["fit", *FAST, "--trainer.default_root_dir", str(in_repo), "--data.batch_size=-4"]
+    monkeypatch.setenv("DORA_TRACEBACK", "0")
+    assert "data.batch_size must be >= 1" in _run(argv, capsys)
+    monkeypatch.setenv("DORA_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="data.batch_size must be >= 1"):
+        main(argv)
+
+
+def test_verbose_flag_shows_the_traceback_from_the_console_script(in_repo):
+    dora = Path(sys.executable).parent / "dora"
+    env = {k: v for k, v in os.environ.items() if k != "DORA_TRACEBACK"}
+    argv = [str(dora), "fit", *FAST, "--trainer.default_root_dir", str(in_repo), "--model.num_objects=99"]
+    quiet = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env)
+    loud = subprocess.run([*argv, "--verbose"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr, quiet.stderr
+    assert quiet.stderr.strip().splitlines()[-1].startswith("dora fit: error: model.num_objects=99")
+    assert loud.returncode == 1 and "Traceback" in loud.stderr, loud.stderr
+    assert loud.stderr.strip().splitlines()[-1].startswith("ValueError: model.num_objects=99")
+
+
+def test_export_error_is_one_line_and_verbose_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    from dora_lightning.export import main as export_main
+
+    monkeypatch.delenv("DORA_TRACEBACK", raising=False)
+    ckpt, out = tmp_path / "random.ckpt", tmp_path / "out.pth"
+    ckpt.write_bytes(os.urandom(2048))
+    assert export_main([str(ckpt), str(out)]) != 0
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"dora-export: error: '{ckpt}' is not a PyTorch checkpoint") and err.count("\n") == 1
+    ), err
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
+        export_main([str(ckpt), str(out), "--verbose"])
+    monkeypatch.setenv("DORA_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
+        export_main([str(ckpt), str(out)])
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ the rule
+def _raised(fn, *args):
+    try:
+        fn(*args)
+    except Exception as err:  # noqa: BLE001 - the test inspects what was raised
+        return err
+    raise AssertionError("nothing was raised")
+
+
+def test_data_error_from_a_dataloader_worker_is_one_line(tmp_path):
+    from torch._utils import ExceptionWrapper
+
+    original = _raised(resolve_video_paths, str(tmp_path / "gone.mp4"))
+    assert isinstance(original, VideoSourceError)
+    try:
+        raise original
+    except VideoSourceError:
+        wrapped = _raised(ExceptionWrapper(where="in DataLoader worker process 0").reraise)
+    assert "Original Traceback" in str(wrapped) and len(str(wrapped).splitlines()) > 3
+    assert is_user_error(wrapped)
+    assert _one_line(wrapped) == str(original)
+
+
+def test_bugs_keep_their_traceback():
+    assert not is_user_error(_raised(torch.zeros(2).view, 3))  # torch's RuntimeError
+    assert not is_user_error(_raised(int, "x"))  # a ValueError raised outside the data/config/checkpoint code
+    assert not is_user_error(_raised(lambda: {}["key"]))
