@@ -126,7 +126,7 @@ def read_checkpoint(path: Path) -> Any:
                 f"'{path}' could not be read by torch.load ({type(err).__name__}: {message.splitlines()[0][:200]}); "
                 "the file is damaged or incomplete: copy or write it again"
             ) from err
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", message)
         what = f"the Python object {found.group(1)}" if found else "Python objects other than tensors"
         raise ValueError(
             f"'{path}' holds {what}, which torch.load(weights_only=True) refuses; checkpoints are never unpickled in "

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose or wants_traceback():
             raise
         print(f"dora-export: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     what = f"the {info.which} backbone" if info.which else "the backbone"
     state = f'torch.load("{out}")' if args.plain else f'torch.load("{out}")["state_dict"]'
     layout = "timm state dict" if args.plain else "dora-lightning/backbone file"

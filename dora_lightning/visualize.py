@@ -396,14 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `dora visualize`: prints the files written; on bad input one error line and status 1."""
+    """Entry point of `dora visualize`: prints the files written; on bad input one error line and status 2 (the
+    traceback instead with ``DORA_TRACEBACK=1``, docs/troubleshooting.md)."""
+    from dora_lightning.errors import wants_traceback
+
     args = build_parser().parse_args(argv)
     try:
         summary = visualize(**vars(args))
     except (FileNotFoundError, ValueError) as err:
+        if wants_traceback():
+            raise
         message = " ".join(str(err).split())
         print(f"dora visualize: error: {message}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {len(summary['files'])} files to {summary['output_dir']}: {', '.join(summary['files'])}")
     return 0
 

@@ -292,7 +292,7 @@ def test_bad_input_is_one_clear_line(case, fit_ckpt, tmp_path, capsys):
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(SystemExit) as exit_info:
         dora_main(["visualize", *argv])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("dora visualize: error: ") and err.count("\n") == 1, err
     assert message in err
