@@ -88,7 +88,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     from dora_lightning.compare import Comparison
 
     what, method, overrides = VARIANTS[name]
-    fit_args = [*overrides, *(f"--data.paths={args.video}" for _ in [0] if args.video)]
+    fit_args = overrides + ([f"--data.paths={args.video}"] if args.video else [])
     out_dir = args.output_dir / (f"{name}@{Path(args.video).stem}" if args.video else name)
     started = time.monotonic()
     comparison = Comparison(

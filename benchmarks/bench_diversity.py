@@ -39,6 +39,7 @@ if __package__ in (None, ""):
 from benchmarks.common import REPO_ROOT, base_machine_info, markdown_table, write_json  # noqa: E402
 from dora_lightning.data.sampling import (  # noqa: E402
     ClipSpec,
+    cursors_per_worker,
     distinct_moments,
     mean_pairwise_gap,
     plan_shard,
@@ -93,7 +94,7 @@ def plan_case(
     num_starts = [spec.num_starts(n) for n in num_frames]
     bases = np.concatenate([[0], np.cumsum(num_starts)[:-1]])
     total = sum(num_starts)
-    cursors = cursors if cursors is not None else 2 * batch
+    cursors = cursors_per_worker(cursors, batch)
     ours: dict[str, list] = {"m": [], "g": [], "w": []}
     uniform: dict[str, list] = {"m": [], "g": [], "w": []}
     t0 = time.perf_counter()
@@ -322,37 +323,23 @@ def main(argv: list[str] | None = None) -> dict:
             start_step=wt["start_step"],
             **common,
         ),
-        "demo_b8": plan_case(
-            [795],
-            demo_spec,
-            world=1,
-            workers=demo["num_workers"],
-            batch=demo["batch_size"],
-            cursors=demo.get("cursors"),
-            start_step=demo["start_step"],
-            **common,
-        ),
-        "demo_b32": plan_case(
-            [795],
-            demo_spec,
-            world=1,
-            workers=demo["num_workers"],
-            batch=32,
-            cursors=None,
-            start_step=demo["start_step"],
-            **common,
-        ),
-        "demo_photo_walk_b8": plan_case(  # the demo's own video since issue 13 (1280 frames, 32 scenes)
-            [PHOTO_WALK_FRAMES],
-            demo_spec,
-            world=1,
-            workers=demo["num_workers"],
-            batch=demo["batch_size"],
-            cursors=demo.get("cursors"),
-            start_step=demo["start_step"],
-            **common,
-        ),
     }
+    # the demo's data settings: on the bundled street video at its batch and at batch 32, and on its own video
+    for name, frames, batch, cursors in (
+        ("demo_b8", 795, demo["batch_size"], demo.get("cursors")),
+        ("demo_b32", 795, 32, None),
+        ("demo_photo_walk_b8", PHOTO_WALK_FRAMES, demo["batch_size"], demo.get("cursors")),
+    ):
+        cases[name] = plan_case(
+            [frames],
+            demo_spec,
+            world=1,
+            workers=demo["num_workers"],
+            batch=batch,
+            cursors=cursors,
+            start_step=demo["start_step"],
+            **common,
+        )
     if args.decode_batches is None or args.decode_batches > 0:
         cases["decode"] = decode_case(args.decode_batches, args.seed)
     report = {

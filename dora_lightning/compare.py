@@ -28,8 +28,6 @@ import yaml
 __all__ = ["Comparison", "main", "method_config", "summarise"]
 
 METHODS = ("random", "dino", "dora")
-# ClipMultiCrop's arguments that its ``recipe`` sets (dora_lightning.data.multicrop_args.RECIPES)
-RECIPE_ARGUMENTS = ("global_blur_prob", "global_solarize_prob", "local_flip_prob")
 EVALUATORS = ("knn", "linear", "davis")
 # (column title, evaluator, metric key in its results file)
 HEADLINE = (
@@ -72,7 +70,9 @@ def method_config(
     init_args = transform.setdefault("init_args", {})
     init_args["num_global_crops"] = 2 if method == "dino" else 1
     if method == "dino":
-        for name in RECIPE_ARGUMENTS:
+        from dora_lightning.data.multicrop_args import RECIPES  # the arguments a recipe sets
+
+        for name in RECIPES["dino"]:
             init_args.pop(name, None)
         init_args["recipe"] = "dino"
     return config

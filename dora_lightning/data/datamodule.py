@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dora_lightning.data.collate import RecycledBlocks, collate_clips
-from dora_lightning.data.sampling import ClipSpec
+from dora_lightning.data.sampling import ClipSpec, cursors_per_worker
 from dora_lightning.data.sources import VideoInfo, probe_videos, resolve_video_paths
 from dora_lightning.data.stream import VideoClipStream
 from dora_lightning.data.transforms import ClipMultiCrop
@@ -146,7 +146,8 @@ class VideoClipDataModule(pl.LightningDataModule):
         self.paths = paths
         self.decode_short_side = decode_short_side
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.cursors, self.start_step, self.compact_frames = cursors, start_step, compact_frames
+        self.cursors = cursors_per_worker(cursors, batch_size)
+        self.start_step, self.compact_frames = start_step, compact_frames
         self.seed = seed
         self.transform = transform if transform is not None else ClipMultiCrop()
         self.max_decode_retries, self.decode_threads, self.pin_memory = (
@@ -208,9 +209,8 @@ class VideoClipDataModule(pl.LightningDataModule):
         loader, and may iterate it more than once at a restart."""
         if self._resume is not None:
             epoch, batches_done = self._resume["epoch"], self._resume["batches_done"]
-            if (
-                batches_done >= len(self.dataset) // self.batch_size
-            ):  # a checkpoint of an older version, at an epoch's end
+            # a checkpoint of an older version, written at an epoch's end
+            if batches_done >= len(self.dataset) // self.batch_size:
                 epoch, batches_done = epoch + 1, 0
             self._iterations = epoch + 1
             return epoch, batches_done
@@ -287,7 +287,7 @@ class VideoClipDataModule(pl.LightningDataModule):
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,
             "world_size": world,
-            "cursors": self.dataset.cursors if self.dataset is not None else self.cursors,
+            "cursors": self.cursors,
             "start_step": self.start_step,
         }
 
@@ -299,7 +299,7 @@ class VideoClipDataModule(pl.LightningDataModule):
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,
             "world_size": world,
-            "cursors": self.cursors if self.cursors is not None else 2 * self.batch_size,
+            "cursors": self.cursors,
             "start_step": self.start_step,
         }
         # cursors and start_step are compared only when the checkpoint has them (older checkpoints do not)

@@ -115,9 +115,8 @@ class RangeReader:
 
     def _convert(self, frame: av.VideoFrame) -> np.ndarray | av.VideoFrame:
         width, height = self.size
-        if (
-            self.compact
-        ):  # scaled but kept as YUV 4:2:0 (1.5 bytes a pixel); to_pixels converts it when it is used
+        # compact: scaled but kept as YUV 4:2:0 (1.5 bytes a pixel); to_pixels converts it when it is used
+        if self.compact:
             return frame.reformat(width, height, "yuv420p", interpolation="AREA", threads=1)
         # threads=1: swscale's own slice threads would be inherited half-dead by forked dataloader workers and hang them
         return frame.to_ndarray(

@@ -250,6 +250,12 @@ def plan_shard(
     return ShardPlan(runs=runs, run_index=run_index[:keep], starts=starts[:keep], cursor=cursor[:keep].copy())
 
 
+def cursors_per_worker(cursors: int | None, batch_size: int) -> int:
+    """The decode cursors of each worker: ``cursors``, or by default 2 x ``batch_size``, so that consecutive batches of
+    a worker come from different sets of cursors."""
+    return cursors if cursors is not None else 2 * batch_size
+
+
 def clips_per_shard(num_starts: Sequence[int], num_shards: int, multiple_of: int = 1) -> int:
     """How many clips each shard emits per epoch (all shards emit the same number, so DDP ranks stay in step)."""
     per_shard = sum(num_starts) // num_shards

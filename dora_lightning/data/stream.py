@@ -12,7 +12,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dora_lightning.data.reader import DecodeStats, RangeReader, to_pixels
-from dora_lightning.data.sampling import ClipSpec, Run, ShardPlan, clips_per_shard, plan_shard
+from dora_lightning.data.sampling import (
+    ClipSpec,
+    Run,
+    ShardPlan,
+    clips_per_shard,
+    cursors_per_worker,
+    plan_shard,
+)
 from dora_lightning.data.sources import VideoInfo
 
 ClipTransform = Callable[[torch.Tensor, torch.Generator], dict[str, Any]]
@@ -95,7 +102,7 @@ class VideoClipStream(IterableDataset):
         self.videos, self.spec, self.transform = list(videos), spec, transform
         self.batch_size, self.num_workers = batch_size, max(1, num_workers)
         self.rank, self.world_size = rank, world_size
-        self.cursors = cursors if cursors is not None else 2 * batch_size
+        self.cursors = cursors_per_worker(cursors, batch_size)
         self.start_step = start_step
         self.seed, self.decode_short_side = seed, decode_short_side
         self.max_decode_retries, self.decode_threads = max_decode_retries, decode_threads
