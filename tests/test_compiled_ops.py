@@ -113,3 +113,123 @@ def test_packed_views_are_refused_by_the_eager_backends():
             colour_views(views, 255.0, u, [0, 1, 2, 3], 0.5, settings, packed=True)
     out = colour_views(views, 255.0, u, [0, 1, 2, 3], 0.5, ClipMultiCrop(32, 16).colour, packed=True)
     assert out.shape == (2, 3, 8, 8) and out.dtype == torch.uint8
+
+
+# ----------------------------------------------------------------- workers of a GPU run (issue 15 item 1)
+_BAD_FORK = (
+    "Cannot re-initialize CUDA in forked subprocess. To use CUDA with multiprocessing, you must use the 'spawn' "
+    "start method"
+)
+
+
+def _poison_cuda_as_a_fork_after_cuda_init(monkeypatch) -> list[str]:
+    """Make this process (and children forked from it) look like a data-loader worker forked from a GPU run's
+    training process: CUDA reports itself available, the process is in a 'bad fork', and initialising CUDA -- which
+    every torch.cuda call that needs the device does first -- raises torch's own error. Returns the list that
+    records each attempt (its caller), per process."""
+    import traceback
+
+    import torch.cuda.memory
+    import torch.cuda.random
+
+    attempts: list[str] = []
+
+    def poisoned_lazy_init() -> None:
+        attempts.append(traceback.format_stack(limit=3)[0].strip())
+        raise RuntimeError(_BAD_FORK)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    for module in (torch.cuda, torch.cuda.random, torch.cuda.memory):
+        monkeypatch.setattr(module, "_lazy_init", poisoned_lazy_init)
+    return attempts
+
+
+def _fresh_kernel(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() * 1.25 + 7.0).clamp(0, 255).to(torch.uint8)
+
+
+class _WorkerJob(torch.utils.data.Dataset):
+    """One item: what a data-loader worker does with the compiled backend, and what it saw."""
+
+    def __init__(self, attempts: list[str]) -> None:
+        self.attempts = attempts
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict:
+        from dora_lightning.data.transforms import ClipMultiCrop
+
+        kernel = CompiledFunction(
+            "fresh kernel", _fresh_kernel, _fresh_kernel
+        )  # compiled here, in the worker
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kernel(torch.arange(50, dtype=torch.uint8))
+            frames = torch.randint(0, 256, (2, 44, 60, 4), dtype=torch.uint8, generator=gen(3))
+            ClipMultiCrop(32, 16, num_local_crops=2)(frames, gen(4))  # a clip size the parent never compiled
+        return {
+            "failures": [
+                f.failure
+                for f in (kernel, compiled_colour_map_uint8, compiled_colour_map_rgbx_uint8)
+                if f.failure
+            ],
+            "warnings": [str(w.message) for w in caught],
+            "cuda_attempts": list(self.attempts),
+        }
+
+
+def test_workers_forked_after_cuda_init_compile_without_touching_cuda(monkeypatch):
+    """The GPU-run sequence on the CPU: the parent warms the kernels up (datamodule.train_dataloader), initialises
+    CUDA, forks a worker; the worker compiles kernels for new shapes. It used to fail in dynamo's CUDA RNG save
+    ('Cannot re-initialize CUDA in forked subprocess') and fall back to eager with a compiler warning."""
+    from dora_lightning.data.transforms import ClipMultiCrop
+
+    ClipMultiCrop(32, 16, num_local_crops=2).warm_up(2, 40, 56, clips=1)
+    attempts = _poison_cuda_as_a_fork_after_cuda_init(monkeypatch)
+    loader = torch.utils.data.DataLoader(
+        _WorkerJob(attempts), num_workers=1, collate_fn=lambda items: items[0], multiprocessing_context="fork"
+    )
+    (seen,) = list(loader)
+    assert seen["failures"] == [] and seen["warnings"] == []
+    assert seen["cuda_attempts"] == []  # nothing in the worker asked CUDA for anything
+
+
+def test_cuda_is_hidden_only_where_it_must_not_be_touched(monkeypatch):
+    from dora_lightning.data.compiled_ops import cpu_only_compilation, must_not_touch_cuda
+
+    available = torch.cuda.is_available
+    assert not must_not_touch_cuda()  # the main process of a run
+    with cpu_only_compilation():
+        assert torch.cuda.is_available is available
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    assert must_not_touch_cuda()
+    with cpu_only_compilation():
+        assert torch.cuda.is_available() is False
+        with cpu_only_compilation():  # nested: still hidden, restored once
+            assert torch.cuda.is_available() is False
+    assert torch.cuda.is_available is available
+
+
+def test_the_warning_names_each_cause(monkeypatch):
+    from dora_lightning.data.compiled_ops import failure_advice
+
+    # no C++ compiler: inductor's own error, from a real compilation
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
+    kernel = CompiledFunction("no-compiler kernel", lambda x: (x * 3 + 11) // 2, lambda x: x)
+    with pytest.warns(RuntimeWarning, match=r"No working C\+\+ compiler was found: install one") as caught:
+        kernel(torch.arange(7))
+    assert "InvalidCxxCompiler" in kernel.failure and "colour_backend: fused" in str(caught[0].message)
+    # CUDA in a forked worker, as dynamo wraps it
+    try:
+        try:
+            raise RuntimeError(_BAD_FORK)
+        except RuntimeError as inner:
+            raise torch._dynamo.exc.InternalTorchDynamoError(f"RuntimeError: {inner}") from inner
+    except Exception as err:
+        advice = failure_advice(err)
+    assert "forked after the training process initialised CUDA" in advice and "C++" not in advice
+    # anything else: not blamed on the compiler
+    advice = failure_advice(ValueError("something else"))
+    assert "not a missing compiler" in advice and "install" not in advice
