@@ -203,21 +203,27 @@ def damaged(path: Path, how: str) -> Path:
 )
 def test_damaged_video_is_skipped_with_a_warning(tmp_path, name, how):
     path = damaged(write_video(tmp_path / name, 300, faststart=True), how)
-    stream = make_stream(str(path), max_decode_retries=2)
+    with warnings.catch_warnings(record=True) as probed:
+        warnings.simplefilter("always")
+        stream = make_stream(str(path), max_decode_retries=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         samples = list(stream)
     assert len(samples) == len(stream), (
         "a damaged stretch must not change the number of clips (DDP ranks stay in step)"
     )
-    messages = [str(w.message) for w in caught]
-    assert any(str(path) in m and "could not be decoded" in m for m in messages), messages
-    (summary,) = [m for m in messages if m.startswith("clip stream:")]
-    substituted = int(summary.split(" clips replaced")[0].rsplit(", ", 1)[1])
+    messages = [str(w.message) for w in caught] + [str(w.message) for w in probed]
     correct = sum(
         [read_pattern_index(f) for f in s["frames"].numpy()] == SPEC.frames(s["start"]).tolist()
         for s in samples
     )
+    if how == "truncate" and correct == len(samples):
+        # the frame count comes from the packets that are there: a truncated file trains on them, and says so once
+        assert any(str(path) in m and "ends early" in m for m in messages), messages
+        return
+    assert any(str(path) in m and "could not be decoded" in m for m in messages), messages
+    (summary,) = [m for m in messages if m.startswith("clip stream:")]
+    substituted = int(summary.split(" clips replaced")[0].rsplit(", ", 1)[1])
     assert 0 < correct < len(samples)
     # every counted substitution is a wrong clip; a stretch the decoder conceals (garbage pixels) cannot be counted
     assert 0 < substituted <= len(samples) - correct

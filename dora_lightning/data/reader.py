@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import av
+import av.logging
 import numpy as np
 
 from dora_lightning.data.sources import VideoInfo
+from dora_lightning.data.timeline import Timeline
 
 
 @dataclass
@@ -21,6 +23,8 @@ class DecodeStats:
     decode_errors: int = 0
     missing_frames: int = 0
     substituted_clips: int = 0
+    damaged_frames: dict[str, int] = field(default_factory=dict)
+    first_damage: dict[str, str] = field(default_factory=dict)
     warned: set[tuple[str, str]] = field(default_factory=set)
 
     def warn_once(self, path: str, kind: str, message: str) -> None:
@@ -29,14 +33,35 @@ class DecodeStats:
             self.warned.add((path, kind))
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
+    def note_damage(self, path: str, logs: list[tuple[int, str, str]]) -> None:
+        """Remember the first decoder message about damage in ``path`` (for the end-of-epoch line)."""
+        if path not in self.first_damage:
+            messages = [message.strip() for _, _, message in logs if message.strip()]
+            self.first_damage[path] = messages[0] if messages else "corrupt frame"
+
+    def count_damaged(self, path: str) -> None:
+        """Count one damaged frame index of ``path``."""
+        self.damaged_frames[path] = self.damaged_frames.get(path, 0) + 1
+
+    def damage_lines(self) -> list[str]:
+        """One line per file with damaged frames: how many were skipped and FFmpeg's first message."""
+        return [
+            f"'{path}': {count} damaged frames could not be decoded cleanly and were skipped this epoch (FFmpeg: "
+            f'"{self.first_damage.get(path, "corrupt frame")}"); clips that need them were replaced by the previous '
+            "good clip"
+            for path, count in sorted(self.damaged_frames.items())
+        ]
+
     def summary(self) -> str | None:
         """One line with the totals of the problems met, or None when there were none."""
-        if not (self.decode_errors or self.missing_frames or self.substituted_clips):
+        damaged = sum(self.damaged_frames.values())
+        if not (self.decode_errors or self.missing_frames or self.substituted_clips or damaged):
             return None
-        files = ", ".join(sorted({f"'{path}'" for path, _ in self.warned}))
+        paths = {path for path, _ in self.warned} | set(self.damaged_frames)
+        files = ", ".join(sorted(f"'{path}'" for path in paths))
         return (
-            f"clip stream: {self.decode_errors} decode errors, {self.missing_frames} missing frames, "
-            f"{self.substituted_clips} clips replaced by the previous good clip this epoch ({files})"
+            f"clip stream: {self.decode_errors} decode errors, {damaged} damaged frames, {self.missing_frames} missing "
+            f"frames, {self.substituted_clips} clips replaced by the previous good clip this epoch ({files})"
         )
 
 
@@ -47,18 +72,46 @@ def to_pixels(frame: np.ndarray | av.VideoFrame, pixel_format: str) -> np.ndarra
     return frame.to_ndarray(format=pixel_format, threads=1)
 
 
+def watch_decoder_errors() -> None:
+    """Route FFmpeg's log through PyAV so that decoder errors are counted (``av.logging.get_last_error``) and can be
+    captured per decode; a level the user set is kept. Messages outside a capture go to the ``libav`` Python loggers
+    at ERROR level (PyAV's default drops them all, and with them the only sign of a damaged frame)."""
+    if av.logging.get_level() is None:
+        av.logging.set_level(av.logging.ERROR)
+
+
+def _error_count() -> int:
+    return av.logging.get_last_error()[0]
+
+
+@dataclass
+class _Decoded:
+    """One frame out of the decoder and the frame indices ``[lo, hi)`` that show it."""
+
+    frame: av.VideoFrame
+    lo: int
+    hi: int
+    damaged: bool
+
+
 class RangeReader:
     """Decodes frames ``[first, stop)`` of one video once, in order, from one open container.
 
-    Iterating yields ``(index, frame)`` for every decoded index in range; ``frame`` is an (H, W, 3) uint8 array at
-    ``size`` (``pixel_format="rgba"``: (H, W, 4), alpha 255) when ``wanted(index)`` is true and None otherwise
-    (skipping the colour conversion of unneeded frames); with ``compact=True`` the frame is instead a scaled YUV 4:2:0
-    ``av.VideoFrame`` (3/8 of the RGBA bytes), which :func:`to_pixels` converts when a clip uses it.
+    Iterating yields ``(index, frame)`` for every index in range that the file's timeline shows (a frame that a
+    player repeats is yielded at each of its indices, one it drops not at all); ``frame`` is an (H, W, 3) uint8 array
+    at ``size`` (``pixel_format="rgba"``: (H, W, 4), alpha 255), turned upright when the file has rotation metadata,
+    when ``wanted(index)`` is true and None otherwise (skipping the colour conversion of unneeded frames); with
+    ``compact=True`` the frame is instead a scaled YUV 4:2:0 ``av.VideoFrame`` (3/8 of the RGBA bytes), which
+    :func:`to_pixels` converts when a clip uses it (rotated files give arrays).
     With one decoding thread, a frame that is not wanted is not even decoded when nothing refers to it
     (``skip_frame="NONREF"`` for its packet: the non-reference B-frames of an H.264 stream, about a third of its
     frames), so a cursor that needs every 4th frame decodes about two thirds of them; such frames are neither yielded
-    nor counted.
-    On a decode or demux error it reopens the file and seeks past the bad stretch, at most ``max_retries`` times in a
+    nor counted. Files numbered by output order (B-frames with PTS = DTS) decode every frame.
+    **Damaged frames** are yielded as None, added to ``damaged`` and counted in ``stats``: a frame the decoder flags
+    corrupt, and every frame from a packet whose decoding logged an FFmpeg error (or failed) up to the next keyframe
+    decoded cleanly (the frames after a damaged one refer to it). Errors logged while the decoder warms up after a
+    seek, before its first frame, are not damage (an open GOP's leading frames), except on the keyframe itself.
+    On a demux error it reopens the file and seeks past the bad stretch, at most ``max_retries`` times in a
     row; the frames it could not decode are simply not yielded. The end of the file ends the iteration early.
     """
 
@@ -77,10 +130,13 @@ class RangeReader:
     ) -> None:
         if pixel_format not in ("rgb24", "rgba"):
             raise ValueError(f"pixel_format must be 'rgb24' or 'rgba', got {pixel_format!r}")
-        self.pixel_format, self.compact = pixel_format, compact
+        self.pixel_format, self.compact = pixel_format, compact and info.rotation == 0
         self.info, self.first, self.stop, self.size = info, first, stop, size
+        self.timeline: Timeline = info.timeline
         self.wanted, self.stats, self.max_retries, self.threads = wanted, stats, max_retries, threads
+        self.damaged: set[int] = set()
         self._container: av.container.InputContainer | None = None
+        watch_decoder_errors()
 
     def close(self) -> None:
         """Close the container (safe to call twice)."""
@@ -88,57 +144,118 @@ class RangeReader:
             self._container.close()
             self._container = None
 
-    def _open_at(self, index: int) -> Iterator[av.VideoFrame]:
+    def _open_at(self, index: int) -> Iterator[_Decoded]:
         self.close()
         self._container = av.open(self.info.path)
         stream = self._container.streams.video[0]
         stream.codec_context.thread_count = self.threads
         if self.threads != 1:
             stream.thread_type = "AUTO"
-        if index > 0:
-            self._container.seek(self.info.pts_of(index), stream=stream, backward=True, any_frame=False)
-        if self.threads != 1:  # frame threads decode ahead: leave every frame to the decoder
-            return self._container.decode(stream)
-        return self._decode_skipping(stream)
+        timeline = self.timeline
+        if index > 0 or (timeline.order_mode and timeline.key_before(index) > 0):
+            self._container.seek(timeline.seek_pts(index), stream=stream, backward=True, any_frame=False)
+        return self._decode(stream)
 
-    def _decode_skipping(self, stream: av.video.stream.VideoStream) -> Iterator[av.VideoFrame]:
+    def _packet_wanted(self, packet: av.Packet) -> bool:
+        if self.threads != 1 or self.timeline.order_mode or packet.pts is None:
+            return True  # frame threads decode ahead; output order: a packet's timestamp says nothing
+        lo, hi = self.timeline.indices_of(packet.pts)
+        return any(self.wanted(i) for i in range(max(lo, self.first), min(hi, self.stop)))
+
+    def _decode(self, stream: av.video.stream.VideoStream) -> Iterator[_Decoded]:
         """Decode ``stream`` packet by packet, telling the decoder to skip a packet's frame when it is not wanted
-        and no other frame refers to it."""
-        context = stream.codec_context
-        for packet in self._container.demux(stream):
-            wanted = True
-            if packet.pts is not None:
-                index = self.info.index_of(packet.pts)
-                wanted = self.first <= index < self.stop and self.wanted(index)
-            context.skip_frame = "DEFAULT" if wanted else "NONREF"
-            yield from context.decode(packet)
+        and no other frame refers to it, and marking damaged frames."""
+        context, timeline = stream.codec_context, self.timeline
+        damaged, clean_key, warming, first_packet = False, False, True, True
+        next_index: int | None = None  # output-order mode: index of the next frame out
+        previous_hi = self.first
+        packets = self._container.demux(stream)
+        while True:
+            before = _error_count()
+            with av.logging.Capture(local=False) as logs:
+                packet = next(packets, None)  # a demuxer error logged here (lost data) is damage too
+                if packet is not None and packet.size == 0:
+                    continue  # an empty "repeat the previous frame" entry, or the demuxer's end marker
+                if (
+                    packet is not None
+                    and timeline.order_mode
+                    and next_index is None
+                    and packet.pts is not None
+                ):
+                    next_index = timeline.key_at_pts(packet.pts)
+                if packet is not None:
+                    context.skip_frame = "DEFAULT" if self._packet_wanted(packet) else "NONREF"
+                try:
+                    frames = context.decode(packet)
+                    failed = False
+                except av.FFmpegError as err:
+                    if packet is None:
+                        break
+                    frames, failed = [], True
+                    logs.append((0, "", str(err)))
+            error = failed or _error_count() > before
+            if error and (not warming or first_packet):
+                damaged, clean_key = True, False
+                self.stats.note_damage(self.info.path, logs)
+            elif packet is not None and packet.is_keyframe and not error:
+                clean_key = True
+            first_packet = False
+            for frame in frames:
+                warming = False
+                if frame.key_frame and clean_key:
+                    damaged = False
+                if timeline.order_mode:
+                    next_index = 0 if next_index is None else next_index
+                    lo, hi = next_index, next_index + 1
+                    next_index += 1
+                elif frame.pts is None:
+                    lo, hi = previous_hi, previous_hi + 1
+                else:
+                    lo, hi = timeline.indices_of(frame.pts)
+                previous_hi = hi
+                yield _Decoded(frame, lo, hi, damaged or bool(frame.is_corrupt))
+            if packet is None:
+                break
 
     def _convert(self, frame: av.VideoFrame) -> np.ndarray | av.VideoFrame:
         width, height = self.size
+        quarter_turns = self.info.rotation // 90
+        if quarter_turns % 2:
+            width, height = height, width
         # compact: scaled but kept as YUV 4:2:0 (1.5 bytes a pixel); to_pixels converts it when it is used
         if self.compact:
             return frame.reformat(width, height, "yuv420p", interpolation="AREA", threads=1)
         # threads=1: swscale's own slice threads would be inherited half-dead by forked dataloader workers and hang them
-        return frame.to_ndarray(
+        pixels = frame.to_ndarray(
             format=self.pixel_format, width=width, height=height, interpolation="AREA", threads=1
         )
+        if quarter_turns:
+            pixels = np.ascontiguousarray(np.rot90(pixels, quarter_turns))
+        return pixels
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray | None]]:
-        target, failures, previous = self.first, 0, self.first - 1
+        target, failures = self.first, 0
         skip = max(1, round(float(self.info.fps)))
         try:
             while target < self.stop:
                 try:
-                    for frame in self._open_at(target):
+                    for decoded in self._open_at(target):
                         self.stats.decoded_frames += 1
-                        index = previous + 1 if frame.pts is None else self.info.index_of(frame.pts)
-                        if index < target:
-                            continue
-                        if index >= self.stop:
+                        lo, hi = max(decoded.lo, target), min(decoded.hi, self.stop)
+                        if decoded.lo >= self.stop:
                             return
-                        previous, target = index, index + 1
-                        failures = 0
-                        yield index, (self._convert(frame) if self.wanted(index) else None)
+                        pixels = None
+                        for index in range(lo, hi):
+                            target, failures = index + 1, 0
+                            if decoded.damaged:
+                                self.damaged.add(index)
+                                self.stats.count_damaged(self.info.path)
+                                yield index, None
+                            elif self.wanted(index):
+                                pixels = self._convert(decoded.frame) if pixels is None else pixels
+                                yield index, pixels
+                            else:
+                                yield index, None
                     return
                 except (av.FFmpegError, OSError) as err:
                     failures += 1

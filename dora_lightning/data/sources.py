@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import av
 
+from dora_lightning.data.timeline import Timeline, TimelineError, load_or_build
+
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts")
 
 
@@ -20,12 +21,14 @@ class VideoSourceError(ValueError):
     """A video path or file the data module cannot use; the message names the file and what to do."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VideoInfo:
     """What the sampler and decoder need to know about one video file.
 
-    ``num_frames`` is the header's frame count (or duration x rate when the header has none); frame ``i`` is the one whose
-    timestamp is ``start_pts + i / fps`` seconds, so frame indices come from timestamps, not from counting.
+    ``num_frames`` is the number of frames a player shows at the nominal rate ``fps``, counted from the file's packets
+    (never from its header): frame ``i`` is what a player shows ``i / fps`` seconds after the first frame (see
+    :mod:`dora_lightning.data.timeline`). ``width`` and ``height`` are the displayed size: a file with rotation
+    metadata (``rotation`` degrees counter-clockwise, a multiple of 90) is decoded and then turned upright.
     """
 
     path: str
@@ -35,17 +38,28 @@ class VideoInfo:
     height: int
     time_base: Fraction
     start_pts: int
+    rotation: int = 0
+    timeline: Timeline | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeline is None:
+            object.__setattr__(
+                self,
+                "timeline",
+                Timeline(self.fps, self.time_base, self.start_pts, self.num_frames, self.num_frames),
+            )
 
     def index_of(self, pts: int) -> int:
-        """Frame index of a presentation timestamp."""
-        return round((pts - self.start_pts) * self.time_base * self.fps)
+        """Frame index of a presentation timestamp on the nominal grid."""
+        return self.timeline.index_of(pts)
 
     def pts_of(self, index: int) -> int:
-        """Presentation timestamp of frame ``index`` (for seeking)."""
-        return self.start_pts + math.floor(Fraction(index) / self.fps / self.time_base)
+        """A timestamp to seek to before decoding frame ``index``."""
+        return self.timeline.seek_pts(index)
 
     def decode_size(self, short_side: int | None) -> tuple[int, int]:
-        """(width, height) after scaling the short side to ``short_side`` (never upscaling), both even."""
+        """(width, height) of the upright frame after scaling the short side to ``short_side`` (never upscaling),
+        both even."""
         if short_side is None or short_side >= min(self.width, self.height):
             return self.width, self.height
         scale = short_side / min(self.width, self.height)
@@ -85,60 +99,64 @@ def resolve_video_paths(paths: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def probe_video(path: str) -> VideoInfo:
-    """Open ``path``, read its first video stream's header and decode its first frame; raise VideoSourceError if unusable."""
+def _first_frame(path: str) -> dict[str, int]:
+    """Decode the first frame of ``path``: its upright size and rotation; raise VideoSourceError when none decodes."""
     try:
-        container = av.open(path)
+        with av.open(path) as container, av.logging.Capture(local=False):
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise VideoSourceError(f"'{path}' has no decodable frame; is the file empty or corrupt?")
+            rotation = int(round((first.rotation or 0) / 90)) % 4 * 90
+    except av.FFmpegError as err:
+        raise VideoSourceError(
+            f"'{path}' has no decodable frame at its start ({err}); is the file corrupt?"
+        ) from err
+    width, height = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
+    return {"width": width, "height": height, "rotation": rotation}
+
+
+def probe_video(path: str, index_cache: str | os.PathLike | None = None) -> VideoInfo:
+    """Index ``path`` (its player timeline, from the packets; cached in ``index_cache``, default
+    :func:`~dora_lightning.data.timeline.default_cache_dir`) and decode its first frame; raise VideoSourceError if
+    it is unusable."""
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoSourceError(f"'{path}' has no video stream")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as err:
         raise VideoSourceError(f"'{path}' is not a readable video ({err.__class__.__name__}: {err})") from err
-    with container:
-        if not container.streams.video:
-            raise VideoSourceError(f"'{path}' has no video stream")
-        stream = container.streams.video[0]
-        fps = stream.average_rate or stream.guessed_rate or stream.base_rate
-        if not fps or stream.time_base is None:
-            raise VideoSourceError(
-                f"'{path}' has no frame rate or time base in its header; re-mux it (e.g. with ffmpeg -c copy)"
-            )
-        fps = Fraction(fps)
-        num_frames = stream.frames
-        if not num_frames:
-            if stream.duration is not None:
-                seconds = stream.duration * stream.time_base
-            elif container.duration is not None:
-                seconds = Fraction(container.duration, av.time_base)
-            else:
-                raise VideoSourceError(
-                    f"'{path}' has neither a frame count nor a duration in its header; re-mux it"
-                )
-            num_frames = round(seconds * fps)
-        start_pts = stream.start_time or 0
-        try:
-            first = next(container.decode(stream), None)
-        except av.FFmpegError as err:
-            raise VideoSourceError(
-                f"'{path}' has no decodable frame at its start ({err}); is the file corrupt?"
-            ) from err
-        if first is None:
-            raise VideoSourceError(f"'{path}' has no decodable frame; is the file empty or corrupt?")
-        return VideoInfo(
-            path=path,
-            num_frames=int(num_frames),
-            fps=fps,
-            width=first.width,
-            height=first.height,
-            time_base=Fraction(stream.time_base),
-            start_pts=int(start_pts),
-        )
+    try:
+        timeline, facts = load_or_build(path, index_cache, _first_frame)
+    except TimelineError as err:
+        raise VideoSourceError(str(err)) from err
+    except (av.FFmpegError, OSError) as err:
+        raise VideoSourceError(f"'{path}' is not a readable video ({err.__class__.__name__}: {err})") from err
+    return VideoInfo(
+        path=path,
+        num_frames=timeline.num_frames,
+        fps=timeline.fps,
+        width=int(facts["width"]),
+        height=int(facts["height"]),
+        time_base=timeline.time_base,
+        start_pts=timeline.start_pts,
+        rotation=int(facts["rotation"]),
+        timeline=timeline,
+    )
 
 
-def probe_videos(paths: Sequence[str], min_frames: int) -> list[VideoInfo]:
-    """Probe every file; skip unusable or too-short ones with a warning, and fail only when none is left."""
+def probe_videos(
+    paths: Sequence[str], min_frames: int, index_cache: str | os.PathLike | None = None
+) -> list[VideoInfo]:
+    """Probe every file (indexes cached in ``index_cache``); skip unusable or too-short ones with a warning, and fail
+    only when none is left."""
     usable: list[VideoInfo] = []
     problems: list[str] = []
+    notes: list[str] = []
     for path in paths:
         try:
-            info = probe_video(path)
+            info = probe_video(path, index_cache)
         except VideoSourceError as err:
             problems.append(str(err))
             continue
@@ -148,6 +166,12 @@ def probe_videos(paths: Sequence[str], min_frames: int) -> list[VideoInfo]:
                 "lower data.frame_stride or data.clip_length"
             )
             continue
+        promised = info.timeline.header_frames
+        if promised > info.num_frames + max(2, info.num_frames // 100):
+            notes.append(
+                f"'{path}' ends early (truncated?): its header promises {promised} frames, its packets hold "
+                f"{info.num_frames}; training on those {info.num_frames}"
+            )
         usable.append(info)
     if not usable:
         raise VideoSourceError(
@@ -155,4 +179,6 @@ def probe_videos(paths: Sequence[str], min_frames: int) -> list[VideoInfo]:
         )
     for problem in problems:
         warnings.warn(f"skipping a video: {problem}", RuntimeWarning, stacklevel=2)
+    for note in notes:
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
     return usable

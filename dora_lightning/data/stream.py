@@ -76,8 +76,9 @@ class VideoClipStream(IterableDataset):
     emits the same number of clips per epoch (a whole number of batches), so DDP ranks stay in step and ``len()`` is
     exact. ``set_position(epoch, batches_done)`` before iterating resumes mid-epoch: each worker skips the
     batches the previous run consumed and the remaining clips come out in the same order as in an uninterrupted run.
-    A clip whose frames cannot be decoded (corrupt or truncated stretch) is replaced by the worker's previous good
-    clip with fresh augmentation and counted, keeping the counts equal; a warning names the file.
+    A clip whose frames cannot be decoded (corrupt or truncated stretch, or frames the decoder reported damaged) is
+    replaced by the worker's previous good clip with fresh augmentation and counted, keeping the counts equal; a
+    warning names the file (damaged frames: one line per file at the epoch's end with their count).
     """
 
     def __init__(
@@ -194,6 +195,8 @@ class VideoClipStream(IterableDataset):
                     reported = stats.decoded_frames
                     yield sample
                 debt.clear()
+            for line in stats.damage_lines():
+                warnings.warn(line, RuntimeWarning, stacklevel=2)
             if (summary := stats.summary()) is not None:
                 warnings.warn(summary, RuntimeWarning, stacklevel=2)
             if debt:
@@ -240,7 +243,15 @@ class VideoClipStream(IterableDataset):
             state.frames.pop(f, None)
         if any(frame is None for frame in frames):
             video = self.videos[state.run.video]
-            stats.missing_frames += sum(frame is None for frame in frames)
+            damaged = state.reader.damaged if state.reader is not None else set()
+            absent = [
+                int(f)
+                for f, frame in zip(clip, frames, strict=True)
+                if frame is None and int(f) not in damaged
+            ]
+            if not absent:
+                return None  # damaged frames only: counted by the reader, reported once per file at the epoch's end
+            stats.missing_frames += len(absent)
             reason = "ends early (truncated?)" if state.exhausted else "has an undecodable stretch"
             stats.warn_once(
                 video.path,

@@ -1,0 +1,299 @@
+"""A video's frame timeline as a player shows it, built by demuxing its packets once and cached per file.
+
+Frame ``i`` of the timeline is what a player shows at ``start + i / fps`` (the nominal rate):
+
+* **Timestamp mode** (``order_mode`` false): the decoder's frames are placed by their presentation timestamps. Frame
+  ``i`` shows the latest coded frame whose timestamp is at most half a frame period after ``i``'s time, so a frame
+  that is missing (a dropped-frame AVI, a variable-rate phone video) repeats the previous one and surplus frames are
+  dropped. A file whose timestamps sit on the nominal grid (nearly every file) keeps the plain
+  ``round((pts - start) x time_base x fps)`` arithmetic and stores no per-frame table.
+* **Output-order mode** (``order_mode`` true): a stream whose packets all carry PTS = DTS while the decoder reorders
+  frames (B-frames written by some muxers). Timestamps are then meaningless, so frames are numbered by the decoder's
+  output order counted from the keyframe a seek lands on (the keyframe's position among the packets).
+
+Counts come from the packets (never from the header): demuxing reads the file once without decoding (about as long
+as reading the file from disk) plus a decode of its first few dozen packets; the result is cached (see
+:func:`load_or_build`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+INDEX_VERSION = 1
+ORDER_CHECK_PACKETS = 48  # packets decoded to tell whether a PTS = DTS stream reorders its frames
+
+
+class TimelineError(ValueError):
+    """The file has no frame a player could show (no packets, no rate, nothing decodable)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Timeline:
+    """Where each frame index of a video comes from.
+
+    Attributes:
+        fps: the nominal frame rate the index counts in.
+        time_base: the stream's timestamp unit, in seconds.
+        start_pts: timestamp of frame 0 (the first frame shown).
+        num_frames: frames a player shows at ``fps``.
+        coded_frames: frames coded in the file (non-empty packets).
+        header_frames: the frame count the header promises (its count, else duration x rate; 0: none), only to tell
+            the user when a file ends early.
+        order_mode: frames are numbered by decoder output order (B-frames with PTS = DTS).
+        source_pts: sorted presentation timestamps of the coded frames where they are off the nominal grid (timestamp
+            mode only); None when frame ``i`` is simply the coded frame at ``start + i / fps``.
+        key_index: frame index of each keyframe (output-order mode only).
+        key_pts: timestamp to seek to for each keyframe (output-order mode only).
+    """
+
+    fps: Fraction
+    time_base: Fraction
+    start_pts: int
+    num_frames: int
+    coded_frames: int
+    header_frames: int = 0
+    order_mode: bool = False
+    source_pts: np.ndarray | None = None
+    key_index: np.ndarray | None = None
+    key_pts: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.source_pts is not None:
+            seconds = (self.source_pts - self.start_pts).astype(np.float64) * float(self.time_base * self.fps)
+            first = np.ceil(seconds - 0.5 - 1e-9).astype(np.int64)
+            object.__setattr__(self, "_first_index", np.append(np.maximum(first, 0), self.num_frames))
+
+    @property
+    def on_grid(self) -> bool:
+        """Whether frame ``i`` is the ``i``-th coded frame (timestamps on the nominal grid, or output-order mode)."""
+        return self.source_pts is None
+
+    def index_of(self, pts: int) -> int:
+        """Frame index of a timestamp on the nominal grid (timestamp mode)."""
+        return round((pts - self.start_pts) * self.time_base * self.fps)
+
+    def indices_of(self, pts: int) -> tuple[int, int]:
+        """The frame indices ``[lo, hi)`` that show the coded frame with timestamp ``pts`` (empty when a player drops
+        it, several when it repeats it); timestamp mode only."""
+        if self.source_pts is None:
+            index = self.index_of(pts)
+            return index, index + 1
+        j = int(np.searchsorted(self.source_pts, pts, side="right")) - 1
+        first: np.ndarray = self._first_index  # type: ignore[attr-defined]
+        j = min(max(j, 0), len(self.source_pts) - 1)
+        return int(first[j]), int(first[j + 1])
+
+    def seek_pts(self, index: int) -> int:
+        """A timestamp to seek to (backwards, to a keyframe) before decoding frame ``index``."""
+        if self.order_mode:
+            return int(self.key_pts[self.key_before(index)])
+        if self.source_pts is None:
+            return self.start_pts + math.floor(Fraction(index) / self.fps / self.time_base)
+        first: np.ndarray = self._first_index  # type: ignore[attr-defined]
+        j = max(0, int(np.searchsorted(first[:-1], index, side="right")) - 1)
+        return int(self.source_pts[j])
+
+    def key_before(self, index: int) -> int:
+        """Position in ``key_index`` of the last keyframe at or before frame ``index`` (output-order mode)."""
+        return max(0, int(np.searchsorted(self.key_index, index, side="right")) - 1)
+
+    def key_at_pts(self, pts: int) -> int:
+        """Frame index of the keyframe whose seek timestamp is the last at or before ``pts`` (output-order mode)."""
+        k = max(0, int(np.searchsorted(self.key_pts, pts, side="right")) - 1)
+        return int(self.key_index[k])
+
+
+def _header_frames(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, fps: Fraction
+) -> int:
+    if stream.frames:
+        return int(stream.frames)
+    if stream.duration is not None and stream.time_base is not None:
+        return round(stream.duration * stream.time_base * fps)
+    if container.duration is not None:
+        return round(Fraction(container.duration, av.time_base) * fps)
+    return 0
+
+
+def _packet_table(path: str) -> tuple[dict[str, np.ndarray], Fraction, Fraction, int]:
+    """Demux every packet of the first video stream (no decoding): timestamps, keyframe flags; plus fps, time base."""
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise TimelineError(f"'{path}' has no video stream")
+        stream = container.streams.video[0]
+        fps = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if not fps or stream.time_base is None:
+            raise TimelineError(
+                f"'{path}' has no frame rate or time base in its header; re-mux it (e.g. with ffmpeg -c copy)"
+            )
+        pts, dts, keys = [], [], []
+        missing = np.iinfo(np.int64).min
+        with av.logging.Capture(local=False):
+            try:
+                for packet in container.demux(stream):
+                    if packet.size == 0 or packet.is_discard:
+                        continue
+                    pts.append(missing if packet.pts is None else packet.pts)
+                    dts.append(missing if packet.dts is None else packet.dts)
+                    keys.append(packet.is_keyframe)
+            except (av.FFmpegError, OSError):
+                pass  # a truncated or damaged tail: index what could be read
+        table = {
+            "pts": np.asarray(pts, dtype=np.int64),
+            "dts": np.asarray(dts, dtype=np.int64),
+            "key": np.asarray(keys, dtype=bool),
+        }
+        header = _header_frames(container, stream, Fraction(fps))
+        return table, Fraction(fps), Fraction(stream.time_base), header
+
+
+def _output_reorders(path: str) -> bool:
+    """Whether the decoder's output timestamps go backwards over the first packets (B-frames with PTS = DTS)."""
+    previous = None
+    with av.open(path) as container, av.logging.Capture(local=False):
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        try:
+            for n, frame in enumerate(container.decode(stream)):
+                if frame.pts is not None:
+                    if previous is not None and frame.pts < previous:
+                        return True
+                    previous = frame.pts
+                if n >= ORDER_CHECK_PACKETS:
+                    break
+        except (av.FFmpegError, OSError):
+            pass
+    return False
+
+
+def build_timeline(path: str) -> Timeline:
+    """Demux ``path`` and build its timeline (see the module docstring); raise TimelineError if it has no frame."""
+    table, fps, time_base, header = _packet_table(path)
+    pts, dts, keys = table["pts"], table["dts"], table["key"]
+    if len(pts) == 0:
+        raise TimelineError(f"'{path}' holds no video packet; is the file empty or audio only?")
+    missing = np.iinfo(np.int64).min
+    pts = np.where(pts == missing, dts, pts)
+    same = bool(np.all((table["pts"] == dts) | (table["pts"] == missing)))
+    if np.any(pts == missing) or (same and len(pts) > 1 and _output_reorders(path)):
+        seek = np.where(pts == missing, 0, pts)
+        key_positions = np.flatnonzero(keys)
+        if len(key_positions) == 0 or key_positions[0] != 0:
+            key_positions = np.insert(key_positions, 0, 0)
+        return Timeline(
+            fps=fps,
+            time_base=time_base,
+            start_pts=int(seek[0]),
+            num_frames=len(pts),
+            coded_frames=len(pts),
+            header_frames=header,
+            order_mode=True,
+            key_index=key_positions.astype(np.int64),
+            key_pts=seek[key_positions].astype(np.int64),
+        )
+    source = np.unique(pts)
+    start = int(source[0])
+    position = (source - start).astype(np.float64) * float(time_base * fps)
+    if np.array_equal(np.rint(position), np.arange(len(source))):
+        return Timeline(fps, time_base, start, len(source), len(pts), header)
+    last = math.ceil(position[-1] - 0.5 - 1e-9)
+    return Timeline(fps, time_base, start, last + 1, len(pts), header, source_pts=source)
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/dora_lightning/video_index`` (``~/.cache/...`` when XDG_CACHE_HOME is unset)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "dora_lightning" / "video_index"
+
+
+def _file_key(path: str) -> dict[str, int | str]:
+    status = os.stat(path)
+    return {"path": os.path.abspath(path), "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+
+def _entry_path(cache_dir: Path, key: dict[str, int | str]) -> Path:
+    return cache_dir / (hashlib.sha1(str(key["path"]).encode()).hexdigest() + ".npz")
+
+
+def _to_arrays(timeline: Timeline, key: dict, extra: dict) -> dict[str, np.ndarray]:
+    meta = {
+        "version": INDEX_VERSION,
+        "key": key,
+        "fps": [timeline.fps.numerator, timeline.fps.denominator],
+        "time_base": [timeline.time_base.numerator, timeline.time_base.denominator],
+        "start_pts": timeline.start_pts,
+        "num_frames": timeline.num_frames,
+        "coded_frames": timeline.coded_frames,
+        "header_frames": timeline.header_frames,
+        "order_mode": timeline.order_mode,
+        "extra": extra,
+    }
+    arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    for name in ("source_pts", "key_index", "key_pts"):
+        value = getattr(timeline, name)
+        if value is not None:
+            arrays[name] = value
+    return arrays
+
+
+def _from_arrays(arrays: dict[str, np.ndarray]) -> tuple[Timeline, dict, dict]:
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    if meta["version"] != INDEX_VERSION:
+        raise ValueError("old index version")
+    timeline = Timeline(
+        fps=Fraction(*meta["fps"]),
+        time_base=Fraction(*meta["time_base"]),
+        start_pts=int(meta["start_pts"]),
+        num_frames=int(meta["num_frames"]),
+        coded_frames=int(meta["coded_frames"]),
+        header_frames=int(meta["header_frames"]),
+        order_mode=bool(meta["order_mode"]),
+        **{
+            name: arrays[name].astype(np.int64)
+            for name in ("source_pts", "key_index", "key_pts")
+            if name in arrays
+        },
+    )
+    return timeline, meta["key"], meta["extra"]
+
+
+def load_or_build(
+    path: str, cache_dir: str | os.PathLike | None = None, probe: Callable[[str], dict] | None = None
+) -> tuple[Timeline, dict]:
+    """The timeline of ``path`` and the ``extra`` facts ``probe(path)`` returned, from the cache when the file's path,
+    size and mtime_ns match the entry; else built (and ``probe`` run) and written to the cache.
+
+    ``cache_dir`` None uses :func:`default_cache_dir`. A corrupt or stale entry is rebuilt; a cache folder that cannot
+    be written is ignored (the index is then rebuilt at each start).
+    """
+    key = _file_key(path)
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    entry = _entry_path(folder, key)
+    try:
+        with np.load(entry, allow_pickle=False) as stored:
+            timeline, stored_key, extra = _from_arrays(dict(stored))
+        if stored_key == key:
+            return timeline, extra
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, EOFError):
+        pass  # no entry, or a corrupt / old one: rebuild it
+    timeline = build_timeline(path)
+    extra = probe(path) if probe is not None else {}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = entry.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(temporary, **_to_arrays(timeline, key, extra))
+        os.replace(temporary, entry)
+    except OSError:
+        pass  # an unwritable cache is not an error
+    return timeline, extra
