@@ -1,0 +1,72 @@
+"""The per-file index cache: reused while the file is unchanged, rebuilt when stale or corrupt, never an error."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from conftest import write_video
+
+from dora_lightning.data import timeline as tl
+from dora_lightning.data.sources import probe_video
+
+
+def entries(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.npz"))
+
+
+def test_index_is_cached_and_reused(tmp_path, monkeypatch):
+    video = write_video(tmp_path / "v.mp4", 40)
+    cache = tmp_path / "cache"
+    first = probe_video(str(video), cache)
+    (entry,) = entries(cache)
+    calls = []
+    monkeypatch.setattr(tl, "build_timeline", lambda path: calls.append(path))
+    again = probe_video(str(video), cache)
+    assert not calls and (again.num_frames, again.fps, again.width) == (
+        first.num_frames,
+        first.fps,
+        first.width,
+    )
+    assert entries(cache) == [entry]
+
+
+def test_changed_file_is_reindexed(tmp_path):
+    video = write_video(tmp_path / "v.mp4", 40)
+    cache = tmp_path / "cache"
+    assert probe_video(str(video), cache).num_frames == 40
+    write_video(video, 50)
+    os.utime(video, ns=(1, 1))  # another mtime as well as another size
+    assert probe_video(str(video), cache).num_frames == 50
+
+
+def test_corrupt_entry_is_rebuilt(tmp_path):
+    video = write_video(tmp_path / "v.mp4", 40)
+    cache = tmp_path / "cache"
+    probe_video(str(video), cache)
+    (entry,) = entries(cache)
+    entry.write_bytes(b"garbage")
+    assert probe_video(str(video), cache).num_frames == 40
+    with np.load(entry, allow_pickle=False) as stored:
+        assert "meta" in stored
+
+
+def test_unwritable_cache_is_not_an_error(tmp_path):
+    video = write_video(tmp_path / "v.mp4", 40)
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder should be")
+    assert probe_video(str(video), blocked / "cache").num_frames == 40
+
+
+def test_default_cache_folder_follows_xdg(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert tl.default_cache_dir() == tmp_path / "dora_lightning" / "video_index"
+
+
+def test_clean_file_keeps_the_plain_grid(tmp_path):
+    """A file whose timestamps sit on the nominal grid stores no per-frame table: frame i is the i-th coded frame."""
+    video = write_video(tmp_path / "v.mp4", 40)
+    timeline = tl.build_timeline(str(video))
+    assert timeline.on_grid and not timeline.order_mode and timeline.num_frames == timeline.coded_frames == 40
+    assert [timeline.indices_of(timeline.seek_pts(i)) for i in (0, 7, 39)] == [(0, 1), (7, 8), (39, 40)]

@@ -1,0 +1,175 @@
+"""Every kind of file in tests/video_fixtures.py trains on the frames a player shows (docs/data.md, "Which files
+train"), or is refused as that table says; damaged frames are skipped and counted."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from conftest import read_pattern_index
+from video_fixtures import Fixture, build_all, expected_for_times
+
+from dora_lightning.data.reader import DecodeStats, RangeReader
+from dora_lightning.data.sampling import ClipSpec
+from dora_lightning.data.sources import VideoInfo, probe_video, probe_videos
+from dora_lightning.data.stream import VideoClipStream
+
+SPEC = ClipSpec(clip_length=3, frame_stride=4)
+
+
+@pytest.fixture(scope="session")
+def fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Fixture]:
+    return build_all(tmp_path_factory.mktemp("kinds"))
+
+
+@pytest.fixture(scope="session")
+def index_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("index")
+
+
+def clips(info: VideoInfo, **options) -> tuple[list[dict], list[str]]:
+    """Every clip of one epoch of ``info`` (native size, every start), and the warnings raised."""
+    stream = VideoClipStream(
+        [info], SPEC, None, batch_size=2, num_workers=0, cursors=2, start_step=1, **options
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = list(stream)
+    assert len(samples) == len(stream) > 0
+    return samples, [str(w.message) for w in caught]
+
+
+def shown(sample: dict) -> list[int]:
+    return [read_pattern_index(frame) for frame in sample["frames"].numpy()]
+
+
+def expected_of(fixture: Fixture, info: VideoInfo) -> list[int]:
+    if "times_ms" in fixture.notes:
+        return expected_for_times(fixture.notes["times_ms"], info.fps, info.num_frames)
+    return fixture.expected
+
+
+PLAIN = [
+    "mkv_no_count",
+    "webm_no_count",
+    "starts_late",
+    "odd_size",
+    "yuv444",
+    "ten_bit",
+    "open_gop",
+    "audio_first",
+    "two_video_streams",
+]
+
+
+@pytest.mark.parametrize("name", [*PLAIN, "pts_eq_dts", "dropped_avi", "variable_rate", "rotated"])
+def test_each_kind_trains_on_the_frames_a_player_shows(fixtures, index_cache, name):
+    fixture = fixtures[name]
+    info = probe_video(str(fixture.path), index_cache)
+    expected = expected_of(fixture, info)
+    assert info.num_frames == len(expected)
+    samples, messages = clips(info)
+    assert not messages, messages
+    for sample in samples:
+        assert shown(sample) == [expected[i] for i in SPEC.frames(sample["start"])], sample["start"]
+
+
+def test_b_frames_with_pts_equal_dts_are_numbered_by_output_order(fixtures, index_cache):
+    """(a): the decoder's output timestamps go 0, 3, 2, ...; the timeline counts frames in output order instead, every
+    one of the 120 frames is there once, no frame is reported missing."""
+    path = str(fixtures["pts_eq_dts"].path)
+    with av.open(path) as container:
+        stamps = [f.pts for f in container.decode(video=0)]
+    assert stamps != sorted(stamps)
+    info = probe_video(path, index_cache)
+    assert info.timeline.order_mode and info.num_frames == 120
+    stats = DecodeStats()
+    reader = RangeReader(info, 37, 120, (info.width, info.height), lambda i: True, stats)
+    frames = list(reader)
+    assert [i for i, _ in frames] == list(range(37, 120))
+    assert [read_pattern_index(f) for _, f in frames] == list(range(37, 120))
+    assert stats.summary() is None
+
+
+def test_dropped_frames_repeat_the_previous_one(fixtures, index_cache):
+    """(b): a 15 fps AVI with 27 coded frames over 150 grid times: 150 frames, each the latest coded one due."""
+    fixture = fixtures["dropped_avi"]
+    info = probe_video(str(fixture.path), index_cache)
+    assert (info.num_frames, info.timeline.coded_frames) == (150, fixture.notes["coded"])
+    assert info.timeline.header_frames == 150
+    stats = DecodeStats()
+    frames = list(RangeReader(info, 0, 150, (info.width, info.height), lambda i: True, stats))
+    assert [i for i, _ in frames] == list(range(150))
+    assert [read_pattern_index(f) for _, f in frames] == fixture.expected
+    assert stats.summary() is None
+
+
+def test_rotated_video_trains_upright(fixtures, index_cache):
+    info = probe_video(str(fixtures["rotated"].path), index_cache)
+    assert (info.width, info.height, info.rotation) == (72, 96, 270)
+    assert info.decode_size(48) == (48, 64)
+    samples, _ = clips(info, decode_short_side=48)
+    assert samples[0]["frames"].shape == (3, 64, 48, 3)
+    for sample in samples:
+        assert shown(sample) == SPEC.frames(sample["start"]).tolist()
+
+
+def test_damaged_frames_are_skipped_and_counted(fixtures, index_cache):
+    """(c): 400 corrupted bytes in a 60 fps file with long GOPs: the frames FFmpeg reports damaged (and those after
+    them up to the next keyframe) never reach a clip; every clip is pixel-identical to the undamaged file's at its
+    own frames, except the counted replacements; one line gives the damaged count."""
+    fixture = fixtures["corrupt_middle"]
+    info = probe_video(str(fixture.path), index_cache)
+    with av.open(str(fixture.notes["clean"])) as container:
+        reference = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    samples, messages = clips(info)
+    damage = [m for m in messages if "damaged frames could not be decoded" in m]
+    assert len(damage) == 1 and str(fixture.path) in damage[0], messages
+    count = int(damage[0].split("': ")[1].split(" damaged")[0])
+    assert count > 0
+    (summary,) = [m for m in messages if m.startswith("clip stream:")]
+    assert f"{count} damaged frames" in summary
+    substituted = int(summary.split(" clips replaced")[0].rsplit(", ", 1)[1])
+    own = 0
+    for sample in samples:
+        frames, indices = sample["frames"].numpy(), SPEC.frames(sample["start"])
+        own += all(np.array_equal(f, reference[i]) for f, i in zip(frames, indices, strict=True))
+    # the others are replacements by the previous good clip: the count says how many
+    assert 0 < substituted and own == len(samples) - substituted
+    # a plain sequential read: the damaged indices form a stretch ending at a keyframe, the rest match the clean file
+    stats = DecodeStats()
+    reader = RangeReader(info, 0, info.num_frames, (info.width, info.height), lambda i: True, stats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        good = {i: f for i, f in reader if f is not None}
+    assert reader.damaged and sum(stats.damaged_frames.values()) == len(reader.damaged)
+    assert max(reader.damaged) + 1 in (info.num_frames, *range(0, info.num_frames, 120))
+    for index, frame in good.items():
+        np.testing.assert_array_equal(frame, reference[index])
+    assert len(good) + len(reader.damaged) <= info.num_frames
+
+
+def test_truncated_file_trains_on_what_it_holds(fixtures, index_cache):
+    fixture = fixtures["truncated"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (info,) = probe_videos([str(fixture.path)], SPEC.span, index_cache)
+    assert 0 < info.num_frames < 150
+    assert any("ends early" in str(w.message) and str(fixture.path) in str(w.message) for w in caught)
+    samples, _ = clips(info)
+    for sample in samples:
+        assert shown(sample) == SPEC.frames(sample["start"]).tolist()
+
+
+@pytest.mark.parametrize(
+    ("content", "cause"),
+    [(b"", "not a readable video"), (b"hello, not a video\n" * 50, "not a readable video")],
+)
+def test_unreadable_files_are_refused(tmp_path, index_cache, content, cause):
+    path = tmp_path / "bad.mp4"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=cause):
+        probe_video(str(path), index_cache)

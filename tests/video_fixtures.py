@@ -1,0 +1,245 @@
+"""Small generated videos of the kinds users feed the trainer (PyAV only), each with the frame a player shows at
+every frame index: ``Fixture.expected[i]`` is the ``frame_pattern`` index visible at frame ``i`` (None: refused)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from conftest import frame_pattern
+
+W, H = 96, 64
+X264 = {"crf": "16", "preset": "ultrafast", "g": "30", "sc_threshold": "0"}
+
+
+@dataclass
+class Fixture:
+    """One generated file: where it is, what a player shows at each frame index, and notes for the tests."""
+
+    path: Path
+    expected: list[int] | None
+    notes: dict = field(default_factory=dict)
+
+
+def _encode(
+    path: Path,
+    contents: Iterable[tuple[int, int]],
+    *,
+    codec: str = "libx264",
+    rate: Fraction = Fraction(30),
+    time_base: Fraction | None = None,
+    size: tuple[int, int] = (W, H),
+    pix_fmt: str = "yuv420p",
+    options: dict | None = None,
+    before: Callable[[av.container.OutputContainer], None] | None = None,
+    after: Callable[[av.container.OutputContainer], None] | None = None,
+    rotation: int | None = None,
+    image: Callable[[int, int, int], np.ndarray] = frame_pattern,
+) -> Path:
+    """Encode frames ``(pts, pattern index)`` (pts in ``time_base``, default 1 / rate)."""
+    time_base = time_base or 1 / rate
+    with av.open(str(path), "w") as container:
+        if before is not None:
+            before(container)
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], pix_fmt
+        stream.codec_context.time_base = time_base
+        if options is not None:
+            stream.options = options
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        if after is not None:
+            after(container)
+        for pts, index in contents:
+            frame = av.VideoFrame.from_ndarray(image(index, size[0], size[1]), format="rgb24")
+            frame.pts, frame.time_base = pts, time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _plain(n: int) -> list[tuple[int, int]]:
+    return [(i, i) for i in range(n)]
+
+
+def pts_equal_dts(folder: Path, n: int = 120) -> Fixture:
+    """H.264 with B-frames, re-muxed with every packet's PTS set to its DTS (as some muxers write)."""
+    source = _encode(folder / "bframes_src.mp4", _plain(n), options=X264 | {"bf": "3", "preset": "superfast"})
+    path = folder / "pts_eq_dts.mp4"
+    with av.open(str(source)) as src, av.open(str(path), "w") as dst:
+        ist = src.streams.video[0]
+        ost = dst.add_stream_from_template(ist)
+        first = None
+        for packet in src.demux(ist):
+            if packet.size == 0:
+                continue
+            first = packet.dts if first is None else first
+            packet.pts = packet.dts = packet.dts - first
+            packet.stream = ost
+            dst.mux(packet)
+    return Fixture(path, list(range(n)))
+
+
+def dropped_frames_avi(folder: Path, grid: int = 150) -> Fixture:
+    """An MPEG-4 AVI at 15 fps whose capture dropped frames: some grid times have no coded frame (the muxer writes
+    zero-size entries there); a player repeats the previous frame."""
+    rng = np.random.default_rng(7)
+    coded = sorted({0, *rng.choice(np.arange(1, grid), size=grid // 6, replace=False).tolist(), grid - 1})
+    path = _encode(
+        folder / "dropped.avi",
+        [(t, t) for t in coded],
+        codec="mpeg4",
+        rate=Fraction(15),
+        options={"qscale": "2", "g": "30"},
+    )
+    expected = [max(t for t in coded if t <= i) for i in range(grid)]
+    return Fixture(path, expected, {"coded": len(coded), "grid": grid})
+
+
+def variable_rate(folder: Path) -> Fixture:
+    """A 30 fps MKV with millisecond timestamps off the grid: jitter, a gap (a player repeats) and a burst of extra
+    frames (a player drops some)."""
+    times = [round(i * 1000 / 30 + (7 if i % 5 == 2 else 0)) for i in range(60)]
+    times += [2000 + k * 100 for k in range(5)]  # 2 s..2.4 s at 10 fps: a gap
+    times += [2500 + k * 10 for k in range(10)]  # a burst at 100 fps
+    times += [round(2600 + i * 1000 / 30) for i in range(60)]
+    path = _encode(folder / "vfr.mkv", [(t, k) for k, t in enumerate(times)], time_base=Fraction(1, 1000))
+    return Fixture(path, None, {"times_ms": times})
+
+
+def expected_for_times(times_ms: list[int], fps: Fraction, num_frames: int) -> list[int]:
+    """The coded frame a player shows at each frame index: the latest one due by the index's time (half a frame of
+    tolerance), counting from the first frame."""
+    period = 1000 / float(fps)
+    shown = []
+    for i in range(num_frames):
+        due = [k for k, t in enumerate(times_ms) if t - times_ms[0] <= i * period + period / 2 + 1e-6]
+        shown.append(due[-1])
+    return shown
+
+
+def no_frame_count(folder: Path, suffix: str, n: int = 90) -> Fixture:
+    """An MKV (H.264) or WebM (VP9) file: Matroska headers carry no frame count."""
+    if suffix == ".webm":
+        path = _encode(
+            folder / "nocount.webm", _plain(n), codec="libvpx-vp9", options={"crf": "20", "g": "30"}
+        )
+    else:
+        path = _encode(folder / "nocount.mkv", _plain(n), options=X264)
+    return Fixture(path, list(range(n)))
+
+
+def starts_late(folder: Path, n: int = 90, offset: int = 15) -> Fixture:
+    """An MP4 whose first frame is at 0.5 s (start_time > 0: an edit list / a stream that starts late)."""
+    path = _encode(folder / "late.mp4", [(offset + i, i) for i in range(n)], options=X264)
+    return Fixture(path, list(range(n)), {"offset": offset})
+
+
+def sized(folder: Path, name: str, size: tuple[int, int], pix_fmt: str, n: int = 60) -> Fixture:
+    """H.264 at an odd size or another pixel format (4:4:4, 10-bit)."""
+    path = _encode(folder / name, _plain(n), size=size, pix_fmt=pix_fmt, options=X264 | {"crf": "10"})
+    return Fixture(path, list(range(n)), {"size": size})
+
+
+def _portrait(index: int, width: int, height: int) -> np.ndarray:
+    """The stored (landscape) image of an upright portrait ``frame_pattern``: turned 90 degrees counter-clockwise,
+    for a player to turn back clockwise."""
+    return np.ascontiguousarray(np.rot90(frame_pattern(index, height, width), 1))
+
+
+def rotated(folder: Path, n: int = 60) -> Fixture:
+    """A phone video: a portrait (72 x 96) picture stored landscape (96 x 72) with a display matrix of -90 degrees
+    (the "rotate=90" tag): a player turns it clockwise."""
+    path = _encode(
+        folder / "portrait.mp4", _plain(n), options=X264, size=(96, 72), rotation=-90, image=_portrait
+    )
+    return Fixture(path, list(range(n)), {"upright": (72, 96)})
+
+
+def open_gop(folder: Path, n: int = 120) -> Fixture:
+    """H.264 with open GOPs (leading B-frames refer to the previous GOP) and B-frames."""
+    options = X264 | {"preset": "superfast", "bf": "3", "x264-params": "open-gop=1"}
+    return Fixture(_encode(folder / "open_gop.mp4", _plain(n), options=options), list(range(n)))
+
+
+def _audio_stream(container: av.container.OutputContainer) -> None:
+    audio = container.add_stream("aac", rate=48000)
+    audio.layout = "mono"
+
+
+def audio_first(folder: Path, n: int = 90) -> Fixture:
+    """An MP4 whose first stream is audio (stream 0) and second the video (audio packets hold no samples here)."""
+    return Fixture(
+        _encode(folder / "audio_first.mp4", _plain(n), options=X264, before=_audio_stream), list(range(n))
+    )
+
+
+def two_video_streams(folder: Path, n: int = 90) -> Fixture:
+    """An MKV with two video streams: the first (our pattern) is used, the second (a flat grey picture) ignored."""
+    path = folder / "two_streams.mkv"
+    with av.open(str(path), "w") as container:
+        streams = []
+        for _ in range(2):
+            stream = container.add_stream("libx264", rate=30)
+            stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+            stream.options = X264
+            streams.append(stream)
+        for i in range(n):
+            images = (frame_pattern(i, W, H), np.full((H, W, 3), 90, dtype=np.uint8))
+            for stream, image in zip(streams, images, strict=True):
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                frame.pts = i
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for stream in streams:
+            for packet in stream.encode():
+                container.mux(packet)
+    return Fixture(path, list(range(n)))
+
+
+def corrupt_middle(folder: Path, n: int = 300, fps: int = 60, gop: int = 120) -> Fixture:
+    """A 60 fps MP4 with long GOPs and 400 corrupted bytes in its middle; ``notes["clean"]`` is the undamaged file."""
+    options = X264 | {"g": str(gop)}
+    clean = _encode(folder / "clean60.mp4", _plain(n), rate=Fraction(fps), options=options)
+    data = bytearray(clean.read_bytes())
+    start = len(data) // 2
+    data[start : start + 400] = np.random.default_rng(1).integers(0, 256, 400, dtype=np.uint8).tobytes()
+    path = folder / "corrupt60.mp4"
+    path.write_bytes(bytes(data))
+    return Fixture(path, list(range(n)), {"clean": clean})
+
+
+def truncated(folder: Path, n: int = 150) -> Fixture:
+    """An MKV cut at 60% of its bytes (a download that stopped): trains on the frames it holds."""
+    source = _encode(folder / "whole.mkv", _plain(n), options=X264)
+    path = folder / "truncated.mkv"
+    data = source.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    return Fixture(path, list(range(n)))
+
+
+def build_all(folder: Path) -> dict[str, Fixture]:
+    """Every fixture, generated into ``folder`` (about 2 s on one core)."""
+    return {
+        "pts_eq_dts": pts_equal_dts(folder),
+        "dropped_avi": dropped_frames_avi(folder),
+        "variable_rate": variable_rate(folder),
+        "mkv_no_count": no_frame_count(folder, ".mkv"),
+        "webm_no_count": no_frame_count(folder, ".webm"),
+        "starts_late": starts_late(folder),
+        "odd_size": sized(folder, "odd.mp4", (641, 479), "yuv444p"),
+        "yuv444": sized(folder, "yuv444.mp4", (W, H), "yuv444p"),
+        "ten_bit": sized(folder, "tenbit.mp4", (W, H), "yuv420p10le"),
+        "rotated": rotated(folder),
+        "open_gop": open_gop(folder),
+        "audio_first": audio_first(folder),
+        "two_video_streams": two_video_streams(folder),
+        "corrupt_middle": corrupt_middle(folder),
+        "truncated": truncated(folder),
+    }
