@@ -102,6 +102,9 @@ class VideoClipDataModule(pl.LightningDataModule):
         max_decode_retries: consecutive decode errors tolerated in one stretch before the rest of it is skipped.
         decode_threads: FFmpeg decoding threads per worker (0: FFmpeg's choice).
         pin_memory: pin batches for faster host-to-GPU copies.
+        index_cache: folder of the per-file frame indexes (built by demuxing each video once, reused while its path,
+            size and mtime are unchanged); None: ``$XDG_CACHE_HOME/dora_lightning/video_index`` (``~/.cache/...``).
+            An unwritable folder only means the indexes are rebuilt at each start.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class VideoClipDataModule(pl.LightningDataModule):
         max_decode_retries: int = 3,
         decode_threads: int = 1,
         pin_memory: bool = True,
+        index_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.spec = ClipSpec(clip_length, frame_stride)
@@ -144,6 +148,7 @@ class VideoClipDataModule(pl.LightningDataModule):
         if decode_short_side is not None and decode_short_side < 16:
             raise ValueError(f"data.decode_short_side must be >= 16 or null, got {decode_short_side}")
         self.paths = paths
+        self.index_cache = index_cache
         self.decode_short_side = decode_short_side
         self.batch_size, self.num_workers = batch_size, num_workers
         self.cursors = cursors_per_worker(cursors, batch_size)
@@ -175,7 +180,9 @@ class VideoClipDataModule(pl.LightningDataModule):
         """Find and probe the videos (skipping unusable ones with a warning) and build the clip stream."""
         if self.dataset is not None:
             return
-        self.videos = probe_videos(resolve_video_paths(self.paths), min_frames=self.spec.span)
+        self.videos = probe_videos(
+            resolve_video_paths(self.paths), min_frames=self.spec.span, index_cache=self.index_cache
+        )
         rank, world = self._rank_and_world()
         self.dataset = VideoClipStream(
             self.videos,
