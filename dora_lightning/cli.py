@@ -8,7 +8,6 @@ the DoRA module; see docs/plugins.md. Without ``--evaluator``, ``dora validate``
 
 from __future__ import annotations
 
-import difflib
 import re
 import sys
 from collections.abc import Sequence
@@ -19,8 +18,25 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from dora_lightning.data.datamodule import VideoClipDataModule
-from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, wants_traceback
+from dora_lightning.errors import (
+    TRACEBACK_ENV,
+    VERBOSE_FLAG,
+    DoraArgumentParser,
+    one_line,
+    raise_site,
+    wants_traceback,
+)
 from dora_lightning.module import DoRAModule
+from dora_lightning.runs import (
+    LAST,
+    CheckpointRefused,
+    checkpoint_folders,
+    find_last_checkpoint,
+    load_initial_weights,
+    read_fit_checkpoint,
+    refuse_other_model,
+    use_run_folder,
+)
 from evaluators.base import EvaluationDataError, Evaluator, evaluator_name
 
 _EVALUATOR_FLAGS = ("--evaluator", "--evaluator.help", "--evaluator.class_path")
@@ -31,7 +47,6 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 # the files whose ValueError / FileNotFoundError (RuntimeError: data/ only) are our messages about the user's data,
 # config or checkpoint, not bugs: the data module, the model's and collapse guard's argument checks, checkpoint reading
 _USER_ERROR_FILES = ("data", "module.py", "collapse_guard.py", "checkpoints.py", "checkpoint_formats.py")
-_WORKER_FRAME = re.compile(r'File "([^"]+)", line \d+')
 
 
 def _resolve_evaluator_value(value: str) -> str:
@@ -47,40 +62,6 @@ def _resolve_evaluator_value(value: str) -> str:
     return class_path_of(get_evaluator_class(text))
 
 
-def _one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line.
-
-    An error raised in a DataLoader worker comes back re-raised with the worker's traceback in its message
-    (``Caught X in DataLoader worker process 0. Original Traceback ...``); its last line holds the original message,
-    after ``module.Class: `` (``Class: `` for builtins). Any other message on several lines is joined into one.
-    """
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else type(err).__name__
-    if not any(line.startswith("Original Traceback") for line in lines[:3]):
-        return " ".join(lines)  # a message of ours on several lines
-    last = lines[-1]
-    # the traceback names builtins by their bare name (ValueError: ...), other classes with their module
-    for prefix in (f"{type(err).__module__}.{type(err).__qualname__}: ", f"{type(err).__qualname__}: "):
-        if last.startswith(prefix):
-            return last[len(prefix) :]
-    return last
-
-
-def _raise_site(err: BaseException) -> Path | None:
-    """The file whose code raised ``err``: its innermost frame or, for an error re-raised from a DataLoader worker,
-    the innermost frame of the worker's traceback (quoted in the message)."""
-    if "Original Traceback" in str(err):
-        files = _WORKER_FRAME.findall(str(err))
-        return Path(files[-1]) if files else None
-    tb = err.__traceback__
-    if tb is None:
-        return None
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return Path(tb.tb_frame.f_code.co_filename)
-
-
 def is_user_error(err: BaseException) -> bool:
     """True when ``err`` is a message of ours about the user's data, config or checkpoint: a ValueError or
     FileNotFoundError raised by the data, model-config, collapse-guard or checkpoint code (a RuntimeError: by the
@@ -88,7 +69,7 @@ def is_user_error(err: BaseException) -> bool:
     e.g. one raised by torch inside a training step, is a bug and keeps its traceback."""
     if isinstance(err, EvaluationDataError):
         return True
-    site = _raise_site(err)
+    site = raise_site(err)
     if site is None:
         return False
     try:
@@ -98,57 +79,6 @@ def is_user_error(err: BaseException) -> bool:
     if isinstance(err, (ValueError, FileNotFoundError)):
         return parts[0] in _USER_ERROR_FILES
     return isinstance(err, RuntimeError) and parts[0] == "data"
-
-
-def _did_you_mean(message: str, parser: Any) -> str:
-    """`` did you mean --KEY?`` for the first unrecognized ``--key`` of ``message`` close to an option of ``parser``."""
-    if "unrecognized arguments" not in message:
-        return ""
-    options = [
-        o for action in getattr(parser, "_actions", []) for o in action.option_strings if o.startswith("--")
-    ]
-    for token in message.split("unrecognized arguments:", 1)[1].split():
-        if token.startswith("--"):
-            key = token.split("=", 1)[0]
-            close = difflib.get_close_matches(key, options, n=1, cutoff=0.75)
-            if close:
-                return f"; did you mean {close[0]}?"
-    return ""
-
-
-class DoraArgumentParser(LightningArgumentParser):
-    """A parser whose errors are one line on stderr (``dora fit: error: ...``; no usage text), exit status 2."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        from jsonargparse._common import debug_mode_active
-
-        # jsonargparse parses nested values with exit_on_error off and expects its ArgumentError; JSONARGPARSE_DEBUG
-        if not self.exit_on_error or debug_mode_active():
-            super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        prog = parser.prog.replace(" [options]", "")
-        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-        sys.stderr.write(f"{prog}: error: {text}{_did_you_mean(text, parser)} (options: {prog} --help)\n")
-        raise SystemExit(2)
-
-
-def _describe_checkpoint(obj: Any) -> str:
-    """What a checkpoint that `dora fit` did not write holds, in a few words, for error messages."""
-    from torch import Tensor
-
-    from dora_lightning.checkpoint_formats import EXPORT_FORMAT, _summary
-
-    if not isinstance(obj, dict):
-        return f"a saved {type(obj).__name__}"
-    if obj.get("format") == EXPORT_FORMAT:
-        return "a backbone written by dora-export"
-    if "state_dict" in obj and "pytorch-lightning_version" in obj:
-        return "a Lightning checkpoint of another model (no 'dora' section)"
-    if "teacher" in obj or "student" in obj:
-        return "an official DINO/DoRA checkpoint"
-    if obj and all(isinstance(v, Tensor) for v in obj.values()):
-        return f"a plain state dict ({len(obj)} tensors)"
-    return f"a dict without Lightning's keys (keys: {_summary(obj)})"
 
 
 class DoraCLI(LightningCLI):
@@ -179,6 +109,15 @@ class DoraCLI(LightningCLI):
 
         # always on, configurable as --collapse_guard.OPTION (every_n_steps: 0 turns it off); docs/training.md
         parser.add_lightning_class_args(CollapseGuard, "collapse_guard")
+        parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help=(
+                "fit only: start a NEW run from the weights of another run's `dora fit` checkpoint (fresh optimiser, "
+                "schedules and data position; the architecture must match). --ckpt_path resumes a run instead."
+            ),
+        )
         parser.add_subclass_arguments(
             Evaluator,
             "evaluator",
@@ -265,50 +204,64 @@ class DoraCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         if self._evaluator_config() is not None:
             return  # the DoRA model is not built: its config need not (and, for non-Lightning files, cannot) be refilled
+        subcommand = self.config.get("subcommand")
+        section = self.config[subcommand] if subcommand else None
+        if section is not None and section.get("init_from") is not None:
+            if subcommand != "fit":
+                self._fail(f"--init_from only applies to `dora fit` (got `dora {subcommand}`)")
+            if section.get("ckpt_path"):
+                self._fail(
+                    "--init_from starts a new run from a checkpoint's weights and --ckpt_path resumes a run: give one"
+                )
+        if subcommand == "fit" and section.get("ckpt_path") == LAST:
+            self._resolve_last(section)
         self._check_fit_checkpoint()
         super()._parse_ckpt_path()
 
+    def _resolve_last(self, section: Any) -> None:
+        """``--ckpt_path last``: this run's newest last checkpoint, or (none yet) a new run, said in one line."""
+        folders = checkpoint_folders(section.get("trainer") or {})
+        found = find_last_checkpoint(folders)
+        if found is None:
+            where = " or ".join(f"'{folder}'" for folder in folders) or "this run's checkpoint folder"
+            sys.stderr.write(
+                f"dora fit: --ckpt_path last: no checkpoint in {where} yet; starting a new run\n"
+            )
+        section["ckpt_path"] = None if found is None else str(found)
+
     def _check_fit_checkpoint(self) -> None:
-        """Refuse a ``--ckpt_path`` that is not a `dora fit` checkpoint with one line, before Lightning reads it.
-
-        The file is read only with :func:`~dora_lightning.checkpoint_formats.read_checkpoint` (``weights_only=True``),
-        so a pickle that would run code is refused here and never reaches Lightning's loader.
-        """
-        from dora_lightning.checkpoint_formats import _USAGE, PRETRAIN_KIND, read_checkpoint
-
+        """Refuse a ``--ckpt_path`` that is not a `dora fit` checkpoint, or (fit) one of a run with other model
+        settings, with one line, before Lightning reads it (:func:`dora_lightning.runs.read_fit_checkpoint`: a pickle
+        that would run code is refused here and never reaches Lightning's loader)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or str(ckpt_path) in _LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry"):
             return
         path = Path(ckpt_path)
-        resume = "resumes" if subcommand == "fit" else f"runs `dora {subcommand}` on"
         usage = (
             f"`dora {subcommand} --ckpt_path` takes a .ckpt written by `dora fit` (e.g. runs/NAME/checkpoints/last.ckpt"
             + (" or `last`)" if subcommand == "fit" else ")")
         )
+        resume = "resumes" if subcommand == "fit" else f"runs `dora {subcommand}` on"
         try:
-            obj = read_checkpoint(path)
-        except FileNotFoundError:
-            self._fail(f"--ckpt_path: '{path}' does not exist; {usage}")
-        except ValueError as err:
-            self._fail(f"--ckpt_path: {str(err).replace(_USAGE, usage)}")
-        section = obj.get("dora") if isinstance(obj, dict) else None
-        if (
-            isinstance(section, dict)
-            and section.get("kind") == PRETRAIN_KIND
-            and isinstance(obj.get("state_dict"), dict)
-        ):
-            return
-        self._fail(
-            f"--ckpt_path: '{path}' is {_describe_checkpoint(obj)}, not a `dora fit` checkpoint: `dora {subcommand}` "
-            f"only {resume} our own runs; evaluate these weights with "
-            f"`dora validate --evaluator knn --ckpt_path {path}`"
-        )
+            checkpoint = read_fit_checkpoint(
+                path, "--ckpt_path", usage, f"`dora {subcommand}` only {resume} our own runs"
+            )
+            if subcommand == "fit":
+                refuse_other_model(path, checkpoint, self.config[subcommand].get("model") or {})
+        except CheckpointRefused as err:
+            self._fail(str(err))
 
     # ------------------------------------------------------------------------------------------------ instantiation
     def instantiate_classes(self) -> None:
         if self._evaluator_config() is None:
             super().instantiate_classes()
+            init_from = self._get(self.config, "init_from")
+            if init_from is not None:
+                try:
+                    load_initial_weights(self.model, Path(init_from), self._get(self.config, "model") or {})
+                except CheckpointRefused as err:
+                    self._fail(str(err))
             return
         # groups (model, data) stay unbuilt Namespaces; subclass arguments (evaluator, callbacks, logger) are built
         instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
@@ -329,6 +282,13 @@ class DoraCLI(LightningCLI):
         self.evaluator_trainer_kwargs: dict[str, Any] = trainer_config
         self.backbone, self.backbone_info = self._load_backbone()
         self.trainer = self.instantiate_trainer()  # not run; LightningCLI expects one
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Lightning's trainer, with checkpoints in the run's folder and written atomically
+        (:func:`dora_lightning.runs.use_run_folder`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_run_folder(trainer)
+        return trainer
 
     def _load_backbone(self) -> tuple[Any, Any]:
         from dora_lightning.checkpoints import load_backbone
@@ -373,7 +333,7 @@ class DoraCLI(LightningCLI):
         try:
             metrics = evaluator.evaluate(self.backbone, dict(self.evaluator_trainer_kwargs))
         except EvaluationDataError as err:
-            self._fail(f"--evaluator {name}: {_one_line(err)}")
+            self._fail(f"--evaluator {name}: {one_line(err)}")
         root = self.evaluator_trainer_kwargs.get("default_root_dir") or Path.cwd()
         output_dir = Path(evaluator.output_dir) if evaluator.output_dir else Path(root) / "eval" / name
         self.evaluation_metrics = dict(metrics)
@@ -435,7 +395,7 @@ def main(args: Sequence[str] | None = None) -> None:
         if verbose or not is_user_error(err):
             raise
         prog = f"dora {subcommand}" if subcommand else "dora"
-        sys.stderr.write(f"{prog}: error: {_one_line(err)}\n")
+        sys.stderr.write(f"{prog}: error: {one_line(err)}\n")
         raise SystemExit(2) from None
 
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from dora_lightning.cli import _one_line, is_user_error, main
+from dora_lightning.cli import is_user_error, main
 from dora_lightning.data.sources import VideoSourceError, resolve_video_paths
+from dora_lightning.errors import one_line
 
 FAST = ["--config", "configs/demo.yaml", "--data.num_workers", "0", "--trainer.max_steps", "1"]
 
@@ -52,7 +53,7 @@ def in_repo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ data and config
 @pytest.mark.parametrize("case", ["missing", "text_as_mp4", "empty_mp4"])
-def test_bad_video_is_one_line(case, in_repo, capsys):
+def test_bad_video_isone_line(case, in_repo, capsys):
     video = in_repo / f"{case}.mp4"
     if case == "text_as_mp4":
         video.write_text("this is not a video\n")
@@ -69,7 +70,7 @@ def test_bad_video_is_one_line(case, in_repo, capsys):
     ("override", "key"),
     [("--data.batch_size=-4", "data.batch_size"), ("--model.num_objects=99", "model.num_objects")],
 )
-def test_refused_config_value_is_one_line(override, key, in_repo, capsys):
+def test_refused_config_value_isone_line(override, key, in_repo, capsys):
     line = _run(["fit", *FAST, "--trainer.default_root_dir", str(in_repo), override], capsys)
     assert key in line
 
@@ -171,7 +172,7 @@ def _raised(fn, *args):
     raise AssertionError("nothing was raised")
 
 
-def test_data_error_from_a_dataloader_worker_is_one_line(tmp_path):
+def test_data_error_from_a_dataloader_worker_isone_line(tmp_path):
     from torch._utils import ExceptionWrapper
 
     original = _raised(resolve_video_paths, str(tmp_path / "gone.mp4"))
@@ -182,7 +183,7 @@ def test_data_error_from_a_dataloader_worker_is_one_line(tmp_path):
         wrapped = _raised(ExceptionWrapper(where="in DataLoader worker process 0").reraise)
     assert "Original Traceback" in str(wrapped) and len(str(wrapped).splitlines()) > 3
     assert is_user_error(wrapped)
-    assert _one_line(wrapped) == str(original)
+    assert one_line(wrapped) == str(original)
 
 
 def test_bugs_keep_their_traceback():

@@ -13,7 +13,8 @@ from test_knn import write_image_folder
 from test_validate_cli import QUIET, exported_teacher  # noqa: F401 - fixture
 from torch.utils.data import DataLoader, Dataset
 
-from dora_lightning.cli import _one_line, main
+from dora_lightning.cli import main
+from dora_lightning.errors import one_line
 from evaluators.base import EvaluationDataError, EvaluationDataNotFoundError, Evaluator
 from evaluators.davis_data import scan_davis
 from evaluators.image_data import ImageFolderDataModule
@@ -178,10 +179,10 @@ class _BadSample(Dataset):
         raise EvaluationDataNotFoundError("'/data/img.jpg' not found; restore it")
 
 
-def test_an_error_from_a_dataloader_worker_stays_one_line() -> None:
+def test_an_error_from_a_dataloader_worker_staysone_line() -> None:
     """A worker's error comes back with the worker's traceback in its message; the CLI keeps the original line."""
     with pytest.raises(EvaluationDataNotFoundError) as info:
         next(iter(DataLoader(_BadSample(), num_workers=1)))
     assert "Traceback" in str(info.value)
-    assert _one_line(info.value) == "'/data/img.jpg' not found; restore it"
-    assert _one_line(EvaluationDataError("one line")) == "one line"
+    assert one_line(info.value) == "'/data/img.jpg' not found; restore it"
+    assert one_line(EvaluationDataError("one line")) == "one line"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -164,6 +165,7 @@ class VideoClipDataModule(pl.LightningDataModule):
         self.dataset: VideoClipStream | None = None
         self._iterations = 0
         self._resume: dict[str, int] | None = None
+        self._saved_identity: dict[str, Any] | None = None
 
     @property
     def clip_length(self) -> int:
@@ -183,6 +185,8 @@ class VideoClipDataModule(pl.LightningDataModule):
         self.videos = probe_videos(
             resolve_video_paths(self.paths), min_frames=self.spec.span, index_cache=self.index_cache
         )
+        if self._saved_identity is not None:
+            self._refuse_other_data(self._saved_identity)
         rank, world = self._rank_and_world()
         self.dataset = VideoClipStream(
             self.videos,
@@ -296,10 +300,50 @@ class VideoClipDataModule(pl.LightningDataModule):
             "world_size": world,
             "cursors": self.cursors,
             "start_step": self.start_step,
+            **self.identity(),
         }
 
+    def identity(self) -> dict[str, Any]:
+        """What makes a checkpoint's clips the same clips: the videos (file name and size, in order, so a moved
+        folder still matches) and the clip geometry (length, stride, decode size)."""
+        return {
+            "videos": [[os.path.basename(v.path), os.path.getsize(v.path)] for v in self.videos],
+            "clip_length": self.spec.clip_length,
+            "frame_stride": self.spec.frame_stride,
+            "decode_short_side": self.decode_short_side,
+        }
+
+    def _refuse_other_data(self, saved: dict[str, Any]) -> None:
+        """Raise ValueError naming what differs between the checkpoint's data and this run's (checkpoints written
+        before the identity was saved are not checked)."""
+        now = self.identity()
+        changed = [
+            f"data.{key} {saved[key]} -> {value}"
+            for key, value in now.items()
+            if key != "videos" and key in saved and saved[key] != value
+        ]
+        if saved.get("videos") and [list(v) for v in saved["videos"]] != now["videos"]:
+            before = {tuple(v) for v in saved["videos"]}
+            after = {tuple(v) for v in now["videos"]}
+            gone = ", ".join(f"{name} ({size} B)" for name, size in sorted(before - after)) or "none"
+            new = ", ".join(f"{name} ({size} B)" for name, size in sorted(after - before)) or "none"
+            changed.append(f"data.paths: videos not in this run: {gone}; videos new in this run: {new}")
+        if changed:
+            raise ValueError(
+                "--ckpt_path: the checkpoint belongs to a run on other data ("
+                + "; ".join(changed)
+                + "); resume "
+                "with the checkpoint's data.paths and clip settings, or start a new run from its weights with "
+                "--init_from CKPT"
+            )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Remember the saved position: the next iteration starts there (skipping the batches already done)."""
+        """Check that the checkpoint's data is this run's (:meth:`identity`) and remember the saved position: the next
+        iteration starts there (skipping the batches already done)."""
+        if self.videos:
+            self._refuse_other_data(state_dict)
+        else:  # not set up yet: checked once the videos are probed
+            self._saved_identity = state_dict
         _, world = self._rank_and_world()
         current = {
             "seed": self.seed,

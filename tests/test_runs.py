@@ -1,0 +1,233 @@
+"""A run's folder and what may resume it: atomic checkpoint writes, `--ckpt_path last`, refusing another run's
+checkpoint (other data or model), `--init_from`, and `last.ckpt` as a link."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from conftest import REPO
+from test_cli import MICRO_ARGS
+
+from dora_lightning.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files, write_atomically
+from dora_lightning.cli import DoraCLI, main
+from dora_lightning.data.datamodule import VideoClipDataModule
+from dora_lightning.module import DoRAModule
+from dora_lightning.runs import checkpoint_folders, find_last_checkpoint, model_differences, use_run_folder
+
+VIDEO = REPO / "assets" / "video" / "vtest.mp4"
+OTHER_VIDEO = REPO / "assets" / "video" / "photo_walk.mp4"
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("killed mid-write")
+
+
+def test_atomic_write_replaces_the_target_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    write_atomically({"step": 1}, target)
+    write_atomically({"step": 2}, target)
+    assert torch.load(target, weights_only=True) == {"step": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_failed_write_keeps_the_old_checkpoint_and_removes_its_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    write_atomically({"step": 1}, target)
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        write_atomically({"step": 2, "bad": _Unpicklable()}, target)
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".epoch=0-step=2.ckpt.tmp-{dead_pid}-0a1b2c3d"
+    live = tmp_path / f".last.ckpt.tmp-{os.getppid()}-0a1b2c3d"  # our parent is running
+    unrelated = tmp_path / ".notes.tmp-12"
+    for path in (stale, live, unrelated):
+        path.write_bytes(b"partial")
+    AtomicCheckpointIO().save_checkpoint({"step": 3}, tmp_path / "last.ckpt")
+    assert not stale.exists() and live.exists() and unrelated.exists()
+    assert remove_stale_temp_files(tmp_path) == []
+
+
+def test_dora_fit_trainers_write_into_the_run_folder_atomically(tmp_path: Path) -> None:
+    trainer = pl.Trainer(default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False)
+    use_run_folder(trainer)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert trainer.checkpoint_callback.dirpath == os.path.realpath(tmp_path / "run" / "checkpoints")
+
+
+# ------------------------------------------------------------------------------------------ finding `last`
+def test_checkpoint_folders_follow_default_root_dir_unless_a_dirpath_is_given(tmp_path: Path) -> None:
+    callback = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"save_last": "link"},
+    }
+    fixed = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": "elsewhere"},
+    }
+    other = {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}
+    config = {"default_root_dir": str(tmp_path), "callbacks": [callback, fixed, other]}
+    assert checkpoint_folders(config) == [tmp_path / "checkpoints", Path("elsewhere")]
+    assert checkpoint_folders({"default_root_dir": "r"}) == [Path("r") / "checkpoints"]
+    assert checkpoint_folders({"enable_checkpointing": False}) == []
+
+
+def test_last_is_the_newest_checkpoint_of_the_run_folders(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    assert find_last_checkpoint([folder, tmp_path / "missing"]) is None
+    (folder / "epoch=0-step=2.ckpt").write_bytes(b"x")
+    (folder / "last.ckpt").symlink_to("epoch=0-step=2.ckpt")
+    (folder / ".last.ckpt.tmp-1-ab").write_bytes(b"x")
+    (folder / "dangling-last.ckpt").symlink_to("gone.ckpt")
+    assert find_last_checkpoint([folder]) == folder / "last.ckpt"
+    newer = folder / "latest-step-9.ckpt"  # a rolling checkpoint written after last.ckpt's target
+    newer.write_bytes(b"x")
+    os.utime(newer, (1e10, 1e10))
+    assert find_last_checkpoint([folder]) == newer
+
+
+def test_model_differences_name_the_options_that_changed() -> None:
+    saved = {"depth": 2, "base_lr": 0.0005, "log_images_every_n_steps": 500, "old_option": 1}
+    now = {"depth": 4, "base_lr": 0.0005, "log_images_every_n_steps": 10, "new_option": 3}
+    assert model_differences(now, saved) == ["model.depth 2 -> 4"]
+
+
+# ------------------------------------------------------------------------------------------ the command
+def _config(tmp_path: Path) -> Path:
+    path = tmp_path / "ckpt.yaml"
+    callback = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"save_last": "link", "every_n_train_steps": 1, "save_top_k": 1},
+    }
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+    return path
+
+
+def _fit(tmp_path: Path, root: Path, *extra: str, video: Path = VIDEO, steps: int = 2) -> None:
+    main(
+        [
+            "fit",
+            "--config",
+            str(_config(tmp_path)),
+            *MICRO_ARGS,
+            f"--data.paths={video}",
+            f"--trainer.max_steps={steps}",
+            f"--trainer.default_root_dir={root}",
+            *extra,
+        ]
+    )
+
+
+def _refused(capsys, tmp_path: Path, root: Path, *extra: str, video: Path = VIDEO) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(tmp_path, root, *extra, video=video)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dora fit: error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> Path:
+    """A finished 2-step run; its folder is copied by each test that resumes it."""
+    tmp_path = tmp_path_factory.mktemp("first_run")
+    _fit(tmp_path, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_checkpoints_live_in_the_run_folder_and_last_is_a_link(first_run: Path) -> None:
+    folder = first_run / "checkpoints"
+    last = folder / "last.ckpt"
+    assert last.is_symlink() and last.resolve().parent == folder.resolve()
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_last_without_a_checkpoint_starts_a_new_run_and_says_so(tmp_path: Path, capsys) -> None:
+    _fit(tmp_path, tmp_path / "new", "--ckpt_path=last", steps=1)
+    err = capsys.readouterr().err
+    assert f"dora fit: --ckpt_path last: no checkpoint in '{tmp_path / 'new' / 'checkpoints'}' yet" in err
+    assert "HINT" not in err
+    assert torch.load(tmp_path / "new" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+@pytest.mark.slow
+def test_last_resumes_this_runs_checkpoint(tmp_path: Path, first_run: Path) -> None:
+    run = tmp_path / "run"
+    _fit(tmp_path, run, steps=2)
+    _fit(tmp_path, run, "--ckpt_path=last", steps=3)
+    folder = run / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "epoch=0-step=3.ckpt",
+        "last.ckpt",
+    ]  # save_top_k 1 kept
+    moved = (
+        tmp_path / "moved"
+    )  # a run folder copied elsewhere: Lightning versions the new link, `last` finds it
+    shutil.copytree(run, moved, symlinks=True)
+    _fit(tmp_path, moved, "--ckpt_path=last", steps=4)
+    assert torch.load(find_last_checkpoint([moved / "checkpoints"]), weights_only=True)["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_other_data_is_refused_naming_the_videos(
+    tmp_path: Path, first_run: Path, capsys
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(first_run, run, symlinks=True)
+    line = _refused(capsys, tmp_path, run, "--ckpt_path=last", video=OTHER_VIDEO)
+    assert "belongs to a run on other data" in line and "vtest.mp4" in line and "photo_walk.mp4" in line
+    assert "--init_from" in line
+    line = _refused(capsys, tmp_path, run, "--ckpt_path=last", "--data.frame_stride=5")
+    assert "data.frame_stride 10 -> 5" in line
+    assert (
+        torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    )  # nothing written
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_model_is_refused_before_lightning_reads_it(
+    tmp_path: Path, first_run: Path, capsys
+) -> None:
+    ckpt = first_run / "checkpoints" / "last.ckpt"
+    line = _refused(capsys, tmp_path, tmp_path / "other", f"--ckpt_path={ckpt}", "--model.depth=3")
+    assert "model.depth 2 -> 3" in line and f"--init_from {ckpt}" in line
+
+
+@pytest.mark.slow
+def test_init_from_starts_a_new_run_from_another_runs_weights(
+    tmp_path: Path, first_run: Path, capsys
+) -> None:
+    ckpt = first_run / "checkpoints" / "last.ckpt"
+    cli = DoraCLI(
+        DoRAModule,
+        VideoClipDataModule,
+        args=[*MICRO_ARGS, f"--data.paths={OTHER_VIDEO}", f"--init_from={ckpt}", "--model.base_lr=0.001"],
+        run=False,
+    )
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in cli.model.state_dict().items())
+    line = _refused(capsys, tmp_path, tmp_path / "x", f"--init_from={ckpt}", f"--ckpt_path={ckpt}")
+    assert "give one" in line
+    line = _refused(capsys, tmp_path, tmp_path / "y", f"--init_from={ckpt}", "--model.depth=3")
+    assert "another architecture" in line and "model.depth 2 -> 3" in line
