@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -62,6 +63,36 @@ def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path: Pat
     AtomicCheckpointIO().save_checkpoint({"step": 3}, tmp_path / "last.ckpt")
     assert not stale.exists() and live.exists() and unrelated.exists()
     assert remove_stale_temp_files(tmp_path) == []
+
+
+KILLED_WRITER = """
+import sys, torch
+from pathlib import Path
+from dora_lightning.checkpoint_io import AtomicCheckpointIO
+io, target = AtomicCheckpointIO(), Path(sys.argv[1])
+for step in range(10_000):
+    io.save_checkpoint({"step": step, "weights": torch.full((4_000_000,), float(step))}, target)
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.13])
+def test_kill_9_during_writes_leaves_a_whole_checkpoint(tmp_path: Path, delay: float) -> None:
+    """A writer killed with SIGKILL at an arbitrary moment: the target is always a whole checkpoint (16 MB each), and
+    the killed writer's temporary file goes at the next save into the folder."""
+    target = tmp_path / "last.ckpt"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(target)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None
+    writer.stdout.readline()  # the first checkpoint is complete
+    time.sleep(delay)
+    writer.kill()
+    writer.wait()
+    step = torch.load(target, weights_only=True)
+    assert torch.equal(step["weights"], torch.full((4_000_000,), float(step["step"])))
+    AtomicCheckpointIO().save_checkpoint({"step": -1}, tmp_path / "other.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "other.ckpt"]
 
 
 def test_dora_fit_trainers_write_into_the_run_folder_atomically(tmp_path: Path) -> None:
