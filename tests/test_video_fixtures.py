@@ -117,7 +117,8 @@ def test_rotated_video_trains_upright(fixtures, index_cache):
         assert shown(sample) == SPEC.frames(sample["start"]).tolist()
 
 
-def test_damaged_frames_are_skipped_and_counted(fixtures, index_cache):
+@pytest.mark.parametrize("threads", [1, 0])
+def test_damaged_frames_are_skipped_and_counted(fixtures, index_cache, threads):
     """(c): 400 corrupted bytes in a 60 fps file with long GOPs: the frames FFmpeg reports damaged (and those after
     them up to the next keyframe) never reach a clip; every clip is pixel-identical to the undamaged file's at its
     own frames, except the counted replacements; one line gives the damaged count."""
@@ -125,7 +126,7 @@ def test_damaged_frames_are_skipped_and_counted(fixtures, index_cache):
     info = probe_video(str(fixture.path), index_cache)
     with av.open(str(fixture.notes["clean"])) as container:
         reference = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    samples, messages = clips(info)
+    samples, messages = clips(info, decode_threads=threads)
     damage = [m for m in messages if "damaged frames could not be decoded" in m]
     assert len(damage) == 1 and str(fixture.path) in damage[0], messages
     count = int(damage[0].split("': ")[1].split(" damaged")[0])
@@ -141,7 +142,9 @@ def test_damaged_frames_are_skipped_and_counted(fixtures, index_cache):
     assert 0 < substituted and own == len(samples) - substituted
     # a plain sequential read: the damaged indices form a stretch ending at a keyframe, the rest match the clean file
     stats = DecodeStats()
-    reader = RangeReader(info, 0, info.num_frames, (info.width, info.height), lambda i: True, stats)
+    reader = RangeReader(
+        info, 0, info.num_frames, (info.width, info.height), lambda i: True, stats, threads=threads
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         good = {i: f for i, f in reader if f is not None}
@@ -173,3 +176,14 @@ def test_unreadable_files_are_refused(tmp_path, index_cache, content, cause):
     path.write_bytes(content)
     with pytest.raises(ValueError, match=cause):
         probe_video(str(path), index_cache)
+
+
+@pytest.mark.parametrize("name", ["pts_eq_dts", "dropped_avi", "variable_rate", "open_gop"])
+def test_frame_threads_give_the_same_clips(fixtures, index_cache, name):
+    """decode_threads=0 (FFmpeg's frame threads, no NONREF skipping) delivers the same clips as one thread."""
+    info = probe_video(str(fixtures[name].path), index_cache)
+    one, _ = clips(info)
+    many, _ = clips(info, decode_threads=0)
+    for a, b in zip(one, many, strict=True):
+        assert (a["video"], a["start"]) == (b["video"], b["start"])
+        assert shown(a) == shown(b)

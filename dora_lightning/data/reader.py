@@ -33,10 +33,10 @@ class DecodeStats:
             self.warned.add((path, kind))
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def note_damage(self, path: str, logs: list[tuple[int, str, str]]) -> None:
+    def note_damage(self, path: str, logs: list[str]) -> None:
         """Remember the first decoder message about damage in ``path`` (for the end-of-epoch line)."""
         if path not in self.first_damage:
-            messages = [message.strip() for _, _, message in logs if message.strip()]
+            messages = [message.strip() for message in logs if message.strip()]
             self.first_damage[path] = messages[0] if messages else "corrupt frame"
 
     def count_damaged(self, path: str) -> None:
@@ -72,16 +72,38 @@ def to_pixels(frame: np.ndarray | av.VideoFrame, pixel_format: str) -> np.ndarra
     return frame.to_ndarray(format=pixel_format, threads=1)
 
 
-def watch_decoder_errors() -> None:
-    """Route FFmpeg's log through PyAV so that decoder errors are counted (``av.logging.get_last_error``) and can be
-    captured per decode; a level the user set is kept. Messages outside a capture go to the ``libav`` Python loggers
-    at ERROR level (PyAV's default drops them all, and with them the only sign of a damaged frame)."""
-    if av.logging.get_level() is None:
-        av.logging.set_level(av.logging.ERROR)
+class _LogWatch:
+    """FFmpeg's log, routed through PyAV while at least one reader is open (PyAV's default drops every message, and
+    with them the only sign of a damaged frame) and captured there, so nothing reaches the terminal; a log level the
+    user set is kept. ``errors()`` counts FFmpeg errors (repeats included), ``messages`` holds their text."""
 
+    users = 0
+    restore = False
+    capture: av.logging.Capture | None = None
+    messages: list[tuple[int, str, str]] = []
 
-def _error_count() -> int:
-    return av.logging.get_last_error()[0]
+    @classmethod
+    def start(cls) -> None:
+        if cls.users == 0:
+            cls.restore = av.logging.get_level() is None
+            if cls.restore:
+                av.logging.set_level(av.logging.ERROR)
+            cls.capture = av.logging.Capture(local=False)
+            cls.messages = cls.capture.__enter__()
+        cls.users += 1
+
+    @classmethod
+    def stop(cls) -> None:
+        cls.users -= 1
+        if cls.users == 0 and cls.capture is not None:
+            cls.capture.__exit__(None, None, None)
+            cls.capture, cls.messages = None, []
+            if cls.restore:
+                av.logging.set_level(None)
+
+    @staticmethod
+    def errors() -> int:
+        return av.logging.get_last_error()[0]
 
 
 @dataclass
@@ -136,17 +158,18 @@ class RangeReader:
         self.wanted, self.stats, self.max_retries, self.threads = wanted, stats, max_retries, threads
         self.damaged: set[int] = set()
         self._container: av.container.InputContainer | None = None
-        watch_decoder_errors()
 
     def close(self) -> None:
         """Close the container (safe to call twice)."""
         if self._container is not None:
             self._container.close()
             self._container = None
+            _LogWatch.stop()
 
     def _open_at(self, index: int) -> Iterator[_Decoded]:
         self.close()
         self._container = av.open(self.info.path)
+        _LogWatch.start()
         stream = self._container.streams.video[0]
         stream.codec_context.thread_count = self.threads
         if self.threads != 1:
@@ -170,33 +193,31 @@ class RangeReader:
         next_index: int | None = None  # output-order mode: index of the next frame out
         previous_hi = self.first
         packets = self._container.demux(stream)
+        single = self.threads == 1
+        marks = (_LogWatch.errors(), len(_LogWatch.messages))
         while True:
-            before = _error_count()
-            with av.logging.Capture(local=False) as logs:
-                packet = next(packets, None)  # a demuxer error logged here (lost data) is damage too
-                if packet is not None and packet.size == 0:
-                    continue  # an empty "repeat the previous frame" entry, or the demuxer's end marker
-                if (
-                    packet is not None
-                    and timeline.order_mode
-                    and next_index is None
-                    and packet.pts is not None
-                ):
-                    next_index = timeline.key_at_pts(packet.pts)
-                if packet is not None:
-                    context.skip_frame = "DEFAULT" if self._packet_wanted(packet) else "NONREF"
-                try:
-                    frames = context.decode(packet)
-                    failed = False
-                except av.FFmpegError as err:
-                    if packet is None:
-                        break
-                    frames, failed = [], True
-                    logs.append((0, "", str(err)))
-            error = failed or _error_count() > before
+            # one thread: the errors of this step; frame threads log from the background, so every error since
+            # this reader's previous step counts (conservative: another reader's error may be counted here too)
+            errors_before, seen = (_LogWatch.errors(), len(_LogWatch.messages)) if single else marks
+            packet = next(packets, None)  # a demuxer error logged here (lost data) is damage too
+            if packet is not None and packet.size == 0:
+                continue  # an empty "repeat the previous frame" entry, or the demuxer's end marker
+            if packet is not None and timeline.order_mode and next_index is None and packet.pts is not None:
+                next_index = timeline.key_at_pts(packet.pts)
+            if packet is not None:
+                context.skip_frame = "DEFAULT" if self._packet_wanted(packet) else "NONREF"
+            try:
+                frames, failed = context.decode(packet), None
+            except av.FFmpegError as err:
+                if packet is None:
+                    break
+                frames, failed = [], str(err)
+            marks = (_LogWatch.errors(), len(_LogWatch.messages))
+            messages = [m for _, _, m in _LogWatch.messages[seen:]] + ([failed] if failed else [])
+            error = failed is not None or marks[0] > errors_before
             if error and (not warming or first_packet):
                 damaged, clean_key = True, False
-                self.stats.note_damage(self.info.path, logs)
+                self.stats.note_damage(self.info.path, messages)
             elif packet is not None and packet.is_keyframe and not error:
                 clean_key = True
             first_packet = False
