@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -13,8 +12,9 @@ from torch import Tensor, nn
 from dora_lightning.checkpoint_formats import PRETRAIN_KIND
 from dora_lightning.core.ema import ema_update_
 from dora_lightning.core.loss import LossParts, dino_loss, dora_loss, teacher_entropy, update_center
-from dora_lightning.core.schedules import cosine_schedule, linear_warmup_then_constant
 from dora_lightning.core.tracker import TrackerOutput, head_seed, sample_heads, track_objects
+from dora_lightning.diagnostics import diagnostics_due, write_diagnostics
+from dora_lightning.loss_watch import LossReading, LossWatch
 from dora_lightning.models.backbone import (
     build_vit,
     clip_tracker_inputs,
@@ -23,6 +23,8 @@ from dora_lightning.models.backbone import (
 )
 from dora_lightning.models.head import DINOHead, cancel_last_layer_grad_
 from dora_lightning.models.lean_mlp import use_lean_mlps_
+from dora_lightning.resume_state import close_finished_epoch
+from dora_lightning.step_schedules import StepSchedules
 from dora_lightning.viz import attention_grid, track_grid
 
 
@@ -50,29 +52,7 @@ def per_parameter_clip_(parameters: list[nn.Parameter], max_norm: float) -> None
             param.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
-def close_finished_epoch(checkpoint: dict[str, Any]) -> None:
-    """Mark the epoch of a checkpoint written at its end (``on_train_epoch_end``: every_n_epochs) as completed.
-
-    Lightning counts such an epoch processed but not completed. With ``max_epochs`` it then closes it on restart, but
-    with ``max_steps`` (iteration-based training) it restarts inside it and trains one batch past its end before the
-    next epoch; a completed epoch and a fresh batch count make it start the next epoch as an uninterrupted run does.
-    """
-    loop = checkpoint.get("loops", {}).get("fit_loop", {})
-    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
-    if epochs is None or batches is None:
-        return
-    current, total = epochs["current"], epochs["total"]
-    if not (
-        current["ready"] == current["started"] == current["processed"] == current["completed"] + 1
-        and total["processed"] == total["completed"] + 1
-    ):
-        return
-    current["completed"], total["completed"] = current["processed"], total["processed"]
-    batches["current"] = dict.fromkeys(batches["current"], 0)
-    batches["is_last_batch"] = False
-
-
-class DoRAModule(pl.LightningModule):
+class DoRAModule(StepSchedules, pl.LightningModule):
     """DoRA pretraining (spec A with the corrections of G.1), or the DINO baseline on the same clips.
 
     Batches come from VideoClipDataModule: ``global_views`` (one (B,T,3,H,W) tensor for DoRA, two for DINO) and
@@ -107,6 +87,10 @@ class DoRAModule(pl.LightningModule):
             the released code's per-GPU seed), one draw per training batch (``core.tracker.head_seed``).
         log_images_every_n_steps: every N steps, log one clip's object tracks and frame-0 CLS attention per head to
             TensorBoard (0 disables).
+        diagnostics_every_n_steps: every N steps, write the schedule values (``train/lr``, ``wd``, ``momentum``,
+            ``teacher_temp``) and the tracker's ``tracker/mask_area_obj{i}`` to the loggers (one device read per N
+            steps); ``None`` (default): the Trainer's ``log_every_n_steps``; 0 disables. The losses and the teacher
+            entropy are logged every step without waiting for the device.
         lean_mlp: student MLPs save one hidden activation instead of two (same results, less memory; see
             ``models/lean_mlp.py``).
     """
@@ -148,8 +132,13 @@ class DoRAModule(pl.LightningModule):
         seed: int = 0,
         log_images_every_n_steps: int = 500,
         lean_mlp: bool = True,
+        diagnostics_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
+        if diagnostics_every_n_steps is not None and diagnostics_every_n_steps < 0:
+            raise ValueError(
+                f"model.diagnostics_every_n_steps must be >= 0 (0 disables), got {diagnostics_every_n_steps}"
+            )
         self.save_hyperparameters()
         overrides = {
             k: v
@@ -187,43 +176,10 @@ class DoRAModule(pl.LightningModule):
         self._head_draws = 0
         self._pending_rng: tuple[Tensor, list[Tensor]] | None = None
         self._last_attention: tuple[Tensor, tuple[int, int]] | None = None
-
-    # ----------------------------------------------------------------- schedules
-    @property
-    def steps_per_epoch(self) -> int:
-        """Optimiser steps per epoch (the loader's batches divided by gradient accumulation)."""
-        trainer = self.trainer
-        batches = trainer.num_training_batches
-        if not math.isfinite(batches):
-            batches = trainer.estimated_stepping_batches / max(trainer.max_epochs or 1, 1)
-        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-
-    @property
-    def total_steps(self) -> int:
-        return max(1, int(self.trainer.estimated_stepping_batches))
-
-    def scaled_lr(self) -> float:
-        """base_lr x total batch / 256, the DINO linear scaling rule."""
-        total = self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        return self.hparams.base_lr * total / 256.0
-
-    def schedule_values(self, step: int) -> dict[str, float]:
-        """lr, weight decay, EMA momentum and teacher temperature at optimiser step ``step``."""
-        hp, per_epoch, total = self.hparams, self.steps_per_epoch, self.total_steps
-        return {
-            "lr": cosine_schedule(
-                step,
-                total,
-                self.scaled_lr(),
-                hp.min_lr,
-                warmup_steps=min(hp.warmup_epochs * per_epoch, total),
-            ),
-            "wd": cosine_schedule(step, total, hp.weight_decay, hp.weight_decay_end),
-            "momentum": cosine_schedule(step, total, hp.momentum_teacher, hp.momentum_teacher_end),
-            "teacher_temp": linear_warmup_then_constant(
-                step, hp.warmup_teacher_temp_epochs * per_epoch, hp.warmup_teacher_temp, hp.teacher_temp
-            ),
-        }
+        self._loss_watch = (
+            LossWatch()
+        )  # the losses on their way to the host, read without waiting for the device
+        self._step_values = None  # StepSchedules.step_values' cache
 
     # ----------------------------------------------------------------- forward
     def _teacher_logits(self, images: Tensor) -> Tensor:
@@ -315,42 +271,73 @@ class DoRAModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """One batch: loss, centre update, logging. Nothing here waits for the device: the loss reaches the host (the
+        progress bar and the finiteness check) through :class:`~dora_lightning.loss_watch.LossWatch`, the per-step
+        logs are device tensors, and the diagnostics are written every ``diagnostics_every_n_steps`` steps."""
         if batch_idx == 0:
             self._check_batch(batch)
-        values = self.schedule_values(self.global_step)
+        self._check_losses(self._loss_watch.ready())
+        values = self.step_values()
         self.head_generator.manual_seed(head_seed(self.hparams.seed, self.global_rank, self._head_draws))
         self._head_draws += 1
         parts, teacher, tracked = self.compute_loss(batch, values["teacher_temp"])
-        if not torch.isfinite(parts.total):
-            raise NonFiniteLossError(
-                f"the loss is {parts.total.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                "lower model.base_lr, use precision bf16-mixed rather than 16-mixed, or check the data"
-            )
+        self._loss_watch.push(self.global_step, self.current_epoch, parts.total)
+        arrived = self._loss_watch.ready()  # on the CPU: this step's loss, checked before anything is updated
+        self._check_losses(arrived)
         with torch.no_grad():
             entropy = teacher_entropy(teacher, self.center, values["teacher_temp"])
             self.center.copy_(
                 update_center(self.center, teacher.flatten(0, -2), self.hparams.center_momentum)
             )
         batch_size = batch["global_views"][0].shape[0]
-        logs = {
-            "train/loss": parts.total.detach(),
-            "train/teacher_entropy": entropy,
-            **{f"train/{k}": v for k, v in values.items()},
-        }
+        logs = {"train/loss": parts.total.detach(), "train/teacher_entropy": entropy}
         if parts.masked is not None:
             logs["train/loss_masked" if self.hparams.method == "dora" else "train/loss_global"] = (
                 parts.masked.detach()
             )
         if parts.local is not None:
             logs["train/loss_local"] = parts.local.detach()
-        if tracked is not None:
-            area = tracked.masks.float().mean(dim=(0, 2, 3, 4))
-            logs.update({f"tracker/mask_area_obj{i}": a for i, a in enumerate(area)})
         self.log_dict(logs, batch_size=batch_size, prog_bar=False)
+        if arrived:  # the newest loss on the host (on a GPU usually the previous step's): a CPU tensor
+            self.log("loss", arrived[-1].loss, prog_bar=True, batch_size=batch_size, logger=False)
+        self._write_diagnostics(values, tracked, batch_idx)
         if tracked is not None:
             self._log_images(batch["global_views"][0][0], tracked)
-        self.log("loss", parts.total.detach(), prog_bar=True, batch_size=batch_size, logger=False)
         return parts.total
+
+    def _check_losses(self, readings: list[LossReading]) -> None:
+        for reading in readings:
+            if not reading.finite:
+                raise NonFiniteLossError(
+                    f"the loss is {reading.value} at step {reading.step} (epoch {reading.epoch}); lower "
+                    "model.base_lr, use precision bf16-mixed rather than 16-mixed, or check the data"
+                )
+
+    def _diagnostics_every(self) -> int:
+        every = self.hparams.get("diagnostics_every_n_steps")
+        return self.trainer.log_every_n_steps if every is None else every
+
+    def _write_diagnostics(
+        self, values: dict[str, float], tracked: TrackerOutput | None, batch_idx: int
+    ) -> None:
+        """Every ``diagnostics_every_n_steps`` optimiser steps (first micro-batch), on global rank 0, with loggers."""
+        accumulate = self.trainer.accumulate_grad_batches
+        if not self.loggers or not self.trainer.is_global_zero or batch_idx % accumulate:
+            return
+        if diagnostics_due(self.global_step, self._diagnostics_every()):
+            write_diagnostics(
+                self.loggers, self.global_step, values, tracked.masks if tracked is not None else None
+            )
+
+    def on_train_start(self) -> None:
+        self._loss_watch.clear()
+        self._step_values = None
+
+    def on_train_epoch_end(self) -> None:
+        self._check_losses(self._loss_watch.ready(wait=True))
+
+    def on_train_end(self) -> None:
+        self._check_losses(self._loss_watch.ready(wait=True))
 
     def _log_images(self, frames: Tensor, tracked: TrackerOutput) -> None:
         """Every ``log_images_every_n_steps`` steps: one clip's object tracks and its frame-0 attention per head."""
@@ -375,7 +362,7 @@ class DoRAModule(pl.LightningModule):
         return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=0.0)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        values = self.schedule_values(self.global_step)
+        values = self.step_values()
         for index, group in enumerate(optimizer.param_groups):
             group["lr"] = values["lr"]
             if index == 0:
@@ -400,7 +387,7 @@ class DoRAModule(pl.LightningModule):
         """Step the optimiser, then the EMA teacher: Lightning calls this only on real steps (not accumulation)."""
         super().optimizer_step(*args, **kwargs)
         # global_step still counts the steps before this one
-        momentum = self.schedule_values(self.global_step)["momentum"]
+        momentum = self.step_values()["momentum"]
         ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
 
     # ----------------------------------------------------------------- checkpoints

@@ -205,3 +205,104 @@ def test_tracks_and_attention_go_to_tensorboard(tmp_path, clip_video):
     assert {"train/loss", "train/teacher_entropy", "tracker/mask_area_obj0", "train/lr"} <= set(
         tags["scalars"]
     )
+
+
+# ----------------------------------------------------------------- nothing per step waits for the device (issue 15)
+class _HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records, by the calling file, reads of tensor values into Python and numbers turned into tensors: on a GPU
+    both wait for the device (a read of a device tensor; a blocking host-to-device copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+        self.numbers: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import traceback
+
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default):
+            stack = traceback.extract_stack()[:-1]
+            caller = next(
+                f for f in reversed(stack) if "/torch/" not in f.filename and "test_module" not in f.filename
+            )
+            bucket = self.reads if func is torch.ops.aten._local_scalar_dense.default else self.numbers
+            bucket.append(f"{caller.filename}:{caller.name}")
+        return func(*args, **(kwargs or {}))
+
+
+class _Window(pl.Callback):
+    """Enters a _HostWaits for training batches [start, stop)."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop, self.mode = start, stop, _HostWaits()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.start:
+            self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.stop - 1:
+            self.mode.__exit__(None, None, None)
+
+
+def test_training_steps_read_nothing_back_from_the_device(tmp_path, clip_video):
+    """Between diagnostics steps the module neither reads a tensor's value (the finiteness check goes through
+    LossWatch) nor logs Python numbers (each would be a blocking host-to-device copy inside self.log)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    generator = torch.Generator().manual_seed(0)
+    batch = {  # normalised views as the data module hands them over (no decoding inside the recorded window)
+        "global_views": [torch.randn(2, 2, 3, 32, 32, generator=generator)],
+        "local_views": [torch.randn(2, 2, 3, 16, 16, generator=generator) for _ in range(2)],
+    }
+    window = _Window(1, 4)
+    module = DoRAModule(**(MICRO | {"diagnostics_every_n_steps": 10}))
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = make_trainer(tmp_path, 5, logger=logger, log_every_n_steps=10, callbacks=[window])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch] * 5, batch_size=None))
+    assert [f for f in window.mode.reads if "dora_lightning" in f] == []
+    assert [f for f in window.mode.numbers if f.endswith("__to_tensor")] == []  # no Python number to self.log
+
+
+def test_schedules_are_evaluated_once_per_step(tmp_path, clip_video):
+    module = DoRAModule(**MICRO)
+    calls: list[int] = []
+    original = module.schedule_values
+    module.schedule_values = lambda step: calls.append(step) or original(step)
+    make_trainer(tmp_path, 3).fit(module, datamodule=make_data(clip_video))
+    assert calls == [0, 1, 2]
+
+
+def test_diagnostics_every_n_steps(tmp_path, clip_video):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = DoRAModule(**(MICRO | {"diagnostics_every_n_steps": 2}))
+    logger = CSVLogger(str(tmp_path), name="csv")
+    make_trainer(tmp_path, 5, logger=logger, log_every_n_steps=1).fit(
+        module, datamodule=make_data(clip_video)
+    )
+    import csv
+
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    lr_steps = [int(r["step"]) for r in rows if r.get("train/lr")]
+    area_steps = [int(r["step"]) for r in rows if r.get("tracker/mask_area_obj0")]
+    assert lr_steps == area_steps == [0, 2, 4]
+    assert all(
+        0.0 <= float(r["tracker/mask_area_obj0"]) <= 1.0 for r in rows if r.get("tracker/mask_area_obj0")
+    )
+    assert len([r for r in rows if r.get("train/loss")]) == 5  # the losses: every step
+    with pytest.raises(ValueError, match="diagnostics_every_n_steps must be >= 0"):
+        DoRAModule(**(MICRO | {"diagnostics_every_n_steps": -1}))
+
+
+def test_loss_watch_hands_back_cpu_losses_in_order():
+    from dora_lightning.loss_watch import LossWatch
+
+    watch = LossWatch()
+    watch.push(4, 0, torch.tensor(2.5))
+    watch.push(5, 1, torch.tensor(float("inf")))
+    first, second = watch.ready()
+    assert (first.step, first.epoch, first.value, first.finite) == (4, 0, 2.5, True)
+    assert first.loss.device.type == "cpu" and first.loss.ndim == 0 and float(first.loss) == 2.5
+    assert (second.step, second.epoch, second.finite) == (5, 1, False)
+    assert watch.ready(wait=True) == []
