@@ -187,3 +187,44 @@ def test_frame_threads_give_the_same_clips(fixtures, index_cache, name):
     for a, b in zip(one, many, strict=True):
         assert (a["video"], a["start"]) == (b["video"], b["start"])
         assert shown(a) == shown(b)
+
+
+def test_the_three_reported_files_train_together(fixtures, index_cache):
+    """(a), (b) and (c) through the data module: every batch comes, the only warnings are the damaged-frame line of
+    (c) and the totals; nothing is reported missing."""
+    from dora_lightning.data.datamodule import VideoClipDataModule
+    from dora_lightning.data.transforms import ClipMultiCrop
+
+    paths = [str(fixtures[name].path) for name in ("pts_eq_dts", "dropped_avi", "corrupt_middle")]
+    dm = VideoClipDataModule(
+        paths=paths,
+        clip_length=3,
+        frame_stride=4,
+        decode_short_side=32,
+        batch_size=8,
+        num_workers=0,
+        start_step=2,
+        transform=ClipMultiCrop(
+            global_size=16,
+            local_size=8,
+            num_local_crops=1,
+            pre_crop_size=24,
+            colour_backend="fused",
+            global_blur_prob=0.0,
+            local_blur_prob=0.0,
+        ),
+        pin_memory=False,
+        index_cache=str(index_cache),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        batches = list(loader)
+    assert len(batches) == len(loader) > 0
+    assert [v.num_frames for v in dm.videos] == [120, 150, 300]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    damage = [m for m in messages if "damaged frames could not be decoded" in m]
+    assert len(damage) == 1 and paths[2] in damage[0]
+    assert not any("missing" in m and not m.startswith("clip stream:") for m in messages), messages
+    assert all(" 0 missing frames" in m for m in messages if m.startswith("clip stream:"))
