@@ -70,3 +70,15 @@ def test_clean_file_keeps_the_plain_grid(tmp_path):
     timeline = tl.build_timeline(str(video))
     assert timeline.on_grid and not timeline.order_mode and timeline.num_frames == timeline.coded_frames == 40
     assert [timeline.indices_of(timeline.seek_pts(i)) for i in (0, 7, 39)] == [(0, 1), (7, 8), (39, 40)]
+
+
+def test_off_grid_timestamps_map_as_a_player_shows_them():
+    """10 fps, timestamps in 1/100 s: 0, 10, 20, 25, 27, 50. At frame i (time i / 10) a player shows the latest frame
+    due by then (half a frame of tolerance): 20 is replaced by 25 before it is shown, 27 shows twice, 50 once."""
+    from fractions import Fraction
+
+    source = np.array([0, 10, 20, 25, 27, 50], dtype=np.int64)
+    timeline = tl.Timeline(Fraction(10), Fraction(1, 100), 0, 6, 6, source_pts=source)
+    assert [timeline.indices_of(int(p)) for p in source] == [(0, 1), (1, 2), (2, 2), (2, 3), (3, 5), (5, 6)]
+    assert [timeline.seek_pts(i) for i in range(6)] == [0, 10, 25, 27, 27, 50]
+    assert timeline.indices_of(-5) == (0, 0)

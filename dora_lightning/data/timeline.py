@@ -90,8 +90,9 @@ class Timeline:
             index = self.index_of(pts)
             return index, index + 1
         j = int(np.searchsorted(self.source_pts, pts, side="right")) - 1
+        if j < 0:
+            return 0, 0  # before the first frame shown (an edit list's lead-in)
         first: np.ndarray = self._first_index  # type: ignore[attr-defined]
-        j = min(max(j, 0), len(self.source_pts) - 1)
         return int(first[j]), int(first[j + 1])
 
     def seek_pts(self, index: int) -> int:
