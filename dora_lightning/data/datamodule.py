@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from dora_lightning.data.augment.device import DeviceAugment
+from dora_lightning.data.augment.plan import FramesAndPlan
 from dora_lightning.data.collate import RecycledBlocks, collate_clips
 from dora_lightning.data.sampling import ClipSpec, cursors_per_worker
 from dora_lightning.data.sources import VideoInfo, probe_videos, resolve_video_paths
@@ -18,6 +20,7 @@ from dora_lightning.data.stream import VideoClipStream
 from dora_lightning.data.transforms import ClipMultiCrop
 
 DEFAULT_VIDEO = "assets/video/vtest.mp4"
+AUGMENT_ON = ("cpu", "gpu", "auto")
 
 # Lightning cannot see that this loader resumes through the data module's state_dict, nor that __len__ is exact
 # per worker (every shard emits the same number of clips); both of its generic warnings are false alarms here.
@@ -106,6 +109,12 @@ class VideoClipDataModule(pl.LightningDataModule):
         index_cache: folder of the per-file frame indexes (built by demuxing each video once, reused while its path,
             size and mtime are unchanged); None: ``$XDG_CACHE_HOME/dora_lightning/video_index`` (``~/.cache/...``).
             An unwritable folder only means the indexes are rebuilt at each start.
+        augment_on: where the views are made. ``"cpu"``: the loader workers run ``transform`` and hand over uint8
+            views. ``"gpu"``: the workers decode the clips and draw their random view plans only, and hand over the
+            frames (uint8, padded to the largest decode size) and plans; all views of a batch are rendered on the
+            training device after the transfer (:mod:`dora_lightning.data.augment.device`: roi_align crops and the
+            ``"fused"`` colour map for the CPU-only ``"compiled"`` backend). ``"auto"``: gpu when the trainer's
+            accelerator is CUDA, else cpu (resolved in :meth:`setup`; see docs/data.md, "Augmentation on the GPU").
     """
 
     def __init__(
@@ -125,6 +134,7 @@ class VideoClipDataModule(pl.LightningDataModule):
         decode_threads: int = 1,
         pin_memory: bool = True,
         index_cache: str | None = None,
+        augment_on: Literal["cpu", "gpu", "auto"] = "auto",
     ) -> None:
         super().__init__()
         self.spec = ClipSpec(clip_length, frame_stride)
@@ -146,6 +156,8 @@ class VideoClipDataModule(pl.LightningDataModule):
             )
         if cursors is not None and cursors < batch_size:
             raise ValueError(f"data.cursors must be >= data.batch_size={batch_size} (or null), got {cursors}")
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"data.augment_on must be one of {AUGMENT_ON}, got {augment_on!r}")
         if decode_short_side is not None and decode_short_side < 16:
             raise ValueError(f"data.decode_short_side must be >= 16 or null, got {decode_short_side}")
         self.paths = paths
@@ -161,6 +173,8 @@ class VideoClipDataModule(pl.LightningDataModule):
             decode_threads,
             pin_memory,
         )
+        self.augment_on = augment_on
+        self.device_augment: DeviceAugment | None = None  # set in setup when the views are made on the device
         self.videos: list[VideoInfo] = []
         self.dataset: VideoClipStream | None = None
         self._iterations = 0
@@ -178,8 +192,30 @@ class VideoClipDataModule(pl.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
+    def resolved_augment_on(self) -> Literal["cpu", "gpu"]:
+        """Where the views are made: ``augment_on``, with ``"auto"`` resolved from the trainer's accelerator (gpu for
+        CUDA; cpu without a trainer)."""
+        if self.augment_on != "auto":
+            return self.augment_on
+        from lightning.pytorch.accelerators import CUDAAccelerator
+
+        accelerator = getattr(self.trainer, "accelerator", None)
+        return "gpu" if isinstance(accelerator, CUDAAccelerator) else "cpu"
+
+    def _stream_transform(self) -> ClipMultiCrop | FramesAndPlan:
+        """What the workers run: the transform (augment_on cpu), or the plan drawer that hands over the frames padded
+        to the largest decode size of the videos (gpu; sets :attr:`device_augment`)."""
+        if self.resolved_augment_on() == "cpu":
+            self.device_augment = None
+            return self.transform
+        sizes = [video.decode_size(self.decode_short_side) for video in self.videos]
+        canvas = (max(height for _, height in sizes), max(width for width, _ in sizes))
+        self.device_augment = DeviceAugment(self.transform)
+        return FramesAndPlan(self.transform, canvas)
+
     def setup(self, stage: str | None = None) -> None:
-        """Find and probe the videos (skipping unusable ones with a warning) and build the clip stream."""
+        """Find and probe the videos (skipping unusable ones with a warning), resolve ``augment_on`` and build the
+        clip stream."""
         if self.dataset is not None:
             return
         self.videos = probe_videos(
@@ -191,7 +227,7 @@ class VideoClipDataModule(pl.LightningDataModule):
         self.dataset = VideoClipStream(
             self.videos,
             self.spec,
-            self.transform,
+            self._stream_transform(),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             rank=rank,
@@ -247,7 +283,7 @@ class VideoClipDataModule(pl.LightningDataModule):
         "decoded_frames"}``; ``clip_index`` is an int64 (B, 2) tensor of (video index, first frame) per clip."""
         if self.dataset is None:
             self.setup("fit")
-        if self.num_workers > 0:
+        if self.num_workers > 0 and self.device_augment is None:
             # compile the augmentation kernels once here, for each decode size: the forked workers inherit them
             sizes = {video.decode_size(self.decode_short_side) for video in self.dataset.videos}
             for width, height in sorted(sizes)[:4]:
@@ -267,9 +303,18 @@ class VideoClipDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """augment_on gpu: keep the batch's view plans on the CPU (their decisions steer the rendering)."""
+        if self.device_augment is None or not isinstance(batch, dict):
+            return batch
+        return self.device_augment.prepare(batch)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise the views on the training device: the workers hand over uint8 views (4x fewer bytes to copy
-        between processes and to the GPU than float32); see ``ClipMultiCrop(output_dtype=...)``."""
+        between processes and to the GPU than float32); see ``ClipMultiCrop(output_dtype=...)``. augment_on gpu:
+        render the views of the batch's frames and plans here (:class:`DeviceAugment`), in the same format."""
+        if self.device_augment is not None and isinstance(batch, dict) and "frames" in batch:
+            return self.device_augment(batch)
         if not isinstance(batch, dict) or "global_views" not in batch:
             return batch
         normalize = self.transform.normalize

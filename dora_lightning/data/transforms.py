@@ -11,8 +11,9 @@ is turned into DoRA's views with a few hundred tensor ops:
   per-image random parameters, only on the images an op is applied to, in L2-sized chunks; no PIL, no per-frame
   Python loops in the colour ops.
 
-All randomness comes from the ``torch.Generator`` passed in, so a seeded generator reproduces a clip exactly.
-Tested on CPU (the data-loader workers); tensors stay on the frames' device, but GPU use is untested.
+All randomness comes from the ``torch.Generator`` passed in, so a seeded generator reproduces a clip exactly. The
+draws (:meth:`ClipMultiCrop.draw`, a :class:`~.augment.plan.ViewPlan`) and the rendering (:meth:`ClipMultiCrop.render`)
+are separate, so that a batch's views can also be rendered on the training device (:mod:`.augment.device`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import roi_align
 
+from dora_lightning.data.augment.crops import roi_align_views
+from dora_lightning.data.augment.plan import ViewPlan, colour_groups
 from dora_lightning.data.color_ops import PACKED_PIXELS
 from dora_lightning.data.crop_boxes import ClipBoxes, pixel_box, sample_clip_boxes
 from dora_lightning.data.multicrop_args import (
@@ -40,9 +42,7 @@ from dora_lightning.data.multicrop_args import (
     recipe_value,
 )
 from dora_lightning.data.view_colour import (
-    BLUR_DRAW,
     COLOUR_BACKENDS,
-    JITTER_DRAW,
     NUM_DRAWS,
     OUTPUT_DTYPES,
     ColourSettings,
@@ -194,8 +194,6 @@ class ClipMultiCrop:
         ).split()
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
 
-    # -- geometry ------------------------------------------------------------------------------------------------
-
     def sample_boxes(self, T: int, height: int, width: int, generator: torch.Generator) -> ClipBoxes:
         """Draw the crop geometry of a clip of ``T`` frames of ``height x width``.
 
@@ -217,14 +215,12 @@ class ClipMultiCrop:
             global_flip_prob=self.global_flip_prob,
         )
 
-    # -- the transform -------------------------------------------------------------------------------------------
-
     accepts_frame_list = True  # VideoClipStream passes the decoded frames unstacked (see __call__)
 
     def __call__(
         self, frames: Tensor | Sequence[Tensor], generator: torch.Generator
     ) -> dict[str, list[Tensor]]:
-        """Augment one clip.
+        """Augment one clip: :meth:`render` of :meth:`draw`.
 
         Args:
             frames: uint8 (T, H, W, 3) decoded frames, any H and W; or (T, H, W, 4) RGBA frames (the fourth byte is
@@ -238,59 +234,78 @@ class ClipMultiCrop:
             normalised with ``mean``/``std``.
         """
         frames = check_frames(frames)
-        T, height, width = len(frames), frames[0].shape[0], frames[0].shape[1]
+        return self.render(frames, self.draw(len(frames), frames[0].shape[0], frames[0].shape[1], generator))
+
+    def draw(self, T: int, height: int, width: int, generator: torch.Generator) -> ViewPlan:
+        """Every random draw of a clip of ``T`` frames of ``height x width``, in :meth:`__call__`'s order: boxes
+        (:meth:`sample_boxes`), jitter-op order, colour uniforms, solarisation and local flip uniforms."""
         G, L = self.num_global_crops, self.num_local_crops
-        gs, ls = self.global_size, self.local_size
         boxes = self.sample_boxes(T, height, width, generator)
-        order = torch.randperm(4, generator=generator).tolist()
+        order = torch.randperm(4, generator=generator)
         u_global = torch.rand(G * T, NUM_DRAWS, generator=generator)
         u_local = torch.rand(L * T, NUM_DRAWS, generator=generator)
         # Drawn after all of DoRA's draws (so its views are unchanged) and whatever the probabilities: a uniform per
         # global image for its solarisation and per local image for its flip, (view, frame) order.
         u_extra = torch.rand(G * T + L * T, generator=generator)
-        solarized = u_extra[: G * T] < per_image(self.global_solarize_prob, T)
-        local_flip = u_extra[G * T :] < self.local_flip_prob
+        order_local = torch.sort(
+            colour_groups(u_local, self.jitter_prob, self.local_blur_prob), stable=True
+        ).indices
+        return ViewPlan(
+            frame_size=torch.tensor([height, width], dtype=torch.int64),
+            pre_crop=boxes.pre_crop,
+            global_boxes=boxes.to_frame(boxes.global_boxes),
+            global_flip=boxes.global_flip,
+            local_boxes=boxes.to_frame(boxes.local_boxes).view(L * T, 4),
+            local_flip=u_extra[G * T :] < self.local_flip_prob,
+            colour_order=order,
+            u_global=u_global,
+            u_local=u_local,
+            solarized=u_extra[: G * T] < per_image(self.global_solarize_prob, T),
+            local_order=order_local,
+            local_restore=torch.argsort(order_local),
+        )
 
-        gboxes = boxes.to_frame(boxes.global_boxes)  # (G, 4)
-        # Local images are made in the order [jitter only, jitter + blur, blur only, neither] so that both
-        # subsets are contiguous slices for the colour ops; `restore` puts them back in (view, frame) order.
-        jittered = u_local[:, JITTER_DRAW] < self.jitter_prob
-        blurred = u_local[:, BLUR_DRAW] < self.local_blur_prob
-        group = torch.where(jittered, blurred.long(), 3 - blurred.long())
-        order_local = torch.sort(group, stable=True).indices
-        restore = torch.argsort(order_local)
-        lboxes = boxes.to_frame(boxes.local_boxes).view(L * T, 4)[order_local]
+    def render(self, frames: Tensor | Sequence[Tensor], plan: ViewPlan) -> dict[str, list[Tensor]]:
+        """The views of one clip (``frames`` as in :meth:`__call__`) from its :meth:`draw`; no randomness."""
+        frames = check_frames(frames)
+        T = len(frames)
+        G, L = self.num_global_crops, self.num_local_crops
+        gs, ls = self.global_size, self.local_size
+        gboxes, order_local = plan.global_boxes, plan.local_order
+        lboxes = plan.local_boxes[order_local]
         lframes = torch.arange(T).repeat(L)[order_local]
-        lflip = local_flip[order_local]
+        lflip = plan.local_flip[order_local]
 
         packed = False
         if self.crop_backend == "roi_align":
             stacked = frames if isinstance(frames, Tensor) else torch.stack(frames)
             global_out, local_out = self._crop_roi_align(
-                stacked[..., :3], boxes.pre_crop, gboxes, lboxes, lframes
+                stacked[..., :3], plan.pre_crop, gboxes, lboxes, lframes
             )
         else:
             # the compiled colour backend takes the uint8 crops as they are, RGBA crops in their packed layout
             dtype = torch.uint8 if self.colour_backend == "compiled" else torch.float32
             packed = frames[0].shape[-1] == 4 and self.frame_format == "rgba"
             global_out, local_out = self._crop_interpolate(
-                frames, gboxes, boxes.global_flip, lboxes, lframes, lflip, dtype, packed
+                frames, gboxes, plan.global_flip, lboxes, lframes, lflip, dtype, packed
             )
 
         if self.crop_backend == "roi_align":  # (the interpolate backend flips its uint8 crops)
             for v in range(G):  # the flip is shared by all frames of a view
-                if bool(boxes.global_flip[v]):
+                if bool(plan.global_flip[v]):
                     global_out[v * T : (v + 1) * T] = global_out[v * T : (v + 1) * T].flip(-1)
             flipped = lflip.nonzero().squeeze(1)
             if flipped.numel():
                 local_out[flipped] = local_out[flipped].flip(-1)
-        colour = self.colour
+        colour, order = self.colour, plan.colour_order.tolist()
         blur_prob = per_image(self.global_blur_prob, T)
-        global_out = colour_views(global_out, 255.0, u_global, order, blur_prob, colour, packed, solarized)
-        local_out = colour_views(
-            local_out, 255.0, u_local[order_local], order, self.local_blur_prob, colour, packed
+        global_out = colour_views(
+            global_out, 255.0, plan.u_global, order, blur_prob, colour, packed, plan.solarized
         )
-        local_out = local_out.index_select(0, restore.to(local_out.device))
+        local_out = colour_views(
+            local_out, 255.0, plan.u_local[order_local], order, self.local_blur_prob, colour, packed
+        )
+        local_out = local_out.index_select(0, plan.local_restore.to(local_out.device))
         return {
             "global_views": list(global_out.view(G, T, 3, gs, gs).unbind(0)),
             "local_views": list(local_out.view(L, T, 3, ls, ls).unbind(0)),
@@ -321,16 +336,7 @@ class ClipMultiCrop:
         local_rois = torch.cat([lframes.to(torch.float64).unsqueeze(1), lboxes - shift], dim=1)
         return global_out, self._roi_align(image, local_rois, ls)
 
-    @staticmethod
-    def _roi_align(image: Tensor, rois: Tensor, size: int) -> Tensor:
-        return roi_align(
-            image,
-            rois.to(device=image.device, dtype=image.dtype),
-            output_size=(size, size),
-            spatial_scale=1.0,
-            sampling_ratio=-1,  # adaptive: ceil(box size / output size) samples per bin and direction
-            aligned=True,
-        )
+    _roi_align = staticmethod(roi_align_views)
 
     def _crop_interpolate(
         self,
