@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench bench-learning bench-learning-gpu demo format lint clean
+.PHONY: install test test-fast bench bench-gpu bench-learning bench-learning-gpu demo format lint clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ bench-learning: install
 # random init vs DINO vs DoRA at a GPU budget (one GPU, <= 8 min), checked against issue 13's learning targets
 bench-learning-gpu: install
 	benchmarks/bench_learning_gpu.sh bench_out/learning_gpu
+
+# one GPU, <= 6 min: bare step, Lightning overhead, dora fit with the real loader (docs/benchmarks.md)
+bench-gpu: install
+	$(PY) benchmarks/bench_gpu.py bench_out/gpu
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -159,3 +159,28 @@ def test_diversity_bench_knows_the_demo_videos_length():
     assert demo.endswith("photo_walk.mp4")
     (info,) = probe_videos(resolve_video_paths(str(REPO / demo)), min_frames=1)
     assert info.num_frames == PHOTO_WALK_FRAMES
+
+
+@pytest.mark.slow
+def test_bench_gpu_smoke(tmp_path):
+    """Every part of bench_gpu.py on the CPU (micro ViT, tiny video): each writes its fields, as it goes."""
+    subprocess.run(
+        [sys.executable, "benchmarks/bench_gpu.py", str(tmp_path), "--smoke"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    report = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert report["smoke"] and report["machine"]["torch"] and report["date_utc"]
+    parts = report["parts"]
+    assert set(parts) == {"overhead/dora/b2", "bare/dora/b2", "bare/dino/b2", "video", "fit/dora/b2"}
+    overhead = parts["overhead/dora/b2"]
+    assert overhead["bare"]["step_ms"] > 0 and overhead["trainer"]["step_ms"] > 0
+    assert overhead["trainer"]["value_reads_per_step"]  # at least the optimiser's step counters
+    for name in ("bare/dora/b2", "bare/dino/b2"):
+        (row,) = parts[name]["results"]
+        assert row["flops_per_step"] > 0 and row["clips_per_s"] > 0 and row["tflops_per_s"] >= 0
+    fit = parts["fit/dora/b2"]
+    assert fit["steps_per_s"] > 0 and 0 <= fit["data_wait_fraction"] <= 1 and fit["tflops_per_s"] is not None
+    table = (tmp_path / "bench_gpu.md").read_text()
+    assert "| fit/dora/b2 |" in table and "smoke, CPU" in table

@@ -1,0 +1,374 @@
+"""bench_gpu.py's child side: one part (bare step, Lightning overhead, or ``dora fit`` with the real loader), run in its
+own process on the device it names, through the project's public seams only: ``DoRAModule`` (its
+``configure_optimizers``, ``compute_loss``, ``training_step`` via the Trainer), ``pl.Trainer`` and
+``VideoClipDataModule``."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.common import REPO_ROOT
+
+# profiler events that make the host wait for the device (or, on the CPU, read a tensor's value into Python)
+SYNC_EVENTS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+)
+
+
+def wt_settings(config: str = "configs/wt.yaml") -> tuple[dict, dict, dict]:
+    """The model, data and transform arguments of ``config`` (the paper's recipe by default)."""
+    raw = yaml.safe_load((REPO_ROOT / config).read_text())
+    data = dict(raw["data"])
+    transform = dict(data.pop("transform")["init_args"])
+    return dict(raw["model"]), data, transform
+
+
+def build_module(case: dict):
+    """A DoRAModule with the case's model arguments (wt.yaml's, overridden by ``case["model"]``)."""
+    from dora_lightning.module import DoRAModule
+
+    model, _, _ = wt_settings()
+    return DoRAModule(**(model | {"batch_size": case["batch_size"]} | case.get("model", {})))
+
+
+def synthetic_batch(case: dict, method: str, device: Any) -> dict:
+    """Normalised random views shaped like VideoClipDataModule's batches (after its on_after_batch_transfer)."""
+
+    b, t, g, lo = case["batch_size"], case["frames"], case["global_size"], case["local_size"]
+    return {
+        "global_views": [
+            torch.randn(b, t, 3, g, g, device=device) for _ in range(2 if method == "dino" else 1)
+        ],
+        "local_views": [torch.randn(b, t, 3, lo, lo, device=device) for _ in range(case["local_crops"])],
+    }
+
+
+def _autocast(device: Any, precision: str):
+    if precision.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: Any) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: Any) -> float:
+    """Seconds for timing steps: wall time on a GPU; this process's CPU time on the CPU (with one thread, so that
+    other processes on a shared machine do not count)."""
+    return time.perf_counter() if device.type == "cuda" else time.process_time()
+
+
+def _peak_gib(device: Any) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+class BareStep:
+    """One optimiser step without Lightning: zero_grad, forward + loss (autocast as Lightning's precision plugin
+    does), centre update, backward, per-parameter clip, AdamW, EMA; no logging, no checks, no host syncs."""
+
+    def __init__(self, module, device: Any, precision: str) -> None:
+        from dora_lightning.core.loss import teacher_entropy, update_center
+
+        self.module, self.device, self.precision = module, device, precision
+        self.optimizer = module.configure_optimizers()
+        for group in self.optimizer.param_groups:
+            group["lr"] = 1e-4
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.teacher, self.student = list(module.teacher.parameters()), list(module.student.parameters())
+        self._entropy, self._center = teacher_entropy, update_center
+
+    def __call__(self, batch: dict) -> None:
+        import torch
+
+        from dora_lightning.core.ema import ema_update_
+        from dora_lightning.module import per_parameter_clip_
+
+        hp = self.module.hparams
+        self.optimizer.zero_grad(set_to_none=True)
+        with _autocast(self.device, self.precision):
+            parts, teacher, _ = self.module.compute_loss(batch, hp.teacher_temp)
+            with torch.no_grad():
+                self._entropy(teacher, self.module.center, hp.teacher_temp)
+                self.module.center.copy_(self._center(self.module.center, teacher.flatten(0, -2), 0.9))
+        parts.total.backward()
+        per_parameter_clip_(self.params, hp.clip_grad)
+        self.optimizer.step()
+        ema_update_(self.teacher, self.student, hp.momentum_teacher)
+
+
+def step_flops(step: BareStep, batch: dict) -> int:
+    """FLOPs of one training step (forward and backward of teacher, tracker and student; matmuls and convolutions, as
+    torch.utils.flop_counter counts them), measured by running one step under the counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(batch)
+    return int(counter.get_total_flops())
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (``aten::_local_scalar_dense``: ``.item()``, ``bool(t)``,
+    ``float(t)``), each by the nearest caller outside torch. On a GPU such a read of a device tensor waits for the
+    device to finish all queued work; the optimiser's step counters are CPU tensors on every device (no wait)."""
+
+    OPTIMISER = "torch.optim step counters (CPU tensors on every device: no device sync)"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.origins: Counter[str] = Counter()  # value reads by origin
+        self.numbers: Counter[str] = (
+            Counter()
+        )  # torch.tensor(number) by origin: a blocking host-to-device copy on a GPU
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.origins[self._origin()] += 1
+        elif func is torch.ops.aten.lift_fresh.default:
+            self.numbers[self._origin()] += 1
+        return func(*args, **(kwargs or {}))
+
+    def _origin(self) -> str:
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            name = frame.filename.replace("\\", "/")
+            if "/torch/optim/" in name:
+                return self.OPTIMISER
+            if "/torch/" not in name and not name.endswith("gpu_cases.py"):
+                short = name.split("site-packages/")[-1].split(str(REPO_ROOT) + "/")[-1]
+                return f"{short}:{frame.lineno}"
+        return "torch"
+
+
+class Probe:
+    """torch.profiler plus ScalarReads over a window of steps; ``summary(steps)`` gives the counts per step.
+
+    On a GPU each value read of a device tensor and each number turned into a device tensor waits for the device;
+    on the CPU (the smoke run) they show where a GPU run would wait, by origin."""
+
+    def __init__(self, device: Any) -> None:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.profile, self.reads = profile(activities=activities), ScalarReads()
+
+    def __enter__(self) -> Probe:
+        self.profile.__enter__()
+        self.reads.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.reads.__exit__(*exc)
+        self.profile.__exit__(*exc)
+
+    def summary(self, steps: int) -> dict:
+        """Per step: device syncs (value reads that wait for a GPU), every value read by origin, profiler events."""
+        counts = dict.fromkeys(SYNC_EVENTS, 0)
+        for event in self.profile.key_averages():
+            if event.key in counts:
+                counts[event.key] += event.count
+        optimiser = self.reads.origins[ScalarReads.OPTIMISER]
+        return {
+            "value_reads_outside_optimiser_per_step": round(
+                (self.reads.origins.total() - optimiser) / steps, 2
+            ),
+            "numbers_to_tensors_per_step": round(self.reads.numbers.total() / steps, 2),
+            "value_reads_per_step": {k: round(v / steps, 2) for k, v in self.reads.origins.most_common()},
+            "numbers_to_tensors_by_origin": {
+                k: round(v / steps, 2) for k, v in self.reads.numbers.most_common()
+            },
+            "profiler_events_per_step": {k: round(v / steps, 2) for k, v in counts.items()},
+        }
+
+
+def time_bare(case: dict, method: str) -> dict:
+    """Bare-step time, clips/s, FLOPs, TFLOP/s, peak memory and host syncs per step for one method."""
+
+    device = torch.device(case["device"])
+    torch.manual_seed(0)
+    module = build_module(case | {"model": case.get("model", {}) | {"method": method}}).to(device).train()
+    batch = synthetic_batch(case, method, device)
+    step = BareStep(module, device, case["precision"])
+    for _ in range(case["warmup"]):
+        step(batch)
+    flops = step_flops(step, batch)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(case["steps"]):
+        t0 = clock(device)
+        step(batch)
+        _sync(device)
+        times.append(clock(device) - t0)
+    with Probe(device) as probe:
+        for _ in range(case["profiled_steps"]):
+            step(batch)
+        _sync(device)
+    median = statistics.median(times)
+    return {
+        "method": method,
+        "batch_size": case["batch_size"],
+        "step_ms": round(median * 1e3, 2),
+        "clips_per_s": round(case["batch_size"] / median, 2),
+        "flops_per_step": flops,
+        "tflops_per_s": round(flops / median / 1e12, 3),
+        "peak_gib": _peak_gib(device),
+        **probe.summary(case["profiled_steps"]),
+    }
+
+
+class _Marks(pl.Callback):
+    """Records when chosen training batches start (optimiser-step numbers ``timed``) and profiles ``profiled``."""
+
+    def __init__(self, device: Any, timed: range, profiled: range, wall: bool = False) -> None:
+        self.device, self.timed, self.profiled = device, timed, profiled
+        self.clock = time.perf_counter if wall else lambda: clock(device)
+        self.times: dict[int, float] = {}
+        self.profile = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step in (self.timed.start, self.timed.stop):
+            _sync(self.device)
+            self.times[step] = self.clock()
+        if step == self.profiled.start and len(self.profiled):
+            self.profile = Probe(self.device).__enter__()
+        if step == self.profiled.stop and self.profile is not None:
+            _sync(self.device)
+            self.profile.__exit__(None, None, None)
+
+
+class _Repeat:
+    """An iterable of ``length`` references to one batch (a loader that costs nothing)."""
+
+    def __init__(self, batch: dict, length: int) -> None:
+        self.batch, self.length = batch, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.length))
+
+
+def _trainer(case: dict, steps: int, callbacks: list, root: str, **extra) -> pl.Trainer:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return pl.Trainer(
+        accelerator="gpu" if case["device"].startswith("cuda") else "cpu",
+        devices=1,
+        precision=case["precision"],
+        max_steps=steps,
+        logger=TensorBoardLogger(root, name="bench"),
+        log_every_n_steps=case.get("log_every_n_steps", 50),
+        enable_checkpointing=False,
+        enable_progress_bar=case.get("progress_bar", True),
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=root,
+        **extra,
+    )
+
+
+def run_overhead(case: dict) -> dict:
+    """Lightning's cost: the bare step vs ``Trainer.fit`` on the same synthetic batch (already on the device, so only
+    the Trainer, the module's training_step hooks, logging and the progress bar differ); wall time and host syncs per
+    step, each from the same number of steps after the same warm-up."""
+
+    method, device = case.get("method", "dora"), torch.device(case["device"])
+    bare = time_bare(case, method)
+    torch.manual_seed(0)
+    module = build_module(case | {"model": case.get("model", {}) | {"method": method}})
+    w, s = case["warmup"], case["steps"]
+    batch = synthetic_batch(case, method, device)
+    p = case["profiled_steps"]
+    marks = _Marks(device, range(w, w + s), range(w + s, w + s + p))
+    with tempfile.TemporaryDirectory() as root:
+        _trainer(case, w + s + p + 1, [marks], root).fit(
+            module, train_dataloaders=_Repeat(batch, w + s + p + 1)
+        )
+    per_step = (marks.times[w + s] - marks.times[w]) / s
+    fit = {"step_ms": round(per_step * 1e3, 2), **marks.profile.summary(p)}
+    return {
+        "bare": bare,
+        "trainer": fit,
+        "overhead_pct": round(100 * (fit["step_ms"] / bare["step_ms"] - 1), 1),
+    }
+
+
+def run_bare(case: dict) -> dict:
+    """The bare step for each of ``case["methods"]``."""
+    return {"results": [time_bare(case, method) for method in case["methods"]]}
+
+
+def run_fit(case: dict) -> dict:
+    """``dora fit`` on ``case["video"]`` with wt.yaml's data pipeline (real decoding workers) at the case's batch
+    size: steps/s, clips/s, data-wait fraction (time the loop waited in the loader's next(), from Lightning's simple
+    profiler, over the training batch time) and peak memory, after ``warmup`` steps."""
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    from dora_lightning.data.datamodule import VideoClipDataModule
+    from dora_lightning.data.transforms import ClipMultiCrop
+
+    device = torch.device(case["device"])
+    _, data, transform = wt_settings()
+    data |= {"paths": case["video"], "batch_size": case["batch_size"], "num_workers": case["workers"]}
+    data |= case.get("data", {})
+    transform |= case.get("transform", {})
+    torch.manual_seed(0)
+    module = build_module(case)
+    datamodule = VideoClipDataModule(**data, transform=ClipMultiCrop(**transform))
+    w, s = case["warmup"], case["steps"]
+    marks = _Marks(device, range(w, w + s), range(0, 0), wall=True)  # waiting for data counts
+    with tempfile.TemporaryDirectory() as root:
+        profiler = SimpleProfiler(dirpath=root, filename="profile")
+        trainer = _trainer(case, w + s, [marks], root, profiler=profiler, max_epochs=-1)
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        _sync(device)
+        wall = time.perf_counter() - t0
+        marks.times.setdefault(w + s, time.perf_counter())
+    durations = profiler.recorded_durations
+    fetch = [d for k, v in durations.items() if k.endswith("train_dataloader_next") for d in v][w:]
+    batch = [d for k, v in durations.items() if k.endswith("run_training_batch") for d in v][w:]
+    per_step = (marks.times[w + s] - marks.times[w]) / s
+    wait = sum(fetch) / max(sum(fetch) + sum(batch), 1e-9)
+    return {
+        "batch_size": case["batch_size"],
+        "workers": case["workers"],
+        "steps_per_s": round(1 / per_step, 3),
+        "clips_per_s": round(case["batch_size"] / per_step, 2),
+        "data_wait_fraction": round(wait, 3),
+        "loader_next_ms_mean": round(1e3 * statistics.fmean(fetch), 2) if fetch else None,
+        "training_batch_ms_mean": round(1e3 * statistics.fmean(batch), 2) if batch else None,
+        "peak_gib": _peak_gib(device),
+        "fit_wall_s": round(wall, 1),
+    }
+
+
+PARTS = {"bare": run_bare, "overhead": run_overhead, "fit": run_fit}
+
+
+def run_case(case: dict) -> dict:
+    """Entry point of the child process: run ``case["part"]``."""
+
+    if Path(case.get("video") or ".").suffix == ".mp4" and not Path(case["video"]).is_file():
+        raise FileNotFoundError(case["video"])
+    if case["device"] == "cpu":
+        torch.set_num_threads(case.get("threads", 1))
+    return PARTS[case["part"]](case)
