@@ -196,6 +196,11 @@ class RangeReader:
         single = self.threads == 1
         marks = (_LogWatch.errors(), len(_LogWatch.messages))
         while True:
+            if (
+                len(_LogWatch.messages) > 10_000
+            ):  # a long run of errors: keep memory bounded (texts only, counts stay)
+                _LogWatch.messages.clear()
+                marks = (marks[0], 0)
             # one thread: the errors of this step; frame threads log from the background, so every error since
             # this reader's previous step counts (conservative: another reader's error may be counted here too)
             errors_before, seen = (_LogWatch.errors(), len(_LogWatch.messages)) if single else marks
