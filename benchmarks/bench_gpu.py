@@ -33,6 +33,7 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
-    video = Path(args.video) if args.video else out_dir / f"video_{video_settings['height']}p.mp4"
+    generated = f"dora_bench_gpu_{video_settings['height']}p_{video_settings['seconds']:g}s.mp4"
+    video = Path(args.video) if args.video else Path(tempfile.gettempdir()) / generated  # not into out_dir
     wanted = lambda name: not args.only or any(name.startswith(p) for p in args.only)  # noqa: E731
     for name, case, limit in parts:
         if not wanted(name):

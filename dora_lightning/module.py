@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from dora_lightning.checkpoint_formats import PRETRAIN_KIND
 from dora_lightning.core.ema import ema_update_
+from dora_lightning.core.grad_clip import per_parameter_clip_
 from dora_lightning.core.loss import LossParts, dino_loss, dora_loss, teacher_entropy, update_center
 from dora_lightning.core.tracker import TrackerOutput, head_seed, sample_heads, track_objects
 from dora_lightning.diagnostics import diagnostics_due, write_diagnostics
@@ -42,14 +43,6 @@ class StudentTeacher(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         cls, _ = forward_features(self.backbone, images)
         return self.head(cls)
-
-
-def per_parameter_clip_(parameters: list[nn.Parameter], max_norm: float) -> None:
-    """DINO's gradient clipping: scale each parameter's gradient so its own L2 norm is at most ``max_norm``."""
-    for param in parameters:
-        if param.grad is not None:
-            norm = param.grad.detach().norm(2)
-            param.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
 class DoRAModule(StepSchedules, pl.LightningModule):
