@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import BUNDLED_VIDEO, write_video
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dora_lightning.data.augment.device import HOST_PLAN, DeviceAugment
 from dora_lightning.data.augment.plan import FramesAndPlan, ViewPlan
@@ -298,3 +299,44 @@ def test_plan_fields_round_trip():
     assert all(torch.equal(getattr(plan, n), getattr(back, n)) for n in ViewPlan.names)
     with pytest.raises(KeyError, match="no view plan"):
         ViewPlan.from_fields({})
+
+
+class _CopyWatch(TorchDispatchMode):
+    """Records every copy between devices: (source device, target device, non_blocking)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[tuple[str, str, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (
+            func is torch.ops.aten._to_copy.default
+            and "device" in kwargs
+            and kwargs["device"] != args[0].device
+        ):
+            self.copies.append((args[0].device.type, kwargs["device"].type, bool(kwargs.get("non_blocking"))))
+        elif func is torch.ops.aten.copy_.default and args[0].device != args[1].device:
+            self.copies.append(
+                (args[1].device.type, args[0].device.type, bool(args[2] if len(args) > 2 else False))
+            )
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("recipe", ["dora", "dino"])
+def test_fused_rendering_never_waits_for_the_device(recipe):
+    """On the meta device (tensors without values) rendering runs through: it reads no value back from the device
+    (which would wait for the device's queue); and every copy to the device is non-blocking."""
+    t = small(recipe, local_flip_prob=0.5)
+    wrap = FramesAndPlan(t, (70, 90))
+    clips = [clip(i, 4, h, w) for i, (h, w) in enumerate(SIZES)]
+    batch = collate_clips([wrap(list(c), torch.Generator().manual_seed(i)) for i, c in enumerate(clips)])
+    augment = DeviceAugment(t)
+    prepared = augment.prepare(batch)
+    prepared["frames"] = prepared["frames"].to("meta")
+    with _CopyWatch() as watch:
+        out = augment(prepared)
+    assert all(v.device.type == "meta" for v in out["global_views"] + out["local_views"])
+    assert watch.copies and all(
+        src == "cpu" and dst == "meta" and non_blocking for src, dst, non_blocking in watch.copies
+    )

@@ -9,8 +9,11 @@ index column of the rois picks the clip / frame), flips by ``torch.where``, then
 and the normalisation. The views equal those of ``ClipMultiCrop(crop_backend="roi_align", colour_backend=...)`` up
 to float rounding (within one 8-bit level; tests/test_device_augment.py).
 
-The host-side bits of the plan (region extents, colour decisions) are read from the batch before it is moved
-(:meth:`DeviceAugment.prepare`), so rendering does not wait for the device to read them back.
+The host-side bits of the plan (region extents, colour decisions and parameters) are taken from the batch before it
+is moved (:meth:`DeviceAugment.prepare`), every copy to the device is non-blocking, and with the ``"fused"`` colour
+backend (:mod:`.device_colour`) nothing is read back from the device: rendering never waits for the device's queue
+(the previous training step) to drain. The ``"exact"`` backend's ops read per-image values back (a few waits per
+batch).
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ import torch
 from torch import Tensor
 
 from dora_lightning.data.augment.crops import roi_align_views
+from dora_lightning.data.augment.device_colour import fused_colour_views, normalize_on_device
 from dora_lightning.data.augment.plan import PLAN_PREFIX, ViewPlan, colour_groups
 from dora_lightning.data.multicrop_args import per_image
 from dora_lightning.data.transforms import ClipMultiCrop
 from dora_lightning.data.view_colour import (
     ColourSettings,
     colour_views,
-    normalize_views,
 )
 
 __all__ = ["HOST_PLAN", "DeviceAugment", "device_colour_backend"]
@@ -185,6 +188,8 @@ class DeviceAugment:
         """``colour_views`` of (N, 3, S, S) float images in [0, 255] on the device, once per distinct key of ``keys``
         (N,) with that key's jitter-op order; ``u``, ``keys``, a tensor ``blur_prob`` and ``solarized`` are per
         image, on the CPU."""
+        if self.colour.backend == "fused":  # one call for all images, nothing read back from the device
+            return fused_colour_views(img, u, blur_prob, self.colour, solarized)
         if keys.numel() == 0:
             order = next(iter(orders.values()))
             return colour_views(img, 255.0, u, order, blur_prob, self.colour, False, solarized)
@@ -213,8 +218,5 @@ class DeviceAugment:
 
     def _normalize(self, views: Tensor) -> Tensor:
         """Float32 normalised views (the colour ops' uint8 output, or their float32 output as it is)."""
-        return (
-            normalize_views(views, self.transform.mean, self.transform.std)
-            if views.dtype == torch.uint8
-            else views
-        )
+        t = self.transform
+        return normalize_on_device(views, t.mean, t.std) if views.dtype == torch.uint8 else views
