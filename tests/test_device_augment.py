@@ -340,3 +340,11 @@ def test_fused_rendering_never_waits_for_the_device(recipe):
     assert watch.copies and all(
         src == "cpu" and dst == "meta" and non_blocking for src, dst, non_blocking in watch.copies
     )
+
+
+def test_gpu_path_with_worker_processes():
+    """Frames and plans cross from worker processes (shared-memory blocks) and render to the CPU path's views."""
+    kw = dict(num_workers=2, batch_size=2)
+    got = ready_batches(module(str(BUNDLED_VIDEO), "gpu", small(), **kw), 2)
+    expected = ready_batches(module(str(BUNDLED_VIDEO), "cpu", cpu_reference(small()), **kw), 2)
+    assert_same_batches(expected, got, exact=False)
