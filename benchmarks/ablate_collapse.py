@@ -72,7 +72,7 @@ def checkpoint_ranks(run_dir: Path, image_size: int) -> list[tuple[str, float]]:
     """Effective rank of the teacher's CLS features on the probe's validation images, per epoch checkpoint."""
     from dora_lightning.checkpoints import load_backbone
     from dora_lightning.collapse import feature_report
-    from evaluators.image_data import ImageFolderDataModule
+    from dora_lightning.evaluation.image_data import ImageFolderDataModule
 
     data = ImageFolderDataModule("assets/fashion_mnist", image_size=image_size, batch_size=128, num_workers=0)
     data.setup("validate")

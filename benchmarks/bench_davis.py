@@ -1,8 +1,8 @@
 """DAVIS label-propagation benchmark: frames per second and peak memory of the DAVIS evaluator on the CPU.
 
 A randomly initialised ViT-S/16 (``vit_small_patch16_224`` via ``build_vit``) propagates the first-frame masks of one
-synthetic sequence (``evaluators.synthetic.make_davis_fixture``: 854x480 frames like DAVIS 480p, 2 objects) through
-:class:`evaluators.davis.DavisPropagationModule` run by ``trainer.validate`` with the default protocol (short side 480
+synthetic sequence (``dora_lightning.evaluation.synthetic.make_davis_fixture``: 854x480 frames like DAVIS 480p, 2 objects) through
+:class:`evaluators.davis.evaluator.DavisPropagationModule` run by ``trainer.validate`` with the default protocol (short side 480
 -> 480x848 input, 1,590 patches; 7 previous frames + the first as context, radius 12, top-5). Every step is timed:
 frame reading (dataloader, main process), backbone forward, propagation + upsampling + PNG writing, J/F scoring; the
 first ``--warmup`` frames are excluded. Peak memory is the case process's max RSS (a fresh interpreter), with the RSS
@@ -53,11 +53,11 @@ def run_case(case: dict) -> dict:
     import lightning.pytorch as pl
     import torch
 
-    import evaluators.davis as davis
+    import evaluators.davis.evaluator as davis
+    from dora_lightning.evaluation.synthetic import make_davis_fixture
     from dora_lightning.models.backbone import build_vit
-    from evaluators.davis import DavisPropagationModule
-    from evaluators.davis_data import scan_davis
-    from evaluators.synthetic import make_davis_fixture
+    from evaluators.davis.data import scan_davis
+    from evaluators.davis.evaluator import DavisPropagationModule
 
     torch.set_num_threads(case["threads"])
     torch.manual_seed(0)

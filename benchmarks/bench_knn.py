@@ -1,4 +1,4 @@
-"""k-NN benchmark: throughput and peak memory of evaluators.knn.knn_classify on CPU.
+"""k-NN benchmark: throughput and peak memory of evaluators.knn.evaluator.knn_classify on CPU.
 
 A bank of 100k x 384 L2-normalised features (ViT-S/16 CLS size) and 10k queries, 1,000 classes, k in {10, 20, 100, 200},
 T = 0.07, scored in chunks of ``--chunk-size`` queries (never a full 10k x 100k similarity matrix). Peak memory is the
@@ -22,7 +22,7 @@ import torch
 
 
 def run_case(bank: int, queries: int, dim: int, classes: int, chunk_size: int, threads: int) -> dict:
-    from evaluators.knn import knn_classify
+    from evaluators.knn.evaluator import knn_classify
 
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)

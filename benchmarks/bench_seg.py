@@ -56,7 +56,7 @@ def run_case(case: dict) -> dict:
     import torch
 
     from dora_lightning.models.backbone import build_vit
-    from evaluators.segmentation_module import SegmentationHeadModule
+    from evaluators.segmentation.module import SegmentationHeadModule
 
     torch.set_num_threads(case["threads"])
     rss_imports = _rss_gb()

@@ -246,7 +246,7 @@ class Comparison:
                 "--evaluator.short_side", str(self.davis_short_side)]  # fmt: skip
 
     def _davis_data(self) -> Path:
-        from evaluators.synthetic import make_davis_fixture
+        from dora_lightning.evaluation.synthetic import make_davis_fixture
 
         root = self.output_dir / "davis_synthetic"
         if not (root / "ImageSets" / "2017" / "val.txt").is_file():
@@ -257,7 +257,7 @@ class Comparison:
     def _collapse(self, method: str, seed: int, checkpoint: Path) -> dict[str, Any]:
         from dora_lightning.checkpoints import load_backbone
         from dora_lightning.collapse import feature_report, last_logged_scalar
-        from evaluators.image_data import ImageFolderDataModule
+        from dora_lightning.evaluation.image_data import ImageFolderDataModule
 
         backbone, _ = load_backbone(checkpoint, "teacher", self.image_size)
         data = ImageFolderDataModule(
@@ -289,7 +289,7 @@ def _banner(text: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dora_lightning.compare",
+        prog="dora compare",
         description="Pretrain DINO and DoRA from one config at the same budget, evaluate them and a random init "
         "with the evaluator plugins, and print one table (make demo / make bench-learning).",
     )

@@ -10,15 +10,16 @@ interpreter is still whole.
 from __future__ import annotations
 
 import atexit
-
-import torch.distributed as dist
+import sys
 
 _registered = False
 
 
 def destroy_process_group_if_initialized() -> None:
-    """Destroy the default process group when one exists (any backend); a no-op otherwise."""
-    if dist.is_available() and dist.is_initialized():
+    """Destroy the default process group when one exists (any backend); a no-op otherwise, also when torch was never
+    imported (the hook itself imports nothing)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -3,18 +3,24 @@ status 2, unless ``--verbose`` or ``DORA_TRACEBACK=1`` asks for the traceback (d
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
-
-from lightning.pytorch.cli import LightningArgumentParser
 
 TRACEBACK_ENV = "DORA_TRACEBACK"
 VERBOSE_FLAG = "--verbose"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# the files whose ValueError / FileNotFoundError (RuntimeError: data/ only) are our messages about the user's data,
+# config or checkpoint, not bugs: the data module, the model's and collapse guard's argument checks, checkpoint reading
+_USER_ERROR_FILES = (
+    "data",
+    "module.py",
+    "collapse_guard.py",
+    "checkpoints.py",
+    "checkpoint_formats.py",
+    "runs.py",
+)
 _WORKER_FRAME = re.compile(r'File "([^"]+)", line \d+')
 
 
@@ -57,33 +63,22 @@ def raise_site(err: BaseException) -> Path | None:
     return Path(tb.tb_frame.f_code.co_filename)
 
 
-def did_you_mean(message: str, parser: Any) -> str:
-    """`` did you mean --KEY?`` for the first unrecognized ``--key`` of ``message`` close to an option of ``parser``."""
-    if "unrecognized arguments" not in message:
-        return ""
-    options = [
-        o for action in getattr(parser, "_actions", []) for o in action.option_strings if o.startswith("--")
-    ]
-    for token in message.split("unrecognized arguments:", 1)[1].split():
-        if token.startswith("--"):
-            key = token.split("=", 1)[0]
-            close = difflib.get_close_matches(key, options, n=1, cutoff=0.75)
-            if close:
-                return f"; did you mean {close[0]}?"
-    return ""
+def is_user_error(err: BaseException) -> bool:
+    """True when ``err`` is a message of ours about the user's data, config or checkpoint: a ValueError or
+    FileNotFoundError raised by the data, model-config, collapse-guard or checkpoint code (a RuntimeError: by the
+    data code), directly or in a DataLoader worker, or evaluation data refused by an evaluator. Any other exception,
+    e.g. one raised by torch inside a training step, is a bug and keeps its traceback."""
+    from dora_lightning.evaluation.contract import EvaluationDataError
 
-
-class DoraArgumentParser(LightningArgumentParser):
-    """A parser whose errors are one line on stderr (``dora fit: error: ...``; no usage text), exit status 2."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        from jsonargparse._common import debug_mode_active
-
-        # jsonargparse parses nested values with exit_on_error off and expects its ArgumentError; JSONARGPARSE_DEBUG
-        if not self.exit_on_error or debug_mode_active():
-            super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        prog = parser.prog.replace(" [options]", "")
-        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-        sys.stderr.write(f"{prog}: error: {text}{did_you_mean(text, parser)} (options: {prog} --help)\n")
-        raise SystemExit(2)
+    if isinstance(err, EvaluationDataError):
+        return True
+    site = raise_site(err)
+    if site is None:
+        return False
+    try:
+        parts = site.resolve().relative_to(_PACKAGE_DIR).parts
+    except ValueError:
+        return False  # raised outside dora_lightning (torch, Lightning, numpy, ...)
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        return parts[0] in _USER_ERROR_FILES
+    return isinstance(err, RuntimeError) and parts[0] == "data"

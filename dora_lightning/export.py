@@ -13,7 +13,7 @@ from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, wants_traceback
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `dora-export`."""
     parser = argparse.ArgumentParser(
-        prog="dora-export",
+        prog="dora export",
         description=(
             "Export the teacher (or student) ViT backbone of a `dora fit` checkpoint, an exported backbone or an "
             "official DINO/DoRA checkpoint as a timm-compatible file."
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         if args.verbose or wants_traceback():
             raise
-        print(f"dora-export: error: {err}", file=sys.stderr)
+        print(f"dora export: error: {err}", file=sys.stderr)
         return 2
     what = f"the {info.which} backbone" if info.which else "the backbone"
     state = f'torch.load("{out}")' if args.plain else f'torch.load("{out}")["state_dict"]'

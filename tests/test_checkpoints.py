@@ -285,5 +285,5 @@ def test_bad_arguments(trained, tmp_path):
 def test_cli_reports_errors(tmp_path, capsys):
     assert export_main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out.pth")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dora-export: error: '") and "does not exist" in err
+    assert err.startswith("dora export: error: '") and "does not exist" in err
     assert not (tmp_path / "out.pth").exists()

@@ -43,7 +43,7 @@ def test_console_script_lists_subcommands():
     dora = shutil.which("dora", path=str(Path(sys.executable).parent))
     assert dora is not None, "the dora console script is not installed (run make install)"
     out = subprocess.run([dora, "--help"], capture_output=True, text=True, check=True).stdout
-    for sub in ("fit", "validate", "test", "predict"):
+    for sub in ("fit", "validate", "visualize", "compare", "export"):
         assert sub in out
 
 
@@ -59,13 +59,48 @@ def test_print_config_resolves_the_demo_config(capsys, monkeypatch):
     assert config["data"]["transform"]["init_args"]["global_size"] == 64
 
 
-@pytest.mark.parametrize("config", ["demo.yaml", "wt.yaml", "wt_all.yaml", "dino_wt.yaml"])
-def test_shipped_configs_parse(config, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "configs",
+    [
+        ["demo.yaml"],
+        ["wt.yaml"],
+        ["wt.yaml", "wt_all.yaml"],
+        ["wt.yaml", "dino.yaml"],
+        ["demo.yaml", "dino.yaml"],
+    ],
+)
+def test_shipped_configs_parse(configs, capsys, monkeypatch):
+    """Every shipped config, and the overlays on their base: configs/dino.yaml switches the method, the global
+    crops and the augmentation together; configs/wt_all.yaml changes only the videos and the run folder."""
     monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", f"configs/{config}", "--print_config"])
+        main(["fit", *(a for c in configs for a in ("--config", f"configs/{c}")), "--print_config"])
     assert exit_info.value.code in (0, None)
-    assert "model:" in capsys.readouterr().out
+    config = yaml.safe_load(capsys.readouterr().out)
+    transform = config["data"]["transform"]["init_args"]
+    dino = "dino.yaml" in configs
+    assert config["model"]["method"] == ("dino" if dino else "dora")
+    assert transform["num_global_crops"] == (2 if dino else 1)
+    assert transform["recipe"] == ("dino" if dino else "dora")
+    if "wt_all.yaml" in configs:
+        assert (
+            config["data"]["paths"] == "data/WalkingTours"
+            and config["trainer"]["default_root_dir"] == "runs/wt_all"
+        )
+
+
+@pytest.mark.parametrize(("method", "crops"), [("dino", 1), ("dora", 2)])
+def test_method_and_global_crops_disagreeing_is_one_line(method, crops, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    args = ["fit", "--config", "configs/demo.yaml", f"--model.method={method}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, f"--data.transform.init_args.num_global_crops={crops}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"dora fit: error: model.method={method} needs data.transform.init_args.num_global_crops"
+    )
+    assert len(err.splitlines()) == 1
 
 
 def test_wrong_config_key_names_it(tmp_path, capsys, monkeypatch):

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from dora_lightning.cli import is_user_error, main
+from dora_lightning.cli import main
 from dora_lightning.data.sources import VideoSourceError, resolve_video_paths
-from dora_lightning.errors import one_line
+from dora_lightning.errors import is_user_error, one_line
 
 FAST = ["--config", "configs/demo.yaml", "--data.num_workers", "0", "--trainer.max_steps", "1"]
 
@@ -118,8 +118,11 @@ def test_fit_ckpt_path_never_runs_a_pickle(in_repo, capsys):
 def test_validate_names_the_subcommand(in_repo, capsys):
     ckpt = in_repo / "plain.ckpt"
     torch.save({"weight": torch.zeros(2)}, ckpt)
-    line = _run(["validate", *FAST, "--ckpt_path", str(ckpt)], capsys)
-    assert "not a `dora fit` checkpoint" in line and "--evaluator" in line
+    line = _run(["validate", "--evaluator", "knn", "--ckpt_path", str(ckpt)], capsys)
+    assert (
+        line.startswith("dora validate: error: --ckpt_path: ")
+        and "holds no DoRA/DINO backbone weights" in line
+    )
 
 
 # ------------------------------------------------------------------------------------------------ tracebacks on demand
@@ -153,7 +156,7 @@ def test_export_error_is_one_line_and_verbose_shows_the_traceback(tmp_path, monk
     assert export_main([str(ckpt), str(out)]) != 0
     err = capsys.readouterr().err
     assert (
-        err.startswith(f"dora-export: error: '{ckpt}' is not a PyTorch checkpoint") and err.count("\n") == 1
+        err.startswith(f"dora export: error: '{ckpt}' is not a PyTorch checkpoint") and err.count("\n") == 1
     ), err
     with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
         export_main([str(ckpt), str(out), "--verbose"])

@@ -135,17 +135,28 @@ def test_demo_pipeline_at_a_tiny_budget(tmp_path, monkeypatch):
     ).is_file()
 
 
-def test_dino_gets_dinos_augmentation():
-    """method_config's DINO transform and configs/dino_wt.yaml's are DINO's recipe, whatever DoRA-side values of
-    the recipe's arguments the base config has; configs/wt.yaml's is DoRA's."""
+def _printed_transform(configs: list[str], capsys, monkeypatch) -> dict:
+    """The transform arguments `dora fit --config ... --print_config` resolves (overlays merged in order)."""
+    from dora_lightning.cli import main
+
+    monkeypatch.chdir(REPO)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["fit", *(a for c in configs for a in ("--config", c)), "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)["data"]["transform"]["init_args"]
+
+
+def test_dino_gets_dinos_augmentation(capsys, monkeypatch):
+    """method_config's DINO transform and `--config configs/wt.yaml --config configs/dino.yaml`'s are DINO's recipe,
+    whatever DoRA-side values of the recipe's arguments the base config has; configs/wt.yaml's is DoRA's."""
     from dora_lightning.data.transforms import ClipMultiCrop
 
     base = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     base["data"]["transform"]["init_args"].update(global_blur_prob=0.1, local_flip_prob=0.0)
     dino_args = method_config(base, "dino", 0, Path("run"), None)["data"]["transform"]["init_args"]
     dora_args = method_config(base, "dora", 0, Path("run"), None)["data"]["transform"]["init_args"]
-    wt_dino = yaml.safe_load((REPO / "configs/dino_wt.yaml").read_text())["data"]["transform"]["init_args"]
-    wt_dora = yaml.safe_load((REPO / "configs/wt.yaml").read_text())["data"]["transform"]["init_args"]
+    wt_dino = _printed_transform(["configs/wt.yaml", "configs/dino.yaml"], capsys, monkeypatch)
+    wt_dora = _printed_transform(["configs/wt.yaml"], capsys, monkeypatch)
     for args in (dino_args, wt_dino):
         t = ClipMultiCrop(**args)
         assert (t.num_global_crops, t.global_blur_prob, t.global_solarize_prob) == (2, (1.0, 0.1), (0.0, 0.2))

@@ -20,9 +20,9 @@ from test_validate_cli import QUIET, fit_checkpoint  # noqa: F401 - fixture
 from torch.utils.data import DataLoader
 
 from dora_lightning.cli import main
+from dora_lightning.evaluation.synthetic import make_davis_fixture
 from dora_lightning.models.backbone import build_vit
-from evaluators.davis import DavisEvaluator, DavisPropagationModule, metric_name
-from evaluators.davis_data import (
+from evaluators.davis.data import (
     DAVIS_MEAN,
     DAVIS_STD,
     DavisFrames,
@@ -32,14 +32,14 @@ from evaluators.davis_data import (
     read_frame,
     scan_davis,
 )
-from evaluators.label_propagation import (
+from evaluators.davis.evaluator import DavisEvaluator, DavisPropagationModule, metric_name
+from evaluators.davis.propagation import (
     LabelPropagator,
     labels_from_soft,
     neighbourhood_mask,
     normalise_channels,
     propagate,
 )
-from evaluators.synthetic import make_davis_fixture
 
 METRICS = ["J&F-mean", "J-mean", "J-recall", "J-decay", "F-mean", "F-recall", "F-decay"]
 TRAINER = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -239,7 +239,7 @@ def test_scan_selects_sequences_and_refuses_unknown_ones(davis_root):
     assert only.name == "synth-01" and len(only) == 8 and only.num_objects == 2 and only.size == (96, 128)
     with pytest.raises(ValueError, match="'nope'.*not listed in"):
         scan_davis(davis_root, sequences=["nope"])
-    with pytest.raises(FileNotFoundError, match="python -m evaluators.synthetic davis"):
+    with pytest.raises(FileNotFoundError, match="python -m dora_lightning.evaluation.synthetic davis"):
         scan_davis(davis_root / "nowhere")
 
 
@@ -377,7 +377,7 @@ DDP_SCRIPT = """
 import json, os, sys
 import torch
 from dora_lightning.models.backbone import build_vit
-from evaluators.davis import DavisEvaluator
+from evaluators.davis.evaluator import DavisEvaluator
 
 root, out, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
@@ -422,9 +422,9 @@ def test_two_processes_split_the_sequences_and_agree(davis_root, tmp_path):
 
 
 def test_empty_sequence_list_and_tiny_short_side_are_refused():
+    from dora_lightning.evaluation.contract import EvaluationDataError
     from dora_lightning.models.backbone import build_vit
-    from evaluators.base import EvaluationDataError
-    from evaluators.davis import DavisEvaluator
+    from evaluators.davis.evaluator import DavisEvaluator
 
     with pytest.raises(ValueError, match=r"sequences=\[\] selects no sequence"):
         DavisEvaluator(sequences=[])

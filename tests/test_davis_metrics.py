@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluators.davis_metrics import (
+from evaluators.davis.metrics import (
     bound_pixels,
     db_statistics,
     dilate_disk,

@@ -15,11 +15,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from dora_lightning.cli import main
 from dora_lightning.errors import one_line
-from evaluators.base import EvaluationDataError, EvaluationDataNotFoundError, Evaluator
-from evaluators.davis_data import scan_davis
-from evaluators.image_data import ImageFolderDataModule
-from evaluators.seg_data import SegmentationDataModule
-from evaluators.synthetic import make_davis_fixture, make_voc_fixture
+from dora_lightning.evaluation.contract import EvaluationDataError, EvaluationDataNotFoundError, Evaluator
+from dora_lightning.evaluation.image_data import ImageFolderDataModule
+from dora_lightning.evaluation.synthetic import make_davis_fixture, make_voc_fixture
+from evaluators.davis.data import scan_davis
+from evaluators.segmentation.data import SegmentationDataModule
 
 
 class Raising(Evaluator):

@@ -11,17 +11,17 @@ from typing import Any
 import pytest
 from conftest import REPO
 
-import evaluators.registry as registry
-from evaluators.base import Evaluator
-from evaluators.knn import KNNEvaluator
-from evaluators.registry import (
+import dora_lightning.evaluation.registry as registry
+from dora_lightning.evaluation.contract import Evaluator
+from dora_lightning.evaluation.registry import (
     EvaluatorImportError,
     available_evaluators,
     class_path_of,
     get_evaluator_class,
     import_registered,
 )
-from evaluators.results import format_table, package_versions, write_results
+from dora_lightning.evaluation.results import format_table, package_versions, write_results
+from evaluators.knn.evaluator import KNNEvaluator
 
 
 def make_distribution(root: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> Path:
@@ -98,7 +98,13 @@ def test_plain_checkout_falls_back_to_builtins(monkeypatch):
 
 @pytest.mark.parametrize(
     "spec",
-    ["knn", "KNNEvaluator", "evaluators.knn:KNNEvaluator", "evaluators.knn.KNNEvaluator", KNNEvaluator],
+    [
+        "knn",
+        "KNNEvaluator",
+        "evaluators.knn.evaluator:KNNEvaluator",
+        "evaluators.knn.evaluator.KNNEvaluator",
+        KNNEvaluator,
+    ],
 )
 def test_get_evaluator_class_accepts_names_and_paths(spec):
     assert get_evaluator_class(spec) is KNNEvaluator
@@ -112,7 +118,7 @@ def test_unknown_evaluator_lists_the_known_ones():
 
 
 def test_class_path_that_is_not_an_evaluator():
-    with pytest.raises(ValueError, match="not a subclass of evaluators.base.Evaluator"):
+    with pytest.raises(ValueError, match="not a subclass of dora_lightning.evaluation.contract.Evaluator"):
         get_evaluator_class("collections:OrderedDict")
     with pytest.raises(EvaluatorImportError, match="no_such_module_x"):
         get_evaluator_class("no_such_module_x:Thing")

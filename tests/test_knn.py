@@ -13,7 +13,7 @@ from conftest import micro_vit
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from evaluators.knn import KNNEvaluator, KNNModule, _dedup_by_index, knn_classify, knn_metric_names
+from evaluators.knn.evaluator import KNNEvaluator, KNNModule, _dedup_by_index, knn_classify, knn_metric_names
 
 COLOURS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (220, 30, 30)}  # sorted names = label order
 

@@ -19,10 +19,10 @@ from conftest import cpu_trainer_kwargs as trainer_kwargs
 from conftest import micro_vit
 from PIL import Image
 
+from dora_lightning.evaluation.contract import Evaluator
+from dora_lightning.evaluation.sampling import unrepeated_sampler
 from dora_lightning.models.backbone import build_vit, forward_features, last_n_block_cls
-from evaluators.base import Evaluator
-from evaluators.linear import LinearProbeEvaluator, LinearProbeModule, probe_features, summarize
-from evaluators.sampling import unrepeated_sampler
+from evaluators.linear.evaluator import LinearProbeEvaluator, LinearProbeModule, probe_features, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 # the class is the colour; brightness and pixel noise vary, so train and val images differ
@@ -186,7 +186,7 @@ DDP_SCRIPT = """
 import json, os, sys
 import torch
 from dora_lightning.models.backbone import build_vit
-from evaluators.linear import LinearProbeEvaluator
+from evaluators.linear.evaluator import LinearProbeEvaluator
 
 torch.set_num_threads(1)
 devices, data, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]

@@ -1,4 +1,4 @@
-"""evaluators.seg_data: VOC 2012 / ADE20K layouts, label encoding, joint augmentation, sharding and bad input."""
+"""evaluators.segmentation.data: VOC 2012 / ADE20K layouts, label encoding, joint augmentation, sharding and bad input."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import evaluators.seg_data as seg_data
-from evaluators.image_data import IMAGENET_MEAN, IMAGENET_STD
-from evaluators.seg_data import (
+import evaluators.segmentation.data as seg_data
+from dora_lightning.evaluation.image_data import IMAGENET_MEAN, IMAGENET_STD
+from dora_lightning.evaluation.synthetic import make_ade20k_fixture
+from evaluators.segmentation.data import (
     IGNORE_INDEX,
     SegmentationDataModule,
     SegmentationDataset,
@@ -24,7 +25,6 @@ from evaluators.seg_data import (
     eval_size,
     resolve_layout,
 )
-from evaluators.synthetic import make_ade20k_fixture
 
 SIZE = (24, 32)  # (H, W) of the hand-written layouts
 PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [7] * (3 * 252)

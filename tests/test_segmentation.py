@@ -25,15 +25,15 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from dora_lightning.cli import main
+from dora_lightning.evaluation.contract import Evaluator
+from dora_lightning.evaluation.synthetic import make_ade20k_fixture, make_voc_fixture
 from dora_lightning.models.backbone import forward_features
-from evaluators.base import Evaluator
-from evaluators.segmentation import (
+from evaluators.segmentation.evaluator import (
     SegmentationEvaluator,
     SegmentationHeadModule,
     patch_features,
     segmentation_scores,
 )
-from evaluators.synthetic import make_ade20k_fixture, make_voc_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -246,7 +246,7 @@ DDP_SCRIPT = """
 import json, os, sys
 import torch
 from dora_lightning.models.backbone import build_vit
-from evaluators.segmentation import SegmentationEvaluator
+from evaluators.segmentation.evaluator import SegmentationEvaluator
 
 devices, data, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 torch.manual_seed(0)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluators.davis_data import davis_palette
-from evaluators.synthetic import (
+from dora_lightning.evaluation.synthetic import (
     FAMILIES,
     class_style,
     main,
@@ -19,6 +18,7 @@ from evaluators.synthetic import (
     make_shapes_fixture,
     make_voc_fixture,
 )
+from evaluators.davis.data import davis_palette
 
 
 def digest(root: Path) -> str:

@@ -11,15 +11,16 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, micro_vit
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from test_cli import MICRO_ARGS
 from test_evaluators_base import toy_distribution  # noqa: F401 - fixture
 from test_knn import write_image_folder
 
 import dora_lightning.cli as cli_module
+import dora_lightning.evaluation.runner as runner
 from dora_lightning.checkpoints import EXPORT_FORMAT, load_backbone
 from dora_lightning.cli import main
 from dora_lightning.models.backbone import build_vit
+from dora_lightning.module import DoRAModule
 
 FASHION = REPO / "assets" / "fashion_mnist"
 QUIET = [
@@ -75,17 +76,22 @@ def exported_teacher(tmp_path) -> Path:
 
 
 @pytest.fixture
-def recorded(monkeypatch) -> list[cli_module.DoraCLI]:
-    """The DoraCLI instances that main() builds."""
-    instances: list[cli_module.DoraCLI] = []
+def recorded(monkeypatch) -> list[runner.Evaluation]:
+    """The evaluations `dora validate` runs; building the DoRA module (or any LightningCLI) fails the test."""
+    evaluations: list[runner.Evaluation] = []
+    original = runner.run
 
-    class Recording(cli_module.DoraCLI):
-        def __init__(self, *args, **kwargs):
-            instances.append(self)
-            super().__init__(*args, **kwargs)
+    def recording(argv):
+        evaluations.append(original(argv))
+        return evaluations[-1]
 
-    monkeypatch.setattr(cli_module, "DoraCLI", Recording)
-    return instances
+    def refuse(*args, **kwargs):
+        raise AssertionError("dora validate must not build the DoRA module or LightningCLI")
+
+    monkeypatch.setattr(runner, "run", recording)
+    monkeypatch.setattr(DoRAModule, "__init__", refuse)
+    monkeypatch.setattr(cli_module.DoraCLI, "__init__", refuse)
+    return evaluations
 
 
 def test_validate_knn_end_to_end(fit_checkpoint, image_root, tmp_path, capsys, recorded):
@@ -126,21 +132,25 @@ def test_validate_knn_end_to_end(fit_checkpoint, image_root, tmp_path, capsys, r
     assert data["backbone"]["embed_dim"] == 48 and data["backbone"]["img_size"] == 32
     assert data["command"].startswith("dora validate --evaluator knn --ckpt_path")
     assert {"torch", "timm", "lightning", "torchmetrics", "dora-lightning"} <= set(data["versions"])
-    (cli,) = recorded
-    assert cli.model is None and cli.datamodule is None, "the DoRA module and video data must not be built"
-    assert cli.evaluation_metrics == data["metrics"] and cli.results_path == results
+    (evaluation,) = recorded
+    assert evaluation.metrics == data["metrics"] and evaluation.results_path == results
 
 
-def test_validate_without_evaluator_is_lightnings(fit_checkpoint, tmp_path, recorded):
-    """The model is rebuilt from the checkpoint's hyperparameters and Lightning's validate runs (DoRA has no
-    validation_step, so Lightning refuses)."""
-    with pytest.raises(MisconfigurationException, match="validation_step"):
-        main(
-            ["validate", "--ckpt_path", str(fit_checkpoint), *QUIET, f"--trainer.default_root_dir={tmp_path}"]
-        )
-    (cli,) = recorded
-    assert cli.evaluator is None
-    assert cli.model.hparams.embed_dim == 48, "the model config was not refilled from the checkpoint"
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["validate", "--ckpt_path=x.ckpt"], "dora validate: error: --evaluator is required"),
+        (["test", "--ckpt_path=x.ckpt"], "dora: error: unknown subcommand 'test'"),
+        (["predict"], "dora: error: unknown subcommand 'predict'"),
+    ],
+)
+def test_validate_is_the_evaluator_runner_and_test_predict_are_gone(args, message, capsys):
+    """Lightning's validate/test/predict of the pretraining module meant nothing: `dora validate` always evaluates
+    a checkpoint with an evaluator plugin."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_third_party_evaluator_runs_via_the_cli(toy_distribution, exported_teacher, tmp_path, capsys):  # noqa: F811
@@ -218,11 +228,11 @@ def test_shipped_knn_config_parses(capsys, monkeypatch):
 @pytest.mark.parametrize(
     ("args", "class_path"),
     [
-        (["--evaluator", "knn"], "evaluators.knn.KNNEvaluator"),
-        (["--evaluator=knn"], "evaluators.knn.KNNEvaluator"),
-        (["--evaluator", "evaluators.knn:KNNEvaluator"], "evaluators.knn.KNNEvaluator"),
-        (["--evaluator", "KNNEvaluator"], "evaluators.knn.KNNEvaluator"),
-        (["--evaluator", "linear"], "evaluators.linear.LinearProbeEvaluator"),
+        (["--evaluator", "knn"], "evaluators.knn.evaluator.KNNEvaluator"),
+        (["--evaluator=knn"], "evaluators.knn.evaluator.KNNEvaluator"),
+        (["--evaluator", "evaluators.knn.evaluator:KNNEvaluator"], "evaluators.knn.evaluator.KNNEvaluator"),
+        (["--evaluator", "KNNEvaluator"], "evaluators.knn.evaluator.KNNEvaluator"),
+        (["--evaluator", "linear"], "evaluators.linear.evaluator.LinearProbeEvaluator"),
     ],
 )
 def test_evaluator_names_resolve(args, class_path, capsys):

@@ -233,8 +233,8 @@ def test_help_through_dora_main(capsys):
     with pytest.raises(SystemExit) as exit_info:
         dora_main(["--help"])
     out = capsys.readouterr().out
-    assert exit_info.value.code == 0 and "dora visualize --help" in out
-    assert all(sub in out for sub in ("fit", "validate", "test", "predict"))
+    assert exit_info.value.code == 0 and "dora SUBCOMMAND --help" in out
+    assert all(sub in out for sub in ("fit", "validate", "visualize", "compare", "export"))
 
 
 def test_run_through_dora_main(fit_ckpt, tmp_path, capsys):

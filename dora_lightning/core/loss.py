@@ -190,7 +190,9 @@ def update_center(center: Tensor, teacher_logits: Tensor, momentum: float = 0.9)
     """
     dim = teacher_logits.shape[-1]
     rows = teacher_logits.detach().float().reshape(-1, dim)
-    stats = torch.cat([rows.sum(dim=0), rows.new_tensor([float(rows.shape[0])])])
+    stats = torch.cat(
+        [rows.sum(dim=0), rows.new_full((1,), float(rows.shape[0]))]
+    )  # a fill, no host-to-device copy
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
     batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)

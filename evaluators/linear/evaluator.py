@@ -6,21 +6,26 @@ tokens). One ``nn.Linear`` per learning rate (weights N(0, 0.01), bias 0) is tra
 (momentum 0.9), the lr scaled as ``base_lr * global_batch / 256`` and annealed to 0 by a per-step cosine. Top-1 and
 top-5 accuracy on the validation split are measured after every epoch; both the best epoch's top-1 (DINO's headline)
 and the final epoch's are reported, in percent. Under DDP each process scores its own share of the validation images,
-none repeated (:func:`evaluators.sampling.unrepeated_sampler`), so every image counts exactly once.
+none repeated (:func:`dora_lightning.evaluation.sampling.unrepeated_sampler`), so every image counts exactly once.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 from timm.models.vision_transformer import VisionTransformer
 
-from evaluators.base import Evaluator
-from evaluators.image_data import ImageFolderDataModule
-from evaluators.linear_module import LinearProbeModule, lr_key, probe_features
+from dora_lightning.evaluation.contract import Evaluator
+from dora_lightning.evaluation.image_data import ImageFolderDataModule
+from dora_lightning.evaluation.probe import (
+    check_n_last_blocks,
+    frozen_backbone,
+    probe_trainer_kwargs,
+    refuse_spawned_strategy,
+)
+from evaluators.linear.module import LinearProbeModule, lr_key, probe_features
 
 __all__ = ["LinearProbeEvaluator", "LinearProbeModule", "lr_key", "probe_features", "summarize"]
 
@@ -87,7 +92,7 @@ class LinearProbeEvaluator(Evaluator):
     """Linear probe of a frozen backbone on an ImageFolder data set (spec D; DINO eval_linear).
 
     Args:
-        data_dir, image_size, batch_size, num_workers, which, output_dir: see :class:`evaluators.base.Evaluator`.
+        data_dir, image_size, batch_size, num_workers, which, output_dir: see :class:`dora_lightning.evaluation.contract.Evaluator`.
         n_last_blocks: CLS tokens of this many last blocks are concatenated (4 for ViT-S in DINO/DoRA).
         avgpool_patchtokens: also append the average of the last block's patch tokens.
         epochs: training epochs (validation after each); sets the Trainer's ``max_epochs``.
@@ -168,26 +173,9 @@ class LinearProbeEvaluator(Evaluator):
     def trainer_kwargs(self, trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
         """The Trainer arguments used: the given ones, ``max_epochs = epochs``, and evaluation defaults for options
         that are absent or None (no sanity check, validation every epoch, no checkpoints, ``output_dir`` as root)."""
-        kwargs = dict(trainer_kwargs)
-        given = kwargs.get("max_epochs")
-        if given is not None and given != self.epochs:
-            warnings.warn(
-                f"trainer max_epochs={given} is replaced by the linear probe's epochs={self.epochs}",
-                UserWarning,
-                stacklevel=3,
-            )
-        kwargs["max_epochs"] = self.epochs
-        # LightningCLI passes every Trainer option, unset ones as None: fill those too
-        defaults: dict[str, Any] = {
-            "num_sanity_val_steps": 0,
-            "check_val_every_n_epoch": 1,
-            "enable_checkpointing": False,  # the head is cheap to retrain; keep runs/*/checkpoints for pretraining
-            "default_root_dir": self.output_dir,
-        }
-        for key, value in defaults.items():
-            if kwargs.get(key) is None and value is not None:
-                kwargs[key] = value
-        return kwargs
+        return probe_trainer_kwargs(
+            trainer_kwargs, self.epochs, self.output_dir, "the linear probe", {"check_val_every_n_epoch": 1}
+        )
 
     def evaluate(self, backbone: VisionTransformer, trainer_kwargs: dict[str, Any]) -> dict[str, float]:
         """Train the probe(s) for ``epochs`` epochs with ``Trainer(**trainer_kwargs)`` and return the metrics.
@@ -195,9 +183,7 @@ class LinearProbeEvaluator(Evaluator):
         See :func:`summarize` for the metric names. The backbone's ``requires_grad`` flags and train/eval mode are
         restored afterwards. Raises ``ValueError`` for a bad data layout or ``n_last_blocks`` > the backbone's depth.
         """
-        depth = len(backbone.blocks)
-        if self.n_last_blocks > depth:
-            raise ValueError(f"n_last_blocks={self.n_last_blocks} exceeds the backbone's depth {depth}")
+        check_n_last_blocks(backbone, self.n_last_blocks)
         pl.seed_everything(self.seed, workers=True, verbose=False)
         data = self.datamodule()
         data.setup("fit")
@@ -207,37 +193,24 @@ class LinearProbeEvaluator(Evaluator):
             "train_images": len(data.train_dataset),
             "val_images": len(data.val_dataset),
         }
-        grads = {name: p.requires_grad for name, p in backbone.named_parameters()}
-        was_training = backbone.training
-        module = LinearProbeModule(
-            backbone,
-            data.num_classes,
-            lrs=self.base_lrs,
-            batch_size=self.batch_size,
-            n_last_blocks=self.n_last_blocks,
-            avgpool_patchtokens=self.avgpool_patchtokens,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            seed=self.seed,
-        )
-        try:
+        with frozen_backbone(backbone):  # entered before the probe module freezes it
+            module = LinearProbeModule(
+                backbone,
+                data.num_classes,
+                lrs=self.base_lrs,
+                batch_size=self.batch_size,
+                n_last_blocks=self.n_last_blocks,
+                avgpool_patchtokens=self.avgpool_patchtokens,
+                momentum=self.momentum,
+                weight_decay=self.weight_decay,
+                seed=self.seed,
+            )
             trainer = pl.Trainer(**self.trainer_kwargs(trainer_kwargs))
-            if getattr(trainer.strategy, "_start_method", "popen") != "popen" and trainer.world_size > 1:
-                raise ValueError(
-                    f"the linear probe cannot run under a spawned/forked strategy "
-                    f"({type(trainer.strategy).__name__}, start method {trainer.strategy._start_method!r}): its "
-                    "per-epoch results would stay in the worker processes; use --trainer.strategy ddp"
-                )
+            refuse_spawned_strategy(trainer, "the linear probe")
             # each process validates its own share of the images, none repeated (Lightning's default DistributedSampler
             # pads the shards with repeats, which the accuracies would count twice)
             val_loader = data.val_dataloader(trainer.global_rank, trainer.world_size)
-            with warnings.catch_warnings():  # the frozen backbone is in eval mode on purpose
-                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-                trainer.fit(module, train_dataloaders=data.train_dataloader(), val_dataloaders=val_loader)
-        finally:
-            for name, p in backbone.named_parameters():
-                p.requires_grad_(grads[name])
-            backbone.train(was_training)
+            trainer.fit(module, train_dataloaders=data.train_dataloader(), val_dataloaders=val_loader)
         self.module = module
         self.history = list(module.history)
         self.effective_lrs = list(module.effective_lrs)

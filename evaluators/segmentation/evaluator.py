@@ -20,9 +20,15 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 from timm.models.vision_transformer import VisionTransformer
 
-from evaluators.base import Evaluator
-from evaluators.seg_data import SegmentationDataModule
-from evaluators.segmentation_module import SegmentationHeadModule, patch_features, segmentation_scores
+from dora_lightning.evaluation.contract import Evaluator
+from dora_lightning.evaluation.probe import (
+    check_n_last_blocks,
+    frozen_backbone,
+    probe_trainer_kwargs,
+    refuse_spawned_strategy,
+)
+from evaluators.segmentation.data import SegmentationDataModule
+from evaluators.segmentation.module import SegmentationHeadModule, patch_features, segmentation_scores
 
 __all__ = ["SegmentationEvaluator", "SegmentationHeadModule", "patch_features", "segmentation_scores"]
 
@@ -34,10 +40,10 @@ class SegmentationEvaluator(Evaluator):
 
     Args:
         data_dir: the VOC 2012 folder (``VOCdevkit/VOC2012``) or ADE20K folder (``ADEChallengeData2016``), or a
-            folder holding one of them; see :mod:`evaluators.seg_data`.
+            folder holding one of them; see :mod:`evaluators.segmentation.data`.
         image_size: training crop side and evaluation short side (a multiple of the patch size).
         batch_size: images per batch per process, training and validation.
-        num_workers, which, output_dir: see :class:`evaluators.base.Evaluator`.
+        num_workers, which, output_dir: see :class:`dora_lightning.evaluation.contract.Evaluator`.
         dataset: ``auto`` (recognise the layout), ``voc`` or ``ade20k``.
         num_classes: default 21 (VOC) or 150 (ADE20K); a mask value beyond it is an error naming the file.
         n_last_blocks: patch tokens of this many last blocks are concatenated (each after the final norm).
@@ -138,24 +144,9 @@ class SegmentationEvaluator(Evaluator):
     def trainer_kwargs(self, trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
         """The given Trainer arguments with ``max_epochs = epochs`` and evaluation defaults for absent/None options
         (no sanity check, no checkpoints, ``output_dir`` as root)."""
-        kwargs = dict(trainer_kwargs)
-        given = kwargs.get("max_epochs")
-        if given is not None and given != self.epochs:
-            warnings.warn(
-                f"trainer max_epochs={given} is replaced by the segmentation evaluator's epochs={self.epochs}",
-                UserWarning,
-                stacklevel=3,
-            )
-        kwargs["max_epochs"] = self.epochs
-        defaults = {
-            "num_sanity_val_steps": 0,
-            "enable_checkpointing": False,
-            "default_root_dir": self.output_dir,
-        }
-        for key, value in defaults.items():
-            if kwargs.get(key) is None and value is not None:
-                kwargs[key] = value
-        return kwargs
+        return probe_trainer_kwargs(
+            trainer_kwargs, self.epochs, self.output_dir, "the segmentation evaluator"
+        )
 
     def evaluate(self, backbone: VisionTransformer, trainer_kwargs: dict[str, Any]) -> dict[str, float]:
         """Train the head for ``epochs`` epochs, validate once, and return ``segmentation/mIoU`` and
@@ -164,9 +155,7 @@ class SegmentationEvaluator(Evaluator):
         Raises ``ValueError`` for a bad data layout, ``n_last_blocks`` beyond the backbone's depth or an
         ``image_size`` that is not a multiple of the patch size.
         """
-        depth = len(backbone.blocks)
-        if self.n_last_blocks > depth:
-            raise ValueError(f"n_last_blocks={self.n_last_blocks} exceeds the backbone's depth {depth}")
+        check_n_last_blocks(backbone, self.n_last_blocks)
         patch_h, patch_w = backbone.patch_embed.patch_size
         if patch_h != patch_w:
             raise ValueError(f"the backbone's patches are not square ({patch_h}x{patch_w})")
@@ -187,30 +176,20 @@ class SegmentationEvaluator(Evaluator):
             "val_images": len(data.val_dataset),
             "patch_size": int(patch_h),
         }
-        grads = {name: p.requires_grad for name, p in backbone.named_parameters()}
-        was_training = backbone.training
-        module = self.build_module(backbone, data.num_classes)
-        try:
+        with (
+            frozen_backbone(backbone),
+            warnings.catch_warnings(),
+        ):  # entered before the head module freezes it
+            module = self.build_module(backbone, data.num_classes)
+            warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no")
             trainer = pl.Trainer(**self.trainer_kwargs(trainer_kwargs))
-            if getattr(trainer.strategy, "_start_method", "popen") != "popen" and trainer.world_size > 1:
-                raise ValueError(
-                    f"the segmentation evaluator cannot run under a spawned/forked strategy "
-                    f"({type(trainer.strategy).__name__}): its scores would stay in the worker processes; "
-                    "use --trainer.strategy ddp"
-                )
-            with warnings.catch_warnings():  # the frozen backbone is in eval mode on purpose
-                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-                warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no")
-                trainer.fit(module, train_dataloaders=data.train_dataloader())
-                trainer.validate(
-                    module,
-                    dataloaders=data.val_dataloader(trainer.global_rank, trainer.world_size),
-                    verbose=False,
-                )
-        finally:
-            for name, p in backbone.named_parameters():
-                p.requires_grad_(grads[name])
-            backbone.train(was_training)
+            refuse_spawned_strategy(trainer, "the segmentation evaluator")
+            trainer.fit(module, train_dataloaders=data.train_dataloader())
+            trainer.validate(
+                module,
+                dataloaders=data.val_dataloader(trainer.global_rank, trainer.world_size),
+                verbose=False,
+            )
         self.module = module
         if not module.scores:
             raise ValueError("no validation results: the head was never validated (check limit_val_batches)")

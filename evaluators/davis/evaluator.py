@@ -3,12 +3,12 @@ spec D, G.7); see docs/evaluation.md.
 
 Every frame goes through the frozen backbone once, at short side ``short_side`` (480) with the long side rounded down to
 a multiple of the patch size; its last-block patch tokens after the final norm, L2-normalised, are its features. The
-first frame's ground truth is propagated frame by frame (:mod:`evaluators.label_propagation`: first frame + 7 latest
+first frame's ground truth is propagated frame by frame (:mod:`evaluators.davis.propagation`: first frame + 7 latest
 predictions as context, neighbourhood radius 12 patches, top-5 affinities exp(cos / 0.1)); predictions are written as
 palette PNGs in the layout davis2017-evaluation reads (``output_dir/<sequence>/<frame>.png``, first frame = ground
-truth) and scored on the fly (:mod:`evaluators.davis_metrics`: J, F on all frames but the first and the last).
+truth) and scored on the fly (:mod:`evaluators.davis.metrics`: J, F on all frames but the first and the last).
 
-Run as ``trainer.validate`` over a dataloader of frames (:class:`evaluators.davis_data.DavisFrames`) in which each
+Run as ``trainer.validate`` over a dataloader of frames (:class:`evaluators.davis.data.DavisFrames`) in which each
 sequence is read in order by one worker of one process; under DDP the processes split the sequences and the per-frame
 scores are gathered at the end. Memory holds the context queue of the sequences in flight, never a whole sequence.
 """
@@ -29,9 +29,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from dora_lightning.evaluation.contract import EvaluationDataError, Evaluator
 from dora_lightning.models.backbone import forward_features
-from evaluators.base import EvaluationDataError, Evaluator
-from evaluators.davis_data import (
+from evaluators.davis.data import (
     DAVIS_MEAN,
     DAVIS_STD,
     DavisFrames,
@@ -40,8 +40,8 @@ from evaluators.davis_data import (
     scan_davis,
     write_palette_png,
 )
-from evaluators.davis_metrics import BOUND_TH, GLOBAL_COLUMNS, ObjectScores, frame_scores, summarize
-from evaluators.label_propagation import LabelPropagator, labels_from_soft
+from evaluators.davis.metrics import BOUND_TH, GLOBAL_COLUMNS, ObjectScores, frame_scores, summarize
+from evaluators.davis.propagation import LabelPropagator, labels_from_soft
 
 __all__ = ["DavisEvaluator", "DavisPropagationModule", "metric_name", "write_csvs"]
 
@@ -95,7 +95,7 @@ class DavisPropagationModule(pl.LightningModule):
 
     Args:
         backbone: a timm ViT; frozen and kept in eval mode.
-        sequences: the scanned sequences (:func:`evaluators.davis_data.scan_davis`).
+        sequences: the scanned sequences (:func:`evaluators.davis.data.scan_davis`).
         output_dir: predictions go to ``output_dir/<sequence>/<frame>.png``.
         short_side, n_last_frames, size_mask_neighborhood, topk, temperature, bound_th, num_workers: see
             :class:`DavisEvaluator`.
@@ -261,7 +261,7 @@ class DavisEvaluator(Evaluator):
 
     Args:
         data_dir: the DAVIS-2017 root (``JPEGImages/480p``, ``Annotations/480p``, ``ImageSets/2017``); see
-            docs/evaluation.md, or ``python -m evaluators.synthetic davis --out DIR`` for a small synthetic one.
+            docs/evaluation.md, or ``python -m dora_lightning.evaluation.synthetic davis --out DIR`` for a small synthetic one.
         split: the sequence list ``ImageSets/2017/<split>.txt`` (davis2017-evaluation's ``--set``).
         sequences: evaluate only these sequences of the split (null: all).
         short_side: frames are resized to this short side (480 as DINO); both sides are rounded down to a multiple
@@ -271,7 +271,7 @@ class DavisEvaluator(Evaluator):
         topk: affinities kept per target patch, over all context frames.
         temperature: affinity exp(cosine / temperature).
         bound_th: boundary tolerance of F, a fraction of the image diagonal (or pixels if >= 1).
-        num_workers, which, output_dir: see :class:`evaluators.base.Evaluator`; ``output_dir`` also receives the
+        num_workers, which, output_dir: see :class:`dora_lightning.evaluation.contract.Evaluator`; ``output_dir`` also receives the
             predicted PNGs and the CSV files.
     """
 

@@ -13,7 +13,7 @@ Masks are palette (``P``) or grayscale (``L``) PNGs whose pixel values are class
 :meth:`SegmentationDataModule.setup` checks the folders, split files and that every listed image has its mask, and
 opens the headers (mode, size) of up to :data:`HEADER_CHECK_LIMIT` pairs per split; every sample is checked again
 when loaded (mode, size, label range), so a bad file in a large set is still reported by path. Finding and checking
-the layouts and encoding the labels live in :mod:`evaluators.seg_layouts` (re-exported here).
+the layouts and encoding the labels live in :mod:`evaluators.segmentation.layouts` (re-exported here).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from evaluators.base import EvaluationDataError
-from evaluators.image_data import IMAGENET_MEAN, IMAGENET_STD, load_rgb
-from evaluators.sampling import unrepeated_sampler
-from evaluators.seg_layouts import (
+from dora_lightning.evaluation.contract import EvaluationDataError
+from dora_lightning.evaluation.image_data import IMAGENET_MEAN, IMAGENET_STD, load_rgb
+from dora_lightning.evaluation.sampling import unrepeated_sampler
+from evaluators.segmentation.layouts import (
     HEADER_CHECK_LIMIT,
     IGNORE_INDEX,
     LAYOUT_CLASSES,
@@ -199,7 +199,7 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Find and check the layout (once) and build the datasets; raises
-        :class:`~evaluators.base.EvaluationDataError` (a ``ValueError``) naming what is wrong."""
+        :class:`~dora_lightning.evaluation.contract.EvaluationDataError` (a ``ValueError``) naming what is wrong."""
         if self.layout is not None:
             return
         layout, data_root = resolve_layout(self.root, self.dataset)

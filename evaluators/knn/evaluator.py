@@ -23,8 +23,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from dora_lightning.evaluation.contract import Evaluator
 from dora_lightning.models.backbone import forward_features
-from evaluators.base import Evaluator
 
 __all__ = ["KNNEvaluator", "KNNModule", "knn_classify", "knn_metric_names"]
 
@@ -300,7 +300,7 @@ class KNNEvaluator(Evaluator):
         ks: numbers of neighbours (each at most the number of training images).
         temperature: T of the vote weight exp(similarity / T).
         chunk_size: validation images compared with the bank at once (memory: chunk_size x training images).
-        data_dir, image_size, batch_size, num_workers, which, output_dir: see :class:`evaluators.base.Evaluator`.
+        data_dir, image_size, batch_size, num_workers, which, output_dir: see :class:`dora_lightning.evaluation.contract.Evaluator`.
     """
 
     name = "knn"
@@ -331,7 +331,7 @@ class KNNEvaluator(Evaluator):
         self._data_facts: dict[str, Any] = {}
 
     def evaluate(self, backbone: VisionTransformer, trainer_kwargs: dict[str, Any]) -> dict[str, float]:
-        from evaluators.image_data import ImageFolderDataModule
+        from dora_lightning.evaluation.image_data import ImageFolderDataModule
 
         data = ImageFolderDataModule(
             self.data_dir,

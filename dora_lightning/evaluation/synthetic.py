@@ -5,7 +5,7 @@ Textured shapes with exact masks are pasted on real frames of the bundled video 
 PyAV), and written in each data set's own folder layout, so that the evaluators' readers and protocols run unchanged on
 them. Every shape class has a consistent look (class c: always the same shape family, base colour and texture), so a
 frozen feature extractor can in principle tell the classes apart; sizes, positions, angles and colours jitter. The
-shapes, their textures, masks and motion paths are drawn by :mod:`evaluators.synthetic_shapes`; this module reads the
+shapes, their textures, masks and motion paths are drawn by :mod:`dora_lightning.evaluation.synthetic_shapes`; this module reads the
 video frames and writes the data sets.
 
 * :func:`make_davis_fixture`: DAVIS-2017 semi-supervised layout; objects move along smooth paths, occlude one another
@@ -17,7 +17,7 @@ video frames and writes the data sets.
   per frame), to pretrain on the probe's own images: a check that pretraining learns anything at a given budget,
   independent of the domain gap between a video and a labelled set.
 
-Command line: ``python -m evaluators.synthetic {davis,voc,ade20k,shapes,images_video} --out PATH [--seed N ...]``.
+Command line: ``python -m dora_lightning.evaluation.synthetic {davis,voc,ade20k,shapes,images_video} --out PATH [--seed N ...]``.
 Everything is deterministic for a given seed.
 """
 
@@ -35,8 +35,8 @@ import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from evaluators.davis_data import write_palette_png
-from evaluators.synthetic_shapes import (
+from dora_lightning.evaluation.palette import write_palette_png
+from dora_lightning.evaluation.synthetic_shapes import (
     COLOURS,
     FAMILIES,
     TEXTURES,
@@ -347,10 +347,10 @@ def make_images_video(
 
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: Sequence[str] | None = None) -> Path:
-    """``python -m evaluators.synthetic {davis,voc,ade20k,shapes,images_video} --out PATH [...]``: write a fixture (or
+    """``python -m dora_lightning.evaluation.synthetic {davis,voc,ade20k,shapes,images_video} --out PATH [...]``: write a fixture (or
     the video), print and return its path."""
     parser = argparse.ArgumentParser(
-        prog="python -m evaluators.synthetic",
+        prog="python -m dora_lightning.evaluation.synthetic",
         description="Write a small synthetic DAVIS-2017, Pascal VOC 2012 or ADE20K data set, or a shape-classification "
         "set (no download).",
     )

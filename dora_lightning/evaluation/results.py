@@ -81,7 +81,7 @@ def write_results(
         output_dir: created if missing.
         evaluator_name: short name of the evaluator (``knn``).
         metrics: ``{name: value}``.
-        protocol: the evaluator's :meth:`~evaluators.base.Evaluator.protocol`.
+        protocol: the evaluator's :meth:`~dora_lightning.evaluation.contract.Evaluator.protocol`.
         checkpoint_path: the evaluated checkpoint; its sha256 and size are recorded.
         backbone: optional :class:`~dora_lightning.checkpoints.BackboneInfo` (or a dict) of the loaded backbone.
         command: the command line; default ``sys.argv``.

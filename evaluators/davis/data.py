@@ -25,7 +25,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from evaluators.base import EvaluationDataError, EvaluationDataNotFoundError
+from dora_lightning.evaluation.contract import EvaluationDataError, EvaluationDataNotFoundError
+from dora_lightning.evaluation.palette import davis_palette, write_palette_png
 
 __all__ = [
     "DAVIS_MEAN",
@@ -49,33 +50,8 @@ DAVIS_STD = (0.228, 0.224, 0.225)
 MAX_OBJECTS = 254  # label 255 is "void" in the DAVIS/VOC palette convention
 _HOW_TO = (
     "download DAVIS-2017 TrainVal 480p from https://davischallenge.org/davis2017/code.html or generate a fixture "
-    "with `python -m evaluators.synthetic davis --out DIR` (see docs/evaluation.md)"
+    "with `python -m dora_lightning.evaluation.synthetic davis --out DIR` (see docs/evaluation.md)"
 )
-
-
-def davis_palette() -> list[int]:
-    """The 256-colour DAVIS / Pascal VOC palette as a flat ``[r0, g0, b0, r1, ...]`` list (index 0 black).
-
-    Colour i spreads the bits of i over the high bits of r, g and b (the VOC colour map DAVIS annotations use).
-    """
-    palette: list[int] = []
-    for index in range(256):
-        r = g = b = 0
-        value = index
-        for shift in range(7, -1, -1):
-            r |= (value & 1) << shift
-            g |= ((value >> 1) & 1) << shift
-            b |= ((value >> 2) & 1) << shift
-            value >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-def write_palette_png(labels: np.ndarray, path: str | Path) -> None:
-    """Write (H, W) uint8 labels as a palette ('P') PNG with the DAVIS palette."""
-    image = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
-    image.putpalette(davis_palette())
-    image.save(path)
 
 
 @dataclass(frozen=True)
@@ -179,8 +155,8 @@ def scan_davis(
 
     Checks, before any frame goes through a model: the list file, the frame and mask folders, one mask per frame,
     equal sizes, palette masks, and (decoding the masks once) that no mask holds an object id beyond the first
-    frame's. Raises :class:`~evaluators.base.EvaluationDataNotFoundError` (a ``FileNotFoundError``) for a missing
-    file or folder and :class:`~evaluators.base.EvaluationDataError` (a ``ValueError``) for a malformed one, with one
+    frame's. Raises :class:`~dora_lightning.evaluation.contract.EvaluationDataNotFoundError` (a ``FileNotFoundError``) for a missing
+    file or folder and :class:`~dora_lightning.evaluation.contract.EvaluationDataError` (a ``ValueError``) for a malformed one, with one
     line naming the faulty file and what to do.
     """
     root = Path(root)

@@ -1,6 +1,6 @@
 """The Lightning module of the segmentation evaluator: a linear 1x1 head on a frozen ViT's patch tokens.
 
-See :mod:`evaluators.segmentation` for the protocol. Scores come from one torchmetrics confusion matrix (synced over
+See :mod:`evaluators.segmentation.evaluator` for the protocol. Scores come from one torchmetrics confusion matrix (synced over
 processes under DDP) by :func:`segmentation_scores`.
 """
 
@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from evaluators.seg_data import IGNORE_INDEX
+from evaluators.segmentation.data import IGNORE_INDEX
 
 __all__ = ["SegmentationHeadModule", "patch_features", "segmentation_scores"]
 

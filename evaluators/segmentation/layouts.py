@@ -9,9 +9,9 @@ Layouts (``dataset="auto"`` recognises either, in ``data_dir`` itself or in its 
 :func:`resolve_layout` finds the layout, :func:`scan_voc` / :func:`scan_ade20k` list and pair the files of each split,
 :func:`check_headers` / :func:`check_pair` refuse masks of the wrong mode or size, and :func:`encode_labels` maps mask
 values to class indices (VOC: value = class, 255 void; ADE20K: 0 "other" ignored, ``v`` -> ``v - 1``). The data set
-and data module built on them are in :mod:`evaluators.seg_data`. Data problems raise
-:class:`~evaluators.base.EvaluationDataError` (a ``ValueError``; missing files and folders its ``FileNotFoundError``
-subclass :class:`~evaluators.base.EvaluationDataNotFoundError`) naming the file and the fix.
+and data module built on them are in :mod:`evaluators.segmentation.data`. Data problems raise
+:class:`~dora_lightning.evaluation.contract.EvaluationDataError` (a ``ValueError``; missing files and folders its ``FileNotFoundError``
+subclass :class:`~dora_lightning.evaluation.contract.EvaluationDataNotFoundError`) naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from evaluators.base import EvaluationDataError, EvaluationDataNotFoundError
+from dora_lightning.evaluation.contract import EvaluationDataError, EvaluationDataNotFoundError
 
 __all__ = [
     "HEADER_CHECK_LIMIT",

@@ -1,7 +1,7 @@
-"""The Lightning module of the linear probe (:class:`~evaluators.linear.LinearProbeEvaluator`) and its feature.
+"""The Lightning module of the linear probe (:class:`~evaluators.linear.evaluator.LinearProbeEvaluator`) and its feature.
 
 :class:`LinearProbeModule` trains one ``nn.Linear`` per base lr on the frozen backbone's :func:`probe_features` and
-records top-1 / top-5 after every validation epoch; see :mod:`evaluators.linear` for the protocol.
+records top-1 / top-5 after every validation epoch; see :mod:`evaluators.linear.evaluator` for the protocol.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class LinearProbeModule(pl.LightningModule):
     After every validation epoch (not the sanity check) ``history`` gets ``{"epoch", "top1", "top5", "images"}``: one
     accuracy per head, in percent (top-5 is top-min(5, num_classes)), and the number of validation images scored,
     summed over processes. Under DDP the validation loader must not repeat images (see
-    :func:`evaluators.sampling.unrepeated_sampler`), or the repeats count twice.
+    :func:`dora_lightning.evaluation.sampling.unrepeated_sampler`), or the repeats count twice.
     """
 
     def __init__(

@@ -10,8 +10,8 @@ as in torchvision's ImageFolder. Hidden entries (names starting with ``.``, e.g.
 ``.ipynb_checkpoints``) are ignored; every other file must be an image with one of torchvision's extensions
 (``IMG_EXTENSIONS``), and every class folder must hold at least one. The layout is checked once, in
 :meth:`ImageFolderDataModule.setup`, before any image is decoded; an image that cannot be decoded is reported, by
-path, when it is loaded. Both raise :class:`~evaluators.base.EvaluationDataError` (a ``ValueError``; missing folders
-raise its ``FileNotFoundError`` subclass :class:`~evaluators.base.EvaluationDataNotFoundError`).
+path, when it is loaded. Both raise :class:`~dora_lightning.evaluation.contract.EvaluationDataError` (a ``ValueError``; missing folders
+raise its ``FileNotFoundError`` subclass :class:`~dora_lightning.evaluation.contract.EvaluationDataNotFoundError`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from evaluators.base import EvaluationDataError, EvaluationDataNotFoundError
-from evaluators.sampling import unrepeated_sampler
+from dora_lightning.evaluation.contract import EvaluationDataError, EvaluationDataNotFoundError
+from dora_lightning.evaluation.sampling import unrepeated_sampler
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -51,7 +51,7 @@ _LAYOUT = (
 
 def load_rgb(path: str) -> Image.Image:
     """Open an image file as RGB (grayscale and palette images are converted); errors
-    (:class:`~evaluators.base.EvaluationDataError`) name the file."""
+    (:class:`~dora_lightning.evaluation.contract.EvaluationDataError`) name the file."""
     try:
         with open(path, "rb") as fh:
             image = Image.open(fh)
@@ -244,7 +244,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return train
 
     def setup(self, stage: str | None = None) -> None:
-        """Check the layout (once) and build the datasets; raises :class:`~evaluators.base.EvaluationDataError`
+        """Check the layout (once) and build the datasets; raises :class:`~dora_lightning.evaluation.contract.EvaluationDataError`
         (a ``ValueError``) naming what is wrong."""
         if self._classes is not None:
             return
@@ -294,7 +294,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def val_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         """The validation images in file order; with ``world_size`` > 1, process ``rank``'s share of them, each image
-        in exactly one share (:func:`evaluators.sampling.unrepeated_sampler`: no padding repeats, so metrics summed
+        in exactly one share (:func:`dora_lightning.evaluation.sampling.unrepeated_sampler`: no padding repeats, so metrics summed
         over processes count every image once). Without arguments (as Lightning calls a data module's loaders) it
         holds every image, and Lightning shards it under DDP with its padding ``DistributedSampler``."""
         self.setup()

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from evaluators.base import Evaluator
+from dora_lightning.evaluation.contract import Evaluator
 
 __all__ = [
     "BUILTIN_EVALUATORS",
@@ -114,7 +114,7 @@ def _import_target(target: str, what: str) -> type:
         obj = getattr(obj, part)
     if not isinstance(obj, type) or not issubclass(obj, Evaluator):
         raise ValueError(
-            f"{what}: {target} is not a subclass of evaluators.base.Evaluator (got {obj!r}); see docs/plugins.md"
+            f"{what}: {target} is not a subclass of dora_lightning.evaluation.contract.Evaluator (got {obj!r}); see docs/plugins.md"
         )
     return obj
 
@@ -128,7 +128,9 @@ def get_evaluator_class(name_or_class_path: str | type) -> type[Evaluator]:
     """
     if isinstance(name_or_class_path, type):
         if not issubclass(name_or_class_path, Evaluator):
-            raise ValueError(f"{name_or_class_path!r} is not a subclass of evaluators.base.Evaluator")
+            raise ValueError(
+                f"{name_or_class_path!r} is not a subclass of dora_lightning.evaluation.contract.Evaluator"
+            )
         return name_or_class_path
     name = str(name_or_class_path).strip()
     registered = available_evaluators()

@@ -1,4 +1,4 @@
-"""Shape drawing for the synthetic fixtures of :mod:`evaluators.synthetic`: class looks, textured shapes, exact masks,
+"""Shape drawing for the synthetic fixtures of :mod:`dora_lightning.evaluation.synthetic`: class looks, textured shapes, exact masks,
 motion paths, occluding DAVIS frames and VOC/ADE20K scenes.
 
 Every shape class has a consistent look (:func:`class_style`: class c is always the same shape family, base colour and
