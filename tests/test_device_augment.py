@@ -34,14 +34,29 @@ def clip(seed: int, T: int, height: int, width: int, channels: int = 3) -> torch
     return torch.randint(0, 256, (T, height, width, channels), dtype=torch.uint8, generator=g)
 
 
+class _DecodedAs(ClipMultiCrop):
+    """A ClipMultiCrop that asks for frames in a given pixel format."""
+
+    def __init__(self, frame_format: str, **kw) -> None:
+        super().__init__(**kw)
+        self._format = frame_format
+
+    @property
+    def frame_format(self) -> str:
+        return self._format
+
+
 def cpu_reference(t: ClipMultiCrop) -> ClipMultiCrop:
-    """The CPU path the device renderer equals: roi_align crops and the device colour backend."""
+    """The CPU path the device renderer equals: roi_align crops and the device colour backend, on frames decoded as
+    ``t`` has them decoded (the gpu path decodes in the transform's format)."""
     colour = "fused" if t.colour_backend == "compiled" else t.colour_backend
-    kw = {
-        k: getattr(t, k)
-        for k in ("global_blur_prob", "global_solarize_prob", "local_flip_prob", "output_dtype")
-    }
-    return small(t.recipe, crop_backend="roi_align", colour_backend=colour, **kw)
+    names = (
+        "global_blur_prob global_solarize_prob local_flip_prob output_dtype recipe num_global_crops".split()
+    )
+    kw = {k: getattr(t, k) for k in names} | dict(
+        global_size=32, local_size=16, num_local_crops=3, pre_crop_size=48
+    )
+    return _DecodedAs(t.frame_format, crop_backend="roi_align", colour_backend=colour, **kw)
 
 
 def assert_views_close(expected: torch.Tensor, got: torch.Tensor) -> None:
@@ -235,7 +250,7 @@ def test_gpu_path_gives_the_cpu_paths_views(colour_backend):
     cpu = module(str(BUNDLED_VIDEO), "cpu", cpu_reference(small(colour_backend=colour_backend)))
     got, expected = ready_batches(gpu, 3), ready_batches(cpu, 3)
     assert gpu.device_augment is not None and cpu.device_augment is None
-    assert gpu.dataset.pixel_format == "rgb24"
+    assert gpu.dataset.pixel_format == cpu.dataset.pixel_format == gpu.transform.frame_format
     assert_same_batches(expected, got, exact=False)
 
 
@@ -255,7 +270,7 @@ def test_videos_of_two_sizes_share_a_batch(tmp_path):
     gpu = module(str(tmp_path), "gpu", small(), **kw)
     cpu = module(str(tmp_path), "cpu", cpu_reference(small()), **kw)
     frames = next(iter(module(str(tmp_path), "gpu", small(), **kw).train_dataloader()))["frames"]
-    assert frames.shape[2:] == (80, 96, 3)  # (largest height, largest width)
+    assert frames.shape[2:] == (80, 96, 4)  # largest height and width; RGBA, as the default backends decode
     got, expected = ready_batches(gpu, 4), ready_batches(cpu, 4)
     assert any(len(set(batch["video"].tolist())) == 2 for batch in got)
     assert_same_batches(expected, got, exact=False)
@@ -263,9 +278,10 @@ def test_videos_of_two_sizes_share_a_batch(tmp_path):
 
 def test_gpu_views_have_the_default_cpu_paths_statistics():
     """The default CPU path (interpolate crops of whole-pixel boxes, compiled colour rounded twice) and the GPU path
-    (roi_align, fused colour) differ in resampling and rounding only (the crop, flip and colour draws are the same
-    draws): per-view means agree clip for clip within ~1 8-bit level on average (measured: 0.9 global, 1.2 local),
-    standard deviations within 2 % (measured 0.7 %, 1.9 %)."""
+    (roi_align, fused colour) differ in resampling and rounding only (same decoded frames; the crop, flip and colour
+    draws are the same draws): per-view means and standard deviations agree clip for clip (measured: means within
+    0.35 / 0.95 8-bit levels on average for global / local views, overall means within 0.3 / 0.12 levels, standard
+    deviations within 0.7 % / 1.9 %)."""
     gpu = ready_batches(module(str(BUNDLED_VIDEO), "gpu", small()), 6)
     cpu = ready_batches(module(str(BUNDLED_VIDEO), "cpu", small()), 6)
     for key in ("global_views", "local_views"):
@@ -273,8 +289,8 @@ def test_gpu_views_have_the_default_cpu_paths_statistics():
         b = torch.stack([v for batch in gpu for v in batch[key]])
         mean_a, mean_b = a.mean(dim=(-3, -2, -1)), b.mean(dim=(-3, -2, -1))
         std_a, std_b = a.std(dim=(-3, -2, -1)), b.std(dim=(-3, -2, -1))
-        assert (mean_a - mean_b).abs().mean() < 2 * LEVEL
-        assert abs(float(mean_a.mean() - mean_b.mean())) < 2 * LEVEL
+        assert (mean_a - mean_b).abs().mean() < 1.5 * LEVEL
+        assert abs(float(mean_a.mean() - mean_b.mean())) < 0.75 * LEVEL
         assert (std_a - std_b).abs().mean() < 0.04 * std_a.mean()
         assert abs(float(std_a.mean() - std_b.mean())) < 0.01 * std_a.mean()
 

@@ -78,7 +78,7 @@ class DeviceAugment:
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The batch with ``global_views`` (G x (B, T, 3, gs, gs)) and ``local_views`` (L x (B, T, 3, ls, ls))
-        rendered from its ``frames`` (B, T, H, W, 3) uint8 and plan, normalised float32 (as the CPU path's views
+        rendered from its ``frames`` (B, T, H, W, C >= 3) uint8 and plan, normalised float32 (as the CPU path's views
         after normalisation); the frames and plan are dropped, every other field is kept."""
         if HOST_PLAN in batch:
             plan = batch[HOST_PLAN].plan
