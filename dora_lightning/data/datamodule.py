@@ -280,7 +280,9 @@ class VideoClipDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> ClipLoader:
         """Batches of ``{"global_views": [...], "local_views": [...], "video", "start", "clip_index",
-        "decoded_frames"}``; ``clip_index`` is an int64 (B, 2) tensor of (video index, first frame) per clip."""
+        "decoded_frames"}``; ``clip_index`` is an int64 (B, 2) tensor of (video index, first frame) per clip. With
+        augment_on gpu, ``"frames"`` and ``"plan_*"`` instead of the views: :meth:`on_before_batch_transfer`, the move
+        to the device and :meth:`on_after_batch_transfer` turn them into the views (as Lightning does)."""
         if self.dataset is None:
             self.setup("fit")
         if self.num_workers > 0 and self.device_augment is None:
