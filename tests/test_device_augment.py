@@ -364,3 +364,22 @@ def test_gpu_path_with_worker_processes():
     got = ready_batches(module(str(BUNDLED_VIDEO), "gpu", small(), **kw), 2)
     expected = ready_batches(module(str(BUNDLED_VIDEO), "cpu", cpu_reference(small()), **kw), 2)
     assert_same_batches(expected, got, exact=False)
+
+
+def test_a_true_half_precision_trainer_leaves_the_plan_alone():
+    """Lightning's ``bf16-true`` casts a batch's floating tensors before the transfer hooks: the plan's floats travel
+    as bits, so the views are those of an untouched batch."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    t = small(colour_backend="fused")
+    wrap = FramesAndPlan(t, (70, 90))
+    clips = [clip(i, 2, h, w) for i, (h, w) in enumerate(SIZES)]
+    batch = collate_clips([wrap(list(c), torch.Generator().manual_seed(i)) for i, c in enumerate(clips)])
+    assert not any(v.is_floating_point() for v in batch.values() if isinstance(v, torch.Tensor))
+    augment = DeviceAugment(t)
+    plain = augment(augment.prepare(dict(batch)))
+    cast = augment(augment.prepare(HalfPrecision("bf16-true").convert_input(dict(batch))))
+    for a, b in zip(
+        plain["global_views"] + plain["local_views"], cast["global_views"] + cast["local_views"], strict=True
+    ):
+        assert torch.equal(a, b)

@@ -62,8 +62,14 @@ class ViewPlan:
     ).split()
 
     def to_fields(self) -> dict[str, Tensor]:
-        """The plan as sample fields ``{PLAN_PREFIX + name: tensor}`` (collated into (B, ...) tensors)."""
-        return {PLAN_PREFIX + f.name: getattr(self, f.name) for f in fields(self)}
+        """The plan as sample fields ``{PLAN_PREFIX + name: tensor}`` (collated into (B, ...) tensors). Floating
+        tensors travel as their bits (an integer view), so that nothing on the way (e.g. Lightning's ``*-true``
+        precisions, which cast a batch's floating tensors before the transfer) can round them."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[PLAN_PREFIX + f.name] = value.view(_BITS[value.dtype]) if value.is_floating_point() else value
+        return out
 
     @classmethod
     def from_fields(cls, batch: Mapping[str, Any]) -> ViewPlan:
@@ -71,11 +77,26 @@ class ViewPlan:
         missing = [name for name in cls.names if PLAN_PREFIX + name not in batch]
         if missing:
             raise KeyError(f"the batch holds no view plan (missing {[PLAN_PREFIX + n for n in missing]})")
-        return cls(**{name: batch[PLAN_PREFIX + name] for name in cls.names})
+        values = {name: batch[PLAN_PREFIX + name] for name in cls.names}
+        for name, dtype in _FLOAT_FIELDS.items():
+            if not values[name].is_floating_point():
+                values[name] = values[name].view(dtype)
+        return cls(**values)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ViewPlan:
         """The plan with every tensor on ``device``."""
         return ViewPlan(**{n: getattr(self, n).to(device, non_blocking=non_blocking) for n in self.names})
+
+
+# the floating fields of ViewPlan and the integer types their bits travel as
+_FLOAT_FIELDS = {
+    "pre_crop": torch.float64,
+    "global_boxes": torch.float64,
+    "local_boxes": torch.float64,
+    "u_global": torch.float32,
+    "u_local": torch.float32,
+}
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32}
 
 
 class FramesAndPlan:
