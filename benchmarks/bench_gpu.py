@@ -86,6 +86,10 @@ def plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, dict, float]],
         fit_extra = {}
     if args.steps:
         common["steps"] = args.steps
+    if (
+        args.compile
+    ):  # model.compile: every part's model compiles its blocks and heads (first steps pay for it)
+        common["model"] = common.get("model", {}) | {"compile": True}
     # per batch size: the bare steps, then the fit (whose TFLOP/s uses the bare step's FLOPs), so that a budget
     # running out still leaves complete rows for the smaller batch
     parts: list[tuple[str, dict, float]] = [
@@ -201,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, help="timed steps of the overhead and bare parts (default 10; smoke 2)"
     )
     parser.add_argument("--only", nargs="*", help="run only the parts whose name starts with one of these")
+    parser.add_argument("--compile", action="store_true", help="model.compile: true in every part")
     add_child_args(parser)
     return parser
 

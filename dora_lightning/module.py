@@ -22,6 +22,7 @@ from dora_lightning.models.backbone import (
     forward_features,
     forward_with_last_block_taps,
 )
+from dora_lightning.models.compile import compile_regions_
 from dora_lightning.models.head import DINOHead, cancel_last_layer_grad_
 from dora_lightning.models.lean_mlp import use_lean_mlps_
 from dora_lightning.resume_state import close_finished_epoch
@@ -86,6 +87,8 @@ class DoRAModule(StepSchedules, pl.LightningModule):
             entropy are logged every step without waiting for the device.
         lean_mlp: student MLPs save one hidden activation instead of two (same results, less memory; see
             ``models/lean_mlp.py``).
+        compile: ``torch.compile`` the transformer blocks and heads (opt-in; compiles at the first step, then faster
+            on GPUs; parameter names and checkpoints unchanged; see ``models/compile.py``).
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class DoRAModule(StepSchedules, pl.LightningModule):
         log_images_every_n_steps: int = 500,
         lean_mlp: bool = True,
         diagnostics_every_n_steps: int | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if diagnostics_every_n_steps is not None and diagnostics_every_n_steps < 0:
@@ -345,14 +349,23 @@ class DoRAModule(StepSchedules, pl.LightningModule):
                 "attention/frame0_heads", attention_grid(frames[0], attention, grid), self.global_step
             )
 
+    def configure_model(self) -> None:
+        """``model.compile``: compile the blocks and heads in place (``compile_regions_``)."""
+        if self.hparams.get("compile"):
+            compile_regions_(self.student, self.teacher)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW with weight decay on weights only; lr and wd are set every step from the schedules."""
+        """AdamW with weight decay on weights only; lr and wd are set every step from the schedules. On CUDA it is
+        the fused implementation (one kernel for all parameters); elsewhere PyTorch's default."""
         decay, no_decay = [], []
         for name, param in self.student.named_parameters():
             if not param.requires_grad:
                 continue
             (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-        return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=0.0)
+        fused = {"fused": True} if decay and all(p.is_cuda for p in decay + no_decay) else {}
+        return torch.optim.AdamW(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=0.0, **fused
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         values = self.step_values()

@@ -26,7 +26,7 @@ CHECKPOINT_FOLDER = "checkpoints"
 LAST = "last"
 # model options that change no weight and no training step: they may differ on resume
 NOT_PART_OF_THE_RUN = frozenset(
-    {"log_images_every_n_steps", "diagnostics_every_n_steps", "_instantiator", "_class_path"}
+    {"log_images_every_n_steps", "diagnostics_every_n_steps", "compile", "_instantiator", "_class_path"}
 )
 
 

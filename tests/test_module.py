@@ -306,3 +306,21 @@ def test_loss_watch_hands_back_cpu_losses_in_order():
     assert first.loss.device.type == "cpu" and first.loss.ndim == 0 and float(first.loss) == 2.5
     assert (second.step, second.epoch, second.finite) == (5, 1, False)
     assert watch.ready(wait=True) == []
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager_with_the_same_parameter_names(tmp_path, clip_video):
+    """model.compile: blocks and heads compiled in place (the teacher's hooked last block stays eager): the same
+    state_dict keys and, after 2 steps, the same weights up to float rounding."""
+    weights = {}
+    for compiled in (False, True):
+        pl.seed_everything(0)
+        module = DoRAModule(**MICRO, compile=compiled)
+        make_trainer(tmp_path / str(compiled), 2).fit(module, datamodule=make_data(clip_video))
+        weights[compiled] = module.state_dict()
+        if compiled:
+            assert module.student.backbone.blocks[0]._compiled_call_impl is not None
+            assert module.teacher.backbone.blocks[-1]._compiled_call_impl is None
+    assert list(weights[True]) == list(weights[False])
+    for key, value in weights[False].items():
+        torch.testing.assert_close(weights[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
