@@ -86,9 +86,8 @@ def plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, dict, float]],
         fit_extra = {}
     if args.steps:
         common["steps"] = args.steps
-    if (
-        args.compile
-    ):  # model.compile: every part's model compiles its blocks and heads (first steps pay for it)
+    if args.compile:
+        # model.compile: every part's model compiles its blocks and heads (its first steps pay for it)
         common["model"] = common.get("model", {}) | {"compile": True}
     # per batch size: the bare steps, then the fit (whose TFLOP/s uses the bare step's FLOPs), so that a budget
     # running out still leaves complete rows for the smaller batch
@@ -100,9 +99,11 @@ def plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, dict, float]],
             case = common | dict(part="bare", batch_size=batch, methods=[method])
             case["model"] = common.get("model", {}) | {"method": method}
             parts.append((f"bare/{method}/b{batch}", case, 40))
-        case = common | fit_extra | dict(part="fit", batch_size=batch, workers=workers)
-        case |= dict(warmup=2 if args.smoke else 5, steps=2 if args.smoke else 15)
-        parts.append((f"fit/dora/b{batch}", case, 70))
+        for augment_on in ("cpu", "gpu"):  # views made in the workers, or from the frames on the device
+            case = common | fit_extra | dict(part="fit", batch_size=batch, workers=workers)
+            case |= dict(warmup=2 if args.smoke else 5, steps=2 if args.smoke else 15)
+            case["data"] = case.get("data", {}) | {"augment_on": augment_on}
+            parts.append((f"fit/dora/b{batch}/{augment_on}-aug", case, 60))
     return common, parts, video
 
 
@@ -239,9 +240,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.monotonic()
         try:
-            if name.startswith("fit") and not video.is_file():
-                make_video(video, video_settings, timeout=min(90.0, left))
-                report["parts"]["video"] = {"seconds": round(time.monotonic() - t0, 1), "path": str(video)}
+            if name.startswith("fit") and "video" not in report["parts"]:
+                reused = video.is_file()
+                if not reused:
+                    make_video(video, video_settings, timeout=min(90.0, left))
+                report["parts"]["video"] = {
+                    "seconds": round(time.monotonic() - t0, 1),
+                    "path": str(video),
+                    "reused": reused,
+                }
             case = case | ({"video": str(video)} if name.startswith("fit") else {})
             left = args.budget_s - (time.monotonic() - start)
             report["parts"][name] = run_child_case(Path(__file__), case, name, min(limit, left), env=env)

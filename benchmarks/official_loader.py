@@ -40,8 +40,7 @@ from torchvision import transforms
 
 __all__ = ["OfficialStyleAugmentation", "OfficialStyleClipDataset", "VideoIndex", "index_video"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 
 class VideoIndex:

@@ -10,6 +10,7 @@ build for them. The layouts are described in :mod:`dora_lightning.checkpoints`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import pickletools
 import re
@@ -29,6 +30,7 @@ __all__ = [
     "Kind",
     "Spec",
     "Which",
+    "file_sha256",
     "infer_architecture",
     "read_checkpoint",
     "select_backbone",
@@ -297,3 +299,12 @@ def select_backbone(path: Path, obj: Any, which: Which, num_heads: int | None) -
         name, kwargs, size = infer_architecture(weights, path, num_heads)
         return Spec("state_dict", None, weights, name, kwargs, size)
     raise _no_backbone(path, obj)
+
+
+def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file (a checkpoint, for the record of what was evaluated or visualised), read in blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -8,11 +8,16 @@ Lightning's results; writing them to the loggers every ``N`` steps costs one dev
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
-__all__ = ["diagnostics_due", "write_diagnostics"]
+from dora_lightning.core.tracker import TrackerOutput
+from dora_lightning.loss_watch import LossReading
+from dora_lightning.viz import attention_grid, track_grid
+
+__all__ = ["NonFiniteLossError", "TrainingDiagnostics", "diagnostics_due", "write_diagnostics"]
 
 
 def diagnostics_due(step: int, every: int) -> bool:
@@ -31,3 +36,65 @@ def write_diagnostics(
         metrics.update({f"tracker/mask_area_obj{i}": area for i, area in enumerate(areas)})
     for logger in loggers:
         logger.log_metrics(metrics, step=step)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+class TrainingDiagnostics:
+    """What DoRAModule reports besides the loss (a mixin of the LightningModule): the finiteness of the losses as
+    they reach the host, the diagnostics every ``diagnostics_every_n_steps`` steps, and the tracker images every
+    ``log_images_every_n_steps`` steps. Expects ``hparams``, ``trainer``, ``loggers``, ``logger``, ``global_step``,
+    ``_loss_watch`` and ``_last_attention`` on the module."""
+
+    hparams: Any
+    trainer: Any
+    global_step: int
+
+    def _check_losses(self, readings: list[LossReading]) -> None:
+        for reading in readings:
+            if not reading.finite:
+                raise NonFiniteLossError(
+                    f"the loss is {reading.value} at step {reading.step} (epoch {reading.epoch}); lower "
+                    "model.base_lr, use precision bf16-mixed rather than 16-mixed, or check the data"
+                )
+
+    def _diagnostics_every(self) -> int:
+        every = self.hparams.get("diagnostics_every_n_steps")
+        return self.trainer.log_every_n_steps if every is None else every
+
+    def _write_diagnostics(
+        self, values: dict[str, float], tracked: TrackerOutput | None, batch_idx: int
+    ) -> None:
+        """Every ``diagnostics_every_n_steps`` optimiser steps (first micro-batch), on global rank 0, with loggers."""
+        accumulate = self.trainer.accumulate_grad_batches
+        if not self.loggers or not self.trainer.is_global_zero or batch_idx % accumulate:
+            return
+        if diagnostics_due(self.global_step, self._diagnostics_every()):
+            write_diagnostics(
+                self.loggers, self.global_step, values, tracked.masks if tracked is not None else None
+            )
+
+    def on_train_start(self) -> None:
+        self._loss_watch.clear()
+        self._step_values = None
+
+    def on_train_epoch_end(self) -> None:
+        self._check_losses(self._loss_watch.ready(wait=True))
+
+    def on_train_end(self) -> None:
+        self._check_losses(self._loss_watch.ready(wait=True))
+
+    def _log_images(self, frames: Tensor, tracked: TrackerOutput) -> None:
+        """Every ``log_images_every_n_steps`` steps: one clip's object tracks and its frame-0 attention per head."""
+        every = self.hparams.log_images_every_n_steps
+        experiment = getattr(self.logger, "experiment", None)
+        if not every or self.global_step % every or not hasattr(experiment, "add_image"):
+            return
+        experiment.add_image("tracker/object_tracks", track_grid(frames, tracked.masks[0]), self.global_step)
+        if self._last_attention is not None:
+            attention, grid = self._last_attention
+            experiment.add_image(
+                "attention/frame0_heads", attention_grid(frames[0], attention, grid), self.global_step
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -13,9 +14,16 @@ from dora_lightning.checkpoint_formats import PRETRAIN_KIND
 from dora_lightning.core.ema import ema_update_
 from dora_lightning.core.grad_clip import per_parameter_clip_
 from dora_lightning.core.loss import LossParts, dino_loss, dora_loss, teacher_entropy, update_center
-from dora_lightning.core.tracker import TrackerOutput, head_seed, sample_heads, track_objects
-from dora_lightning.diagnostics import diagnostics_due, write_diagnostics
-from dora_lightning.loss_watch import LossReading, LossWatch
+from dora_lightning.core.tracker import (
+    SK_EPSILON,
+    SK_ITERATIONS,
+    TrackerOutput,
+    TrackingOptions,
+    head_seed,
+    sample_heads,
+)
+from dora_lightning.diagnostics import NonFiniteLossError, TrainingDiagnostics
+from dora_lightning.loss_watch import LossWatch
 from dora_lightning.models.backbone import (
     build_vit,
     clip_tracker_inputs,
@@ -27,11 +35,8 @@ from dora_lightning.models.head import DINOHead, cancel_last_layer_grad_
 from dora_lightning.models.lean_mlp import use_lean_mlps_
 from dora_lightning.resume_state import close_finished_epoch
 from dora_lightning.step_schedules import StepSchedules
-from dora_lightning.viz import attention_grid, track_grid
 
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the message names the step."""
+__all__ = ["DoRAModule", "NonFiniteLossError", "StudentTeacher", "per_parameter_clip_"]
 
 
 class StudentTeacher(nn.Module):
@@ -46,7 +51,7 @@ class StudentTeacher(nn.Module):
         return self.head(cls)
 
 
-class DoRAModule(StepSchedules, pl.LightningModule):
+class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
     """DoRA pretraining (spec A with the corrections of G.1), or the DINO baseline on the same clips.
 
     Batches come from VideoClipDataModule: ``global_views`` (one (B,T,3,H,W) tensor for DoRA, two for DINO) and
@@ -91,6 +96,8 @@ class DoRAModule(StepSchedules, pl.LightningModule):
             on GPUs; parameter names and checkpoints unchanged; see ``models/compile.py``).
     """
 
+    phase_timer: Any = None  # public hook of phase(): set by benchmarks to time the step's phases
+
     def __init__(
         self,
         backbone: str = "vit_small_patch16_224",
@@ -106,8 +113,8 @@ class DoRAModule(StepSchedules, pl.LightningModule):
         norm_last_layer: bool = False,
         method: Literal["dora", "dino"] = "dora",
         num_objects: int = 3,
-        sk_epsilon: float = 0.05,
-        sk_iterations: int = 30,
+        sk_epsilon: float = SK_EPSILON,
+        sk_iterations: int = SK_ITERATIONS,
         mask_mode: Literal["keep", "remove"] = "keep",
         official_compat: bool = False,
         student_temp: float = 0.1,
@@ -179,42 +186,54 @@ class DoRAModule(StepSchedules, pl.LightningModule):
         self._step_values = None  # StepSchedules.step_values' cache
 
     # ----------------------------------------------------------------- forward
+    def phase(self, name: str) -> AbstractContextManager[Any]:
+        """A named phase of the training step (``teacher_fwd``, ``tracker``, ``student_fwd``): a
+        ``torch.profiler.record_function("dora/<name>")`` scope, also timed by :attr:`phase_timer` when one is set
+        (an object with ``phase(name) -> context manager``; ``benchmarks/step_case.py`` sets one)."""
+        scope = torch.profiler.record_function(f"dora/{name}")
+        if self.phase_timer is None:
+            return scope
+        stack = ExitStack()
+        stack.enter_context(scope)
+        stack.enter_context(self.phase_timer.phase(name))
+        return stack
+
     def _teacher_logits(self, images: Tensor) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), self.phase("teacher_fwd"):
             return self.teacher(images)
 
     def _track(self, global_view: Tensor) -> tuple[Tensor, TrackerOutput]:
         """Teacher pass over all frames and the tracker; returns teacher logits (T,B,D) and the tracker's output."""
         batch, frames = global_view.shape[:2]
-        with torch.no_grad():
+        with torch.no_grad(), self.phase("teacher_fwd"):
             taps = forward_with_last_block_taps(self.teacher.backbone, global_view.flatten(0, 1))
             logits = self.teacher.head(taps.cls).unflatten(0, (batch, frames)).transpose(0, 1)
 
-        inputs = clip_tracker_inputs(taps, batch, frames)
-        self._last_attention = (taps.cls_attention.unflatten(0, (batch, frames))[0, 0], taps.grid)
-        heads = sample_heads(self.num_heads, self.hparams.num_objects, self.head_generator)
-        tracked = track_objects(
-            inputs,
-            heads,
-            global_view,
-            self.patch_size,
-            epsilon=self.hparams.sk_epsilon,
-            num_iters=self.hparams.sk_iterations,
-            threshold="batch" if self.hparams.official_compat else "per_sample",
-            keep_object=self.hparams.mask_mode == "keep",
-            log_domain_sinkhorn=not self.hparams.official_compat,
-        )
+        with self.phase("tracker"):
+            inputs = clip_tracker_inputs(taps, batch, frames)
+            self._last_attention = (taps.cls_attention.unflatten(0, (batch, frames))[0, 0], taps.grid)
+            heads = sample_heads(self.num_heads, self.hparams.num_objects, self.head_generator)
+            options = TrackingOptions(
+                self.hparams.sk_epsilon,
+                self.hparams.sk_iterations,
+                self.hparams.official_compat,
+                keep_object=self.hparams.mask_mode == "keep",
+            )
+            tracked = options.track(inputs, heads, global_view, self.patch_size)
         return logits, tracked
 
     def _student_logits(self, groups: list[Tensor]) -> list[Tensor]:
         """Student logits (V,T,B,D) for each group of views (V,B,T,3,H,W): one backbone pass per group (one
         resolution each), then ONE head pass over all class tokens (the 65536-wide last layer is built once)."""
         groups = [g for g in groups if g.shape[0] > 0]
-        cls = [forward_features(self.student.backbone, g.flatten(0, 2))[0] for g in groups]
-        logits = self.student.head(torch.cat(cls)).split([c.shape[0] for c in cls])
+        with self.phase("student_fwd"):
+            cls = [forward_features(self.student.backbone, g.flatten(0, 2))[0] for g in groups]
+            logits = self.student.head(torch.cat(cls)).split([c.shape[0] for c in cls])
         return [out.unflatten(0, g.shape[:3]).transpose(1, 2) for out, g in zip(logits, groups, strict=True)]
 
-    def _check_batch(self, batch: dict[str, Any]) -> None:
+    def check_batch(self, batch: dict[str, Any]) -> None:
+        """Raise ValueError with the fix when a batch does not suit this model (number of global views for the
+        method, crop sizes and the patch size, unnormalised uint8 views); ``training_step`` checks its first batch."""
         expected = 2 if self.hparams.method == "dino" else 1
         got = len(batch["global_views"])
         if got != expected:
@@ -272,7 +291,7 @@ class DoRAModule(StepSchedules, pl.LightningModule):
         progress bar and the finiteness check) through :class:`~dora_lightning.loss_watch.LossWatch`, the per-step
         logs are device tensors, and the diagnostics are written every ``diagnostics_every_n_steps`` steps."""
         if batch_idx == 0:
-            self._check_batch(batch)
+            self.check_batch(batch)
         self._check_losses(self._loss_watch.ready())
         values = self.step_values()
         self.head_generator.manual_seed(head_seed(self.hparams.seed, self.global_rank, self._head_draws))
@@ -301,53 +320,6 @@ class DoRAModule(StepSchedules, pl.LightningModule):
         if tracked is not None:
             self._log_images(batch["global_views"][0][0], tracked)
         return parts.total
-
-    def _check_losses(self, readings: list[LossReading]) -> None:
-        for reading in readings:
-            if not reading.finite:
-                raise NonFiniteLossError(
-                    f"the loss is {reading.value} at step {reading.step} (epoch {reading.epoch}); lower "
-                    "model.base_lr, use precision bf16-mixed rather than 16-mixed, or check the data"
-                )
-
-    def _diagnostics_every(self) -> int:
-        every = self.hparams.get("diagnostics_every_n_steps")
-        return self.trainer.log_every_n_steps if every is None else every
-
-    def _write_diagnostics(
-        self, values: dict[str, float], tracked: TrackerOutput | None, batch_idx: int
-    ) -> None:
-        """Every ``diagnostics_every_n_steps`` optimiser steps (first micro-batch), on global rank 0, with loggers."""
-        accumulate = self.trainer.accumulate_grad_batches
-        if not self.loggers or not self.trainer.is_global_zero or batch_idx % accumulate:
-            return
-        if diagnostics_due(self.global_step, self._diagnostics_every()):
-            write_diagnostics(
-                self.loggers, self.global_step, values, tracked.masks if tracked is not None else None
-            )
-
-    def on_train_start(self) -> None:
-        self._loss_watch.clear()
-        self._step_values = None
-
-    def on_train_epoch_end(self) -> None:
-        self._check_losses(self._loss_watch.ready(wait=True))
-
-    def on_train_end(self) -> None:
-        self._check_losses(self._loss_watch.ready(wait=True))
-
-    def _log_images(self, frames: Tensor, tracked: TrackerOutput) -> None:
-        """Every ``log_images_every_n_steps`` steps: one clip's object tracks and its frame-0 attention per head."""
-        every = self.hparams.log_images_every_n_steps
-        experiment = getattr(self.logger, "experiment", None)
-        if not every or self.global_step % every or not hasattr(experiment, "add_image"):
-            return
-        experiment.add_image("tracker/object_tracks", track_grid(frames, tracked.masks[0]), self.global_step)
-        if self._last_attention is not None:
-            attention, grid = self._last_attention
-            experiment.add_image(
-                "attention/frame0_heads", attention_grid(frames[0], attention, grid), self.global_step
-            )
 
     def configure_model(self) -> None:
         """``model.compile``: compile the blocks and heads in place (``compile_regions_``)."""

@@ -11,7 +11,6 @@ writes ``clip{i}_attention.png`` (:func:`~dora_lightning.viz.attention_rows`), `
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -27,9 +26,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from dora_lightning.checkpoint_formats import Which, read_checkpoint
+from dora_lightning.checkpoint_formats import Which, file_sha256, read_checkpoint
 from dora_lightning.checkpoints import BackboneInfo, load_backbone
-from dora_lightning.core.tracker import sample_heads, track_objects
+from dora_lightning.core.tracker import SK_EPSILON, SK_ITERATIONS, TrackingOptions, sample_heads
 from dora_lightning.data.view_colour import normalize_views
 from dora_lightning.models.backbone import clip_tracker_inputs, forward_with_last_block_taps
 from dora_lightning.visualize_frames import FrameSource, clip_starts, open_source, read_frames
@@ -45,7 +44,6 @@ from dora_lightning.viz import (
 )
 
 DEFAULT_NUM_OBJECTS = 3
-SPEC_SK_EPSILON, SPEC_SK_ITERATIONS = 0.05, 30  # spec A.4
 
 
 # --------------------------------------------------------------------------------------------------- tracker
@@ -101,8 +99,8 @@ def resolve_tracker_settings(
             f"--num_objects={k}: {ckpt_name} has {num_heads} heads in its last block and each object is seeded by "
             f"a different head; pick 1 to {num_heads}"
         )
-    epsilon = float(pick("sk_epsilon", sk_epsilon, SPEC_SK_EPSILON))
-    iterations = int(pick("sk_iterations", sk_iterations, SPEC_SK_ITERATIONS))
+    epsilon = float(pick("sk_epsilon", sk_epsilon, SK_EPSILON))
+    iterations = int(pick("sk_iterations", sk_iterations, SK_ITERATIONS))
     if epsilon <= 0 or iterations < 1:
         raise ValueError(f"--sk_epsilon must be > 0 and --sk_iterations >= 1, got {epsilon} and {iterations}")
     official = bool(pick("official_compat", None, False))
@@ -135,16 +133,8 @@ def analyse_clip(
     """Backbone taps of every frame (T, 3, H, W, normalised, on the model's device) and the tracker on the clip."""
     taps = forward_with_last_block_taps(model, frames)
     patch_size = int(model.patch_embed.patch_size[0])
-    tracked = track_objects(
-        clip_tracker_inputs(taps, 1, frames.shape[0]),
-        heads,
-        frames[None],
-        patch_size,
-        epsilon=settings.sk_epsilon,
-        num_iters=settings.sk_iterations,
-        threshold="batch" if settings.official_compat else "per_sample",
-        log_domain_sinkhorn=not settings.official_compat,
-    )
+    options = TrackingOptions(settings.sk_epsilon, settings.sk_iterations, settings.official_compat)
+    tracked = options.track(clip_tracker_inputs(taps, 1, frames.shape[0]), heads, frames[None], patch_size)
     return ClipAnalysis(
         frames.cpu(), taps.cls_attention.cpu(), taps.grid, tracked.masks[0].cpu(), tracked.heads.cpu()
     )
@@ -180,14 +170,6 @@ def _prepare_output_dir(output_dir: Path) -> None:
         ) from err
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_clip(
     analysis: ClipAnalysis, output_dir: Path, index: int, fps_out: float, codec: str
 ) -> list[str]:
@@ -214,7 +196,7 @@ def _write_summary(
     summary = {
         "checkpoint": {
             "path": str(ckpt.resolve()),
-            "sha256": _sha256(ckpt),
+            "sha256": file_sha256(ckpt),
             "kind": info.kind,
             "which": info.which,
         },

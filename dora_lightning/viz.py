@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.utils import make_grid
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
 OBJECT_COLOURS = (
     (1.0, 0.2, 0.2),
     (0.2, 1.0, 0.2),

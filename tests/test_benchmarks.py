@@ -173,14 +173,18 @@ def test_bench_gpu_smoke(tmp_path):
     report = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert report["smoke"] and report["machine"]["torch"] and report["date_utc"]
     parts = report["parts"]
-    assert set(parts) == {"overhead/dora/b2", "bare/dora/b2", "bare/dino/b2", "video", "fit/dora/b2"}
+    fits = ("fit/dora/b2/cpu-aug", "fit/dora/b2/gpu-aug")
+    assert set(parts) == {"overhead/dora/b2", "bare/dora/b2", "bare/dino/b2", "video", *fits}
     overhead = parts["overhead/dora/b2"]
     assert overhead["bare"]["step_ms"] > 0 and overhead["trainer"]["step_ms"] > 0
     assert overhead["trainer"]["value_reads_per_step"]  # at least the optimiser's step counters
     for name in ("bare/dora/b2", "bare/dino/b2"):
         (row,) = parts[name]["results"]
         assert row["flops_per_step"] > 0 and row["clips_per_s"] > 0 and row["tflops_per_s"] >= 0
-    fit = parts["fit/dora/b2"]
-    assert fit["steps_per_s"] > 0 and 0 <= fit["data_wait_fraction"] <= 1 and fit["tflops_per_s"] is not None
+    for name in fits:
+        fit = parts[name]
+        assert (
+            fit["steps_per_s"] > 0 and 0 <= fit["data_wait_fraction"] <= 1 and fit["tflops_per_s"] is not None
+        )
     table = (tmp_path / "bench_gpu.md").read_text()
-    assert "| fit/dora/b2 |" in table and "smoke, CPU" in table
+    assert "| fit/dora/b2/gpu-aug |" in table and "smoke, CPU" in table

@@ -14,7 +14,8 @@ from PIL import Image
 from torch.utils.data import RandomSampler, SequentialSampler
 from torchvision import transforms as T
 
-from dora_lightning.evaluation.image_data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataModule, load_rgb
+from dora_lightning.evaluation.image_data import ImageFolderDataModule, load_rgb
+from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "assets" / "fashion_mnist"

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluators.segmentation.data as seg_data
-from dora_lightning.evaluation.image_data import IMAGENET_MEAN, IMAGENET_STD
 from dora_lightning.evaluation.synthetic import make_ade20k_fixture
+from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from evaluators.segmentation.data import (
     IGNORE_INDEX,
     SegmentationDataModule,

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
+import dora_lightning.core.tracker as tracker_file
 import dora_lightning.module as module_file
 from dora_lightning.core.schedules import cosine_schedule
 from dora_lightning.module import DoRAModule, per_parameter_clip_
@@ -221,7 +222,7 @@ def test_ema_follows_real_optimiser_steps_only(tmp_path):
 @pytest.mark.parametrize("official", [True, False])
 def test_official_compat_reaches_tracker_and_loss(monkeypatch, official):
     seen = {}
-    track, loss = module_file.track_objects, module_file.dora_loss
+    track, loss = tracker_file.track_objects, module_file.dora_loss
 
     def track_spy(*args, **kwargs):
         seen["tracker"] = kwargs
@@ -231,7 +232,7 @@ def test_official_compat_reaches_tracker_and_loss(monkeypatch, official):
         seen["loss_official"] = args[-1]
         return loss(*args)
 
-    monkeypatch.setattr(module_file, "track_objects", track_spy)
+    monkeypatch.setattr(tracker_file, "track_objects", track_spy)  # what TrackingOptions.track calls
     monkeypatch.setattr(module_file, "dora_loss", loss_spy)
     torch.manual_seed(0)
     module = DoRAModule(**(MICRO | {"official_compat": official}))
@@ -268,7 +269,7 @@ def test_logits_reach_the_loss_in_fp32_under_bf16_autocast(monkeypatch, method):
 def heads_of_a_run(root: Path, rank: int, batches: int = 4, ckpt_path: str | None = None, **kw) -> list:
     """The heads each training step hands the tracker, in a run whose module believes it is process ``rank``."""
     heads: list[list[int]] = []
-    track = module_file.track_objects
+    track = tracker_file.track_objects
 
     def spy(inputs, drawn, *args, **kwargs):
         heads.append(drawn.tolist())
@@ -276,7 +277,7 @@ def heads_of_a_run(root: Path, rank: int, batches: int = 4, ckpt_path: str | Non
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(DoRAModule, "global_rank", property(lambda self: rank))
-        patch.setattr(module_file, "track_objects", spy)
+        patch.setattr(tracker_file, "track_objects", spy)
         module = DoRAModule(**(MICRO | {"num_objects": 2, "seed": 7}))
         fit(module, root, batches, ckpt_path=ckpt_path, max_steps=batches, **kw)
     return heads

@@ -330,3 +330,32 @@ def track_objects(
         refined_prototypes=refined,
         heads=heads,
     )
+
+
+SK_EPSILON, SK_ITERATIONS = 0.05, 30  # Sinkhorn-Knopp defaults of the spec (A.4) and the official code
+
+
+@dataclass(frozen=True)
+class TrackingOptions:
+    """The tracker's settings as the config names them, mapped to :func:`track_objects` in one place (training and
+    ``dora visualize``): ``official_compat`` selects the official code's batch-wide mask threshold and plain-domain
+    Sinkhorn-Knopp; otherwise per-clip thresholds and log-domain iterations."""
+
+    epsilon: float = SK_EPSILON
+    iterations: int = SK_ITERATIONS
+    official_compat: bool = False
+    keep_object: bool = True
+
+    def track(self, inputs: TrackerInputs, heads: Tensor, images: Tensor, patch_size: int) -> TrackerOutput:
+        """:func:`track_objects` with these settings."""
+        return track_objects(
+            inputs,
+            heads,
+            images,
+            patch_size,
+            epsilon=self.epsilon,
+            num_iters=self.iterations,
+            threshold="batch" if self.official_compat else "per_sample",
+            keep_object=self.keep_object,
+            log_domain_sinkhorn=not self.official_compat,
+        )

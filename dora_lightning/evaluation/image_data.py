@@ -30,6 +30,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dora_lightning.evaluation.contract import EvaluationDataError, EvaluationDataNotFoundError
 from dora_lightning.evaluation.sampling import unrepeated_sampler
+from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -41,8 +42,6 @@ __all__ = [
     "train_transform",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val")
 _LAYOUT = (
     "expected ROOT/train/<class_name>/<images> and ROOT/val/<class_name>/<images> (see docs/evaluation.md)"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -20,18 +19,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from dora_lightning.checkpoint_formats import file_sha256
+
 __all__ = ["PACKAGES", "file_sha256", "format_table", "package_versions", "write_results"]
 
 PACKAGES = ("torch", "torchvision", "timm", "lightning", "torchmetrics", "dora-lightning")
-
-
-def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def package_versions(packages: Sequence[str] = PACKAGES) -> dict[str, str]:

@@ -26,7 +26,9 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dora_lightning.evaluation.contract import EvaluationDataError, EvaluationDataNotFoundError
+from dora_lightning.evaluation.images import image_header
 from dora_lightning.evaluation.palette import davis_palette, write_palette_png
+from dora_lightning.imagenet import IMAGENET_MEAN
 
 __all__ = [
     "DAVIS_MEAN",
@@ -45,7 +47,7 @@ __all__ = [
 
 # DINO's eval_video_segmentation.py normalises with std 0.228 for red (torchvision/ImageNet use 0.229); we follow DINO
 # so that numbers compare with the published ones.
-DAVIS_MEAN = (0.485, 0.456, 0.406)
+DAVIS_MEAN = IMAGENET_MEAN
 DAVIS_STD = (0.228, 0.224, 0.225)
 MAX_OBJECTS = 254  # label 255 is "void" in the DAVIS/VOC palette convention
 _HOW_TO = (
@@ -69,13 +71,10 @@ class DavisSequence:
         return len(self.frames)
 
 
-def _image_header(path: Path) -> tuple[str, tuple[int, int]]:
-    """(PIL mode, (H, W)) of an image file, reading only its header; errors name the file."""
-    try:
-        with Image.open(path) as image:
-            return image.mode, (image.height, image.width)
-    except Exception as err:  # PIL raises several kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
-        raise EvaluationDataError(f"cannot read image '{path}': {type(err).__name__}: {err}") from err
+def _header_hw(path: Path) -> tuple[str, tuple[int, int]]:
+    """(PIL mode, (H, W)) of an image file: the shared header reader, in the (H, W) order of DAVIS sizes."""
+    mode, (width, height) = image_header(path)
+    return mode, (height, width)
 
 
 def _check_mask_mode(path: Path, mode: str) -> None:
@@ -122,14 +121,14 @@ def _scan_sequence(name: str, image_root: Path, mask_root: Path, list_file: Path
             "Annotations/480p/<sequence>/<frame>.png"
         )
     masks = [mask_dir / f"{frame.stem}.png" for frame in frames]
-    _, size = _image_header(frames[0])
+    _, size = _header_hw(frames[0])
     for frame, mask in zip(frames, masks, strict=True):
         if not mask.is_file():
             raise EvaluationDataNotFoundError(
                 f"'{mask}' not found: the mask of frame '{frame}'; every frame needs a mask of the same name"
             )
-        _, frame_size = _image_header(frame)
-        mode, mask_size = _image_header(mask)
+        _, frame_size = _header_hw(frame)
+        mode, mask_size = _header_hw(mask)
         _check_mask_mode(mask, mode)
         if frame_size != size:
             raise EvaluationDataError(

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 
 from dora_lightning.evaluation.contract import EvaluationDataError, EvaluationDataNotFoundError
+from dora_lightning.evaluation.images import image_header
 
 __all__ = [
     "HEADER_CHECK_LIMIT",
@@ -194,14 +194,6 @@ def class_names(kind: str, root: Path, num_classes: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ samples
-def _header(path: str) -> tuple[str, tuple[int, int]]:
-    try:
-        with Image.open(path) as image:  # reads the header only
-            return image.mode, image.size
-    except Exception as err:  # PIL raises several kinds
-        raise EvaluationDataError(f"cannot read '{path}': {type(err).__name__}: {err}") from err
-
-
 def check_pair(
     sample: SegSample, image_size: tuple[int, int], mask_mode: str, mask_size: tuple[int, int]
 ) -> None:
@@ -225,7 +217,7 @@ def check_headers(samples: Sequence[SegSample], limit: int = HEADER_CHECK_LIMIT)
     picks = range(count) if count <= limit else np.linspace(0, count - 1, limit).round().astype(int)
     for index in sorted(set(int(i) for i in picks)):
         sample = samples[index]
-        check_pair(sample, _header(sample.image)[1], *_header(sample.mask))
+        check_pair(sample, image_header(sample.image)[1], *image_header(sample.mask))
 
 
 def encode_labels(raw: np.ndarray, num_classes: int, reduce_zero_label: bool, path: str) -> np.ndarray:
