@@ -161,8 +161,8 @@ def decode_case(batches: int | None, seed: int) -> dict:
     """configs/demo.yaml's data settings through VideoClipDataModule with 2 worker processes on the bundled video."""
     import torch
 
+    from dora_lightning.data.augment.multicrop import ClipMultiCrop
     from dora_lightning.data.datamodule import VideoClipDataModule
-    from dora_lightning.data.transforms import ClipMultiCrop
 
     cfg = data_config("demo")
     dm = VideoClipDataModule(

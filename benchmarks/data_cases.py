@@ -36,8 +36,8 @@ def _build_loader(case: dict):
             num_local_crops=case["local_crops"],
         )
         return loader, lambda batch: batch  # float views, normalised in the workers
+    from dora_lightning.data.augment.multicrop import ClipMultiCrop
     from dora_lightning.data.datamodule import VideoClipDataModule
-    from dora_lightning.data.transforms import ClipMultiCrop
 
     dm = VideoClipDataModule(
         paths=case["video"],

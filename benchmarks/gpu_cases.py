@@ -322,8 +322,8 @@ def run_fit(case: dict) -> dict:
     profiler, over the training batch time) and peak memory, after ``warmup`` steps."""
     from lightning.pytorch.profilers import SimpleProfiler
 
+    from dora_lightning.data.augment.multicrop import ClipMultiCrop
     from dora_lightning.data.datamodule import VideoClipDataModule
-    from dora_lightning.data.transforms import ClipMultiCrop
 
     device = torch.device(case["device"])
     _, data, transform = wt_settings()

@@ -66,11 +66,13 @@ def method_config(
     config.setdefault("model", {})["method"] = method
     data = config.setdefault("data", {})
     data["seed"] = seed
-    transform = data.setdefault("transform", {"class_path": "dora_lightning.data.transforms.ClipMultiCrop"})
+    transform = data.setdefault(
+        "transform", {"class_path": "dora_lightning.data.augment.multicrop.ClipMultiCrop"}
+    )
     init_args = transform.setdefault("init_args", {})
     init_args["num_global_crops"] = 2 if method == "dino" else 1
     if method == "dino":
-        from dora_lightning.data.multicrop_args import RECIPES  # the arguments a recipe sets
+        from dora_lightning.data.augment.multicrop_args import RECIPES  # the arguments a recipe sets
 
         for name in RECIPES["dino"]:
             init_args.pop(name, None)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from dora_lightning.core.tracker import TrackerOutput
 from dora_lightning.loss_watch import LossReading
-from dora_lightning.viz import attention_grid, track_grid
+from dora_lightning.pictures import attention_grid, track_grid
 
 __all__ = ["NonFiniteLossError", "TrainingDiagnostics", "diagnostics_due", "write_diagnostics"]
 

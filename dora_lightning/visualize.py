@@ -3,8 +3,8 @@
 For ``num_clips`` clips spread evenly over a video (or a folder of frames), the backbone runs on every frame (eval,
 no grad) and the tracker runs on the clip exactly as :class:`~dora_lightning.module.DoRAModule` runs it in training
 (k heads drawn with a seeded generator, Sinkhorn-Knopp settings and mask threshold from the checkpoint). Per clip it
-writes ``clip{i}_attention.png`` (:func:`~dora_lightning.viz.attention_rows`), ``clip{i}_tracks.png``
-(:func:`~dora_lightning.viz.track_grid`, the image TensorBoard shows during fit) and ``clip{i}_tracks.mp4``; then
+writes ``clip{i}_attention.png`` (:func:`~dora_lightning.pictures.attention_rows`), ``clip{i}_tracks.png``
+(:func:`~dora_lightning.pictures.track_grid`, the image TensorBoard shows during fit) and ``clip{i}_tracks.mp4``; then
 ``summary.json``. See docs/visualize.md.
 """
 
@@ -29,12 +29,11 @@ from torch import Tensor
 from dora_lightning.checkpoint_formats import Which, file_sha256, read_checkpoint
 from dora_lightning.checkpoints import BackboneInfo, load_backbone
 from dora_lightning.core.tracker import SK_EPSILON, SK_ITERATIONS, TrackingOptions, sample_heads
-from dora_lightning.data.view_colour import normalize_views
+from dora_lightning.data.augment.colour_views import normalize_views
+from dora_lightning.data.sampling import ClipSpec
+from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dora_lightning.models.backbone import clip_tracker_inputs, forward_with_last_block_taps
-from dora_lightning.visualize_frames import FrameSource, clip_starts, open_source, read_frames
-from dora_lightning.viz import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from dora_lightning.pictures import (
     attention_rows,
     save_png,
     track_grid,
@@ -42,6 +41,7 @@ from dora_lightning.viz import (
     video_codec,
     write_mp4,
 )
+from dora_lightning.visualize_sources import FrameSource, clip_starts, open_source, read_frames
 
 DEFAULT_NUM_OBJECTS = 3
 
@@ -261,7 +261,8 @@ def visualize(
     )
     src = open_source(source)
     stride = frame_stride or (max(1, round(src.fps)) if src.fps else 1)
-    span = (clip_length - 1) * stride + 1
+    spec = ClipSpec(clip_length, stride)  # the clip geometry training uses
+    span = spec.span
     if span > src.num_frames:
         raise ValueError(
             f"'{src.path}' has {src.num_frames} frames but a clip of {clip_length} frames {stride} "
@@ -273,7 +274,7 @@ def visualize(
     except RuntimeError as err:
         raise ValueError(str(err)) from err
     starts = clip_starts(src.num_frames, span, num_clips)
-    clip_frames = [list(range(start, start + span, stride)) for start in starts]
+    clip_frames = [spec.frames(start).tolist() for start in starts]
     decoded = [read_frames(src, indices, image_size, info.patch_size) for indices in clip_frames]
     _prepare_output_dir(out)
 

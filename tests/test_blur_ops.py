@@ -1,4 +1,4 @@
-"""Tests for dora_lightning.data.blur_ops: the convolution blur and the tap-sum blur that torch.compile fuses."""
+"""Tests for dora_lightning.data.augment.blur: the convolution blur and the tap-sum blur that torch.compile fuses."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from dora_lightning.data.blur_ops import blur_columns, blur_radius, blur_rows, gaussian_blur, gaussian_kernels
+from dora_lightning.data.augment.blur import (
+    blur_columns,
+    blur_radius,
+    blur_rows,
+    gaussian_blur,
+    gaussian_kernels,
+)
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -1,4 +1,4 @@
-"""Tests for dora_lightning.data.color_ops (grayscale, HSV, colour jitter and solarisation on groups of images)."""
+"""Tests for dora_lightning.data.augment.colour_ops (grayscale, HSV, colour jitter and solarisation on groups of images)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from dora_lightning.data.color_ops import (
+from dora_lightning.data.augment.colour_ops import (
     adjust_brightness_,
     adjust_contrast_,
     adjust_hue_,

@@ -149,7 +149,7 @@ def _printed_transform(configs: list[str], capsys, monkeypatch) -> dict:
 def test_dino_gets_dinos_augmentation(capsys, monkeypatch):
     """method_config's DINO transform and `--config configs/wt.yaml --config configs/dino.yaml`'s are DINO's recipe,
     whatever DoRA-side values of the recipe's arguments the base config has; configs/wt.yaml's is DoRA's."""
-    from dora_lightning.data.transforms import ClipMultiCrop
+    from dora_lightning.data.augment.multicrop import ClipMultiCrop
 
     base = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     base["data"]["transform"]["init_args"].update(global_blur_prob=0.1, local_flip_prob=0.0)

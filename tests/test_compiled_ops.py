@@ -1,4 +1,4 @@
-"""Tests for dora_lightning.data.compiled_ops: the compiled kernels equal the eager math; a compile failure falls back
+"""Tests for dora_lightning.data.augment.compiled: the compiled kernels equal the eager math; a compile failure falls back
 with one warning."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from dora_lightning.data.blur_ops import gaussian_blur
-from dora_lightning.data.color_ops import colour_map_rgbx_uint8, colour_map_uint8, colour_matrix
-from dora_lightning.data.compiled_ops import (
+from dora_lightning.data.augment.blur import gaussian_blur
+from dora_lightning.data.augment.colour_ops import colour_map_rgbx_uint8, colour_map_uint8, colour_matrix
+from dora_lightning.data.augment.compiled import (
     CompiledFunction,
     compiled_blur_uint8,
     compiled_colour_map_rgbx_uint8,
@@ -81,7 +81,7 @@ def test_compile_failure_falls_back_once_with_a_warning():
 
 
 def test_clip_multicrop_warm_up_compiles_only_for_the_compiled_backend(monkeypatch):
-    from dora_lightning.data.transforms import ClipMultiCrop
+    from dora_lightning.data.augment.multicrop import ClipMultiCrop
 
     calls = []
     fused = ClipMultiCrop(32, 16, num_local_crops=2, colour_backend="fused")
@@ -102,8 +102,8 @@ def test_clip_multicrop_warm_up_compiles_only_for_the_compiled_backend(monkeypat
 
 
 def test_packed_views_are_refused_by_the_eager_backends():
-    from dora_lightning.data.transforms import ClipMultiCrop
-    from dora_lightning.data.view_colour import NUM_DRAWS, colour_views
+    from dora_lightning.data.augment.colour_views import NUM_DRAWS, colour_views
+    from dora_lightning.data.augment.multicrop import ClipMultiCrop
 
     views = torch.zeros(2, 8, 8, 4, dtype=torch.uint8)
     u = torch.rand(2, NUM_DRAWS, generator=gen())
@@ -159,7 +159,7 @@ class _WorkerJob(torch.utils.data.Dataset):
         return 1
 
     def __getitem__(self, index: int) -> dict:
-        from dora_lightning.data.transforms import ClipMultiCrop
+        from dora_lightning.data.augment.multicrop import ClipMultiCrop
 
         kernel = CompiledFunction(
             "fresh kernel", _fresh_kernel, _fresh_kernel
@@ -184,7 +184,7 @@ def test_workers_forked_after_cuda_init_compile_without_touching_cuda(monkeypatc
     """The GPU-run sequence on the CPU: the parent warms the kernels up (datamodule.train_dataloader), initialises
     CUDA, forks a worker; the worker compiles kernels for new shapes. It used to fail in dynamo's CUDA RNG save
     ('Cannot re-initialize CUDA in forked subprocess') and fall back to eager with a compiler warning."""
-    from dora_lightning.data.transforms import ClipMultiCrop
+    from dora_lightning.data.augment.multicrop import ClipMultiCrop
 
     ClipMultiCrop(32, 16, num_local_crops=2).warm_up(2, 40, 56, clips=1)
     attempts = _poison_cuda_as_a_fork_after_cuda_init(monkeypatch)
@@ -197,7 +197,7 @@ def test_workers_forked_after_cuda_init_compile_without_touching_cuda(monkeypatc
 
 
 def test_cuda_is_hidden_only_where_it_must_not_be_touched(monkeypatch):
-    from dora_lightning.data.compiled_ops import cpu_only_compilation, must_not_touch_cuda
+    from dora_lightning.data.augment.compiled import cpu_only_compilation, must_not_touch_cuda
 
     available = torch.cuda.is_available
     assert not must_not_touch_cuda()  # the main process of a run
@@ -213,12 +213,16 @@ def test_cuda_is_hidden_only_where_it_must_not_be_touched(monkeypatch):
 
 
 def test_the_warning_names_each_cause(monkeypatch):
-    from dora_lightning.data.compiled_ops import failure_advice
+    from dora_lightning.data.augment.compiled import failure_advice
 
     # no C++ compiler: inductor's own error, from a real compilation
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
+    # (inductor's own config.patch: a monkeypatch of its config module leaves `cpp.cxx` deleted afterwards, which
+    # breaks every later compilation in the process)
     kernel = CompiledFunction("no-compiler kernel", lambda x: (x * 3 + 11) // 2, lambda x: x)
-    with pytest.warns(RuntimeWarning, match=r"No working C\+\+ compiler was found: install one") as caught:
+    with (
+        torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/g++",)}),
+        pytest.warns(RuntimeWarning, match=r"No working C\+\+ compiler was found: install one") as caught,
+    ):
         kernel(torch.arange(7))
     assert "InvalidCxxCompiler" in kernel.failure and "colour_backend: fused" in str(caught[0].message)
     # CUDA in a forked worker, as dynamo wraps it

@@ -1,4 +1,4 @@
-"""Tests for dora_lightning.data.crop_boxes: RandomResizedCrop box sampling, the clip's box composition, and that
+"""Tests for dora_lightning.data.augment.crop_boxes: RandomResizedCrop box sampling, the clip's box composition, and that
 ClipMultiCrop's views (both crop backends) land exactly on the composed frame boxes."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from test_transforms import NO_COLOUR, denormalise  # shared clip-test helpers (tests/ is on sys.path)
 from torchvision.transforms import RandomResizedCrop
 
-from dora_lightning.data.crop_boxes import ClipBoxes, pixel_box, sample_resized_crop_boxes
-from dora_lightning.data.transforms import ClipMultiCrop
+from dora_lightning.data.augment.crop_boxes import ClipBoxes, pixel_box, sample_resized_crop_boxes
+from dora_lightning.data.augment.multicrop import ClipMultiCrop
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import BUNDLED_VIDEO, write_video
 
+from dora_lightning.data.augment.multicrop import ClipMultiCrop
 from dora_lightning.data.datamodule import VideoClipDataModule
 from dora_lightning.data.sources import VideoSourceError
-from dora_lightning.data.transforms import ClipMultiCrop
 
 SMALL = ClipMultiCrop(global_size=32, local_size=16, num_local_crops=3, pre_crop_size=48)
 

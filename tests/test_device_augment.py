@@ -12,13 +12,13 @@ from conftest import BUNDLED_VIDEO, write_video
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dora_lightning.data.augment.colour_views import NUM_DRAWS
 from dora_lightning.data.augment.device import HOST_PLAN, DeviceAugment
+from dora_lightning.data.augment.multicrop import ClipMultiCrop
+from dora_lightning.data.augment.multicrop_args import per_image
 from dora_lightning.data.augment.plan import FramesAndPlan, ViewPlan
 from dora_lightning.data.collate import collate_clips
 from dora_lightning.data.datamodule import VideoClipDataModule
-from dora_lightning.data.multicrop_args import per_image
-from dora_lightning.data.transforms import ClipMultiCrop
-from dora_lightning.data.view_colour import NUM_DRAWS
 
 LEVEL = 1.0 / (255.0 * 0.224)  # one 8-bit level after the normalisation (the smallest std is 0.224)
 

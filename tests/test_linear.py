@@ -20,7 +20,7 @@ from conftest import micro_vit
 from PIL import Image
 
 from dora_lightning.evaluation.contract import Evaluator
-from dora_lightning.evaluation.sampling import unrepeated_sampler
+from dora_lightning.evaluation.samplers import unrepeated_sampler
 from dora_lightning.models.backbone import build_vit, forward_features, last_n_block_cls
 from evaluators.linear.evaluator import LinearProbeEvaluator, LinearProbeModule, probe_features, summarize
 

@@ -10,8 +10,8 @@ import torch
 from conftest import MICRO_MODULE, write_video
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from dora_lightning.data.augment.multicrop import ClipMultiCrop
 from dora_lightning.data.datamodule import VideoClipDataModule
-from dora_lightning.data.transforms import ClipMultiCrop
 from dora_lightning.module import DoRAModule, NonFiniteLossError
 
 MICRO = MICRO_MODULE | dict(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dora_lightning.data.compiled_ops import compiled_blur_uint8
-from dora_lightning.data.multicrop_args import RECIPES
-from dora_lightning.data.transforms import COLOUR_BACKENDS, CROP_BACKENDS, ClipMultiCrop
-from dora_lightning.data.view_colour import BLUR_DRAW, JITTER_DRAW, NUM_DRAWS, colour_views
+from dora_lightning.data.augment.colour_views import BLUR_DRAW, JITTER_DRAW, NUM_DRAWS, colour_views
+from dora_lightning.data.augment.compiled import compiled_blur_uint8
+from dora_lightning.data.augment.multicrop import COLOUR_BACKENDS, CROP_BACKENDS, ClipMultiCrop
+from dora_lightning.data.augment.multicrop_args import RECIPES
 
 SIGMA_DRAW = NUM_DRAWS - 1  # the last column of the per-image uniforms: the blur sigma
 NO_COLOUR = dict(jitter_prob=0.0, grayscale_prob=0.0, global_blur_prob=0.0, local_blur_prob=0.0)

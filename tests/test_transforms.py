@@ -1,4 +1,4 @@
-"""Tests for dora_lightning.data.transforms (clip multi-crop augmentation).
+"""Tests for dora_lightning.data.augment.multicrop (clip multi-crop augmentation).
 
 Run ``python tests/test_transforms.py`` for a single-thread timing of one paper-scale clip (not a test).
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dora_lightning.data.transforms import COLOUR_BACKENDS, CROP_BACKENDS, ClipMultiCrop
+from dora_lightning.data.augment.multicrop import COLOUR_BACKENDS, CROP_BACKENDS, ClipMultiCrop
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

@@ -192,8 +192,8 @@ def test_frame_threads_give_the_same_clips(fixtures, index_cache, name):
 def test_the_three_reported_files_train_together(fixtures, index_cache):
     """(a), (b) and (c) through the data module: every batch comes, the only warnings are the damaged-frame line of
     (c) and the totals; nothing is reported missing."""
+    from dora_lightning.data.augment.multicrop import ClipMultiCrop
     from dora_lightning.data.datamodule import VideoClipDataModule
-    from dora_lightning.data.transforms import ClipMultiCrop
 
     paths = [str(fixtures[name].path) for name in ("pts_eq_dts", "dropped_avi", "corrupt_middle")]
     dm = VideoClipDataModule(

@@ -18,13 +18,13 @@ from torch.utils.tensorboard.summary import image as tensorboard_image
 
 from dora_lightning.checkpoints import export_backbone
 from dora_lightning.cli import main as dora_main
-from dora_lightning.data.view_colour import normalize_views
+from dora_lightning.data.augment.colour_views import normalize_views
 from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dora_lightning.models.backbone import build_vit
 from dora_lightning.module import DoRAModule
+from dora_lightning.pictures import attention_grid, track_grid, tracks_overlay
 from dora_lightning.visualize import visualize
-from dora_lightning.visualize_frames import clip_starts, open_source, read_frames
-from dora_lightning.viz import attention_grid, track_grid, tracks_overlay
+from dora_lightning.visualize_sources import clip_starts, open_source, read_frames
 
 PAD = 2  # white pixels around every tile of a grid
 FAST = dict(num_clips=2, clip_length=3, image_size=32)

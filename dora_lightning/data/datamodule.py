@@ -12,12 +12,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from dora_lightning.data.augment.device import DeviceAugment
+from dora_lightning.data.augment.multicrop import ClipMultiCrop
 from dora_lightning.data.augment.plan import FramesAndPlan
 from dora_lightning.data.collate import RecycledBlocks, collate_clips
 from dora_lightning.data.sampling import ClipSpec, cursors_per_worker
 from dora_lightning.data.sources import VideoInfo, probe_videos, resolve_video_paths
 from dora_lightning.data.stream import VideoClipStream
-from dora_lightning.data.transforms import ClipMultiCrop
 
 DEFAULT_VIDEO = "assets/video/vtest.mp4"
 AUGMENT_ON = ("cpu", "gpu", "auto")

@@ -29,7 +29,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dora_lightning.evaluation.contract import EvaluationDataError, EvaluationDataNotFoundError
-from dora_lightning.evaluation.sampling import unrepeated_sampler
+from dora_lightning.evaluation.samplers import unrepeated_sampler
 from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -293,7 +293,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def val_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         """The validation images in file order; with ``world_size`` > 1, process ``rank``'s share of them, each image
-        in exactly one share (:func:`dora_lightning.evaluation.sampling.unrepeated_sampler`: no padding repeats, so metrics summed
+        in exactly one share (:func:`dora_lightning.evaluation.samplers.unrepeated_sampler`: no padding repeats, so metrics summed
         over processes count every image once). Without arguments (as Lightning calls a data module's loaders) it
         holds every image, and Lightning shards it under DDP with its padding ``DistributedSampler``."""
         self.setup()

@@ -323,7 +323,7 @@ def make_images_video(
     views; a clip's T frames are T unrelated images), which tells whether a pretraining budget learns anything in the
     probe's own domain. Raises FileNotFoundError when ``images`` holds no images.
     """
-    from dora_lightning.viz import write_mp4
+    from dora_lightning.pictures import write_mp4
 
     folder = Path(images)
     files = (

@@ -6,7 +6,7 @@ tokens). One ``nn.Linear`` per learning rate (weights N(0, 0.01), bias 0) is tra
 (momentum 0.9), the lr scaled as ``base_lr * global_batch / 256`` and annealed to 0 by a per-step cosine. Top-1 and
 top-5 accuracy on the validation split are measured after every epoch; both the best epoch's top-1 (DINO's headline)
 and the final epoch's are reported, in percent. Under DDP each process scores its own share of the validation images,
-none repeated (:func:`dora_lightning.evaluation.sampling.unrepeated_sampler`), so every image counts exactly once.
+none repeated (:func:`dora_lightning.evaluation.samplers.unrepeated_sampler`), so every image counts exactly once.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class LinearProbeModule(pl.LightningModule):
     After every validation epoch (not the sanity check) ``history`` gets ``{"epoch", "top1", "top5", "images"}``: one
     accuracy per head, in percent (top-5 is top-min(5, num_classes)), and the number of validation images scored,
     summed over processes. Under DDP the validation loader must not repeat images (see
-    :func:`dora_lightning.evaluation.sampling.unrepeated_sampler`), or the repeats count twice.
+    :func:`dora_lightning.evaluation.samplers.unrepeated_sampler`), or the repeats count twice.
     """
 
     def __init__(

@@ -33,7 +33,7 @@ from torchvision.transforms import v2
 
 from dora_lightning.evaluation.contract import EvaluationDataError
 from dora_lightning.evaluation.image_data import load_rgb
-from dora_lightning.evaluation.sampling import unrepeated_sampler
+from dora_lightning.evaluation.samplers import unrepeated_sampler
 from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from evaluators.segmentation.layouts import (
     HEADER_CHECK_LIMIT,

@@ -4,7 +4,7 @@ The loader workers decode the clips and draw their :class:`~.plan.ViewPlan` (:cl
 training process renders all views of a batch at once with torch ops that run on any device: one gather of every
 clip's pre-crop region (float), one ``roi_align`` call for all global views and one for all local views (the batch
 index column of the rois picks the clip / frame), flips by ``torch.where``, then the colour ops of
-:func:`~dora_lightning.data.view_colour.colour_views` once for all global and once for all local images (the
+:func:`~dora_lightning.data.augment.colour_views.colour_views` once for all global and once for all local images (the
 ``"fused"`` map for the CPU-only ``"compiled"`` backend; the ``"exact"`` backend once per distinct jitter-op order),
 and the normalisation. The views equal those of ``ClipMultiCrop(crop_backend="roi_align", colour_backend=...)`` up
 to float rounding (within one 8-bit level; tests/test_device_augment.py).
@@ -25,15 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dora_lightning.data.augment.crops import roi_align_views
-from dora_lightning.data.augment.device_colour import fused_colour_views, normalize_on_device
-from dora_lightning.data.augment.plan import PLAN_PREFIX, ViewPlan, colour_groups
-from dora_lightning.data.multicrop_args import per_image
-from dora_lightning.data.transforms import ClipMultiCrop
-from dora_lightning.data.view_colour import (
+from dora_lightning.data.augment.colour_views import (
     ColourSettings,
     colour_views,
 )
+from dora_lightning.data.augment.crops import roi_align_views
+from dora_lightning.data.augment.device_colour import fused_colour_views, normalize_on_device
+from dora_lightning.data.augment.multicrop import ClipMultiCrop
+from dora_lightning.data.augment.multicrop_args import per_image
+from dora_lightning.data.augment.plan import PLAN_PREFIX, ViewPlan, colour_groups
 
 __all__ = ["HOST_PLAN", "DeviceAugment", "device_colour_backend"]
 

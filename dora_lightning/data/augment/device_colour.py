@@ -1,6 +1,6 @@
 """The ``"fused"`` colour backend for the device renderer, without reading anything back from the device.
 
-:func:`~dora_lightning.data.view_colour.colour_views` computes the colour maps' offsets, the blur kernels and the
+:func:`~dora_lightning.data.augment.colour_views.colour_views` computes the colour maps' offsets, the blur kernels and the
 normalisation constants on the CPU from values it copies there and back with blocking copies; on a CUDA device each
 such copy waits for the device's queue to drain (the previous training step included). Here the per-image decisions
 and parameters stay on the CPU (they come from the plan, drawn on the CPU), every host-to-device copy is
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dora_lightning.data.blur_ops import gaussian_kernels
-from dora_lightning.data.color_ops import _RGB_TO_YIQ, apply_colour_affine, colour_matrix, solarize
-from dora_lightning.data.view_colour import BLUR_DRAW, ColourSettings, _jitter_factors, _parameters
+from dora_lightning.data.augment.blur import gaussian_kernels
+from dora_lightning.data.augment.colour_ops import _RGB_TO_YIQ, apply_colour_affine, colour_matrix, solarize
+from dora_lightning.data.augment.colour_views import BLUR_DRAW, ColourSettings, _jitter_factors, _parameters
 
 __all__ = ["fused_colour_views", "normalize_on_device"]
 
@@ -31,7 +31,7 @@ def _to(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Te
 
 
 def _apply(img: Tensor, mask: Tensor, fn: Callable[[Tensor, Tensor], Tensor], sigma: Tensor) -> None:
-    """``view_colour._apply`` with one chunk and CPU ``mask`` / per-image ``sigma``: replace the images of ``img``
+    """``colour_views._apply`` with one chunk and CPU ``mask`` / per-image ``sigma``: replace the images of ``img``
     that ``mask`` selects with ``fn(images, their sigmas)``, in place where the selection is contiguous."""
     idx = mask.nonzero().squeeze(1)
     count = idx.numel()
@@ -47,7 +47,7 @@ def _apply(img: Tensor, mask: Tensor, fn: Callable[[Tensor, Tensor], Tensor], si
 
 
 def _blur(img: Tensor, sigma: Tensor) -> Tensor:
-    """``blur_ops.gaussian_blur`` of float images (n, C, H, W) with per-image CPU ``sigma`` (n,): its kernels are
+    """``blur.gaussian_blur`` of float images (n, C, H, W) with per-image CPU ``sigma`` (n,): its kernels are
     made on the CPU and copied without a wait. Returns a new float tensor."""
     n, c, height, width = img.shape
     cap = min(height, width) - 1
@@ -91,7 +91,7 @@ def fused_colour_views(
 def normalize_on_device(
     views: Tensor, mean: Sequence[float], std: Sequence[float], scale: float | None = None
 ) -> Tensor:
-    """``view_colour.normalize_views`` (``(views / scale - mean) / std`` per channel, float32; ``scale`` 255 for
+    """``colour_views.normalize_views`` (``(views / scale - mean) / std`` per channel, float32; ``scale`` 255 for
     uint8 views, else 1) with its constants copied to the views' device without a wait."""
     if scale is None:
         scale = 255.0 if views.dtype == torch.uint8 else 1.0

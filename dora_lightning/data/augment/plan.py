@@ -1,5 +1,5 @@
 """The random half of the clip augmentation: a clip's :class:`ViewPlan` (every random draw of
-:meth:`ClipMultiCrop.__call__ <dora_lightning.data.transforms.ClipMultiCrop.__call__>`, as small tensors) and
+:meth:`ClipMultiCrop.__call__ <dora_lightning.data.augment.multicrop.ClipMultiCrop.__call__>`, as small tensors) and
 :class:`FramesAndPlan`, the worker-side transform of ``data.augment_on=gpu`` that emits a clip's frames with its plan
 instead of its views."""
 
@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from dora_lightning.data.view_colour import BLUR_DRAW, JITTER_DRAW
+from dora_lightning.data.augment.colour_views import BLUR_DRAW, JITTER_DRAW
 
 if TYPE_CHECKING:
-    from dora_lightning.data.transforms import ClipMultiCrop
+    from dora_lightning.data.augment.multicrop import ClipMultiCrop
 
 __all__ = ["PLAN_PREFIX", "FramesAndPlan", "ViewPlan", "colour_groups"]
 

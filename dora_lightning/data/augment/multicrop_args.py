@@ -1,4 +1,4 @@
-"""Argument checks and augmentation recipes of :class:`~dora_lightning.data.transforms.ClipMultiCrop`.
+"""Argument checks and augmentation recipes of :class:`~dora_lightning.data.augment.multicrop.ClipMultiCrop`.
 
 A recipe names the per-view probabilities in which DoRA's and DINO's augmentations differ (see docs/method.md, "The
 DINO baseline's augmentation"); every other argument is shared by both.

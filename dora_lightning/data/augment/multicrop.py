@@ -7,7 +7,7 @@ is turned into DoRA's views with a few hundred tensor ops:
   drawn from a ``torch.Generator``; see :mod:`.crop_boxes`) and composed into frame coordinates, so each view is
   resampled from the frame once: with uint8 antialiased ``F.interpolate`` (default) or ``torchvision.ops.roi_align``
   (one call per view size);
-* colour jitter, grayscale, Gaussian blur and solarisation (:mod:`.color_ops`) run on groups of images with
+* colour jitter, grayscale, Gaussian blur and solarisation (:mod:`.colour_ops`) run on groups of images with
   per-image random parameters, only on the images an op is applied to, in L2-sized chunks; no PIL, no per-frame
   Python loops in the colour ops.
 
@@ -25,11 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dora_lightning.data.augment.colour_ops import PACKED_PIXELS
+from dora_lightning.data.augment.colour_views import (
+    COLOUR_BACKENDS,
+    NUM_DRAWS,
+    OUTPUT_DTYPES,
+    ColourSettings,
+    colour_views,
+    normalize_views,
+)
+from dora_lightning.data.augment.crop_boxes import ClipBoxes, pixel_box, sample_clip_boxes
 from dora_lightning.data.augment.crops import roi_align_views
-from dora_lightning.data.augment.plan import ViewPlan, colour_groups
-from dora_lightning.data.color_ops import PACKED_PIXELS
-from dora_lightning.data.crop_boxes import ClipBoxes, pixel_box, sample_clip_boxes
-from dora_lightning.data.multicrop_args import (
+from dora_lightning.data.augment.multicrop_args import (
     RECIPES,
     Recipe,
     check_frames,
@@ -41,14 +48,8 @@ from dora_lightning.data.multicrop_args import (
     per_image,
     recipe_value,
 )
-from dora_lightning.data.view_colour import (
-    COLOUR_BACKENDS,
-    NUM_DRAWS,
-    OUTPUT_DTYPES,
-    ColourSettings,
-    colour_views,
-    normalize_views,
-)
+from dora_lightning.data.augment.plan import ViewPlan, colour_groups
+from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["COLOUR_BACKENDS", "CROP_BACKENDS", "OUTPUT_DTYPES", "RECIPES", "ClipMultiCrop"]
 
@@ -75,7 +76,7 @@ class ClipMultiCrop:
        clamp) with a ``torch.compile``d uint8 kernel and blurs the 8-bit result with two more (eager fallback, one
        warning, where compiling fails); ``"fused"`` is the same map in eager float ops (~2x slower per clip);
        ``"exact"`` runs torchvision's ColorJitter ops in one random order per clip with HSV hue and a clamp after
-       each op (~3x slower again); see :mod:`.view_colour` and docs/data.md.
+       each op (~3x slower again); see :mod:`.colour_views` and docs/data.md.
     5. Hand-off: ``output_dtype="uint8"`` (default) returns quantised uint8 views, normalised with ``mean``/``std``
        on the training device by :meth:`normalize` (VideoClipDataModule does this in ``on_after_batch_transfer``),
        which moves 4x fewer bytes from the loader workers; ``"float32"`` returns normalised float views.
@@ -116,8 +117,8 @@ class ClipMultiCrop:
         local_flip_prob: float | None = None,
         recipe: Recipe = "dora",
         blur_sigma: tuple[float, float] = (0.1, 2.0),
-        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
         crop_backend: Literal["roi_align", "interpolate"] = "interpolate",
         colour_backend: Literal["compiled", "fused", "exact"] = "compiled",
         output_dtype: Literal["uint8", "float32"] = "uint8",
@@ -169,7 +170,7 @@ class ClipMultiCrop:
 
     @property
     def colour(self) -> ColourSettings:
-        """The colour settings :func:`~dora_lightning.data.view_colour.colour_views` takes, from this transform's
+        """The colour settings :func:`~dora_lightning.data.augment.colour_views.colour_views` takes, from this transform's
         arguments."""
         return ColourSettings(
             jitter_prob=self.jitter_prob,

@@ -1,9 +1,9 @@
 """The augmentation's hot loops as ``torch.compile`` kernels, each with an eager fallback.
 
-Run eagerly on a CPU, the fused colour map (:func:`~dora_lightning.data.color_ops.colour_map_uint8`, ~15
+Run eagerly on a CPU, the fused colour map (:func:`~dora_lightning.data.augment.colour_ops.colour_map_uint8`, ~15
 elementwise ops) makes one pass over memory per op, and the blur's grouped convolutions spend more time in padding,
 layout copies and dtype conversions than in arithmetic. Inductor turns the colour map into one vectorised loop
-(uint8 in, uint8 out) and each blur direction (:mod:`.blur_ops`) into another: about 3-5x less time per clip.
+(uint8 in, uint8 out) and each blur direction (:mod:`.blur`) into another: about 3-5x less time per clip.
 
 Compiling costs seconds once per process (a data-loader worker compiles on its first clip; later processes reuse
 inductor's on-disk cache). Where compilation is unavailable (no C++ compiler, an unsupported platform), the first
@@ -26,8 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import get_worker_info
 
-from dora_lightning.data.blur_ops import blur_columns, blur_radius, blur_rows, gaussian_blur, gaussian_kernels
-from dora_lightning.data.color_ops import colour_map_rgbx_uint8, colour_map_uint8
+from dora_lightning.data.augment.blur import (
+    blur_columns,
+    blur_radius,
+    blur_rows,
+    gaussian_blur,
+    gaussian_kernels,
+)
+from dora_lightning.data.augment.colour_ops import colour_map_rgbx_uint8, colour_map_uint8
 
 __all__ = [
     "CompiledFunction",
@@ -157,7 +163,7 @@ _columns = CompiledFunction("blur (columns)", blur_columns, blur_columns, dynami
 def compiled_blur_uint8(views: Tensor, sigma: Tensor, sigma_max: float) -> Tensor:
     """Gaussian-blur uint8 views (n, C, H, W) with per-view ``sigma`` (n,) <= ``sigma_max``; uint8, rounded.
 
-    The same blur as :func:`~dora_lightning.data.blur_ops.gaussian_blur` (reflect padding, radius ``ceil(3
+    The same blur as :func:`~dora_lightning.data.augment.blur.gaussian_blur` (reflect padding, radius ``ceil(3
     sigma)``), with kernels zero-padded to the largest radius ``sigma_max`` allows, so every call has the same
     kernel length and the compiled passes are reused. Runs the convolution version if either pass failed to
     compile.

@@ -1,7 +1,7 @@
 """Frames for `dora visualize`: clips spread evenly over a video file (PyAV) or a folder of frames (PIL).
 
 Frames are resized so that their short side is ``image_size`` and centre-cropped to whole patches, as uint8
-(T, 3, H, W); :func:`~dora_lightning.data.view_colour.normalize_views` makes them network input.
+(T, 3, H, W); :func:`~dora_lightning.data.augment.colour_views.normalize_views` makes them network input.
 """
 
 from __future__ import annotations

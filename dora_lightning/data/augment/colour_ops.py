@@ -1,5 +1,5 @@
 """Colour ops for the clip augmentation (spec section C): grayscale, HSV, colour jitter and solarisation (the blur:
-:mod:`.blur_ops`).
+:mod:`.blur`).
 
 They work on groups of float images (n, 3, H, W) in [0, 1] with per-image parameters (n,), so one call handles many
 views/frames at once; no PIL, no per-image Python loops. The ``*_`` functions work in place (and return ``img``):
@@ -225,7 +225,7 @@ def colour_map_uint8(views: Tensor, matrix: Tensor, mean_coef: Tensor) -> Tensor
 
     ``round(clamp(A_i x + mean_coef_i * m_i, 0, 255))`` (half up) per pixel x of image i, with ``m_i`` the luma of
     its channel means, computed in float32. Written as broadcast elementwise ops so that ``torch.compile`` turns it
-    into one vectorised loop (:mod:`.compiled_ops`); run eagerly it is the reference and the fallback.
+    into one vectorised loop (:mod:`.compiled`); run eagerly it is the reference and the fallback.
     """
     x = views.to(torch.float32)
     return _map_channels(x[:, 0], x[:, 1], x[:, 2], matrix, mean_coef)

@@ -4,10 +4,10 @@ the views.
 Three jitter backends work on groups of views (N, 3, S, S) with per-view random draws:
 
 * ``"compiled"`` (default): brightness, contrast, saturation, hue and grayscale folded into one affine colour map
-  per view (:func:`~dora_lightning.data.color_ops.colour_matrix`; the hue shift is the YIQ rotation approximation of
+  per view (:func:`~dora_lightning.data.augment.colour_ops.colour_matrix`; the hue shift is the YIQ rotation approximation of
   an HSV hue shift), applied to the uint8 crops by one ``torch.compile``'d kernel that clamps and rounds to uint8;
   the blur (two more compiled kernels) then runs on the 8-bit jittered views and rounds again, as PIL's op-by-op
-  uint8 pipeline does (:mod:`.compiled_ops`). About 3x cheaper than ``"fused"``; eager (same results up to
+  uint8 pipeline does (:mod:`.compiled`). About 3x cheaper than ``"fused"``; eager (same results up to
   float rounding) where compiling is unavailable.
 * ``"fused"``: the same affine map on float views in eager ops, blurred in float, rounded once.
 * ``"exact"``: torchvision's ColorJitter arithmetic, op by op in one random order per clip, clamping after each op,
@@ -29,8 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dora_lightning.data.blur_ops import gaussian_blur
-from dora_lightning.data.color_ops import (
+from dora_lightning.data.augment.blur import gaussian_blur
+from dora_lightning.data.augment.colour_ops import (
     PACKED_PIXELS,
     adjust_brightness_,
     adjust_contrast_,
@@ -42,7 +42,7 @@ from dora_lightning.data.color_ops import (
     rgb_to_grayscale,
     solarize,
 )
-from dora_lightning.data.compiled_ops import (
+from dora_lightning.data.augment.compiled import (
     compiled_blur_uint8,
     compiled_colour_map_rgbx_uint8,
     compiled_colour_map_uint8,
@@ -69,7 +69,7 @@ _CHUNK_PIXELS = 1 << 16
 
 @dataclass(frozen=True)
 class ColourSettings:
-    """The colour augmentation of :class:`~dora_lightning.data.transforms.ClipMultiCrop` (see its arguments)."""
+    """The colour augmentation of :class:`~dora_lightning.data.augment.multicrop.ClipMultiCrop` (see its arguments)."""
 
     jitter_prob: float
     brightness: float
