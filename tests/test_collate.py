@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 import dora_lightning.data.collate as collate_module
 from dora_lightning.data.augment.multicrop import ClipMultiCrop
 from dora_lightning.data.collate import BLOCK_FIELD, RecycledBlocks, collate_clips
-from dora_lightning.data.datamodule import ClipLoader, VideoClipDataModule
+from dora_lightning.data.datamodule import VideoClipDataModule
+from dora_lightning.data.loader import ClipLoader
 
 
 def sample(seed: int, locals_: int = 3, dtype: torch.dtype = torch.uint8) -> dict:

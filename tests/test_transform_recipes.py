@@ -7,6 +7,7 @@ import torch
 
 from dora_lightning.data.augment.colour_views import BLUR_DRAW, JITTER_DRAW, NUM_DRAWS, colour_views
 from dora_lightning.data.augment.compiled import compiled_blur_uint8
+from dora_lightning.data.augment.crops import crop_interpolate
 from dora_lightning.data.augment.multicrop import COLOUR_BACKENDS, CROP_BACKENDS, ClipMultiCrop
 from dora_lightning.data.augment.multicrop_args import RECIPES
 
@@ -50,8 +51,17 @@ def pre_recipe_views(t: ClipMultiCrop, frames: torch.Tensor, g: torch.Generator)
     no_flip = torch.zeros(L * T, dtype=torch.bool)
     gboxes = boxes.to_frame(boxes.global_boxes)
     packed = C == 4
-    crops = t._crop_interpolate(
-        frames, gboxes, boxes.global_flip, lboxes, lframes, no_flip, torch.uint8, packed
+    crops = crop_interpolate(
+        frames,
+        gboxes,
+        boxes.global_flip,
+        lboxes,
+        lframes,
+        no_flip,
+        torch.uint8,
+        packed,
+        t.global_size,
+        t.local_size,
     )
     global_out = colour_views(crops[0], 255.0, u_global, order, 0.1, t.colour, packed)
     local_out = colour_views(crops[1], 255.0, u_local[order_local], order, 0.5, t.colour, packed)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
 from dora_lightning.data.augment.device import DeviceAugment
 from dora_lightning.data.augment.multicrop import ClipMultiCrop
 from dora_lightning.data.augment.plan import FramesAndPlan
-from dora_lightning.data.collate import RecycledBlocks, collate_clips
+from dora_lightning.data.loader import ClipLoader
 from dora_lightning.data.sampling import ClipSpec, cursors_per_worker
 from dora_lightning.data.sources import VideoInfo, probe_videos, resolve_video_paths
 from dora_lightning.data.stream import VideoClipStream
@@ -28,49 +26,6 @@ warnings.filterwarnings(
     "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
 )
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-
-
-class ClipLoader(DataLoader):
-    """A DataLoader that tells its stream where to start (epoch, batches already done) each time it is iterated,
-    and calls ``on_first_batch`` when an iteration yields its first batch.
-
-    Batches are made by :func:`collate_clips` (one memory block per batch); with worker processes and no pinning,
-    each iteration's workers reuse their shared-memory blocks once the training process has freed the batches in
-    them (:class:`RecycledBlocks`), which saves the page faults of fresh shared memory for every batch.
-    """
-
-    def __init__(
-        self,
-        dataset: VideoClipStream,
-        position: Callable[[], tuple[int, int]],
-        recycle_blocks: bool = True,
-        on_first_batch: Callable[[], None] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(dataset, collate_fn=collate_clips, **kwargs)
-        self._position, self._on_first_batch = position, on_first_batch
-        self.recycle_blocks = recycle_blocks
-
-    def __iter__(self) -> Iterator[Any]:
-        epoch, batches_done = self._position()
-        self.dataset.set_position(epoch, batches_done)
-        if not self.recycle_blocks or self.num_workers == 0 or self.pin_memory or self.persistent_workers:
-            self.collate_fn = collate_clips
-            return self._started(super().__iter__())
-        blocks = RecycledBlocks(
-            self.num_workers, blocks_per_worker=self.prefetch_factor + 2, context=self.multiprocessing_context
-        )
-        self.collate_fn = blocks.collate  # read by the iterator created below, and by its workers only
-        return self._started(blocks.batches(super().__iter__()))
-
-    def _started(self, batches: Iterator[Any]) -> Iterator[Any]:
-        """``batches``, calling ``on_first_batch`` (if given) when the first one comes."""
-        first = self._on_first_batch
-        for batch in batches:
-            if first is not None:
-                first()
-                first = None
-            yield batch
 
 
 class VideoClipDataModule(pl.LightningDataModule):
