@@ -25,6 +25,7 @@ __all__ = [
     "check_vit",
     "forward_features",
     "forward_with_last_block_taps",
+    "last_block_tokens",
     "last_n_block_cls",
 ]
 
@@ -189,18 +190,34 @@ def forward_with_last_block_taps(model: VisionTransformer, images: Tensor) -> Te
     )
 
 
+def last_block_tokens(
+    model: VisionTransformer, images: Tensor, n: int, output_fmt: str = "NLC", prefix_tokens: bool = False
+) -> list[Any]:
+    """The final-normed tokens of the last ``n`` blocks (earliest first), as timm's ``forward_intermediates`` gives
+    them: per block the patch tokens (``output_fmt`` "NLC" (B, N, d) or "NCHW" (B, d, h, w)), paired with the prefix
+    tokens (CLS first) when ``prefix_tokens``. The one place the probes' features come from; ValueError names
+    ``n_last_blocks`` when ``n`` is not in [1, depth]."""
+    depth = len(model.blocks)
+    if not 1 <= n <= depth:
+        raise ValueError(f"n_last_blocks must be in [1, {depth}] (the backbone's depth), got {n}")
+    return model.forward_intermediates(
+        images,
+        indices=n,
+        norm=True,
+        return_prefix_tokens=prefix_tokens,
+        output_fmt=output_fmt,
+        intermediates_only=True,
+    )
+
+
 def last_n_block_cls(model: VisionTransformer, images: Tensor, n: int) -> Tensor:
     """Concatenate the final-normed CLS tokens of the last ``n`` blocks (earliest first): (B, n * d).
 
     The linear-probe feature of DINO's ``eval_linear.py`` (n = 4 for ViT-S, spec D).
     """
-    depth = len(model.blocks)
-    if not 1 <= n <= depth:
-        raise ValueError(f"n must be in [1, {depth}] (the model's depth), got {n}")
-    outs = model.forward_intermediates(
-        images, indices=n, norm=True, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
+    return torch.cat(
+        [prefix[:, 0] for _patches, prefix in last_block_tokens(model, images, n, prefix_tokens=True)], -1
     )
-    return torch.cat([prefix[:, 0] for _patches, prefix in outs], dim=-1)
 
 
 def clip_tracker_inputs(taps: TeacherForward, batch: int, frames: int) -> TrackerInputs:

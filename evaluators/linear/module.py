@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from dora_lightning.models.backbone import last_n_block_cls
+from dora_lightning.models.backbone import last_block_tokens, last_n_block_cls
 
 __all__ = ["LinearProbeModule", "lr_key", "probe_features"]
 
@@ -38,17 +38,7 @@ def probe_features(backbone: VisionTransformer, images: Tensor, n_last_blocks: i
     """
     if not avgpool:
         return last_n_block_cls(backbone, images, n_last_blocks)
-    depth = len(backbone.blocks)
-    if not 1 <= n_last_blocks <= depth:
-        raise ValueError(f"n must be in [1, {depth}] (the model's depth), got {n_last_blocks}")
-    outs = backbone.forward_intermediates(
-        images,
-        indices=n_last_blocks,
-        norm=True,
-        return_prefix_tokens=True,
-        output_fmt="NLC",
-        intermediates_only=True,
-    )
+    outs = last_block_tokens(backbone, images, n_last_blocks, prefix_tokens=True)
     cls = [prefix[:, 0] for _patches, prefix in outs]
     return torch.cat([*cls, outs[-1][0].mean(dim=1)], dim=-1)
 

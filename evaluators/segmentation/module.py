@@ -17,6 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from dora_lightning.models.backbone import last_block_tokens
 from evaluators.segmentation.data import IGNORE_INDEX
 
 __all__ = ["SegmentationHeadModule", "patch_features", "segmentation_scores"]
@@ -25,12 +26,7 @@ __all__ = ["SegmentationHeadModule", "patch_features", "segmentation_scores"]
 def patch_features(backbone: VisionTransformer, images: Tensor, n_last_blocks: int = 1) -> Tensor:
     """Final-normed patch tokens of the last ``n_last_blocks`` blocks, concatenated (earliest first) on the
     channel axis, on the patch grid: (B, n_last_blocks * d, H / patch, W / patch). Prefix tokens are dropped."""
-    depth = len(backbone.blocks)
-    if not 1 <= n_last_blocks <= depth:
-        raise ValueError(f"n_last_blocks must be in [1, {depth}] (the backbone's depth), got {n_last_blocks}")
-    outs = backbone.forward_intermediates(
-        images, indices=n_last_blocks, norm=True, output_fmt="NCHW", intermediates_only=True
-    )
+    outs = last_block_tokens(backbone, images, n_last_blocks, output_fmt="NCHW")
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
