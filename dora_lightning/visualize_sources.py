@@ -18,6 +18,7 @@ from torch import Tensor
 
 from dora_lightning.data.reader import DecodeStats, RangeReader
 from dora_lightning.data.sources import VideoInfo, VideoSourceError, probe_video
+from dora_lightning.sizes import short_side_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -71,8 +72,7 @@ def clip_starts(num_frames: int, span: int, num_clips: int) -> list[int]:
 
 def resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:
     """(width, height) after scaling so that the short side is ``image_size`` (up or down)."""
-    scale = image_size / min(width, height)
-    return max(image_size, round(width * scale)), max(image_size, round(height * scale))
+    return short_side_size(width, height, image_size)
 
 
 def _centre_crop(images: list[np.ndarray], patch_size: int) -> Tensor:

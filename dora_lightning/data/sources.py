@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 
 from dora_lightning.data.timeline import Timeline, TimelineError, load_or_build
+from dora_lightning.sizes import short_side_size
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts")
 
@@ -60,10 +61,9 @@ class VideoInfo:
     def decode_size(self, short_side: int | None) -> tuple[int, int]:
         """(width, height) of the upright frame after scaling the short side to ``short_side`` (never upscaling),
         both even."""
-        if short_side is None or short_side >= min(self.width, self.height):
+        if short_side is None:
             return self.width, self.height
-        scale = short_side / min(self.width, self.height)
-        return max(2, round(self.width * scale / 2) * 2), max(2, round(self.height * scale / 2) * 2)
+        return short_side_size(self.width, self.height, short_side, multiple=2, upscale=False)
 
 
 def resolve_video_paths(paths: str | Sequence[str]) -> list[str]:

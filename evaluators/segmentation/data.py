@@ -35,6 +35,7 @@ from dora_lightning.evaluation.contract import EvaluationDataError
 from dora_lightning.evaluation.image_data import load_rgb
 from dora_lightning.evaluation.samplers import unrepeated_sampler
 from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from dora_lightning.sizes import short_side_size
 from evaluators.segmentation.layouts import (
     HEADER_CHECK_LIMIT,
     IGNORE_INDEX,
@@ -87,11 +88,8 @@ def read_sample(sample: SegSample, num_classes: int, reduce_zero_label: bool) ->
 
 def eval_size(height: int, width: int, image_size: int, patch_size: int) -> tuple[int, int]:
     """Evaluation input size: short side ``image_size``, long side scaled alike and rounded to the patch size."""
-    scale = image_size / min(height, width)
-    rounded = [max(patch_size, round(side * scale / patch_size) * patch_size) for side in (height, width)]
-    short = 0 if height <= width else 1
-    rounded[short] = image_size
-    return rounded[0], rounded[1]
+    new_width, new_height = short_side_size(width, height, image_size, multiple=patch_size)
+    return (image_size, new_width) if height <= width else (new_height, image_size)
 
 
 class SegmentationDataset(Dataset):
