@@ -36,7 +36,7 @@ from dora_lightning.checkpoint_formats import (
     read_checkpoint,
     select_backbone,
 )
-from dora_lightning.models.backbone import build_vit
+from dora_lightning.models.backbone import build_vit, patch_size_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -161,7 +161,7 @@ def load_backbone(
         model = build_vit(spec.model_name, img_size=size, drop_path_rate=0.0, **spec.model_kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"'{path}': cannot build {spec.model_name} with {spec.model_kwargs}: {err}") from err
-    patch = int(model.patch_embed.patch_size[0])
+    patch = patch_size_of(model)
     if img_size is not None and size % patch:
         raise ValueError(
             f"'{path}': img_size={size} is not a multiple of the patch size {patch}; pick a multiple"

@@ -29,6 +29,7 @@ from dora_lightning.models.backbone import (
     clip_tracker_inputs,
     forward_features,
     forward_with_last_block_taps,
+    patch_size_of,
 )
 from dora_lightning.models.compile import compile_regions_
 from dora_lightning.models.head import DINOHead, cancel_last_layer_grad_
@@ -172,7 +173,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         self.teacher = StudentTeacher(teacher_backbone, DINOHead(**head_args))
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
-        self.patch_size = int(student_backbone.patch_embed.patch_size[0])
+        self.patch_size = patch_size_of(student_backbone)
         self.num_heads = num_heads
         self.register_buffer("center", torch.zeros(1, out_dim))
         # _track draws from head_generator; training_step reseeds it per batch from (seed + rank, draw count)

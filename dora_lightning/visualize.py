@@ -32,7 +32,7 @@ from dora_lightning.core.tracker import SK_EPSILON, SK_ITERATIONS, TrackingOptio
 from dora_lightning.data.augment.colour_views import normalize_views
 from dora_lightning.data.sampling import ClipSpec
 from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from dora_lightning.models.backbone import clip_tracker_inputs, forward_with_last_block_taps
+from dora_lightning.models.backbone import clip_tracker_inputs, forward_with_last_block_taps, patch_size_of
 from dora_lightning.pictures import (
     attention_rows,
     save_png,
@@ -132,7 +132,7 @@ def analyse_clip(
 ) -> ClipAnalysis:
     """Backbone taps of every frame (T, 3, H, W, normalised, on the model's device) and the tracker on the clip."""
     taps = forward_with_last_block_taps(model, frames)
-    patch_size = int(model.patch_embed.patch_size[0])
+    patch_size = patch_size_of(model)
     options = TrackingOptions(settings.sk_epsilon, settings.sk_iterations, settings.official_compat)
     tracked = options.track(clip_tracker_inputs(taps, 1, frames.shape[0]), heads, frames[None], patch_size)
     return ClipAnalysis(

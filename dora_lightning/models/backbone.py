@@ -26,6 +26,7 @@ __all__ = [
     "forward_features",
     "forward_with_last_block_taps",
     "last_block_tokens",
+    "patch_size_of",
     "last_n_block_cls",
 ]
 
@@ -64,6 +65,18 @@ def check_vit(model: nn.Module, name: str = "model") -> VisionTransformer:
             f"{name!r}: blocks[-1].attn.qkv has {qkv.out_features} outputs, expected 3*heads*head_dim"
         )
     return model
+
+
+def patch_size_of(model: VisionTransformer) -> int:
+    """The ViT's patch size; ValueError when its patches are not square (the tracker, the probes and the crops
+    assume square patches)."""
+    size = model.patch_embed.patch_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if height != width:
+        raise ValueError(
+            f"the backbone's patches are not square ({height}x{width}); use a ViT with square patches"
+        )
+    return int(height)
 
 
 def build_vit(

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dora_lightning.evaluation.contract import EvaluationDataError, Evaluator
-from dora_lightning.models.backbone import forward_features
+from dora_lightning.models.backbone import forward_features, patch_size_of
 from evaluators.davis.data import (
     DAVIS_MEAN,
     DAVIS_STD,
@@ -50,15 +50,6 @@ def metric_name(column: str) -> str:
     """The metric key of a davis2017-evaluation column: ``J&F-Mean`` -> ``davis/J&F-mean``."""
     measure, stat = column.split("-")
     return f"davis/{measure}-{stat.lower()}"
-
-
-def patch_size_of(backbone: VisionTransformer) -> int:
-    """The backbone's (square) patch size."""
-    size = backbone.patch_embed.patch_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if size[0] != size[1]:
-        raise ValueError(f"DAVIS propagation needs square patches, the backbone has {size}")
-    return int(size[0])
 
 
 @dataclass
@@ -327,7 +318,7 @@ class DavisEvaluator(Evaluator):
         return Path(trainer_kwargs.get("default_root_dir") or Path.cwd()) / "eval" / self.name
 
     def evaluate(self, backbone: VisionTransformer, trainer_kwargs: dict[str, Any]) -> dict[str, float]:
-        patch_size = int(backbone.patch_embed.patch_size[0])
+        patch_size = patch_size_of(backbone)
         if self.short_side < patch_size:
             raise EvaluationDataError(  # a setting that does not fit this backbone: reported as one CLI line
                 f"short_side={self.short_side} is smaller than the backbone's patch size {patch_size}; "

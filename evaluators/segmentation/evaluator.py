@@ -27,6 +27,7 @@ from dora_lightning.evaluation.probe import (
     probe_trainer_kwargs,
     refuse_spawned_strategy,
 )
+from dora_lightning.models.backbone import patch_size_of
 from evaluators.segmentation.data import SegmentationDataModule
 from evaluators.segmentation.module import SegmentationHeadModule, patch_features, segmentation_scores
 
@@ -156,9 +157,7 @@ class SegmentationEvaluator(Evaluator):
         ``image_size`` that is not a multiple of the patch size.
         """
         check_n_last_blocks(backbone, self.n_last_blocks)
-        patch_h, patch_w = backbone.patch_embed.patch_size
-        if patch_h != patch_w:
-            raise ValueError(f"the backbone's patches are not square ({patch_h}x{patch_w})")
+        patch_h = patch_size_of(backbone)
         if self.image_size % patch_h:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of the backbone's patch size {patch_h}"
