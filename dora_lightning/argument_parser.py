@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -29,10 +30,9 @@ class DoraArgumentParser(LightningArgumentParser):
     """A parser whose errors are one line on stderr (``dora fit: error: ...``; no usage text), exit status 2."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        from jsonargparse._common import debug_mode_active
-
-        # jsonargparse parses nested values with exit_on_error off and expects its ArgumentError; JSONARGPARSE_DEBUG
-        if not self.exit_on_error or debug_mode_active():
+        # jsonargparse parses nested values with exit_on_error off and expects its ArgumentError; its documented
+        # JSONARGPARSE_DEBUG environment variable asks for its own (full) errors
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG", "").lower() not in ("", "0", "false"):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
