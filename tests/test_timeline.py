@@ -82,3 +82,21 @@ def test_off_grid_timestamps_map_as_a_player_shows_them():
     assert [timeline.indices_of(int(p)) for p in source] == [(0, 1), (1, 2), (2, 2), (2, 3), (3, 5), (5, 6)]
     assert [timeline.seek_pts(i) for i in range(6)] == [0, 10, 25, 27, 27, 50]
     assert timeline.indices_of(-5) == (0, 0)
+
+
+def test_the_cache_keeps_the_most_recently_used_entries(tmp_path):
+    """Old entries (e.g. of deleted videos) and killed writers' temp files go; an entry that was just read stays."""
+    video = write_video(tmp_path / "v.mp4", 40)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for i in range(6):
+        (cache / f"old{i}.npz").write_bytes(b"x")
+        os.utime(cache / f"old{i}.npz", (1_000_000 + i, 1_000_000 + i))
+    (cache / "abc.123.tmp.npz").write_bytes(b"partial")
+    tl.load_or_build(str(video), cache, max_entries=3)
+    names = sorted(p.name for p in entries(cache))
+    assert len(names) == 3 and "old5.npz" in names and "old4.npz" in names  # the new entry + the 2 newest old
+    assert not any(n.startswith("old0") or n.endswith(".tmp.npz") for n in names)
+    assert tl.prune_cache(cache, keep=1) == 2  # reading touched nothing else; keep the newest (the video's)
+    (entry,) = entries(cache)
+    assert "old" not in entry.name

@@ -32,6 +32,9 @@ import numpy as np
 
 INDEX_VERSION = 1
 ORDER_CHECK_PACKETS = 48  # packets decoded to tell whether a PTS = DTS stream reorders its frames
+MAX_INDEX_ENTRIES = (
+    4096  # ~1 KB each (a few MB for files with off-grid timestamps); the least recently used go first
+)
 
 
 class TimelineError(ValueError):
@@ -269,14 +272,38 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> tuple[Timeline, dict, dict]:
     return timeline, meta["key"], meta["extra"]
 
 
+def prune_cache(folder: Path, keep: int = MAX_INDEX_ENTRIES) -> int:
+    """Delete all but the ``keep`` most recently used entries of the index cache ``folder`` (entries are touched
+    when read), and temporary files of killed writers; returns how many files were removed."""
+    try:
+        files = [(p.stat().st_mtime_ns, p) for p in folder.glob("*.npz")]
+    except OSError:
+        return 0
+    files.sort(reverse=True)
+    stale = [p for _, p in files if p.name.endswith(".tmp.npz")]
+    entries = [p for _, p in files if not p.name.endswith(".tmp.npz")]
+    removed = 0
+    for path in stale + entries[keep:]:
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def load_or_build(
-    path: str, cache_dir: str | os.PathLike | None = None, probe: Callable[[str], dict] | None = None
+    path: str,
+    cache_dir: str | os.PathLike | None = None,
+    probe: Callable[[str], dict] | None = None,
+    max_entries: int = MAX_INDEX_ENTRIES,
 ) -> tuple[Timeline, dict]:
     """The timeline of ``path`` and the ``extra`` facts ``probe(path)`` returned, from the cache when the file's path,
     size and mtime_ns match the entry; else built (and ``probe`` run) and written to the cache.
 
     ``cache_dir`` None uses :func:`default_cache_dir`. A corrupt or stale entry is rebuilt; a cache folder that cannot
-    be written is ignored (the index is then rebuilt at each start).
+    be written is ignored (the index is then rebuilt at each start). After a write the cache keeps the
+    ``max_entries`` most recently used entries (:func:`prune_cache`).
     """
     key = _file_key(path)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -285,6 +312,10 @@ def load_or_build(
         with np.load(entry, allow_pickle=False) as stored:
             timeline, stored_key, extra = _from_arrays(dict(stored))
         if stored_key == key:
+            try:
+                os.utime(entry)  # used: the cache keeps the most recently used entries
+            except OSError:
+                pass
             return timeline, extra
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, EOFError):
         pass  # no entry, or a corrupt / old one: rebuild it
@@ -295,6 +326,7 @@ def load_or_build(
         temporary = entry.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(temporary, **_to_arrays(timeline, key, extra))
         os.replace(temporary, entry)
+        prune_cache(folder, max_entries)
     except OSError:
         pass  # an unwritable cache is not an error
     return timeline, extra
