@@ -189,9 +189,11 @@ def test_frame_threads_give_the_same_clips(fixtures, index_cache, name):
         assert shown(a) == shown(b)
 
 
-def test_the_three_reported_files_train_together(fixtures, index_cache):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_three_reported_files_train_together(fixtures, index_cache, workers):
     """(a), (b) and (c) through the data module: every batch comes, the only warnings are the damaged-frame line of
-    (c) and the totals; nothing is reported missing."""
+    (c) and the totals, once per epoch whatever the number of workers (their counters are summed); nothing is
+    reported missing."""
     from dora_lightning.data.augment.multicrop import ClipMultiCrop
     from dora_lightning.data.datamodule import VideoClipDataModule
 
@@ -202,7 +204,7 @@ def test_the_three_reported_files_train_together(fixtures, index_cache):
         frame_stride=4,
         decode_short_side=32,
         batch_size=8,
-        num_workers=0,
+        num_workers=workers,
         start_step=2,
         transform=ClipMultiCrop(
             global_size=16,
@@ -226,5 +228,6 @@ def test_the_three_reported_files_train_together(fixtures, index_cache):
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     damage = [m for m in messages if "damaged frames could not be decoded" in m]
     assert len(damage) == 1 and paths[2] in damage[0]
+    assert len([m for m in messages if m.startswith("clip stream:")]) == 1
     assert not any("missing" in m and not m.startswith("clip stream:") for m in messages), messages
     assert all(" 0 missing frames" in m for m in messages if m.startswith("clip stream:"))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader
 
 from dora_lightning.data.collate import RecycledBlocks, collate_clips
+from dora_lightning.data.reader import DecodeStats
 from dora_lightning.data.stream import VideoClipStream
 
 
@@ -35,20 +39,34 @@ class ClipLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         epoch, batches_done = self._position()
         self.dataset.set_position(epoch, batches_done)
+        sink = self._report_sink()
+        self.dataset.report_sink = sink  # inherited by the workers created below
         if not self.recycle_blocks or self.num_workers == 0 or self.pin_memory or self.persistent_workers:
             self.collate_fn = collate_clips
-            return self._started(super().__iter__())
+            return self._started(super().__iter__(), sink)
         blocks = RecycledBlocks(
             self.num_workers, blocks_per_worker=self.prefetch_factor + 2, context=self.multiprocessing_context
         )
         self.collate_fn = blocks.collate  # read by the iterator created below, and by its workers only
-        return self._started(blocks.batches(super().__iter__()))
+        return self._started(blocks.batches(super().__iter__()), sink)
 
-    def _started(self, batches: Iterator[Any]) -> Iterator[Any]:
-        """``batches``, calling ``on_first_batch`` (if given) when the first one comes."""
+    def _report_sink(self) -> Any:
+        """A queue for the workers' end-of-epoch counters (a thread queue when the stream runs in this process)."""
+        if self.num_workers == 0:
+            return queue.SimpleQueue()
+        return (self.multiprocessing_context or multiprocessing.get_context()).SimpleQueue()
+
+    def _started(self, batches: Iterator[Any], sink: Any) -> Iterator[Any]:
+        """``batches``, calling ``on_first_batch`` (if given) when the first one comes; when they are exhausted (the
+        epoch's end), one warning line per file with damaged frames and one of totals, summed over the workers."""
         first = self._on_first_batch
         for batch in batches:
             if first is not None:
                 first()
                 first = None
             yield batch
+        reports = []
+        while not sink.empty():
+            reports.append(sink.get())
+        for line in DecodeStats.merged(reports).epoch_lines():
+            warnings.warn(line, RuntimeWarning, stacklevel=2)

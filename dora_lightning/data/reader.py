@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import av
 import av.logging
@@ -51,6 +51,38 @@ class DecodeStats:
             "good clip"
             for path, count in sorted(self.damaged_frames.items())
         ]
+
+    def report(self) -> dict[str, Any]:
+        """This worker's end-of-epoch counters as plain data, for the training process to merge (:meth:`merged`)."""
+        return {
+            "decode_errors": self.decode_errors,
+            "missing_frames": self.missing_frames,
+            "substituted_clips": self.substituted_clips,
+            "damaged_frames": dict(self.damaged_frames),
+            "first_damage": dict(self.first_damage),
+            "paths": sorted({path for path, _ in self.warned}),
+        }
+
+    @classmethod
+    def merged(cls, reports: Iterable[dict[str, Any]]) -> DecodeStats:
+        """The counters of all workers of an epoch summed (damaged frames per file), so that the epoch's lines come
+        once per file, not once per worker."""
+        total = cls()
+        for report in reports:
+            total.decode_errors += report["decode_errors"]
+            total.missing_frames += report["missing_frames"]
+            total.substituted_clips += report["substituted_clips"]
+            for path, count in report["damaged_frames"].items():
+                total.damaged_frames[path] = total.damaged_frames.get(path, 0) + count
+            for path, message in report["first_damage"].items():
+                total.first_damage.setdefault(path, message)
+            total.warned |= {(path, "report") for path in report["paths"]}
+        return total
+
+    def epoch_lines(self) -> list[str]:
+        """The end-of-epoch warning lines: one per file with damaged frames, then the totals (if any problem)."""
+        summary = self.summary()
+        return self.damage_lines() + ([summary] if summary is not None else [])
 
     def summary(self) -> str | None:
         """One line with the totals of the problems met, or None when there were none."""

@@ -78,7 +78,8 @@ class VideoClipStream(IterableDataset):
     batches the previous run consumed and the remaining clips come out in the same order as in an uninterrupted run.
     A clip whose frames cannot be decoded (corrupt or truncated stretch, or frames the decoder reported damaged) is
     replaced by the worker's previous good clip with fresh augmentation and counted, keeping the counts equal; a
-    warning names the file (damaged frames: one line per file at the epoch's end with their count).
+    warning names the file (damaged frames: one line per file at the epoch's end with their count, summed over the
+    workers when the stream runs under :class:`~dora_lightning.data.loader.ClipLoader`).
     """
 
     def __init__(
@@ -110,6 +111,9 @@ class VideoClipStream(IterableDataset):
         self.compact_frames = compact_frames
         self.num_starts = [spec.num_starts(v.num_frames) for v in self.videos]
         self.epoch, self.batches_done = 0, 0
+        # where each worker puts its end-of-epoch counters (ClipLoader sets a queue and warns once for all workers);
+        # None: each worker warns its own lines
+        self.report_sink: Any = None
 
     @property
     def pixel_format(self) -> str:
@@ -195,10 +199,13 @@ class VideoClipStream(IterableDataset):
                     reported = stats.decoded_frames
                     yield sample
                 debt.clear()
-            for line in stats.damage_lines():
-                warnings.warn(line, RuntimeWarning, stacklevel=2)
-            if (summary := stats.summary()) is not None:
-                warnings.warn(summary, RuntimeWarning, stacklevel=2)
+            if (
+                self.report_sink is not None
+            ):  # ClipLoader merges the workers' reports: one line per file and epoch
+                self.report_sink.put(stats.report())
+            else:
+                for line in stats.epoch_lines():
+                    warnings.warn(line, RuntimeWarning, stacklevel=2)
             if debt:
                 paths = sorted({self.videos[state.run.video].path for state in states.values()})
                 raise RuntimeError(
