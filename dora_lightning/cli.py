@@ -154,8 +154,8 @@ class DoraCLI(LightningCLI):
         raise SystemExit(2)
 
 
-def run_fit(argv: Sequence[str]) -> DoraCLI:
-    """``dora fit ARGS`` (``argv`` starts with ``fit``)."""
+def run_fit(argv: Sequence[str] | None) -> DoraCLI:
+    """``dora fit ARGS`` (``argv`` starts with ``fit``; None: LightningCLI reads ``sys.argv``)."""
     return DoraCLI(
         DoRAModule,
         VideoClipDataModule,
@@ -167,7 +167,7 @@ def run_fit(argv: Sequence[str]) -> DoraCLI:
             f"data, config or checkpoint are one line (exit status 2); {VERBOSE_FLAG} or {TRACEBACK_ENV}=1 shows "
             "their traceback.",
         },
-        args=list(argv),
+        args=None if argv is None else list(argv),
     )
 
 

@@ -39,11 +39,13 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _run(subcommand: str, argv: list[str]) -> int:
+def _run(subcommand: str, argv: list[str], from_console: bool) -> int:
     if subcommand == "fit":
         from dora_lightning.cli import run_fit
 
-        run_fit(argv)
+        if from_console:  # LightningCLI reads the command line itself (and warns when given it as well)
+            sys.argv[1:] = argv
+        run_fit(None if from_console else argv)
         return 0
     if subcommand == "validate":
         from dora_lightning.evaluation.runner import run
@@ -85,7 +87,7 @@ def main(args: Sequence[str] | None = None) -> None:
         )
         raise SystemExit(2)
     try:
-        status = _run(subcommand, argv)
+        status = _run(subcommand, argv, from_console=args is None)
     except Exception as err:
         from dora_lightning.errors import is_user_error, one_line
 

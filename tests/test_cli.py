@@ -47,6 +47,20 @@ def test_console_script_lists_subcommands():
         assert sub in out
 
 
+def test_console_fit_lets_lightning_read_the_command_line():
+    """From the console script, `dora fit` hands LightningCLI the command line (no "args parameter" warning)."""
+    dora = shutil.which("dora", path=str(Path(sys.executable).parent))
+    assert dora is not None
+    run = subprocess.run(
+        [dora, "fit", "--config", "configs/demo.yaml", "--print_config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "model:" in run.stdout and "args parameter is intended" not in run.stderr
+
+
 def test_print_config_resolves_the_demo_config(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit) as exit_info:
