@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import difflib
 import os
-import sys
 from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
+
+from dora_lightning.errors import exit_with_error
 
 
 def did_you_mean(message: str, parser: Any) -> str:
@@ -32,10 +33,10 @@ class DoraArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         # jsonargparse parses nested values with exit_on_error off and expects its ArgumentError; its documented
         # JSONARGPARSE_DEBUG environment variable asks for its own (full) errors
-        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG", "").lower() not in ("", "0", "false"):
+        debug = os.environ.get("JSONARGPARSE_DEBUG", "").lower() not in ("", "0", "false")
+        if not self.exit_on_error or debug:
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-        sys.stderr.write(f"{prog}: error: {text}{did_you_mean(text, parser)} (options: {prog} --help)\n")
-        raise SystemExit(2)
+        exit_with_error(prog, f"{text}{did_you_mean(text, parser)} (options: {prog} --help)")

@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dora_lightning.argument_parser import DoraArgumentParser
 from dora_lightning.data.datamodule import VideoClipDataModule
-from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG
+from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, exit_with_error
 from dora_lightning.module import DoRAModule
 from dora_lightning.runs import (
     LAST,
@@ -150,8 +150,7 @@ class DoraCLI(LightningCLI):
 
     def _fail(self, message: str) -> NoReturn:
         """A usage error found after parsing: message on stderr, exit status 2 (as for argument errors)."""
-        sys.stderr.write(f"dora fit: error: {message}\n")
-        raise SystemExit(2)
+        exit_with_error("dora fit", message)
 
 
 def run_fit(argv: Sequence[str] | None) -> DoraCLI:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, wants_traceback
+from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, exit_with_error, wants_traceback
 
 SUBCOMMANDS = {
     "fit": "pretrain with DoRA or DINO on long videos (LightningCLI; dora fit --help)",
@@ -76,16 +76,15 @@ def main(args: Sequence[str] | None = None) -> None:
         raise SystemExit(0 if argv else 2)
     subcommand = argv[0]
     if subcommand not in SUBCOMMANDS:
-        sys.stderr.write(
-            f"dora: error: unknown subcommand '{subcommand}'; use one of {', '.join(SUBCOMMANDS)} (dora --help)\n"
+        exit_with_error(
+            "dora", f"unknown subcommand '{subcommand}'; use one of {', '.join(SUBCOMMANDS)} (dora --help)"
         )
-        raise SystemExit(2)
     if subcommand == "fit" and any(a.split("=", 1)[0].startswith("--evaluator") for a in argv):
-        sys.stderr.write(
-            "dora fit: error: --evaluator only applies to `dora validate` (got `dora fit`); evaluate a checkpoint "
-            "with `dora validate --evaluator NAME --ckpt_path CKPT`\n"
+        exit_with_error(
+            "dora fit",
+            "--evaluator only applies to `dora validate` (got `dora fit`); evaluate a checkpoint with "
+            "`dora validate --evaluator NAME --ckpt_path CKPT`",
         )
-        raise SystemExit(2)
     try:
         status = _run(subcommand, argv, from_console=args is None)
     except Exception as err:
@@ -93,8 +92,7 @@ def main(args: Sequence[str] | None = None) -> None:
 
         if verbose or not is_user_error(err):
             raise
-        sys.stderr.write(f"dora {subcommand}: error: {one_line(err)}\n")
-        raise SystemExit(2) from None
+        exit_with_error(f"dora {subcommand}", one_line(err))
     if status:
         raise SystemExit(status)
 

@@ -60,9 +60,6 @@ def method_config(
     trainer["default_root_dir"] = str(run_dir)
     if max_epochs is not None:
         trainer["max_epochs"] = max_epochs
-    for callback in trainer.get("callbacks") or []:
-        if str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
-            callback.setdefault("init_args", {})["dirpath"] = str(run_dir / "checkpoints")
     config.setdefault("model", {})["method"] = method
     data = config.setdefault("data", {})
     data["seed"] = seed

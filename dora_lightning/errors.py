@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 TRACEBACK_ENV = "DORA_TRACEBACK"
 VERBOSE_FLAG = "--verbose"
@@ -22,6 +24,17 @@ _USER_ERROR_FILES = (
     "runs.py",
 )
 _WORKER_FRAME = re.compile(r'File "([^"]+)", line \d+')
+
+
+def report_error(prog: str, message: str) -> None:
+    """Write the one-line error ``PROG: error: MESSAGE`` (message folded to one line) on stderr."""
+    sys.stderr.write(f"{prog}: error: {' '.join(str(message).split())}\n")
+
+
+def exit_with_error(prog: str, message: str) -> NoReturn:
+    """:func:`report_error`, then exit with status 2 (as for argument errors)."""
+    report_error(prog, message)
+    raise SystemExit(2)
 
 
 def wants_traceback(argv: Sequence[str] = ()) -> bool:

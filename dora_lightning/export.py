@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from dora_lightning.checkpoints import export_with_info
-from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, wants_traceback
+from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, report_error, wants_traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         if args.verbose or wants_traceback():
             raise
-        print(f"dora export: error: {err}", file=sys.stderr)
+        report_error("dora export", str(err))
         return 2
     what = f"the {info.which} backbone" if info.which else "the backbone"
     state = f'torch.load("{out}")' if args.plain else f'torch.load("{out}")["state_dict"]'

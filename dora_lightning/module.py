@@ -293,7 +293,6 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         logs are device tensors, and the diagnostics are written every ``diagnostics_every_n_steps`` steps."""
         if batch_idx == 0:
             self.check_batch(batch)
-        self._check_losses(self._loss_watch.ready())
         values = self.step_values()
         self.head_generator.manual_seed(head_seed(self.hparams.seed, self.global_rank, self._head_draws))
         self._head_draws += 1

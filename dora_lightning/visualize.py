@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dora visualize`: prints the files written; on bad input one error line and status 2 (the
     traceback instead with ``DORA_TRACEBACK=1``, docs/troubleshooting.md)."""
-    from dora_lightning.errors import wants_traceback
+    from dora_lightning.errors import report_error, wants_traceback
 
     args = build_parser().parse_args(argv)
     try:
@@ -389,8 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         if wants_traceback():
             raise
-        message = " ".join(str(err).split())
-        print(f"dora visualize: error: {message}", file=sys.stderr)
+        report_error("dora visualize", str(err))
         return 2
     print(f"wrote {len(summary['files'])} files to {summary['output_dir']}: {', '.join(summary['files'])}")
     return 0

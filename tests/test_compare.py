@@ -37,7 +37,11 @@ def test_method_config_changes_only_what_the_comparison_needs(tmp_path):
         dino["trainer"]["max_epochs"] == 5 and dora["trainer"]["max_epochs"] == base["trainer"]["max_epochs"]
     )
     (checkpoint,) = dino["trainer"]["callbacks"]
-    assert checkpoint["init_args"]["dirpath"] == str(tmp_path / "run" / "checkpoints")
+    # the run folder is the root: its checkpoints go to run/checkpoints (runs.use_run_folder), no dirpath needed
+    assert (
+        dino["trainer"]["default_root_dir"] == str(tmp_path / "run")
+        and "dirpath" not in checkpoint["init_args"]
+    )
     # everything else (model size, schedule, crops) is the base config's
     for key in ("backbone", "depth", "base_lr", "out_dim"):
         assert dino["model"][key] == dora["model"][key] == base["model"][key]

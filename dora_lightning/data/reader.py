@@ -228,9 +228,8 @@ class RangeReader:
         single = self.threads == 1
         marks = (_LogWatch.errors(), len(_LogWatch.messages))
         while True:
-            if (
-                len(_LogWatch.messages) > 10_000
-            ):  # a long run of errors: keep memory bounded (texts only, counts stay)
+            # a long run of errors: keep memory bounded (texts only, counts stay)
+            if len(_LogWatch.messages) > 10_000:
                 _LogWatch.messages.clear()
                 marks = (marks[0], 0)
             # one thread: the errors of this step; frame threads log from the background, so every error since
@@ -250,10 +249,10 @@ class RangeReader:
                     break
                 frames, failed = [], str(err)
             marks = (_LogWatch.errors(), len(_LogWatch.messages))
-            messages = [m for _, _, m in _LogWatch.messages[seen:]] + ([failed] if failed else [])
             error = failed is not None or marks[0] > errors_before
             if error and (not warming or first_packet):
                 damaged, clean_key = True, False
+                messages = [m for _, _, m in _LogWatch.messages[seen:]] + ([failed] if failed else [])
                 self.stats.note_damage(self.info.path, messages)
             elif packet is not None and packet.is_keyframe and not error:
                 clean_key = True

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from dora_lightning.errors import exit_with_error
+
 PROG = "dora validate"
 EVALUATOR_FLAGS = ("--evaluator", "--evaluator.help", "--evaluator.class_path")
 CKPT_KINDS = "a `dora fit` .ckpt, a dora-export backbone or an official DINO/DoRA checkpoint"
@@ -27,8 +29,7 @@ CKPT_KINDS = "a `dora fit` .ckpt, a dora-export backbone or an official DINO/DoR
 
 def fail(message: str) -> NoReturn:
     """A usage error found after parsing: ``dora validate: error: MESSAGE`` on stderr, exit status 2."""
-    sys.stderr.write(f"{PROG}: error: {message}\n")
-    raise SystemExit(2)
+    exit_with_error(PROG, message)
 
 
 def resolve_evaluator_value(value: str) -> str:
