@@ -76,6 +76,25 @@ def test_per_parameter_clip_scales_large_gradients_down_and_never_up():
     assert absent.grad is None
 
 
+def test_per_parameter_clip_equals_the_one_parameter_at_a_time_loop():
+    """The multi-tensor clip gives DINO's loop's gradients exactly, for float32 and bfloat16 gradients mixed."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(384, 384), (384,), (1,), (65536, 16), (3, 16, 16)] * 3
+    params = [
+        nn.Parameter(torch.zeros(s, dtype=torch.bfloat16 if i % 4 == 3 else torch.float32))
+        for i, s in enumerate(shapes)
+    ]
+    for i, p in enumerate(params):
+        p.grad = (torch.randn(p.shape, generator=generator) * 10.0 ** (i % 5 - 2)).to(p.dtype)
+    expected = []
+    for p in params:
+        norm = p.grad.norm(2)
+        expected.append(p.grad * torch.clamp(3.0 / (norm + 1e-6), max=1.0))
+    per_parameter_clip_(params, 3.0)
+    assert all(torch.equal(p.grad, e) for p, e in zip(params, expected, strict=True))
+    assert any(not torch.equal(e, torch.zeros_like(e)) and e.norm() < 3.0 for e in expected)
+
+
 class GradientSpy(Callback):
     """Plants a small and a large gradient before clipping; records every gradient before clipping and at the step."""
 
