@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import queue
 import warnings
@@ -41,6 +42,11 @@ class ClipLoader(DataLoader):
         self.dataset.set_position(epoch, batches_done)
         sink = self._report_sink()
         self.dataset.report_sink = sink  # inherited by the workers created below
+        if self.num_workers > 0:
+            # A decoder with threads that is garbage here (an abandoned reader in a reference cycle) would be freed by
+            # a worker's garbage collection after the fork, where its threads do not exist: FFmpeg then waits forever
+            # on a condition variable those threads were waiting on, holding the GIL (a hung worker). Free it here.
+            gc.collect()
         if not self.recycle_blocks or self.num_workers == 0 or self.pin_memory or self.persistent_workers:
             self.collate_fn = collate_clips
             return self._started(super().__iter__(), sink)
