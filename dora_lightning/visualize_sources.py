@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dora_lightning.data.reader import DecodeStats, RangeReader
+from dora_lightning.data.decode_stats import DecodeStats
+from dora_lightning.data.reader import RangeReader
 from dora_lightning.data.sources import VideoInfo, VideoSourceError, probe_video
 from dora_lightning.sizes import short_side_size
 

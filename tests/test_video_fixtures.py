@@ -12,7 +12,8 @@ import pytest
 from conftest import read_pattern_index
 from video_fixtures import Fixture, build_all, expected_for_times
 
-from dora_lightning.data.reader import DecodeStats, RangeReader
+from dora_lightning.data.decode_stats import DecodeStats
+from dora_lightning.data.reader import RangeReader
 from dora_lightning.data.sampling import ClipSpec
 from dora_lightning.data.sources import VideoInfo, probe_video, probe_videos
 from dora_lightning.data.stream import VideoClipStream

@@ -12,7 +12,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from dora_lightning.data.collate import RecycledBlocks, collate_clips
-from dora_lightning.data.reader import DecodeStats
+from dora_lightning.data.decode_stats import DecodeStats, WarnedOnce
 from dora_lightning.data.stream import VideoClipStream
 
 
@@ -36,12 +36,15 @@ class ClipLoader(DataLoader):
         super().__init__(dataset, collate_fn=collate_clips, **kwargs)
         self._position, self._on_first_batch = position, on_first_batch
         self.recycle_blocks = recycle_blocks
+        # a damaged file is named once for all workers and epochs (its counts still come at every epoch's end)
+        self._warned_once = WarnedOnce([video.path for video in dataset.videos], self.multiprocessing_context)
 
     def __iter__(self) -> Iterator[Any]:
         epoch, batches_done = self._position()
         self.dataset.set_position(epoch, batches_done)
         sink = self._report_sink()
         self.dataset.report_sink = sink  # inherited by the workers created below
+        self.dataset.warned_once = self._warned_once
         if self.num_workers > 0:
             # A decoder with threads that is garbage here (an abandoned reader in a reference cycle) would be freed by
             # a worker's garbage collection after the fork, where its threads do not exist: FFmpeg then waits forever

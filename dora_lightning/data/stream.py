@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dora_lightning.data.reader import DecodeStats, RangeReader, to_pixels
+from dora_lightning.data.decode_stats import DecodeStats, WarnedOnce
+from dora_lightning.data.reader import RangeReader, to_pixels
 from dora_lightning.data.sampling import (
     ClipSpec,
     Run,
@@ -114,6 +115,9 @@ class VideoClipStream(IterableDataset):
         # where each worker puts its end-of-epoch counters (ClipLoader sets a queue and warns once for all workers);
         # None: each worker warns its own lines
         self.report_sink: Any = None
+        # which files' problems have been named already, across the loader's workers (ClipLoader sets it); None: each
+        # worker names them once per epoch
+        self.warned_once: WarnedOnce | None = None
 
     @property
     def pixel_format(self) -> str:
@@ -172,7 +176,7 @@ class VideoClipStream(IterableDataset):
             r: _RunState(plan.runs[r], self.spec, starts[run_index == r])
             for r in np.unique(run_index).tolist()
         }
-        stats = DecodeStats()
+        stats = DecodeStats(shared=self.warned_once)
         reported = 0
         last_good: tuple[list[np.ndarray], int] | None = None
         debt: list[tuple[int, int]] = []
