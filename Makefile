@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench bench-gpu bench-learning bench-learning-gpu demo format lint clean
+.PHONY: install test test-fast bench bench-gpu bench-learning bench-learning-gpu device-wheels demo format lint clean
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ bench-learning-gpu: install
 # one GPU, <= 6 min: bare step, Lightning overhead, dora fit with the real loader (docs/benchmarks.md)
 bench-gpu: install
 	$(PY) benchmarks/bench_gpu.py bench_out/gpu
+
+# the wheels the lent GPU machine lacks (Python 3.12 there), for benchmarks/on_device.sh (carry .whl; docs/benchmarks.md)
+device-wheels:
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl av==18.1.0 jsonargparse==4.53.0 docstring-parser typeshed-client
 
 format: install
 	$(VENV)/bin/ruff format .

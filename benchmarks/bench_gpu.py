@@ -89,21 +89,23 @@ def plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, dict, float]],
     if args.compile:
         # model.compile: every part's model compiles its blocks and heads (its first steps pay for it)
         common["model"] = common.get("model", {}) | {"compile": True}
+    # a part's time limit in seconds; with --compile its first steps also compile the blocks and heads
+    slack = 3.0 if args.compile else 1.0
     # per batch size: the bare steps, then the fit (whose TFLOP/s uses the bare step's FLOPs), so that a budget
     # running out still leaves complete rows for the smaller batch
     parts: list[tuple[str, dict, float]] = [
-        (f"overhead/dora/b{batches[0]}", common | dict(part="overhead", batch_size=batches[0]), 50)
+        (f"overhead/dora/b{batches[0]}", common | dict(part="overhead", batch_size=batches[0]), 50 * slack)
     ]
     for batch in batches:
         for method in ("dora", "dino"):
             case = common | dict(part="bare", batch_size=batch, methods=[method])
             case["model"] = common.get("model", {}) | {"method": method}
-            parts.append((f"bare/{method}/b{batch}", case, 40))
+            parts.append((f"bare/{method}/b{batch}", case, 40 * slack))
         for augment_on in ("cpu", "gpu"):  # views made in the workers, or from the frames on the device
             case = common | fit_extra | dict(part="fit", batch_size=batch, workers=workers)
             case |= dict(warmup=2 if args.smoke else 5, steps=2 if args.smoke else 15)
             case["data"] = case.get("data", {}) | {"augment_on": augment_on}
-            parts.append((f"fit/dora/b{batch}/{augment_on}-aug", case, 60))
+            parts.append((f"fit/dora/b{batch}/{augment_on}-aug", case, 60 * slack))
     return common, parts, video
 
 
