@@ -37,7 +37,8 @@ class ClipLoader(DataLoader):
         self._position, self._on_first_batch = position, on_first_batch
         self.recycle_blocks = recycle_blocks
         # a damaged file is named once for all workers and epochs (its counts still come at every epoch's end)
-        self._warned_once = WarnedOnce([video.path for video in dataset.videos], self.multiprocessing_context)
+        paths = [video.path for video in getattr(dataset, "videos", ())]
+        self._warned_once = WarnedOnce(paths, self.multiprocessing_context)
 
     def __iter__(self) -> Iterator[Any]:
         epoch, batches_done = self._position()
