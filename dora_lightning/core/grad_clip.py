@@ -13,14 +13,14 @@ __all__ = ["per_parameter_clip_"]
 def per_parameter_clip_(parameters: list[nn.Parameter], max_norm: float) -> None:
     """DINO's gradient clipping: scale each parameter's gradient so its own L2 norm is at most ``max_norm``.
 
-    Multi-tensor (foreach) kernels, a handful per step instead of three per parameter (~450 launches for a ViT-S), and
-    nothing read back to the host; the result equals the per-parameter loop (``norm``, ``max_norm / (norm + 1e-6)``
-    clamped to 1, multiply) element for element."""
+    Multi-tensor (foreach) ops: 7 operator calls for the 158 parameters of a ViT-S student with its head, where the
+    loop makes 948 (each a kernel launch on a GPU), and nothing read back to the host; the result equals the loop
+    (``norm``, ``max_norm / (norm + 1e-6)`` clamped to 1, multiply) element for element."""
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
     for param in parameters:
         if param.grad is not None:
             groups[(param.grad.device, param.grad.dtype)].append(param.grad)
     for grads in groups.values():
-        norms = torch.stack(torch._foreach_norm([g.detach() for g in grads], 2))
+        norms = torch.stack(torch._foreach_norm(grads, 2))
         scales = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
         torch._foreach_mul_(grads, list(scales.unbind()))
