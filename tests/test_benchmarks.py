@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -162,15 +163,21 @@ def test_diversity_bench_knows_the_demo_videos_length():
 
 
 @pytest.mark.slow
-def test_bench_gpu_smoke(tmp_path):
-    """Every part of bench_gpu.py on the CPU (micro ViT, tiny video): each writes its fields, as it goes."""
-    subprocess.run(
-        [sys.executable, "benchmarks/bench_gpu.py", str(tmp_path), "--smoke"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
-    report = json.loads((tmp_path / "bench_gpu.json").read_text())
+@pytest.mark.slow
+def test_bench_gpu_smoke_through_the_device_script(tmp_path):
+    """benchmarks/on_device.sh (what a lent GPU machine runs) on the CPU: it installs the package into a folder of its
+    own, then every part of bench_gpu.py (micro ViT, tiny video) writes its fields as it goes, then the compiled bare
+    step; everything lands in the output folder."""
+    out = tmp_path / "out"
+    env = dict(os.environ, SMOKE="1", SITE=str(tmp_path / "site"), PYTHON=sys.executable)
+    subprocess.run(["benchmarks/on_device.sh", str(out)], cwd=REPO, check=True, capture_output=True, env=env)
+    log = (out / "on_device.log").read_text()
+    assert "set-up:" in log and "== done in" in log and ": exit " not in log, log[-2000:]
+    (compiled,) = json.loads((out / "gpu_compiled" / "bench_gpu.json").read_text())["parts"]["bare/dora/b2"][
+        "results"
+    ]
+    assert compiled["clips_per_s"] > 0
+    report = json.loads((out / "gpu" / "bench_gpu.json").read_text())
     assert report["smoke"] and report["machine"]["torch"] and report["date_utc"]
     parts = report["parts"]
     fits = ("fit/dora/b2/cpu-aug", "fit/dora/b2/gpu-aug")
@@ -186,5 +193,5 @@ def test_bench_gpu_smoke(tmp_path):
         assert (
             fit["steps_per_s"] > 0 and 0 <= fit["data_wait_fraction"] <= 1 and fit["tflops_per_s"] is not None
         )
-    table = (tmp_path / "bench_gpu.md").read_text()
+    table = (out / "gpu" / "bench_gpu.md").read_text()
     assert "| fit/dora/b2/gpu-aug |" in table and "smoke, CPU" in table
