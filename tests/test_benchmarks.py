@@ -195,3 +195,15 @@ def test_bench_gpu_smoke_through_the_device_script(tmp_path):
         )
     table = (out / "gpu" / "bench_gpu.md").read_text()
     assert "| fit/dora/b2/gpu-aug |" in table and "smoke, CPU" in table
+
+
+def test_a_training_step_launches_no_more_operators_for_more_clips_or_parameters():
+    """benchmarks/count_ops.py: the step's operator count (each a kernel launch on a GPU) does not grow with the batch
+    (no per-clip loop), and the gradient clip and the EMA are a few multi-tensor operators, not some per parameter."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.count_ops import count_step
+
+    small, large = count_step("dora", 2), count_step("dora", 3)
+    assert small == large
+    assert small["gradient clip"] <= 10 and small["EMA"] <= 10
+    assert small["tracker"] > 0 and small["teacher_fwd"] > 0 and small["student_fwd"] > 0
