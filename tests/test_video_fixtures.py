@@ -3,13 +3,15 @@ train"), or is refused as that table says; damaged frames are skipped and counte
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
-from conftest import read_pattern_index
+from conftest import REPO, read_pattern_index
 from video_fixtures import Fixture, build_all, expected_for_times
 
 from dora_lightning.data.decode_stats import DecodeStats
@@ -188,6 +190,46 @@ def test_frame_threads_give_the_same_clips(fixtures, index_cache, name):
     for a, b in zip(one, many, strict=True):
         assert (a["video"], a["start"]) == (b["video"], b["start"])
         assert shown(a) == shown(b)
+
+
+# Readers with frame threads abandoned mid-range on the damaged file (their threads still decoding and logging errors).
+ABANDON_THREADED_READERS = """
+import random, sys
+from dora_lightning.data.decode_stats import DecodeStats
+from dora_lightning.data.reader import RangeReader
+from dora_lightning.data.sources import probe_video
+info = probe_video(sys.argv[1], sys.argv[2])
+rng = random.Random(0)
+for _ in range(40):
+    first = rng.randrange(0, info.num_frames - 20)
+    stop = min(info.num_frames, first + rng.randrange(5, 200))
+    reader = RangeReader(info, first, stop, (64, 64), lambda i: True, DecodeStats(), 3, 4, "rgb24", False)
+    frames = iter(reader)
+    for _ in range(rng.randrange(1, 60)):
+        if next(frames, None) is None:
+            break
+    frames.close()
+print("closed all")
+"""
+
+
+def test_closing_threaded_readers_on_a_damaged_file_never_deadlocks(fixtures, index_cache):
+    """A frame thread that logs an FFmpeg error needs the GIL, and freeing the decoder holds it while waiting for the
+    threads: without the flush in RangeReader.close this hangs at the first or second reader."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ABANDON_THREADED_READERS,
+            str(fixtures["corrupt_middle"].path),
+            str(index_cache),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "closed all" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

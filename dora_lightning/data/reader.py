@@ -110,8 +110,15 @@ class RangeReader:
         self._container: av.container.InputContainer | None = None
 
     def close(self) -> None:
-        """Close the container (safe to call twice)."""
+        """Close the container (safe to call twice).
+
+        With frame threads (``threads`` != 1) the decoder is flushed first: a frame thread still decoding may log an
+        error, which PyAV hands to Python under the GIL, and freeing the decoder holds the GIL while it waits for its
+        threads: a deadlock. The flush releases the GIL while it waits for the threads to go idle."""
         if self._container is not None:
+            if self.threads != 1:
+                for stream in self._container.streams.video:
+                    stream.codec_context.flush_buffers()
             self._container.close()
             self._container = None
             _LogWatch.stop()
