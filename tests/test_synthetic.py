@@ -231,3 +231,15 @@ def test_images_video_shows_each_image_for_one_frame(tmp_path):
         main(["images_video", "--image_dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x.mp4")])
     with pytest.raises(SystemExit):
         main(["images_video", "--out", str(tmp_path / "x.mp4")])
+
+
+def test_the_default_video_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    """The default background video is a path relative to the repository; it resolves from elsewhere too (it did not
+    after the module moved into dora_lightning/evaluation/: the repository root was computed one level short)."""
+    from dora_lightning.evaluation.video_frames import DEFAULT_VIDEO, read_video_frames, video_frame_count
+
+    monkeypatch.chdir(tmp_path)
+    count = video_frame_count(DEFAULT_VIDEO)
+    assert count > 100
+    (frame,) = read_video_frames(DEFAULT_VIDEO, [count + 3], (24, 32)).values()
+    assert frame.shape == (24, 32, 3) and frame.dtype == np.uint8

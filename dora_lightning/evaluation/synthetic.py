@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from PIL import Image
@@ -50,6 +49,7 @@ from dora_lightning.evaluation.synthetic_shapes import (
     shape_mask,
     void_band,
 )
+from dora_lightning.evaluation.video_frames import DEFAULT_VIDEO, read_video_frames, video_frame_count
 
 __all__ = [
     "COLOURS",
@@ -69,58 +69,7 @@ __all__ = [
     "video_frame_count",
 ]
 
-DEFAULT_VIDEO = "assets/video/vtest.mp4"
-_REPO = Path(__file__).resolve().parents[1]
 JPEG_QUALITY = 92
-
-
-# ------------------------------------------------------------------------------------------------ video frames
-def _resolve_video(video: str | Path) -> Path:
-    path = Path(video)
-    if not path.is_absolute() and not path.exists() and (_REPO / path).exists():
-        path = _REPO / path
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"video '{video}' not found; pass video= a readable video file (default {DEFAULT_VIDEO})"
-        )
-    return path
-
-
-def video_frame_count(video: str | Path) -> int:
-    """Number of frames of ``video`` (from the container, else by decoding it once)."""
-    path = _resolve_video(video)
-    with av.open(str(path)) as container:
-        count = container.streams.video[0].frames
-        if count <= 0:
-            count = sum(1 for _ in container.decode(video=0))
-    if count <= 0:
-        raise ValueError(f"video '{path}' has no decodable frame")
-    return int(count)
-
-
-def read_video_frames(
-    video: str | Path, indices: Sequence[int], size: tuple[int, int]
-) -> dict[int, np.ndarray]:
-    """Decode the frames ``indices`` of ``video`` (taken modulo its frame count) as RGB uint8 (H, W, 3) of ``size``.
-
-    The video is decoded once, sequentially; frames are resized (bilinear) to ``size`` = (H, W). Returns
-    ``{requested index: frame}``.
-    """
-    path = _resolve_video(video)
-    count = video_frame_count(path)
-    wanted = {int(i) for i in indices}
-    frames: dict[int, np.ndarray] = {}
-    with av.open(str(path)) as container:
-        for position, frame in enumerate(container.decode(video=0)):
-            hits = [i for i in wanted if i % count == position]
-            if hits:
-                image = frame.to_image().convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
-                frames.update({i: np.asarray(image, dtype=np.uint8) for i in hits})
-            if len(frames) == len(wanted):
-                break
-    if len(frames) != len(wanted):
-        raise ValueError(f"video '{path}': could not decode frame(s) {sorted(wanted - set(frames))[:5]}")
-    return frames
 
 
 # ------------------------------------------------------------------------------------------------ DAVIS
