@@ -10,9 +10,10 @@ import av
 import numpy as np
 from PIL import Image
 
+from dora_lightning.data.datamodule import DEFAULT_VIDEO  # the bundled video, relative to the repository
+
 __all__ = ["DEFAULT_VIDEO", "read_video_frames", "video_frame_count"]
 
-DEFAULT_VIDEO = "assets/video/vtest.mp4"
 _REPO = Path(__file__).resolve().parents[2]
 
 
