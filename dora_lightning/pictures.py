@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from dora_lightning.data.video_file import open_video
 from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 OBJECT_COLOURS = (
@@ -165,7 +166,7 @@ def write_mp4(frames: Tensor, path: str | Path, fps: float, codec: str | None = 
     images = F.pad(images, (0, width % 2, 0, height % 2))
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    with av.open(str(partial), "w", format="mp4") as container:
+    with open_video(partial, "w", format="mp4") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = images.shape[-1], images.shape[-2], "yuv420p"
         if codec == "libx264":

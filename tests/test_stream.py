@@ -284,3 +284,25 @@ def test_frames_are_decoded_in_the_transforms_frame_format(video_dir):
         assert (sample["video"], sample["start"]) == (reference["video"], reference["start"])
         assert clip.shape == (*reference["frames"].shape[:3], 4) and bool((clip[..., 3] == 255).all())
         assert (clip[..., :3].int() - reference["frames"].int()).abs().max() <= 8
+
+
+def test_a_file_named_like_a_url_trains(tmp_path, monkeypatch):
+    """FFmpeg reads '10:30.mp4' as protocol "10"; a dash-cam's time-stamped file given by a relative path still
+    probes, streams, and is written (dora visualize's MP4s), as the user named it."""
+    from dora_lightning.data.datamodule import VideoClipDataModule
+    from dora_lightning.evaluation.video_frames import video_frame_count
+    from dora_lightning.pictures import write_mp4
+
+    name = "10:30 clip ünï.mp4"
+    write_video(tmp_path / name, 40)
+    monkeypatch.chdir(tmp_path)
+    dm = VideoClipDataModule(
+        paths=name, clip_length=2, frame_stride=4, decode_short_side=32, batch_size=2, num_workers=0
+    )
+    dm.setup("fit")
+    assert [video.path for video in dm.videos] == [name]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["global_views"][0].shape[:2] == (2, 2)
+    assert video_frame_count(name) == 40
+    write_mp4(torch.zeros(3, 3, 16, 16, dtype=torch.uint8), "11:45 out.mp4", fps=10)
+    assert video_frame_count("11:45 out.mp4") == 3

@@ -13,6 +13,7 @@ import numpy as np
 from dora_lightning.data.decode_stats import DecodeStats
 from dora_lightning.data.sources import VideoInfo
 from dora_lightning.data.timeline import Timeline
+from dora_lightning.data.video_file import open_video
 
 
 def to_pixels(frame: np.ndarray | av.VideoFrame, pixel_format: str) -> np.ndarray:
@@ -125,7 +126,7 @@ class RangeReader:
 
     def _open_at(self, index: int) -> Iterator[_Decoded]:
         self.close()
-        self._container = av.open(self.info.path)
+        self._container = open_video(self.info.path)
         _LogWatch.start()
         stream = self._container.streams.video[0]
         stream.codec_context.thread_count = self.threads

@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 
 from dora_lightning.data.timeline import Timeline, TimelineError, load_or_build
+from dora_lightning.data.video_file import open_video
 from dora_lightning.sizes import short_side_size
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts")
@@ -102,7 +103,7 @@ def resolve_video_paths(paths: str | Sequence[str]) -> list[str]:
 def _first_frame(path: str) -> dict[str, int]:
     """Decode the first frame of ``path``: its upright size and rotation; raise VideoSourceError when none decodes."""
     try:
-        with av.open(path) as container, av.logging.Capture(local=False):
+        with open_video(path) as container, av.logging.Capture(local=False):
             stream = container.streams.video[0]
             stream.codec_context.thread_count = 1
             first = next(container.decode(stream), None)
@@ -122,7 +123,7 @@ def probe_video(path: str, index_cache: str | os.PathLike | None = None) -> Vide
     :func:`~dora_lightning.data.timeline.default_cache_dir`) and decode its first frame; raise VideoSourceError if
     it is unusable."""
     try:
-        with av.open(path) as container:
+        with open_video(path) as container:
             if not container.streams.video:
                 raise VideoSourceError(f"'{path}' has no video stream")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as err:

@@ -30,6 +30,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from dora_lightning.data.video_file import open_video
+
 INDEX_VERSION = 1
 ORDER_CHECK_PACKETS = 48  # packets decoded to tell whether a PTS = DTS stream reorders its frames
 MAX_INDEX_ENTRIES = (
@@ -132,7 +134,7 @@ def _header_frames(
 
 def _packet_table(path: str) -> tuple[dict[str, np.ndarray], Fraction, Fraction, int]:
     """Demux every packet of the first video stream (no decoding): timestamps, keyframe flags; plus fps, time base."""
-    with av.open(path) as container:
+    with open_video(path) as container:
         if not container.streams.video:
             raise TimelineError(f"'{path}' has no video stream")
         stream = container.streams.video[0]
@@ -165,7 +167,7 @@ def _packet_table(path: str) -> tuple[dict[str, np.ndarray], Fraction, Fraction,
 def _output_reorders(path: str) -> bool:
     """Whether the decoder's output timestamps go backwards over the first packets (B-frames with PTS = DTS)."""
     previous = None
-    with av.open(path) as container, av.logging.Capture(local=False):
+    with open_video(path) as container, av.logging.Capture(local=False):
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 1
         try:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
 from dora_lightning.data.datamodule import DEFAULT_VIDEO  # the bundled video, relative to the repository
+from dora_lightning.data.video_file import open_video
 
 __all__ = ["DEFAULT_VIDEO", "read_video_frames", "video_frame_count"]
 
@@ -31,7 +31,7 @@ def _resolve_video(video: str | Path) -> Path:
 def video_frame_count(video: str | Path) -> int:
     """Number of frames of ``video`` (from the container, else by decoding it once)."""
     path = _resolve_video(video)
-    with av.open(str(path)) as container:
+    with open_video(path) as container:
         count = container.streams.video[0].frames
         if count <= 0:
             count = sum(1 for _ in container.decode(video=0))
@@ -52,7 +52,7 @@ def read_video_frames(
     count = video_frame_count(path)
     wanted = {int(i) for i in indices}
     frames: dict[int, np.ndarray] = {}
-    with av.open(str(path)) as container:
+    with open_video(path) as container:
         for position, frame in enumerate(container.decode(video=0)):
             hits = [i for i in wanted if i % count == position]
             if hits:
