@@ -65,6 +65,7 @@ PLAIN = [
     "open_gop",
     "audio_first",
     "two_video_streams",
+    "cover_first",
 ]
 
 

@@ -203,6 +203,29 @@ def two_video_streams(folder: Path, n: int = 90) -> Fixture:
     return Fixture(path, list(range(n)))
 
 
+def cover_first(folder: Path, n: int = 90) -> Fixture:
+    """An MKV whose first video stream is a one-frame JPEG picture (a cover or thumbnail track), then the video."""
+    path = folder / "cover_first.mkv"
+    with av.open(str(path), "w") as container:
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = W, H, "yuvj420p"
+        video = container.add_stream("libx264", rate=30)
+        video.width, video.height, video.pix_fmt = W, H, "yuv420p"
+        video.options = X264
+        picture = av.VideoFrame.from_ndarray(np.full((H, W, 3), 200, dtype=np.uint8), format="rgb24")
+        picture.pts = 0
+        for packet in [*cover.encode(picture.reformat(format="yuvj420p")), *cover.encode(None)]:
+            container.mux(packet)
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(frame_pattern(i, W, H), format="rgb24")
+            frame.pts = i
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode(None):
+            container.mux(packet)
+    return Fixture(path, list(range(n)))
+
+
 def corrupt_middle(folder: Path, n: int = 300, fps: int = 60, gop: int = 120) -> Fixture:
     """A 60 fps MP4 with long GOPs and 400 corrupted bytes in its middle; ``notes["clean"]`` is the undamaged file."""
     options = X264 | {"g": str(gop)}
@@ -240,6 +263,7 @@ def build_all(folder: Path) -> dict[str, Fixture]:
         "open_gop": open_gop(folder),
         "audio_first": audio_first(folder),
         "two_video_streams": two_video_streams(folder),
+        "cover_first": cover_first(folder),
         "corrupt_middle": corrupt_middle(folder),
         "truncated": truncated(folder),
     }

@@ -13,7 +13,7 @@ import numpy as np
 from dora_lightning.data.decode_stats import DecodeStats
 from dora_lightning.data.sources import VideoInfo
 from dora_lightning.data.timeline import Timeline
-from dora_lightning.data.video_file import open_video
+from dora_lightning.data.video_file import main_video_stream, open_video
 
 
 def to_pixels(frame: np.ndarray | av.VideoFrame, pixel_format: str) -> np.ndarray:
@@ -128,7 +128,7 @@ class RangeReader:
         self.close()
         self._container = open_video(self.info.path)
         _LogWatch.start()
-        stream = self._container.streams.video[0]
+        stream = main_video_stream(self._container)
         stream.codec_context.thread_count = self.threads
         if self.threads != 1:
             stream.thread_type = "AUTO"

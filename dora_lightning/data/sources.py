@@ -13,7 +13,7 @@ from pathlib import Path
 import av
 
 from dora_lightning.data.timeline import Timeline, TimelineError, load_or_build
-from dora_lightning.data.video_file import open_video
+from dora_lightning.data.video_file import main_video_stream, open_video
 from dora_lightning.sizes import short_side_size
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts")
@@ -104,7 +104,7 @@ def _first_frame(path: str) -> dict[str, int]:
     """Decode the first frame of ``path``: its upright size and rotation; raise VideoSourceError when none decodes."""
     try:
         with open_video(path) as container, av.logging.Capture(local=False):
-            stream = container.streams.video[0]
+            stream = main_video_stream(container)
             stream.codec_context.thread_count = 1
             first = next(container.decode(stream), None)
             if first is None:

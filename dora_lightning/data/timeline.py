@@ -30,9 +30,9 @@ from pathlib import Path
 import av
 import numpy as np
 
-from dora_lightning.data.video_file import open_video
+from dora_lightning.data.video_file import main_video_stream, open_video
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the main video stream (FFmpeg's best), not the first
 ORDER_CHECK_PACKETS = 48  # packets decoded to tell whether a PTS = DTS stream reorders its frames
 MAX_INDEX_ENTRIES = (
     4096  # ~1 KB each (a few MB for files with off-grid timestamps); the least recently used go first
@@ -133,11 +133,11 @@ def _header_frames(
 
 
 def _packet_table(path: str) -> tuple[dict[str, np.ndarray], Fraction, Fraction, int]:
-    """Demux every packet of the first video stream (no decoding): timestamps, keyframe flags; plus fps, time base."""
+    """Demux every packet of the main video stream (no decoding): timestamps, keyframe flags; plus fps, time base."""
     with open_video(path) as container:
         if not container.streams.video:
             raise TimelineError(f"'{path}' has no video stream")
-        stream = container.streams.video[0]
+        stream = main_video_stream(container)
         fps = stream.average_rate or stream.guessed_rate or stream.base_rate
         if not fps or stream.time_base is None:
             raise TimelineError(
@@ -168,7 +168,7 @@ def _output_reorders(path: str) -> bool:
     """Whether the decoder's output timestamps go backwards over the first packets (B-frames with PTS = DTS)."""
     previous = None
     with open_video(path) as container, av.logging.Capture(local=False):
-        stream = container.streams.video[0]
+        stream = main_video_stream(container)
         stream.codec_context.thread_count = 1
         try:
             for n, frame in enumerate(container.decode(stream)):

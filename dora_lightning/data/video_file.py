@@ -7,7 +7,7 @@ from typing import Any
 
 import av
 
-__all__ = ["open_video"]
+__all__ = ["main_video_stream", "open_video"]
 
 
 def open_video(path: str | os.PathLike, mode: str = "r", **kwargs: Any) -> Any:
@@ -17,3 +17,11 @@ def open_video(path: str | os.PathLike, mode: str = "r", **kwargs: Any) -> Any:
     dash-cam's time stamp) is protocol "10" and fails with "Protocol not found". An absolute path starts with ``/``
     and is always a file; messages keep the path as the user gave it."""
     return av.open(os.path.abspath(os.fspath(path)), mode, **kwargs)
+
+
+def main_video_stream(container: Any) -> Any:
+    """The video stream a player would show: FFmpeg's best video stream (never a cover picture or a thumbnail track,
+    the one with the most frames among equals), else the first one; None when the file has no video stream."""
+    if not container.streams.video:
+        return None
+    return container.streams.best("video") or container.streams.video[0]
