@@ -16,7 +16,12 @@ from dora_lightning.data.timeline import Timeline, TimelineError, load_or_build
 from dora_lightning.data.video_file import main_video_stream, open_video
 from dora_lightning.sizes import short_side_size
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts")
+# what a folder given as data.paths is searched for (any single file is tried whatever its suffix); .mts/.m2ts: AVCHD
+# camcorders, .3gp: phones, .mxf: broadcast and some body cameras
+VIDEO_SUFFIXES = (
+    ".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".3gp", ".flv", ".wmv",
+    ".mxf", ".ogv", ".vob",
+)  # fmt: skip
 
 
 class VideoSourceError(ValueError):
