@@ -66,6 +66,7 @@ PLAIN = [
     "audio_first",
     "two_video_streams",
     "cover_first",
+    "mpeg_ts",
 ]
 
 

@@ -226,6 +226,11 @@ def cover_first(folder: Path, n: int = 90) -> Fixture:
     return Fixture(path, list(range(n)))
 
 
+def mpeg_ts(folder: Path, n: int = 300) -> Fixture:
+    """An MPEG-TS file (dash-cams, camcorders' .MTS): no index, so FFmpeg's seeking in it lands past the keyframe."""
+    return Fixture(_encode(folder / "dashcam.ts", _plain(n), options=X264), list(range(n)))
+
+
 def corrupt_middle(folder: Path, n: int = 300, fps: int = 60, gop: int = 120) -> Fixture:
     """A 60 fps MP4 with long GOPs and 400 corrupted bytes in its middle; ``notes["clean"]`` is the undamaged file."""
     options = X264 | {"g": str(gop)}
@@ -264,6 +269,7 @@ def build_all(folder: Path) -> dict[str, Fixture]:
         "audio_first": audio_first(folder),
         "two_video_streams": two_video_streams(folder),
         "cover_first": cover_first(folder),
+        "mpeg_ts": mpeg_ts(folder),
         "corrupt_middle": corrupt_middle(folder),
         "truncated": truncated(folder),
     }

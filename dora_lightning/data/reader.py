@@ -216,13 +216,30 @@ class RangeReader:
             pixels = np.ascontiguousarray(np.rot90(pixels, quarter_turns))
         return pixels
 
+    def _open_before(self, target: int, second: int) -> Iterator[_Decoded]:
+        """:meth:`_open_at` ``target``, seeking again from further back (``second`` frames, then 4x, then 16x that)
+        while the first frame decoded comes after ``target`` (or none comes): seeking in a file without an index
+        (MPEG-TS: dash-cams, camcorders) can land past the keyframe asked for, even past the end. Frames before
+        ``target`` are decoded and passed over."""
+        back = 0
+        for attempt in range(4):
+            start = max(0, target - back)
+            frames = self._open_at(start)
+            first = next(frames, None)
+            if (first is not None and first.lo <= target) or start == 0 or attempt == 3:
+                break
+            back = max(back, first.lo - target if first is not None else 0) + second * 4**attempt
+        if first is not None:
+            yield first
+        yield from frames
+
     def __iter__(self) -> Iterator[tuple[int, np.ndarray | None]]:
         target, failures = self.first, 0
         skip = max(1, round(float(self.info.fps)))
         try:
             while target < self.stop:
                 try:
-                    for decoded in self._open_at(target):
+                    for decoded in self._open_before(target, skip):
                         self.stats.decoded_frames += 1
                         lo, hi = max(decoded.lo, target), min(decoded.hi, self.stop)
                         if decoded.lo >= self.stop:
