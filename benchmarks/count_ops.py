@@ -4,7 +4,7 @@ On a GPU every aten operator that computes is at least one kernel launch, a few 
 whose launches take longer than the device's work leaves the GPU idle however little the loop adds. This counts them
 on the CPU (the count does not depend on the device, except the optimiser: PyTorch's AdamW runs one operator per
 parameter and state on the CPU, one fused kernel for all parameters on CUDA) for configs/wt.yaml's model structure
-(ViT-S/16, T=8, 6 local crops) at small image sizes, one bare step (bench_gpu.py's ``BareStep`` order) with each phase
+(ViT-S/16, T=8, 6 local crops) at small image sizes, one step of bench_gpu.py's ``BareStep`` with each phase
 counted apart: the module's own phases come from its public ``phase_timer`` hook.
 
 Usage::
@@ -62,10 +62,6 @@ class OperatorCount(TorchDispatchMode):
 
 def count_step(method: str, batch_size: int) -> Counter[str]:
     """Operator calls of one bare step after one warm-up step, by phase."""
-    from dora_lightning.core.ema import ema_update_
-    from dora_lightning.core.grad_clip import per_parameter_clip_
-    from dora_lightning.core.loss import teacher_entropy, update_center
-
     case = dict(frames=8, global_size=32, local_size=16, local_crops=6, batch_size=batch_size)
     case["model"] = dict(img_size=32, out_dim=4096, method=method)
     torch.manual_seed(0)
@@ -74,23 +70,9 @@ def count_step(method: str, batch_size: int) -> Counter[str]:
     step = BareStep(module, torch.device("cpu"), "32-true")
     step(batch)
     counter = OperatorCount()
-    module.phase_timer = counter
-    hp = module.hparams
+    module.phase_timer = counter  # the module's own phases: teacher_fwd, tracker, student_fwd
     with counter:
-        with counter.phase("zero_grad, loss"):
-            step.optimizer.zero_grad(set_to_none=True)
-            parts, teacher, _ = module.compute_loss(batch, hp.teacher_temp)
-        with counter.phase("centre, entropy"), torch.no_grad():
-            teacher_entropy(teacher, module.center, hp.teacher_temp)
-            module.center.copy_(update_center(module.center, teacher.flatten(0, -2), hp.center_momentum))
-        with counter.phase("backward"):
-            parts.total.backward()
-        with counter.phase("gradient clip"):
-            per_parameter_clip_(step.params, hp.clip_grad)
-        with counter.phase("AdamW (CPU: per parameter; CUDA: fused)"):
-            step.optimizer.step()
-        with counter.phase("EMA"):
-            ema_update_(step.teacher, step.student, hp.momentum_teacher)
+        step(batch, phase=counter.phase)
     module.phase_timer = None
     return counter.counts
 

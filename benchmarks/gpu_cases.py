@@ -94,23 +94,31 @@ class BareStep:
         self.teacher, self.student = list(module.teacher.parameters()), list(module.student.parameters())
         self._entropy, self._center = teacher_entropy, update_center
 
-    def __call__(self, batch: dict) -> None:
+    def __call__(self, batch: dict, phase: Any = None) -> None:
+        """One step; ``phase(name)``, if given, is a context manager around each of its parts (count_ops.py)."""
         import torch
 
         from dora_lightning.core.ema import ema_update_
         from dora_lightning.module import per_parameter_clip_
 
+        phase = phase or (lambda name: contextlib.nullcontext())
         hp = self.module.hparams
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("zero_grad, loss"):
+            self.optimizer.zero_grad(set_to_none=True)
         with _autocast(self.device, self.precision):
-            parts, teacher, _ = self.module.compute_loss(batch, hp.teacher_temp)
-            with torch.no_grad():
+            with phase("zero_grad, loss"):
+                parts, teacher, _ = self.module.compute_loss(batch, hp.teacher_temp)
+            with phase("centre, entropy"), torch.no_grad():
                 self._entropy(teacher, self.module.center, hp.teacher_temp)
                 self.module.center.copy_(self._center(self.module.center, teacher.flatten(0, -2), 0.9))
-        parts.total.backward()
-        per_parameter_clip_(self.params, hp.clip_grad)
-        self.optimizer.step()
-        ema_update_(self.teacher, self.student, hp.momentum_teacher)
+        with phase("backward"):
+            parts.total.backward()
+        with phase("gradient clip"):
+            per_parameter_clip_(self.params, hp.clip_grad)
+        with phase("AdamW (CPU: per parameter; CUDA: fused)"):
+            self.optimizer.step()
+        with phase("EMA"):
+            ema_update_(self.teacher, self.student, hp.momentum_teacher)
 
 
 def step_flops(step: BareStep, batch: dict) -> int:
