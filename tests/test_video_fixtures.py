@@ -67,6 +67,8 @@ PLAIN = [
     "two_video_streams",
     "cover_first",
     "mpeg_ts",
+    "av1",
+    "hevc_ten_bit",
 ]
 
 

@@ -3,6 +3,7 @@ every frame index: ``Fixture.expected[i]`` is the ``frame_pattern`` index visibl
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -231,6 +232,32 @@ def mpeg_ts(folder: Path, n: int = 300) -> Fixture:
     return Fixture(_encode(folder / "dashcam.ts", _plain(n), options=X264), list(range(n)))
 
 
+def av1(folder: Path, n: int = 90) -> Fixture:
+    """AV1 (as YouTube serves many videos, Walking Tours among them), with hidden frames and 3-byte "show an earlier
+    frame" packets; decoded by libdav1d, which reads ``skip_frame`` only when it opens."""
+    quiet = os.environ.get("SVT_LOG")
+    os.environ["SVT_LOG"] = "1"  # the SVT-AV1 encoder's banner otherwise fills the test output
+    try:
+        path = _encode(
+            folder / "youtube_av1.mkv", _plain(n), codec="libsvtav1", options={"preset": "12", "g": "30"}
+        )
+    finally:
+        if quiet is None:
+            del os.environ["SVT_LOG"]
+        else:
+            os.environ["SVT_LOG"] = quiet
+    return Fixture(path, list(range(n)))
+
+
+def hevc_ten_bit(folder: Path, n: int = 60) -> Fixture:
+    """HEVC Main 10 in a QuickTime file, as phones record."""
+    x265 = {"preset": "ultrafast", "crf": "10", "x265-params": "log-level=none:keyint=30"}
+    return Fixture(
+        _encode(folder / "phone.mov", _plain(n), codec="libx265", pix_fmt="yuv420p10le", options=x265),
+        list(range(n)),
+    )
+
+
 def corrupt_middle(folder: Path, n: int = 300, fps: int = 60, gop: int = 120) -> Fixture:
     """A 60 fps MP4 with long GOPs and 400 corrupted bytes in its middle; ``notes["clean"]`` is the undamaged file."""
     options = X264 | {"g": str(gop)}
@@ -270,6 +297,8 @@ def build_all(folder: Path) -> dict[str, Fixture]:
         "two_video_streams": two_video_streams(folder),
         "cover_first": cover_first(folder),
         "mpeg_ts": mpeg_ts(folder),
+        "av1": av1(folder),
+        "hevc_ten_bit": hevc_ten_bit(folder),
         "corrupt_middle": corrupt_middle(folder),
         "truncated": truncated(folder),
     }

@@ -15,6 +15,11 @@ from dora_lightning.data.sources import VideoInfo
 from dora_lightning.data.timeline import Timeline
 from dora_lightning.data.video_file import main_video_stream, open_video
 
+# FFmpeg decoders that read ``skip_frame`` at every frame (verified by tests/video_fixtures.py). Others read it once,
+# when the decoder opens (libdav1d, FFmpeg's AV1 decoder: a reader opened at an unwanted packet would then never output
+# a non-reference frame, wanted or not), or ignore it; they decode every frame.
+NONREF_SKIPPING_DECODERS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4", "vp8", "vp9"})
+
 
 def to_pixels(frame: np.ndarray | av.VideoFrame, pixel_format: str) -> np.ndarray:
     """A decoded frame as an (H, W, C) uint8 array in ``pixel_format`` (a compact YUV frame is converted here)."""
@@ -79,7 +84,8 @@ class RangeReader:
     With one decoding thread, a frame that is not wanted is not even decoded when nothing refers to it
     (``skip_frame="NONREF"`` for its packet: the non-reference B-frames of an H.264 stream, about a third of its
     frames), so a cursor that needs every 4th frame decodes about two thirds of them; such frames are neither yielded
-    nor counted. Files numbered by output order (B-frames with PTS = DTS) decode every frame.
+    nor counted. Files numbered by output order (B-frames with PTS = DTS) and codecs whose decoder is not in
+    :data:`NONREF_SKIPPING_DECODERS` (AV1) decode every frame.
     **Damaged frames** are yielded as None, added to ``damaged`` and counted in ``stats``: a frame the decoder flags
     corrupt, and every frame from a packet whose decoding logged an FFmpeg error (or failed) up to the next keyframe
     decoded cleanly (the frames after a damaged one refer to it). Errors logged while the decoder warms up after a
@@ -109,6 +115,7 @@ class RangeReader:
         self.wanted, self.stats, self.max_retries, self.threads = wanted, stats, max_retries, threads
         self.damaged: set[int] = set()
         self._container: av.container.InputContainer | None = None
+        self._skips_per_packet = False
 
     def close(self) -> None:
         """Close the container (safe to call twice).
@@ -130,6 +137,7 @@ class RangeReader:
         _LogWatch.start()
         stream = main_video_stream(self._container)
         stream.codec_context.thread_count = self.threads
+        self._skips_per_packet = stream.codec_context.name in NONREF_SKIPPING_DECODERS
         if self.threads != 1:
             stream.thread_type = "AUTO"
         timeline = self.timeline
@@ -138,7 +146,7 @@ class RangeReader:
         return self._decode(stream)
 
     def _packet_wanted(self, packet: av.Packet) -> bool:
-        if self.threads != 1 or self.timeline.order_mode or packet.pts is None:
+        if not self._skips_per_packet or self.threads != 1 or self.timeline.order_mode or packet.pts is None:
             return True  # frame threads decode ahead; output order: a packet's timestamp says nothing
         lo, hi = self.timeline.indices_of(packet.pts)
         return any(self.wanted(i) for i in range(max(lo, self.first), min(hi, self.stop)))
