@@ -251,7 +251,7 @@ def test_a_folder_of_camcorder_and_phone_files_is_found(tmp_path):
     """A folder holds AVCHD camcorder (.MTS, upper case as the cameras write it) and phone (.3gp) files: both found."""
     from dora_lightning.data.sources import resolve_video_paths
 
-    for name in ("00001.MTS", "clip.3gp", "notes.txt"):
+    for name in ("00001.MTS", "clip.3gp", "notes.txt", "pi.h264"):
         (tmp_path / name).write_bytes(b"x")
     found = resolve_video_paths(str(tmp_path))
-    assert [Path(p).name for p in found] == ["00001.MTS", "clip.3gp"]
+    assert [Path(p).name for p in found] == ["00001.MTS", "clip.3gp", "pi.h264"]

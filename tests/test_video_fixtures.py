@@ -69,6 +69,8 @@ PLAIN = [
     "mpeg_ts",
     "av1",
     "hevc_ten_bit",
+    "raw_h264",
+    "raw_hevc",
 ]
 
 
@@ -112,6 +114,24 @@ def test_dropped_frames_repeat_the_previous_one(fixtures, index_cache):
     assert [i for i, _ in frames] == list(range(150))
     assert [read_pattern_index(f) for _, f in frames] == fixture.expected
     assert stats.summary() is None
+
+
+@pytest.mark.parametrize("name", ["raw_h264", "raw_hevc"])
+def test_a_raw_stream_is_read_from_its_start_at_the_rate_it_states(fixtures, index_cache, name):
+    """No container: no timestamps, FFmpeg cannot seek (every seek failed before, 43 of 82 clips replaced), and the
+    demuxer's rate is a placeholder 25 fps. Readers start at frame 0; the rate is the stream's 30; a note says so."""
+    path = str(fixtures[name].path)
+    info = probe_video(path, index_cache)
+    assert (info.fps, info.timeline.seekable, info.num_frames) == (30, False, 120)
+    reader = RangeReader(info, 100, 110, (info.width, info.height), lambda i: True, DecodeStats())
+    assert [read_pattern_index(f) for _, f in reader] == list(range(100, 110))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe_videos([path], 3, index_cache)
+    assert len(caught) == 1 and "raw stream without timestamps" in str(caught[0].message)
+    assert f"ffmpeg -r 30 -i '{path}' -c copy" in str(caught[0].message)
+    mp4 = probe_video(str(fixtures["mpeg_ts"].path), index_cache)
+    assert mp4.timeline.seekable
 
 
 def test_rotated_video_trains_upright(fixtures, index_cache):

@@ -258,6 +258,27 @@ def hevc_ten_bit(folder: Path, n: int = 60) -> Fixture:
     )
 
 
+def raw_stream(folder: Path, codec: str = "libx264", n: int = 120) -> Fixture:
+    """A raw H.264 (or HEVC) elementary stream, no container (Raspberry Pi cameras, some dash-cams): no timestamps,
+    FFmpeg cannot seek in it, and its demuxer's rate is a placeholder 25 fps (the stream states 30)."""
+    name, muxer = ("pi_camera.h264", "h264") if codec == "libx264" else ("dashcam.h265", "hevc")
+    path = folder / name
+    with av.open(str(path), "w", format=muxer) as container:
+        stream = container.add_stream(codec, rate=30)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.options = (
+            X264 if codec == "libx264" else {"preset": "ultrafast", "x265-params": "log-level=none:keyint=30"}
+        )
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(frame_pattern(i, W, H), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return Fixture(path, list(range(n)))
+
+
 def corrupt_middle(folder: Path, n: int = 300, fps: int = 60, gop: int = 120) -> Fixture:
     """A 60 fps MP4 with long GOPs and 400 corrupted bytes in its middle; ``notes["clean"]`` is the undamaged file."""
     options = X264 | {"g": str(gop)}
@@ -299,6 +320,8 @@ def build_all(folder: Path) -> dict[str, Fixture]:
         "mpeg_ts": mpeg_ts(folder),
         "av1": av1(folder),
         "hevc_ten_bit": hevc_ten_bit(folder),
+        "raw_h264": raw_stream(folder),
+        "raw_hevc": raw_stream(folder, "libx265"),
         "corrupt_middle": corrupt_middle(folder),
         "truncated": truncated(folder),
     }

@@ -141,7 +141,7 @@ class RangeReader:
         if self.threads != 1:
             stream.thread_type = "AUTO"
         timeline = self.timeline
-        if index > 0 or (timeline.order_mode and timeline.key_before(index) > 0):
+        if timeline.seekable and (index > 0 or (timeline.order_mode and timeline.key_before(index) > 0)):
             self._container.seek(timeline.seek_pts(index), stream=stream, backward=True, any_frame=False)
         return self._decode(stream)
 

@@ -17,10 +17,11 @@ from dora_lightning.data.video_file import main_video_stream, open_video
 from dora_lightning.sizes import short_side_size
 
 # what a folder given as data.paths is searched for (any single file is tried whatever its suffix); .mts/.m2ts: AVCHD
-# camcorders, .3gp: phones, .mxf: broadcast and some body cameras
+# camcorders, .3gp: phones, .mxf: broadcast and some body cameras, .h264/.h265/.hevc: raw streams (Raspberry Pi
+# cameras, some dash-cams)
 VIDEO_SUFFIXES = (
     ".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".3gp", ".flv", ".wmv",
-    ".mxf", ".ogv", ".vob",
+    ".mxf", ".ogv", ".vob", ".h264", ".264", ".h265", ".265", ".hevc",
 )  # fmt: skip
 
 
@@ -177,6 +178,14 @@ def probe_videos(
             notes.append(
                 f"'{path}' ends early (truncated?): its header promises {promised} frames, its packets hold "
                 f"{info.num_frames}; training on those {info.num_frames}"
+            )
+        if not info.timeline.seekable:
+            rate = f"{float(info.fps):g}"
+            notes.append(
+                f"'{path}' is a raw stream without timestamps (no container): it cannot be seeked, so each read decodes "
+                f"it from its first frame (slow for files longer than a few minutes), at the {rate} fps its stream "
+                f"states; put it in a container once to train at full speed: ffmpeg -r {rate} -i '{path}' -c copy "
+                f"'{Path(path).with_suffix('.mp4')}'"
             )
         usable.append(info)
     if not usable:

@@ -10,6 +10,10 @@ Frame ``i`` of the timeline is what a player shows at ``start + i / fps`` (the n
 * **Output-order mode** (``order_mode`` true): a stream whose packets all carry PTS = DTS while the decoder reorders
   frames (B-frames written by some muxers). Timestamps are then meaningless, so frames are numbered by the decoder's
   output order counted from the keyframe a seek lands on (the keyframe's position among the packets).
+* **Not seekable** (``seekable`` false): a stream with no timestamp at all, a raw H.264 / HEVC elementary stream
+  with no container (``.h264`` from a Raspberry Pi camera or a dash-cam). FFmpeg cannot seek in it, so it is read in
+  output order from its first frame every time, at the rate its bitstream states (the demuxer's own rate is a
+  placeholder 25 fps).
 
 Counts come from the packets (never from the header): demuxing reads the file once without decoding (about as long
 as reading the file from disk) plus a decode of its first few dozen packets; the result is cached (see
@@ -32,8 +36,9 @@ import numpy as np
 
 from dora_lightning.data.video_file import main_video_stream, open_video
 
-INDEX_VERSION = 2  # 2: the main video stream (FFmpeg's best), not the first
+INDEX_VERSION = 3  # 2: the main video stream (FFmpeg's best), not the first; 3: ``seekable``
 ORDER_CHECK_PACKETS = 48  # packets decoded to tell whether a PTS = DTS stream reorders its frames
+AVFMT_NOTIMESTAMPS = 0x80  # FFmpeg's input-format flag of formats without timestamps
 MAX_INDEX_ENTRIES = (
     4096  # ~1 KB each (a few MB for files with off-grid timestamps); the least recently used go first
 )
@@ -60,6 +65,7 @@ class Timeline:
             mode only); None when frame ``i`` is simply the coded frame at ``start + i / fps``.
         key_index: frame index of each keyframe (output-order mode only).
         key_pts: timestamp to seek to for each keyframe (output-order mode only).
+        seekable: whether a reader may seek (False: no packet has a timestamp; decode from the first frame).
     """
 
     fps: Fraction
@@ -72,6 +78,7 @@ class Timeline:
     source_pts: np.ndarray | None = None
     key_index: np.ndarray | None = None
     key_pts: np.ndarray | None = None
+    seekable: bool = True
 
     def __post_init__(self) -> None:
         if self.source_pts is not None:
@@ -139,6 +146,8 @@ def _packet_table(path: str) -> tuple[dict[str, np.ndarray], Fraction, Fraction,
             raise TimelineError(f"'{path}' has no video stream")
         stream = main_video_stream(container)
         fps = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if _has_no_timestamps(container):
+            fps = stream.guessed_rate or fps  # the bitstream's own timing, not the raw demuxer's placeholder
         if not fps or stream.time_base is None:
             raise TimelineError(
                 f"'{path}' has no frame rate or time base in its header; re-mux it (e.g. with ffmpeg -c copy)"
@@ -162,6 +171,11 @@ def _packet_table(path: str) -> tuple[dict[str, np.ndarray], Fraction, Fraction,
         }
         header = _header_frames(container, stream, Fraction(fps))
         return table, Fraction(fps), Fraction(stream.time_base), header
+
+
+def _has_no_timestamps(container: av.container.InputContainer) -> bool:
+    """Whether the container format carries no timestamps (FFmpeg's AVFMT_NOTIMESTAMPS: raw elementary streams)."""
+    return bool(int(container.format.flags) & AVFMT_NOTIMESTAMPS)
 
 
 def _output_reorders(path: str) -> bool:
@@ -193,6 +207,7 @@ def build_timeline(path: str) -> Timeline:
     pts = np.where(pts == missing, dts, pts)
     same = bool(np.all((table["pts"] == dts) | (table["pts"] == missing)))
     if np.any(pts == missing) or (same and len(pts) > 1 and _output_reorders(path)):
+        seekable = not np.all(pts == missing)
         seek = np.where(pts == missing, 0, pts)
         key_positions = np.flatnonzero(keys)
         if len(key_positions) == 0 or key_positions[0] != 0:
@@ -207,6 +222,7 @@ def build_timeline(path: str) -> Timeline:
             order_mode=True,
             key_index=key_positions.astype(np.int64),
             key_pts=seek[key_positions].astype(np.int64),
+            seekable=seekable,
         )
     source = np.unique(pts)
     start = int(source[0])
@@ -243,6 +259,7 @@ def _to_arrays(timeline: Timeline, key: dict, extra: dict) -> dict[str, np.ndarr
         "coded_frames": timeline.coded_frames,
         "header_frames": timeline.header_frames,
         "order_mode": timeline.order_mode,
+        "seekable": timeline.seekable,
         "extra": extra,
     }
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
@@ -265,6 +282,7 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> tuple[Timeline, dict, dict]:
         coded_frames=int(meta["coded_frames"]),
         header_frames=int(meta["header_frames"]),
         order_mode=bool(meta["order_mode"]),
+        seekable=bool(meta["seekable"]),
         **{
             name: arrays[name].astype(np.int64)
             for name in ("source_pts", "key_index", "key_pts")
