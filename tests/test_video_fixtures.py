@@ -71,6 +71,7 @@ PLAIN = [
     "hevc_ten_bit",
     "raw_h264",
     "raw_hevc",
+    "anamorphic",
 ]
 
 
@@ -132,6 +133,16 @@ def test_a_raw_stream_is_read_from_its_start_at_the_rate_it_states(fixtures, ind
     assert f"ffmpeg -r 30 -i '{path}' -c copy" in str(caught[0].message)
     mp4 = probe_video(str(fixtures["mpeg_ts"].path), index_cache)
     assert mp4.timeline.seekable
+
+
+def test_non_square_pixels_train_at_the_displayed_shape(fixtures, index_cache):
+    fixture = fixtures["anamorphic"]
+    info = probe_video(str(fixture.path), index_cache)
+    assert (info.width, info.height) == fixture.notes["size"] == (128, 64)
+    assert info.decode_size(32) == (64, 32)
+    samples, _ = clips(info)
+    assert samples[0]["frames"].shape == (3, 64, 128, 3)
+    assert shown(samples[0]) == SPEC.frames(samples[0]["start"]).tolist()
 
 
 def test_rotated_video_trains_upright(fixtures, index_cache):

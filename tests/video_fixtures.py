@@ -258,6 +258,17 @@ def hevc_ten_bit(folder: Path, n: int = 60) -> Fixture:
     )
 
 
+def anamorphic(folder: Path, n: int = 60) -> Fixture:
+    """Non-square pixels (sample aspect ratio 4:3, as HDV camcorders' 1440x1080 shown as 1920x1080): stored 96x64,
+    shown 128x64."""
+
+    def pixel_aspect(container: av.container.OutputContainer) -> None:
+        container.streams.video[0].codec_context.sample_aspect_ratio = Fraction(4, 3)
+
+    path = _encode(folder / "hdv.m2ts", _plain(n), options=X264, after=pixel_aspect)
+    return Fixture(path, list(range(n)), {"size": (128, 64)})
+
+
 def raw_stream(folder: Path, codec: str = "libx264", n: int = 120) -> Fixture:
     """A raw H.264 (or HEVC) elementary stream, no container (Raspberry Pi cameras, some dash-cams): no timestamps,
     FFmpeg cannot seek in it, and its demuxer's rate is a placeholder 25 fps (the stream states 30)."""
@@ -320,6 +331,7 @@ def build_all(folder: Path) -> dict[str, Fixture]:
         "mpeg_ts": mpeg_ts(folder),
         "av1": av1(folder),
         "hevc_ten_bit": hevc_ten_bit(folder),
+        "anamorphic": anamorphic(folder),
         "raw_h264": raw_stream(folder),
         "raw_hevc": raw_stream(folder, "libx265"),
         "corrupt_middle": corrupt_middle(folder),

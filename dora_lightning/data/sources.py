@@ -36,7 +36,8 @@ class VideoInfo:
     ``num_frames`` is the number of frames a player shows at the nominal rate ``fps``, counted from the file's packets
     (never from its header): frame ``i`` is what a player shows ``i / fps`` seconds after the first frame (see
     :mod:`dora_lightning.data.timeline`). ``width`` and ``height`` are the displayed size: a file with rotation
-    metadata (``rotation`` degrees counter-clockwise, a multiple of 90) is decoded and then turned upright.
+    metadata (``rotation`` degrees counter-clockwise, a multiple of 90) is decoded and then turned upright; one with
+    non-square pixels (HDV's 1440x1080 shown as 1920x1080, DV, DVD) is scaled to its displayed width when decoded.
     """
 
     path: str
@@ -107,7 +108,8 @@ def resolve_video_paths(paths: str | Sequence[str]) -> list[str]:
 
 
 def _first_frame(path: str) -> dict[str, int]:
-    """Decode the first frame of ``path``: its upright size and rotation; raise VideoSourceError when none decodes."""
+    """Decode the first frame of ``path``: its displayed size (upright, and widened or narrowed by a non-square pixel
+    aspect ratio, as a player shows it) and rotation; raise VideoSourceError when none decodes."""
     try:
         with open_video(path) as container, av.logging.Capture(local=False):
             stream = main_video_stream(container)
@@ -116,11 +118,17 @@ def _first_frame(path: str) -> dict[str, int]:
             if first is None:
                 raise VideoSourceError(f"'{path}' has no decodable frame; is the file empty or corrupt?")
             rotation = int(round((first.rotation or 0) / 90)) % 4 * 90
+            pixel_aspect = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
     except av.FFmpegError as err:
         raise VideoSourceError(
             f"'{path}' has no decodable frame at its start ({err}); is the file corrupt?"
         ) from err
-    width, height = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
+    width = first.width
+    if (
+        pixel_aspect and pixel_aspect > 0 and pixel_aspect != 1
+    ):  # anamorphic: HDV 1440x1080 shows as 1920x1080
+        width = max(1, round(width * pixel_aspect))
+    width, height = (first.height, width) if rotation in (90, 270) else (width, first.height)
     return {"width": width, "height": height, "rotation": rotation}
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from dora_lightning.data.video_file import main_video_stream, open_video
 
-INDEX_VERSION = 3  # 2: the main video stream (FFmpeg's best), not the first; 3: ``seekable``
+INDEX_VERSION = 3  # 2: the main video stream (FFmpeg's best), not the first; 3: ``seekable``, displayed width
 ORDER_CHECK_PACKETS = 48  # packets decoded to tell whether a PTS = DTS stream reorders its frames
 AVFMT_NOTIMESTAMPS = 0x80  # FFmpeg's input-format flag of formats without timestamps
 MAX_INDEX_ENTRIES = (
