@@ -72,6 +72,7 @@ PLAIN = [
     "raw_h264",
     "raw_hevc",
     "anamorphic",
+    "starts_mid_gop",
 ]
 
 

@@ -258,6 +258,18 @@ def hevc_ten_bit(folder: Path, n: int = 60) -> Fixture:
     )
 
 
+def starts_mid_gop(folder: Path, n: int = 150) -> Fixture:
+    """An MPEG-TS capture that starts mid-GOP (a live stream recorded from an IP camera, a download cut at its start):
+    the packets before its first keyframe cannot be decoded; a player starts at that keyframe (frame 30 here)."""
+    whole = _encode(folder / "whole.ts", _plain(n), options=X264 | {"bf": "0"})
+    with av.open(str(whole)) as container:
+        positions = [packet.pos for packet in container.demux(video=0) if packet.size]
+    cut = positions[10] // 188 * 188  # inside the first GOP, on a TS packet boundary
+    path = folder / "ipcam.ts"
+    path.write_bytes(whole.read_bytes()[cut:])
+    return Fixture(path, list(range(30, n)))
+
+
 def anamorphic(folder: Path, n: int = 60) -> Fixture:
     """Non-square pixels (sample aspect ratio 4:3, as HDV camcorders' 1440x1080 shown as 1920x1080): stored 96x64,
     shown 128x64."""
@@ -332,6 +344,7 @@ def build_all(folder: Path) -> dict[str, Fixture]:
         "av1": av1(folder),
         "hevc_ten_bit": hevc_ten_bit(folder),
         "anamorphic": anamorphic(folder),
+        "starts_mid_gop": starts_mid_gop(folder),
         "raw_h264": raw_stream(folder),
         "raw_hevc": raw_stream(folder, "libx265"),
         "corrupt_middle": corrupt_middle(folder),

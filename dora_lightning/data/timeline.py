@@ -10,6 +10,8 @@ Frame ``i`` of the timeline is what a player shows at ``start + i / fps`` (the n
 * **Output-order mode** (``order_mode`` true): a stream whose packets all carry PTS = DTS while the decoder reorders
   frames (B-frames written by some muxers). Timestamps are then meaningless, so frames are numbered by the decoder's
   output order counted from the keyframe a seek lands on (the keyframe's position among the packets).
+* A file that starts mid-GOP (a live capture, a download cut at its start) starts at its first keyframe, as a player
+  does: the packets before it cannot be decoded.
 * **Not seekable** (``seekable`` false): a stream with no timestamp at all, a raw H.264 / HEVC elementary stream
   with no container (``.h264`` from a Raspberry Pi camera or a dash-cam). FFmpeg cannot seek in it, so it is read in
   output order from its first frame every time, at the rate its bitstream states (the demuxer's own rate is a
@@ -203,9 +205,15 @@ def build_timeline(path: str) -> Timeline:
     pts, dts, keys = table["pts"], table["dts"], table["key"]
     if len(pts) == 0:
         raise TimelineError(f"'{path}' holds no video packet; is the file empty or audio only?")
+    if keys.any() and not keys[0]:
+        # a file that starts mid-GOP (a live capture, a cut download): nothing before its first keyframe can be
+        # decoded, and a player starts there; the header's duration estimate counted those frames too
+        lead = int(np.argmax(keys))
+        pts, dts, keys = pts[lead:], dts[lead:], keys[lead:]
+        header = max(0, header - lead)
     missing = np.iinfo(np.int64).min
+    same = bool(np.all((pts == dts) | (pts == missing)))
     pts = np.where(pts == missing, dts, pts)
-    same = bool(np.all((table["pts"] == dts) | (table["pts"] == missing)))
     if np.any(pts == missing) or (same and len(pts) > 1 and _output_reorders(path)):
         seekable = not np.all(pts == missing)
         seek = np.where(pts == missing, 0, pts)
