@@ -255,3 +255,22 @@ def test_a_folder_of_camcorder_and_phone_files_is_found(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     found = resolve_video_paths(str(tmp_path))
     assert [Path(p).name for p in found] == ["00001.MTS", "clip.3gp", "pi.h264"]
+
+
+def test_frame_rate_counts_mixed_rate_videos_at_one_rate(tmp_path):
+    """A 30 fps and a 60 fps file read at data.frame_rate 60: both counted in 60ths of a second (which frames they
+    show: tests/test_video_fixtures.py); the rate is part of the data's identity, so resuming at another is refused."""
+    slow = write_video(tmp_path / "dashcam30.mp4", 40, fps=30)
+    fast = write_video(tmp_path / "walk60.mp4", 80, fps=60)
+    dm = make([str(slow), str(fast)], frame_rate=60, clip_length=3, frame_stride=10, start_step=2)
+    dm.setup("fit")
+    assert [(v.fps, v.num_frames) for v in dm.videos] == [(60, 80), (60, 80)]
+    assert len(list(islice(dm.train_dataloader(), 2))) == 2
+    state = dm.state_dict()
+    assert state["frame_rate"] == "60"
+    other = make([str(slow), str(fast)], clip_length=3, frame_stride=10, start_step=2)
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="data.frame_rate 60 -> None"):
+        other.setup("fit")
+    with pytest.raises(ValueError, match="data.frame_rate must be in"):
+        make(str(slow), frame_rate=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -144,6 +145,47 @@ def test_non_square_pixels_train_at_the_displayed_shape(fixtures, index_cache):
     samples, _ = clips(info)
     assert samples[0]["frames"].shape == (3, 64, 128, 3)
     assert shown(samples[0]) == SPEC.frames(samples[0]["start"]).tolist()
+
+
+@pytest.mark.parametrize("rate", [60, 15, 20])
+def test_a_video_read_at_another_frame_rate_shows_what_a_player_shows_then(fixtures, index_cache, rate):
+    """data.frame_rate: a 30 fps file of 90 frames read at 60 shows each frame twice, at 15 every other one, at 20 two of three;
+    a variable-rate file maps its timestamps to the asked rate; each rate has its own index cache entry."""
+    fixture = fixtures["mkv_no_count"]  # 90 frames at 30 fps
+    info = probe_video(str(fixture.path), index_cache, Fraction(rate))
+    times = [round(k * 1000 / 30) for k in range(90)]  # Matroska's millisecond timestamps
+    expected = expected_for_times(times, Fraction(rate), info.num_frames, Fraction(30))
+    assert info.fps == rate and info.timeline.source_fps == 30
+    assert info.num_frames == {60: 180, 15: 45, 20: 60}[rate]
+    reader = RangeReader(info, 0, info.num_frames, (info.width, info.height), lambda i: True, DecodeStats())
+    assert [read_pattern_index(f) for _, f in reader] == expected
+    assert probe_video(str(fixture.path), index_cache).fps == 30  # the native entry is another one
+    samples, messages = clips(info)
+    assert not messages
+    for sample in samples:
+        assert shown(sample) == [expected[i] for i in SPEC.frames(sample["start"])]
+    variable = fixtures["variable_rate"]
+    info = probe_video(str(variable.path), index_cache, Fraction(rate))
+    expected = expected_for_times(
+        variable.notes["times_ms"], Fraction(rate), info.num_frames, info.timeline.source_fps
+    )
+    assert shown_all(info) == expected
+
+
+def shown_all(info: VideoInfo) -> list[int]:
+    reader = RangeReader(info, 0, info.num_frames, (info.width, info.height), lambda i: True, DecodeStats())
+    return [read_pattern_index(f) for _, f in reader]
+
+
+def test_a_file_without_usable_timestamps_keeps_its_own_rate(fixtures, index_cache):
+    """B-frames with PTS = DTS are numbered by decoding order: nothing places them in time, so data.frame_rate
+    cannot apply; the file is read at its own rate, with a note."""
+    path = str(fixtures["pts_eq_dts"].path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        [info] = probe_videos([path], 3, index_cache, Fraction(60))
+    assert info.fps == 30 and info.timeline.order_mode
+    assert len(caught) == 1 and "read at its own 30 fps, not data.frame_rate 60" in str(caught[0].message)
 
 
 def test_rotated_video_trains_upright(fixtures, index_cache):

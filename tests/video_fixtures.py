@@ -114,13 +114,16 @@ def variable_rate(folder: Path) -> Fixture:
     return Fixture(path, None, {"times_ms": times})
 
 
-def expected_for_times(times_ms: list[int], fps: Fraction, num_frames: int) -> list[int]:
+def expected_for_times(
+    times_ms: list[int], fps: Fraction, num_frames: int, source_fps: Fraction | None = None
+) -> list[int]:
     """The coded frame a player shows at each frame index: the latest one due by the index's time (half a frame of
-    tolerance), counting from the first frame."""
+    tolerance, of the file's own rate ``source_fps`` when that is faster), counting from the first frame."""
     period = 1000 / float(fps)
+    tolerance = 500 / max(float(fps), float(source_fps or fps))
     shown = []
     for i in range(num_frames):
-        due = [k for k, t in enumerate(times_ms) if t - times_ms[0] <= i * period + period / 2 + 1e-6]
+        due = [k for k, t in enumerate(times_ms) if t - times_ms[0] <= i * period + tolerance + 1e-6]
         shown.append(due[-1])
     return shown
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from fractions import Fraction
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -43,6 +44,9 @@ class VideoClipDataModule(pl.LightningDataModule):
         paths: a video file, a folder (searched recursively, e.g. one folder per Walking Tours city), a glob, or a list.
         clip_length: frames per clip (T; the paper uses 8).
         frame_stride: frames between consecutive frames of a clip (60 in the paper: 1 s at 60 fps).
+        frame_rate: count every video's frames at this rate, as a player showing it at this rate would (a 30 fps
+            file read at 60 shows each frame twice, a 120 fps file every other frame), so ``frame_stride`` is the
+            same time in every file; None: each file at its own rate (mixed rates then mean mixed strides in time).
         decode_short_side: scale frames at decode time so the short side is this many pixels (None: native size).
         batch_size: clips per batch per process.
         num_workers: dataloader worker processes per process (0 decodes in the main process).
@@ -77,6 +81,7 @@ class VideoClipDataModule(pl.LightningDataModule):
         paths: str | list[str] = DEFAULT_VIDEO,
         clip_length: int = 8,
         frame_stride: int = 60,
+        frame_rate: float | None = None,
         decode_short_side: int | None = 320,
         batch_size: int = 6,
         num_workers: int = 4,
@@ -113,9 +118,14 @@ class VideoClipDataModule(pl.LightningDataModule):
             raise ValueError(f"data.cursors must be >= data.batch_size={batch_size} (or null), got {cursors}")
         if augment_on not in AUGMENT_ON:
             raise ValueError(f"data.augment_on must be one of {AUGMENT_ON}, got {augment_on!r}")
+        if frame_rate is not None and not 0 < frame_rate <= 1000:
+            raise ValueError(
+                f"data.frame_rate must be in (0, 1000] frames per second or null, got {frame_rate}"
+            )
         if decode_short_side is not None and decode_short_side < 16:
             raise ValueError(f"data.decode_short_side must be >= 16 or null, got {decode_short_side}")
         self.paths = paths
+        self.frame_rate = None if frame_rate is None else Fraction(str(frame_rate))
         self.index_cache = index_cache
         self.decode_short_side = decode_short_side
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -174,7 +184,10 @@ class VideoClipDataModule(pl.LightningDataModule):
         if self.dataset is not None:
             return
         self.videos = probe_videos(
-            resolve_video_paths(self.paths), min_frames=self.spec.span, index_cache=self.index_cache
+            resolve_video_paths(self.paths),
+            min_frames=self.spec.span,
+            index_cache=self.index_cache,
+            frame_rate=self.frame_rate,
         )
         if self._saved_identity is not None:
             self._refuse_other_data(self._saved_identity)
@@ -307,11 +320,12 @@ class VideoClipDataModule(pl.LightningDataModule):
 
     def identity(self) -> dict[str, Any]:
         """What makes a checkpoint's clips the same clips: the videos (file name and size, in order, so a moved
-        folder still matches) and the clip geometry (length, stride, decode size)."""
+        folder still matches) and the clip geometry (length, stride, rate, decode size)."""
         return {
             "videos": [[os.path.basename(v.path), os.path.getsize(v.path)] for v in self.videos],
             "clip_length": self.spec.clip_length,
             "frame_stride": self.spec.frame_stride,
+            "frame_rate": None if self.frame_rate is None else str(self.frame_rate),
             "decode_short_side": self.decode_short_side,
         }
 

@@ -132,10 +132,12 @@ def _first_frame(path: str) -> dict[str, int]:
     return {"width": width, "height": height, "rotation": rotation}
 
 
-def probe_video(path: str, index_cache: str | os.PathLike | None = None) -> VideoInfo:
-    """Index ``path`` (its player timeline, from the packets; cached in ``index_cache``, default
-    :func:`~dora_lightning.data.timeline.default_cache_dir`) and decode its first frame; raise VideoSourceError if
-    it is unusable."""
+def probe_video(
+    path: str, index_cache: str | os.PathLike | None = None, frame_rate: Fraction | None = None
+) -> VideoInfo:
+    """Index ``path`` (its player timeline, from the packets, at ``frame_rate`` or its own rate; cached in
+    ``index_cache``, default :func:`~dora_lightning.data.timeline.default_cache_dir`) and decode its first frame;
+    raise VideoSourceError if it is unusable."""
     try:
         with open_video(path) as container:
             if not container.streams.video:
@@ -143,7 +145,7 @@ def probe_video(path: str, index_cache: str | os.PathLike | None = None) -> Vide
     except (av.FFmpegError, OSError, UnicodeDecodeError) as err:
         raise VideoSourceError(f"'{path}' is not a readable video ({err.__class__.__name__}: {err})") from err
     try:
-        timeline, facts = load_or_build(path, index_cache, _first_frame)
+        timeline, facts = load_or_build(path, index_cache, _first_frame, frame_rate=frame_rate)
     except TimelineError as err:
         raise VideoSourceError(str(err)) from err
     except (av.FFmpegError, OSError) as err:
@@ -162,16 +164,19 @@ def probe_video(path: str, index_cache: str | os.PathLike | None = None) -> Vide
 
 
 def probe_videos(
-    paths: Sequence[str], min_frames: int, index_cache: str | os.PathLike | None = None
+    paths: Sequence[str],
+    min_frames: int,
+    index_cache: str | os.PathLike | None = None,
+    frame_rate: Fraction | None = None,
 ) -> list[VideoInfo]:
-    """Probe every file (indexes cached in ``index_cache``); skip unusable or too-short ones with a warning, and fail
-    only when none is left."""
+    """Probe every file (indexes cached in ``index_cache``; frames counted at ``frame_rate``, None: each file's own
+    rate); skip unusable or too-short ones with a warning, and fail only when none is left."""
     usable: list[VideoInfo] = []
     problems: list[str] = []
     notes: list[str] = []
     for path in paths:
         try:
-            info = probe_video(path, index_cache)
+            info = probe_video(path, index_cache, frame_rate)
         except VideoSourceError as err:
             problems.append(str(err))
             continue
@@ -186,6 +191,12 @@ def probe_videos(
             notes.append(
                 f"'{path}' ends early (truncated?): its header promises {promised} frames, its packets hold "
                 f"{info.num_frames}; training on those {info.num_frames}"
+            )
+        if frame_rate is not None and info.fps != frame_rate:
+            notes.append(
+                f"'{path}' is read at its own {float(info.fps):g} fps, not data.frame_rate {float(frame_rate):g}: its "
+                "frames carry no usable timestamps to place them in time (numbered by decoding order); re-encode it "
+                f"at {float(frame_rate):g} fps, or put it in a run of its own"
             )
         if not info.timeline.seekable:
             rate = f"{float(info.fps):g}"

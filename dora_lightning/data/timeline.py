@@ -1,6 +1,8 @@
 """A video's frame timeline as a player shows it, built by demuxing its packets once and cached per file.
 
-Frame ``i`` of the timeline is what a player shows at ``start + i / fps`` (the nominal rate):
+Frame ``i`` of the timeline is what a player shows at ``start + i / fps``, ``fps`` being the stream's nominal rate
+or, when one is asked for (``data.frame_rate``), that rate: a 30 fps file read at 60 shows each frame twice, a 120 fps
+file read at 60 every other frame, so a clip's stride in frames is the same time in every file:
 
 * **Timestamp mode** (``order_mode`` false): the decoder's frames are placed by their presentation timestamps. Frame
   ``i`` shows the latest coded frame whose timestamp is at most half a frame period after ``i``'s time, so a frame
@@ -38,7 +40,9 @@ import numpy as np
 
 from dora_lightning.data.video_file import main_video_stream, open_video
 
-INDEX_VERSION = 3  # 2: the main video stream (FFmpeg's best), not the first; 3: ``seekable``, displayed width
+INDEX_VERSION = (
+    3  # 2: the main video stream (FFmpeg's best), not the first; 3: seekable, source_fps, displayed width
+)
 ORDER_CHECK_PACKETS = 48  # packets decoded to tell whether a PTS = DTS stream reorders its frames
 AVFMT_NOTIMESTAMPS = 0x80  # FFmpeg's input-format flag of formats without timestamps
 MAX_INDEX_ENTRIES = (
@@ -68,6 +72,7 @@ class Timeline:
         key_index: frame index of each keyframe (output-order mode only).
         key_pts: timestamp to seek to for each keyframe (output-order mode only).
         seekable: whether a reader may seek (False: no packet has a timestamp; decode from the first frame).
+        source_fps: the file's own rate when ``fps`` is another one (``data.frame_rate``), else None.
     """
 
     fps: Fraction
@@ -81,12 +86,24 @@ class Timeline:
     key_index: np.ndarray | None = None
     key_pts: np.ndarray | None = None
     seekable: bool = True
+    source_fps: Fraction | None = None
 
     def __post_init__(self) -> None:
         if self.source_pts is not None:
-            seconds = (self.source_pts - self.start_pts).astype(np.float64) * float(self.time_base * self.fps)
-            first = np.ceil(seconds - 0.5 - 1e-9).astype(np.int64)
+            position = (self.source_pts - self.start_pts).astype(np.float64) * float(
+                self.time_base * self.fps
+            )
+            first = np.ceil(position - self.tolerance - 1e-9).astype(np.int64)
             object.__setattr__(self, "_first_index", np.append(np.maximum(first, 0), self.num_frames))
+
+    @property
+    def tolerance(self) -> float:
+        """How early (in frames of ``fps``) a coded frame may come and still count as due: half a frame, or half a
+        frame of the file's own rate when that is faster (read at a lower rate, frame ``i`` shows the coded frame due
+        at its time, not the next one)."""
+        if self.source_fps is None:
+            return 0.5
+        return 0.5 * min(1.0, float(self.fps / self.source_fps))
 
     @property
     def on_grid(self) -> bool:
@@ -199,9 +216,11 @@ def _output_reorders(path: str) -> bool:
     return False
 
 
-def build_timeline(path: str) -> Timeline:
-    """Demux ``path`` and build its timeline (see the module docstring); raise TimelineError if it has no frame."""
-    table, fps, time_base, header = _packet_table(path)
+def build_timeline(path: str, frame_rate: Fraction | None = None) -> Timeline:
+    """Demux ``path`` and build its timeline at its own rate or at ``frame_rate`` (see the module docstring; a file
+    numbered by output order keeps its own rate: its timestamps cannot place frames); raise TimelineError if it has
+    no frame."""
+    table, native, time_base, header = _packet_table(path)
     pts, dts, keys = table["pts"], table["dts"], table["key"]
     if len(pts) == 0:
         raise TimelineError(f"'{path}' holds no video packet; is the file empty or audio only?")
@@ -221,7 +240,7 @@ def build_timeline(path: str) -> Timeline:
         if len(key_positions) == 0 or key_positions[0] != 0:
             key_positions = np.insert(key_positions, 0, 0)
         return Timeline(
-            fps=fps,
+            fps=native,
             time_base=time_base,
             start_pts=int(seek[0]),
             num_frames=len(pts),
@@ -232,13 +251,21 @@ def build_timeline(path: str) -> Timeline:
             key_pts=seek[key_positions].astype(np.int64),
             seekable=seekable,
         )
+    fps, source_fps = native, None
+    if frame_rate is not None and frame_rate != native:
+        fps, source_fps, header = frame_rate, native, round(header * frame_rate / native)
     source = np.unique(pts)
     start = int(source[0])
     position = (source - start).astype(np.float64) * float(time_base * fps)
-    if np.array_equal(np.rint(position), np.arange(len(source))):
+    if source_fps is None and np.array_equal(np.rint(position), np.arange(len(source))):
         return Timeline(fps, time_base, start, len(source), len(pts), header)
-    last = math.ceil(position[-1] - 0.5 - 1e-9)
-    return Timeline(fps, time_base, start, last + 1, len(pts), header, source_pts=source)
+    if source_fps is None:
+        count = math.ceil(position[-1] - 0.5 - 1e-9) + 1
+    else:  # the frames that start before the last coded frame's display ends (its time plus one frame of its own
+        # rate), by at least the tolerance (timestamps rounded to milliseconds must not add a frame)
+        tolerance = Timeline(fps, time_base, start, 0, 0, source_fps=source_fps).tolerance
+        count = math.ceil(position[-1] + float(fps / source_fps) - tolerance)
+    return Timeline(fps, time_base, start, count, len(pts), header, source_pts=source, source_fps=source_fps)
 
 
 def default_cache_dir() -> Path:
@@ -247,13 +274,21 @@ def default_cache_dir() -> Path:
     return Path(root) / "dora_lightning" / "video_index"
 
 
-def _file_key(path: str) -> dict[str, int | str]:
+def _file_key(path: str, frame_rate: Fraction | None = None) -> dict[str, int | str]:
     status = os.stat(path)
-    return {"path": os.path.abspath(path), "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+    key: dict[str, int | str] = {
+        "path": os.path.abspath(path),
+        "size": status.st_size,
+        "mtime_ns": status.st_mtime_ns,
+    }
+    if frame_rate is not None:
+        key["frame_rate"] = str(frame_rate)
+    return key
 
 
 def _entry_path(cache_dir: Path, key: dict[str, int | str]) -> Path:
-    return cache_dir / (hashlib.sha1(str(key["path"]).encode()).hexdigest() + ".npz")
+    name = str(key["path"]) + (f"@{key['frame_rate']}" if "frame_rate" in key else "")
+    return cache_dir / (hashlib.sha1(name.encode()).hexdigest() + ".npz")
 
 
 def _to_arrays(timeline: Timeline, key: dict, extra: dict) -> dict[str, np.ndarray]:
@@ -268,6 +303,7 @@ def _to_arrays(timeline: Timeline, key: dict, extra: dict) -> dict[str, np.ndarr
         "header_frames": timeline.header_frames,
         "order_mode": timeline.order_mode,
         "seekable": timeline.seekable,
+        "source_fps": None if timeline.source_fps is None else str(timeline.source_fps),
         "extra": extra,
     }
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
@@ -291,6 +327,7 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> tuple[Timeline, dict, dict]:
         header_frames=int(meta["header_frames"]),
         order_mode=bool(meta["order_mode"]),
         seekable=bool(meta["seekable"]),
+        source_fps=None if meta["source_fps"] is None else Fraction(meta["source_fps"]),
         **{
             name: arrays[name].astype(np.int64)
             for name in ("source_pts", "key_index", "key_pts")
@@ -325,15 +362,17 @@ def load_or_build(
     cache_dir: str | os.PathLike | None = None,
     probe: Callable[[str], dict] | None = None,
     max_entries: int = MAX_INDEX_ENTRIES,
+    frame_rate: Fraction | None = None,
 ) -> tuple[Timeline, dict]:
-    """The timeline of ``path`` and the ``extra`` facts ``probe(path)`` returned, from the cache when the file's path,
-    size and mtime_ns match the entry; else built (and ``probe`` run) and written to the cache.
+    """The timeline of ``path`` (at ``frame_rate``, None: its own) and the ``extra`` facts ``probe(path)`` returned,
+    from the cache when the file's path, size and mtime_ns (and the rate) match the entry; else built (and ``probe``
+    run) and written to the cache.
 
     ``cache_dir`` None uses :func:`default_cache_dir`. A corrupt or stale entry is rebuilt; a cache folder that cannot
     be written is ignored (the index is then rebuilt at each start). After a write the cache keeps the
     ``max_entries`` most recently used entries (:func:`prune_cache`).
     """
-    key = _file_key(path)
+    key = _file_key(path, frame_rate)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     entry = _entry_path(folder, key)
     try:
@@ -347,7 +386,7 @@ def load_or_build(
             return timeline, extra
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, EOFError):
         pass  # no entry, or a corrupt / old one: rebuild it
-    timeline = build_timeline(path)
+    timeline = build_timeline(path, frame_rate)
     extra = probe(path) if probe is not None else {}
     try:
         folder.mkdir(parents=True, exist_ok=True)
