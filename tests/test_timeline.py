@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from conftest import write_video
 
+from dora_lightning.data import index_cache
 from dora_lightning.data import timeline as tl
 from dora_lightning.data.sources import probe_video
 
@@ -22,7 +23,7 @@ def test_index_is_cached_and_reused(tmp_path, monkeypatch):
     first = probe_video(str(video), cache)
     (entry,) = entries(cache)
     calls = []
-    monkeypatch.setattr(tl, "build_timeline", lambda path: calls.append(path))
+    monkeypatch.setattr(index_cache, "build_timeline", lambda *args: calls.append(args))
     again = probe_video(str(video), cache)
     assert not calls and (again.num_frames, again.fps, again.width) == (
         first.num_frames,
@@ -61,7 +62,7 @@ def test_unwritable_cache_is_not_an_error(tmp_path):
 
 def test_default_cache_folder_follows_xdg(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert tl.default_cache_dir() == tmp_path / "dora_lightning" / "video_index"
+    assert index_cache.default_cache_dir() == tmp_path / "dora_lightning" / "video_index"
 
 
 def test_clean_file_keeps_the_plain_grid(tmp_path):
@@ -93,10 +94,12 @@ def test_the_cache_keeps_the_most_recently_used_entries(tmp_path):
         (cache / f"old{i}.npz").write_bytes(b"x")
         os.utime(cache / f"old{i}.npz", (1_000_000 + i, 1_000_000 + i))
     (cache / "abc.123.tmp.npz").write_bytes(b"partial")
-    tl.load_or_build(str(video), cache, max_entries=3)
+    index_cache.load_or_build(str(video), cache, max_entries=3)
     names = sorted(p.name for p in entries(cache))
     assert len(names) == 3 and "old5.npz" in names and "old4.npz" in names  # the new entry + the 2 newest old
     assert not any(n.startswith("old0") or n.endswith(".tmp.npz") for n in names)
-    assert tl.prune_cache(cache, keep=1) == 2  # reading touched nothing else; keep the newest (the video's)
+    assert (
+        index_cache.prune_cache(cache, keep=1) == 2
+    )  # reading touched nothing else; keep the newest (the video's)
     (entry,) = entries(cache)
     assert "old" not in entry.name

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import av
 
-from dora_lightning.data.timeline import Timeline, TimelineError, load_or_build
+from dora_lightning.data.index_cache import load_or_build
+from dora_lightning.data.timeline import Timeline, TimelineError
 from dora_lightning.data.video_file import main_video_stream, open_video
 from dora_lightning.sizes import short_side_size
 
@@ -136,7 +137,7 @@ def probe_video(
     path: str, index_cache: str | os.PathLike | None = None, frame_rate: Fraction | None = None
 ) -> VideoInfo:
     """Index ``path`` (its player timeline, from the packets, at ``frame_rate`` or its own rate; cached in
-    ``index_cache``, default :func:`~dora_lightning.data.timeline.default_cache_dir`) and decode its first frame;
+    ``index_cache``, default :func:`~dora_lightning.data.index_cache.default_cache_dir`) and decode its first frame;
     raise VideoSourceError if it is unusable."""
     try:
         with open_video(path) as container:
