@@ -125,9 +125,10 @@ def _first_frame(path: str) -> dict[str, int]:
             f"'{path}' has no decodable frame at its start ({err}); is the file corrupt?"
         ) from err
     width = first.width
-    if (
-        pixel_aspect and pixel_aspect > 0 and pixel_aspect != 1
-    ):  # anamorphic: HDV 1440x1080 shows as 1920x1080
+    anamorphic = (
+        bool(pixel_aspect) and pixel_aspect > 0 and pixel_aspect != 1
+    )  # HDV: 1440x1080 shown as 1920x1080
+    if anamorphic:
         width = max(1, round(width * pixel_aspect))
     width, height = (first.height, width) if rotation in (90, 270) else (width, first.height)
     return {"width": width, "height": height, "rotation": rotation}
