@@ -274,3 +274,25 @@ def test_frame_rate_counts_mixed_rate_videos_at_one_rate(tmp_path):
         other.setup("fit")
     with pytest.raises(ValueError, match="data.frame_rate must be in"):
         make(str(slow), frame_rate=0)
+
+
+def test_prepare_data_indexes_once_for_every_process(tmp_path, monkeypatch, video_dir):
+    """Lightning runs prepare_data in one process per machine before the others set up: it fills the index cache,
+    silently; setup (every process) then reads it back, builds nothing, and is the one that reports."""
+    from dora_lightning.data import index_cache
+
+    junk = tmp_path / "junk.mkv"
+    junk.write_bytes(b"\x00" * 5000)
+    dm = make([str(video_dir / "a.mp4"), str(junk)], index_cache=str(tmp_path / "index"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.prepare_data()
+    assert not caught and dm.videos == [] and len(list((tmp_path / "index").glob("*.npz"))) == 1
+
+    def rebuilt(*args):
+        raise AssertionError(f"setup rebuilt an index: {args}")
+
+    monkeypatch.setattr(index_cache, "build_timeline", rebuilt)
+    with pytest.warns(RuntimeWarning, match="skipping a video: .*junk.mkv"):
+        dm.setup("fit")
+    assert [Path(v.path).name for v in dm.videos] == ["a.mp4"]

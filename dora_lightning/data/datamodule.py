@@ -178,6 +178,20 @@ class VideoClipDataModule(pl.LightningDataModule):
         self.device_augment = DeviceAugment(self.transform)
         return FramesAndPlan(self.transform, canvas)
 
+    def prepare_data(self) -> None:
+        """Index the videos once per machine before the processes set up (Lightning runs this in one process per
+        node, then lets the others start): with N GPUs the N processes would otherwise each demux every file, N
+        reads of the whole data set, at the same time. The indexes land in ``index_cache``; :meth:`setup` reads them
+        back and reports what it finds (this pass keeps its warnings to itself)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe_videos(
+                resolve_video_paths(self.paths),
+                min_frames=self.spec.span,
+                index_cache=self.index_cache,
+                frame_rate=self.frame_rate,
+            )
+
     def setup(self, stage: str | None = None) -> None:
         """Find and probe the videos (skipping unusable ones with a warning), resolve ``augment_on`` and build the
         clip stream."""
