@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 
@@ -207,3 +208,22 @@ def test_a_training_step_launches_no_more_operators_for_more_clips_or_parameters
     assert small == large
     assert small["gradient clip"] <= 10 and small["EMA"] <= 10
     assert small["tracker"] > 0 and small["teacher_fwd"] > 0 and small["student_fwd"] > 0
+
+
+def test_batch_digest_tells_batches_apart_by_any_tensor():
+    from benchmarks.batch_digest import batch_digest
+
+    batch = {"global_views": [torch.zeros(2, 3, 4, 4)], "start": torch.tensor([0, 5]), "video": 0}
+    same = {"start": torch.tensor([0, 5]), "global_views": [torch.zeros(2, 3, 4, 4)], "video": 1}
+    assert batch_digest(batch) == batch_digest(same)  # key order and non-tensor fields do not count
+    changed = {**batch, "global_views": [torch.zeros(2, 3, 4, 4).index_fill_(3, torch.tensor([1]), 1e-3)]}
+    assert batch_digest(changed) != batch_digest(batch)
+    assert batch_digest({**batch, "start": torch.tensor([0, 6])}) != batch_digest(batch)
+
+
+def test_batch_digest_of_the_demo_config_is_stable(tmp_path):
+    """The digest of the demo's first batch does not depend on the index cache or the process (seeded)."""
+    command = [sys.executable, "benchmarks/batch_digest.py", "--batches", "1"]
+    runs = [subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True) for _ in range(2)]
+    first, second = (json.loads(run.stdout.strip().splitlines()[-1]) for run in runs)
+    assert first == second and len(first["batches"]) == 1 and first["videos"][0][1] == 1280
