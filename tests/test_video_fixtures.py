@@ -188,6 +188,18 @@ def test_a_file_without_usable_timestamps_keeps_its_own_rate(fixtures, index_cac
     assert len(caught) == 1 and "read at its own 30 fps, not data.frame_rate 60" in str(caught[0].message)
 
 
+def test_a_file_whose_timestamps_restart_is_named(fixtures, index_cache):
+    """Segments joined end to end: the repeated timestamps are counted and the file named (silent before: half of it
+    never trained); a clean file gets no such note."""
+    fixture = fixtures["joined_segments"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        [info] = probe_videos([str(fixture.path), str(fixtures["mpeg_ts"].path)], 3, index_cache)[:1]
+    assert info.timeline.repeated_timestamps == fixture.notes["repeated"] == 60
+    assert [str(w.message).split(":")[0] for w in caught] == [f"'{fixture.path}'"]
+    assert "60 of its 120 frames repeat timestamps" in str(caught[0].message)
+
+
 def test_rotated_video_trains_upright(fixtures, index_cache):
     info = probe_video(str(fixtures["rotated"].path), index_cache)
     assert (info.width, info.height, info.rotation) == (72, 96, 270)

@@ -273,6 +273,16 @@ def starts_mid_gop(folder: Path, n: int = 150) -> Fixture:
     return Fixture(path, list(range(30, n)))
 
 
+def joined_segments(folder: Path, n: int = 60) -> Fixture:
+    """Two MPEG-TS dash-cam segments joined end to end (``cat a.ts b.ts``): the second's timestamps restart at the
+    first's, so half the frames repeat timestamps; only the first segment's can be placed (a warning says so)."""
+    first = _encode(folder / "segment1.ts", _plain(n), options=X264)
+    second = _encode(folder / "segment2.ts", [(i, n + i) for i in range(n)], options=X264)
+    path = folder / "joined.ts"
+    path.write_bytes(first.read_bytes() + second.read_bytes())
+    return Fixture(path, None, {"repeated": n})
+
+
 def anamorphic(folder: Path, n: int = 60) -> Fixture:
     """Non-square pixels (sample aspect ratio 4:3, as HDV camcorders' 1440x1080 shown as 1920x1080): stored 96x64,
     shown 128x64."""
@@ -347,6 +357,7 @@ def build_all(folder: Path) -> dict[str, Fixture]:
         "av1": av1(folder),
         "hevc_ten_bit": hevc_ten_bit(folder),
         "anamorphic": anamorphic(folder),
+        "joined_segments": joined_segments(folder),
         "starts_mid_gop": starts_mid_gop(folder),
         "raw_h264": raw_stream(folder),
         "raw_hevc": raw_stream(folder, "libx265"),

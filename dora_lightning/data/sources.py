@@ -194,6 +194,13 @@ def probe_videos(
                 f"'{path}' ends early (truncated?): its header promises {promised} frames, its packets hold "
                 f"{info.num_frames}; training on those {info.num_frames}"
             )
+        repeated = info.timeline.repeated_timestamps
+        if repeated > max(2, info.timeline.coded_frames // 100):
+            notes.append(
+                f"'{path}': {repeated} of its {info.timeline.coded_frames} frames repeat timestamps of earlier frames "
+                "(timestamps that restart mid-file: files joined end to end?), and only one frame of each timestamp "
+                "can train; give the parts as separate files"
+            )
         if frame_rate is not None and info.fps != frame_rate:
             notes.append(
                 f"'{path}' is read at its own {float(info.fps):g} fps, not data.frame_rate {float(frame_rate):g}: its "

@@ -95,6 +95,15 @@ class Timeline:
         return 0.5 * min(1.0, float(self.fps / self.source_fps))
 
     @property
+    def repeated_timestamps(self) -> int:
+        """Coded frames whose timestamp another coded frame already has (timestamp mode; 0 in output-order mode):
+        timestamps that restart mid-file (files joined end to end). Only one frame of each timestamp can be shown."""
+        if self.order_mode:
+            return 0
+        distinct = len(self.source_pts) if self.source_pts is not None else self.num_frames
+        return max(0, self.coded_frames - distinct)
+
+    @property
     def on_grid(self) -> bool:
         """Whether frame ``i`` is the ``i``-th coded frame (timestamps on the nominal grid, or output-order mode)."""
         return self.source_pts is None
