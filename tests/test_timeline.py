@@ -98,8 +98,7 @@ def test_the_cache_keeps_the_most_recently_used_entries(tmp_path):
     names = sorted(p.name for p in entries(cache))
     assert len(names) == 3 and "old5.npz" in names and "old4.npz" in names  # the new entry + the 2 newest old
     assert not any(n.startswith("old0") or n.endswith(".tmp.npz") for n in names)
-    assert (
-        index_cache.prune_cache(cache, keep=1) == 2
-    )  # reading touched nothing else; keep the newest (the video's)
+    # reading touched nothing else; keep the newest (the video's)
+    assert index_cache.prune_cache(cache, keep=1) == 2
     (entry,) = entries(cache)
     assert "old" not in entry.name

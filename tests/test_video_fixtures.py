@@ -364,3 +364,20 @@ def test_the_three_reported_files_train_together(fixtures, index_cache, workers)
     assert len([m for m in messages if m.startswith("clip stream:")]) == 1
     assert not any("missing" in m and not m.startswith("clip stream:") for m in messages), messages
     assert all(" 0 missing frames" in m for m in messages if m.startswith("clip stream:"))
+
+
+def test_unwanted_frames_are_skipped_only_by_decoders_that_can(fixtures, index_cache):
+    """With one thread, H.264's non-reference frames that no clip wants are not decoded (the decode loop's main
+    saving); libdav1d reads skip_frame only when it opens, so AV1 decodes every frame and still yields all wanted ones."""
+    counts = {}
+    for name in ("open_gop", "av1"):
+        info = probe_video(str(fixtures[name].path), index_cache)
+        stats = DecodeStats()
+        wanted = lambda i: i % 4 == 0  # noqa: E731
+        frames = list(RangeReader(info, 0, info.num_frames, (info.width, info.height), wanted, stats))
+        shown_wanted = [read_pattern_index(f) for i, f in frames if wanted(i)]
+        assert shown_wanted == [fixtures[name].expected[i] for i in range(0, info.num_frames, 4)]
+        counts[name] = (stats.decoded_frames, info.num_frames)
+    decoded, total = counts["open_gop"]
+    assert decoded < 0.85 * total, counts
+    assert counts["av1"][0] == counts["av1"][1], counts

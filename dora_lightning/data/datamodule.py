@@ -185,24 +185,22 @@ class VideoClipDataModule(pl.LightningDataModule):
         back and reports what it finds (this pass keeps its warnings to itself)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            probe_videos(
-                resolve_video_paths(self.paths),
-                min_frames=self.spec.span,
-                index_cache=self.index_cache,
-                frame_rate=self.frame_rate,
-            )
+            self._probe_videos()
+
+    def _probe_videos(self) -> list[VideoInfo]:
+        return probe_videos(
+            resolve_video_paths(self.paths),
+            min_frames=self.spec.span,
+            index_cache=self.index_cache,
+            frame_rate=self.frame_rate,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Find and probe the videos (skipping unusable ones with a warning), resolve ``augment_on`` and build the
         clip stream."""
         if self.dataset is not None:
             return
-        self.videos = probe_videos(
-            resolve_video_paths(self.paths),
-            min_frames=self.spec.span,
-            index_cache=self.index_cache,
-            frame_rate=self.frame_rate,
-        )
+        self.videos = self._probe_videos()
         if self._saved_identity is not None:
             self._refuse_other_data(self._saved_identity)
         rank, world = self._rank_and_world()

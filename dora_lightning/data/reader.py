@@ -137,7 +137,13 @@ class RangeReader:
         _LogWatch.start()
         stream = main_video_stream(self._container)
         stream.codec_context.thread_count = self.threads
-        self._skips_per_packet = stream.codec_context.name in NONREF_SKIPPING_DECODERS
+        # skipping unwanted frames needs one thread (frame threads decode ahead), timestamps that say which frame a
+        # packet is (not output order) and a decoder that reads skip_frame per frame; fixed for this open
+        self._skips_per_packet = (
+            self.threads == 1
+            and not self.timeline.order_mode
+            and stream.codec_context.name in NONREF_SKIPPING_DECODERS
+        )
         if self.threads != 1:
             stream.thread_type = "AUTO"
         timeline = self.timeline
@@ -146,8 +152,8 @@ class RangeReader:
         return self._decode(stream)
 
     def _packet_wanted(self, packet: av.Packet) -> bool:
-        if not self._skips_per_packet or self.threads != 1 or self.timeline.order_mode or packet.pts is None:
-            return True  # frame threads decode ahead; output order: a packet's timestamp says nothing
+        if not self._skips_per_packet or packet.pts is None:
+            return True
         lo, hi = self.timeline.indices_of(packet.pts)
         return any(self.wanted(i) for i in range(max(lo, self.first), min(hi, self.stop)))
 
@@ -174,7 +180,7 @@ class RangeReader:
                 continue  # an empty "repeat the previous frame" entry, or the demuxer's end marker
             if packet is not None and timeline.order_mode and next_index is None and packet.pts is not None:
                 next_index = timeline.key_at_pts(packet.pts)
-            if packet is not None:
+            if packet is not None and self._skips_per_packet:
                 context.skip_frame = "DEFAULT" if self._packet_wanted(packet) else "NONREF"
             try:
                 frames, failed = context.decode(packet), None

@@ -125,9 +125,8 @@ def _first_frame(path: str) -> dict[str, int]:
             f"'{path}' has no decodable frame at its start ({err}); is the file corrupt?"
         ) from err
     width = first.width
-    anamorphic = (
-        bool(pixel_aspect) and pixel_aspect > 0 and pixel_aspect != 1
-    )  # HDV: 1440x1080 shown as 1920x1080
+    # non-square pixels: HDV's 1440x1080 is shown as 1920x1080
+    anamorphic = bool(pixel_aspect) and pixel_aspect > 0 and pixel_aspect != 1
     if anamorphic:
         width = max(1, round(width * pixel_aspect))
     width, height = (first.height, width) if rotation in (90, 270) else (width, first.height)
@@ -165,6 +164,40 @@ def probe_video(
     )
 
 
+def _file_notes(path: str, info: VideoInfo, frame_rate: Fraction | None = None) -> list[str]:
+    """What to tell the user about a file that trains but not as a player would show all of it: a truncated file,
+    repeated timestamps, a rate that cannot be applied, a raw stream that cannot be seeked."""
+    notes: list[str] = []
+    promised = info.timeline.header_frames
+    if promised > info.num_frames + max(2, info.num_frames // 100):
+        notes.append(
+            f"'{path}' ends early (truncated?): its header promises {promised} frames, its packets hold "
+            f"{info.num_frames}; training on those {info.num_frames}"
+        )
+    repeated = info.timeline.repeated_timestamps
+    if repeated > max(2, info.timeline.coded_frames // 100):
+        notes.append(
+            f"'{path}': {repeated} of its {info.timeline.coded_frames} frames repeat timestamps of earlier frames "
+            "(timestamps that restart mid-file: files joined end to end?), and only one frame of each timestamp "
+            "can train; give the parts as separate files"
+        )
+    if frame_rate is not None and info.fps != frame_rate:
+        notes.append(
+            f"'{path}' is read at its own {float(info.fps):g} fps, not data.frame_rate {float(frame_rate):g}: its "
+            "frames carry no usable timestamps to place them in time (numbered by decoding order); re-encode it "
+            f"at {float(frame_rate):g} fps, or put it in a run of its own"
+        )
+    if not info.timeline.seekable:
+        rate = f"{float(info.fps):g}"
+        notes.append(
+            f"'{path}' is a raw stream without timestamps (no container): it cannot be seeked, so each read decodes "
+            f"it from its first frame (slow for files longer than a few minutes), at the {rate} fps its stream "
+            f"states; put it in a container once to train at full speed: ffmpeg -r {rate} -i '{path}' -c copy "
+            f"'{Path(path).with_suffix('.mp4')}'"
+        )
+    return notes
+
+
 def probe_videos(
     paths: Sequence[str],
     min_frames: int,
@@ -188,33 +221,7 @@ def probe_videos(
                 "lower data.frame_stride or data.clip_length"
             )
             continue
-        promised = info.timeline.header_frames
-        if promised > info.num_frames + max(2, info.num_frames // 100):
-            notes.append(
-                f"'{path}' ends early (truncated?): its header promises {promised} frames, its packets hold "
-                f"{info.num_frames}; training on those {info.num_frames}"
-            )
-        repeated = info.timeline.repeated_timestamps
-        if repeated > max(2, info.timeline.coded_frames // 100):
-            notes.append(
-                f"'{path}': {repeated} of its {info.timeline.coded_frames} frames repeat timestamps of earlier frames "
-                "(timestamps that restart mid-file: files joined end to end?), and only one frame of each timestamp "
-                "can train; give the parts as separate files"
-            )
-        if frame_rate is not None and info.fps != frame_rate:
-            notes.append(
-                f"'{path}' is read at its own {float(info.fps):g} fps, not data.frame_rate {float(frame_rate):g}: its "
-                "frames carry no usable timestamps to place them in time (numbered by decoding order); re-encode it "
-                f"at {float(frame_rate):g} fps, or put it in a run of its own"
-            )
-        if not info.timeline.seekable:
-            rate = f"{float(info.fps):g}"
-            notes.append(
-                f"'{path}' is a raw stream without timestamps (no container): it cannot be seeked, so each read decodes "
-                f"it from its first frame (slow for files longer than a few minutes), at the {rate} fps its stream "
-                f"states; put it in a container once to train at full speed: ffmpeg -r {rate} -i '{path}' -c copy "
-                f"'{Path(path).with_suffix('.mp4')}'"
-            )
+        notes.extend(_file_notes(path, info, frame_rate))
         usable.append(info)
     if not usable:
         raise VideoSourceError(

@@ -39,6 +39,13 @@ ORDER_CHECK_PACKETS = 48  # packets decoded to tell whether a PTS = DTS stream r
 AVFMT_NOTIMESTAMPS = 0x80  # FFmpeg's input-format flag of formats without timestamps
 
 
+def due_tolerance(fps: Fraction, source_fps: Fraction | None) -> float:
+    """How early (in frames of ``fps``) a coded frame may come and still count as due: half a frame, or half a frame
+    of the file's own rate ``source_fps`` when that is faster (read at a lower rate, frame ``i`` shows the coded frame
+    due at its time, not the next one)."""
+    return 0.5 if source_fps is None else 0.5 * min(1.0, float(fps / source_fps))
+
+
 class TimelineError(ValueError):
     """The file has no frame a player could show (no packets, no rate, nothing decodable)."""
 
@@ -87,12 +94,8 @@ class Timeline:
 
     @property
     def tolerance(self) -> float:
-        """How early (in frames of ``fps``) a coded frame may come and still count as due: half a frame, or half a
-        frame of the file's own rate when that is faster (read at a lower rate, frame ``i`` shows the coded frame due
-        at its time, not the next one)."""
-        if self.source_fps is None:
-            return 0.5
-        return 0.5 * min(1.0, float(self.fps / self.source_fps))
+        """See :func:`due_tolerance`."""
+        return due_tolerance(self.fps, self.source_fps)
 
     @property
     def repeated_timestamps(self) -> int:
@@ -257,10 +260,8 @@ def build_timeline(path: str, frame_rate: Fraction | None = None) -> Timeline:
     position = (source - start).astype(np.float64) * float(time_base * fps)
     if source_fps is None and np.array_equal(np.rint(position), np.arange(len(source))):
         return Timeline(fps, time_base, start, len(source), len(pts), header)
-    if source_fps is None:
-        count = math.ceil(position[-1] - 0.5 - 1e-9) + 1
-    else:  # the frames that start before the last coded frame's display ends (its time plus one frame of its own
-        # rate), by at least the tolerance (timestamps rounded to milliseconds must not add a frame)
-        tolerance = Timeline(fps, time_base, start, 0, 0, source_fps=source_fps).tolerance
-        count = math.ceil(position[-1] + float(fps / source_fps) - tolerance)
+    # the frames that start before the last coded frame's display ends (its time plus one frame of its own rate), by
+    # at least the tolerance (timestamps rounded to milliseconds must not add a frame)
+    own_frame = 1.0 if source_fps is None else float(fps / source_fps)
+    count = math.ceil(position[-1] + own_frame - due_tolerance(fps, source_fps) - 1e-9)
     return Timeline(fps, time_base, start, count, len(pts), header, source_pts=source, source_fps=source_fps)

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from dora_lightning.data.datamodule import DEFAULT_VIDEO  # the bundled video, relative to the repository
-from dora_lightning.data.video_file import open_video
+from dora_lightning.data.video_file import main_video_stream, open_video
 
 __all__ = ["DEFAULT_VIDEO", "read_video_frames", "video_frame_count"]
 
@@ -32,9 +32,10 @@ def video_frame_count(video: str | Path) -> int:
     """Number of frames of ``video`` (from the container, else by decoding it once)."""
     path = _resolve_video(video)
     with open_video(path) as container:
-        count = container.streams.video[0].frames
+        stream = main_video_stream(container)
+        count = stream.frames
         if count <= 0:
-            count = sum(1 for _ in container.decode(video=0))
+            count = sum(1 for _ in container.decode(stream))
     if count <= 0:
         raise ValueError(f"video '{path}' has no decodable frame")
     return int(count)
@@ -53,7 +54,7 @@ def read_video_frames(
     wanted = {int(i) for i in indices}
     frames: dict[int, np.ndarray] = {}
     with open_video(path) as container:
-        for position, frame in enumerate(container.decode(video=0)):
+        for position, frame in enumerate(container.decode(main_video_stream(container))):
             hits = [i for i in wanted if i % count == position]
             if hits:
                 image = frame.to_image().convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
