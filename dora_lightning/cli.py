@@ -33,7 +33,7 @@ _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # `--ckpt_path` values Lightnin
 
 class DoraCLI(LightningCLI):
     """LightningCLI for pretraining (``fit`` only) with the links DoRA needs (the data's batch size feeds the lr
-    scaling rule, the data seed the model's), the collapse guard, ``--init_from``, and the run checks: ``--ckpt_path
+    scaling rule, the data seed the model's), the collapse guard, the checkpoint on SIGTERM / Ctrl-C, ``--init_from``, and the run checks: ``--ckpt_path
     last`` is this run's newest checkpoint, another run's checkpoint is refused, checkpoints live in the run's folder
     and are written atomically (:mod:`dora_lightning.runs`)."""
 
@@ -52,9 +52,12 @@ class DoraCLI(LightningCLI):
         parser.link_arguments("data.batch_size", "model.batch_size")
         parser.link_arguments("data.seed", "model.seed")
         from dora_lightning.collapse_guard import CollapseGuard
+        from dora_lightning.stopping import StopCheckpoint
 
         # always on, configurable as --collapse_guard.OPTION (every_n_steps: 0 turns it off); docs/training.md
         parser.add_lightning_class_args(CollapseGuard, "collapse_guard")
+        # always on: SIGTERM / Ctrl-C finish the step, save stopped-step=S.ckpt and exit (--on_stop.save false: no save)
+        parser.add_lightning_class_args(StopCheckpoint, "on_stop")
         parser.add_argument(
             "--init_from",
             type=str | None,

@@ -131,11 +131,13 @@ def test_state_dict_roundtrip_resumes_mid_epoch(video_dir):
 
 
 def fake_trainer(current_epoch: int, processed: int = 0, per_epoch: int | None = None) -> SimpleNamespace:
-    """What the data module reads of a Trainer: its epoch counter, batches processed in the epoch and their number."""
+    """What the data module reads of a Trainer during epoch ``current_epoch``: its epoch counters (the epoch is
+    started, its end hooks not run), batches processed in the epoch and their number."""
     progress = SimpleNamespace(current=SimpleNamespace(processed=processed))
+    epochs = SimpleNamespace(current=SimpleNamespace(started=current_epoch + 1))
     return SimpleNamespace(
         current_epoch=current_epoch,
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress), epoch_progress=epochs),
         num_training_batches=per_epoch if per_epoch is not None else float("inf"),
         global_rank=0,
         world_size=1,

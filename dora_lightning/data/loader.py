@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import queue
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,6 +15,20 @@ from torch.utils.data import DataLoader
 from dora_lightning.data.collate import RecycledBlocks, collate_clips
 from dora_lightning.data.decode_stats import DecodeStats, WarnedOnce
 from dora_lightning.data.stream import VideoClipStream
+
+
+def shield_worker_from_stop_signals(worker_id: int) -> None:
+    """A loader worker's start: Ctrl-C and SIGTERM sent to the whole process group (a terminal, SLURM, ``pkill``)
+    must not kill it, or the training process fails on its next batch before it can save; the training process
+    decides (:class:`dora_lightning.stopping.StopCheckpoint`) and ends its workers itself. Ctrl-C is ignored; the
+    first SIGTERM too, after which SIGTERM's default action (end the process) is back, so the training process's own
+    ``terminate()`` of a stuck worker at shutdown still ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _ignore_first_sigterm)
+
+
+def _ignore_first_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class ClipLoader(DataLoader):
@@ -33,6 +48,7 @@ class ClipLoader(DataLoader):
         on_first_batch: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("worker_init_fn", shield_worker_from_stop_signals)
         super().__init__(dataset, collate_fn=collate_clips, **kwargs)
         self._position, self._on_first_batch = position, on_first_batch
         self.recycle_blocks = recycle_blocks

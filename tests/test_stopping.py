@@ -1,0 +1,225 @@
+"""SIGTERM / Ctrl-C: the run finishes its step, writes stopped-step=S.ckpt, exits 143 / 130, and resumes exactly."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import REPO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_cli import MICRO_ARGS
+from test_resume import BATCHES, check_resumed, fit, short_video, weights
+
+from dora_lightning.cli import main
+from dora_lightning.data.loader import shield_worker_from_stop_signals
+from dora_lightning.runs import find_last_checkpoint
+from dora_lightning.stopping import STOPPED_PREFIX, StopCheckpoint
+
+__all__ = ["short_video"]  # the fixture, shared with test_resume
+
+
+class SignalAt(Callback):
+    """Sends ``signals`` to this process after the step ``step`` (or, ``at_epoch_end``, in the epoch's end hook)."""
+
+    def __init__(self, step: int, signals: tuple[int, ...] = (signal.SIGTERM,), at_epoch_end: bool = False):
+        self.step, self.signals, self.at_epoch_end = step, signals, at_epoch_end
+
+    def _send(self, trainer: pl.Trainer) -> None:
+        if trainer.global_step == self.step:
+            for signum in self.signals:
+                os.kill(os.getpid(), signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.at_epoch_end:
+            self._send(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.at_epoch_end:
+            self._send(trainer)
+
+
+@pytest.fixture
+def keep_sigint():
+    """Lightning ignores Ctrl-C after a KeyboardInterrupt (for its shutdown) and never restores it: restore it here."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+@pytest.fixture(scope="module", params=["max_epochs", "max_steps"])
+def straight(request, tmp_path_factory, short_video):
+    """An uninterrupted run of EPOCHS x BATCHES steps (limited by epochs or by steps): whether it is limited by
+    steps, and the weights and batches a resumed run must reproduce."""
+    by_steps = request.param == "max_steps"
+    pl.seed_everything(0)
+    module, batches = fit(tmp_path_factory.mktemp("straight"), short_video, by_steps=by_steps)
+    return by_steps, weights(module), batches
+
+
+def stop_run(
+    root: Path, video: Path, sender: SignalAt, save: bool = True, by_steps: bool = False
+) -> tuple[SystemExit, StopCheckpoint]:
+    """Train until ``sender`` signals; return the SystemExit that ended ``fit`` and the StopCheckpoint."""
+    stopper = StopCheckpoint(save=save)
+    saver = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1000)
+    pl.seed_everything(0)
+    with pytest.raises(SystemExit) as stopped:
+        fit(root, video, by_steps=by_steps, callbacks=[saver, stopper, sender])
+    return stopped.value, stopper
+
+
+@pytest.mark.parametrize(
+    "step, at_epoch_end",
+    [
+        (4, False),  # mid-epoch
+        (3, False),  # on an epoch's last step: Lightning stops before the epoch's end hooks
+        (
+            3,
+            True,
+        ),  # in the epoch's end hooks: Lightning stops after them (the epoch counter is then one ahead)
+    ],
+)
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, short_video, straight, step, at_epoch_end):
+    by_steps, expected, straight_batches = straight
+    sender = SignalAt(step, at_epoch_end=at_epoch_end)
+    stopped, stopper = stop_run(tmp_path / "a", short_video, sender, by_steps=by_steps)
+    assert stopped.code == 143
+    saved = tmp_path / "a" / "checkpoints" / f"{STOPPED_PREFIX}{step}.ckpt"
+    assert stopper.saved == saved and saved.is_file()
+    pl.seed_everything(123)  # the checkpoint carries the RNG states
+    resumed, batches = fit(tmp_path / "b", short_video, by_steps=by_steps, ckpt=saved)
+    check_resumed(resumed, batches, expected, straight_batches, step)
+
+
+def test_ctrl_c_saves_and_exits_130_and_keeps_only_the_newest_stop(
+    tmp_path, short_video, keep_sigint, capsys
+):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / f"{STOPPED_PREFIX}1.ckpt").write_bytes(b"an older stop")
+    stopped, stopper = stop_run(tmp_path, short_video, SignalAt(2, (signal.SIGINT,)))
+    assert stopped.code == 130
+    assert sorted(p.name for p in folder.glob(f"{STOPPED_PREFIX}*")) == [f"{STOPPED_PREFIX}2.ckpt"]
+    state = torch.load(folder / f"{STOPPED_PREFIX}2.ckpt", weights_only=True)
+    assert state["global_step"] == 2 and state["VideoClipDataModule"]["batches_done"] == 2
+    err = capsys.readouterr().err
+    assert "Ctrl-C: finishing this step" in err
+    assert f"stopped by Ctrl-C after step 2; saved {folder / STOPPED_PREFIX}2.ckpt" in err
+    assert signal.getsignal(signal.SIGINT) is not stopper._on_ctrl_c  # the handler is gone after the run
+
+
+def test_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, short_video, keep_sigint):
+    stopped, stopper = stop_run(tmp_path, short_video, SignalAt(2, (signal.SIGINT, signal.SIGINT)))
+    assert stopped.code == 1  # Lightning's KeyboardInterrupt exit
+    assert stopper.saved is None and not list(tmp_path.rglob(f"{STOPPED_PREFIX}*"))
+
+
+def test_save_false_stops_without_a_checkpoint(tmp_path, short_video, capsys):
+    stopped, stopper = stop_run(tmp_path, short_video, SignalAt(2), save=False)
+    assert stopped.code == 143 and stopper.saved is None
+    assert not list(tmp_path.rglob(f"{STOPPED_PREFIX}*"))
+    assert "stopped by SIGTERM after step 2; nothing saved (--on_stop.save false)" in capsys.readouterr().err
+
+
+def test_checkpoint_after_fit_resumes_at_the_next_epoch(tmp_path, short_video, straight):
+    """A checkpoint written after ``fit`` returned (trainer.save_checkpoint) continues with the next epoch's clips
+    (the weights differ from the straight run's: a 1-epoch run's schedules end where a 3-epoch run's do not)."""
+    _, _, straight_batches = straight
+    pl.seed_everything(0)
+    module = fit_epochs(tmp_path / "a", short_video, 1)
+    after = tmp_path / "after_fit.ckpt"
+    module.trainer.save_checkpoint(after)
+    assert torch.load(after, weights_only=True)["VideoClipDataModule"]["epoch"] == 1
+    pl.seed_everything(123)
+    resumed, batches = fit(tmp_path / "b", short_video, by_steps=False, ckpt=after)
+    assert batches == straight_batches[BATCHES:]
+
+
+def fit_epochs(root: Path, video: Path, epochs: int):
+    from test_module import MICRO, make_data, make_trainer
+
+    from dora_lightning.module import DoRAModule
+
+    module = DoRAModule(**MICRO)
+    make_trainer(root, -1, max_epochs=epochs).fit(module, datamodule=make_data(video))
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_dora_fit_stopped_with_its_workers_saves_and_resumes(tmp_path, signum, status):
+    """`dora fit` with 2 loader workers, the signal sent to the whole process group (a terminal's Ctrl-C, SLURM,
+    pkill): the workers survive it, the step finishes, the checkpoint is written, `--ckpt_path last` continues."""
+    root = tmp_path / "run"
+    args = [
+        "fit",
+        *[a for a in MICRO_ARGS if not a.startswith("--data.num_workers")],
+        "--data.num_workers=2",
+        f"--data.paths={REPO / 'assets/video/vtest.mp4'}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.max_steps=6",
+    ]
+    sender = {"class_path": "stop_signals.SignalGroupAt", "init_args": {"step": 2, "signum": int(signum)}}
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "dora_lightning.cli", *args, f"--trainer.callbacks+={sender}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, workers included
+        timeout=300,
+    )
+    assert run.returncode == status, run.stderr[-3000:]
+    saved = root / "checkpoints" / f"{STOPPED_PREFIX}2.ckpt"
+    assert saved.is_file(), run.stderr[-3000:]
+    assert "killed by signal" not in run.stderr and "exited unexpectedly" not in run.stderr
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    assert f"dora fit: stopped by {name} after step 2; saved {saved}" in run.stderr
+    main([*args, "--ckpt_path=last"])
+    newest = find_last_checkpoint([root / "checkpoints"])
+    assert newest is not None and newest != saved
+    assert torch.load(newest, weights_only=True)["global_step"] == 6
+
+
+def _shielded_worker(ready) -> None:
+    shield_worker_from_stop_signals(0)
+    os.kill(os.getpid(), signal.SIGINT)  # ignored: no KeyboardInterrupt
+    os.kill(os.getpid(), signal.SIGTERM)  # the first is ignored
+    ready.set()
+    time.sleep(60)  # until the test's SIGTERM ends it
+
+
+def test_loader_workers_ignore_ctrl_c_and_the_first_sigterm():
+    """A worker survives a process group's Ctrl-C and SIGTERM (the training process decides), and a second SIGTERM
+    (the training process's terminate() of a stuck worker at shutdown) still ends it."""
+    context = multiprocessing.get_context("spawn")  # nothing inherited from this process's handlers
+    ready = context.Event()
+    worker = context.Process(target=_shielded_worker, args=(ready,))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not ready.wait(0.1) and worker.is_alive() and time.monotonic() < deadline:
+        pass
+    assert ready.is_set() and worker.is_alive(), (
+        f"the worker died of its own signals (exit code {worker.exitcode})"
+    )
+    worker.terminate()
+    worker.join(10)
+    assert worker.exitcode == -signal.SIGTERM
+
+
+def test_clip_loader_starts_its_workers_shielded(tmp_path, short_video):
+    from test_module import make_data
+
+    data = make_data(short_video, num_workers=1)
+    data.setup("fit")
+    assert data.train_dataloader().worker_init_fn is shield_worker_from_stop_signals
