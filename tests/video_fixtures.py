@@ -40,8 +40,10 @@ def _encode(
     after: Callable[[av.container.OutputContainer], None] | None = None,
     rotation: int | None = None,
     image: Callable[[int, int, int], np.ndarray] = frame_pattern,
+    image_format: str = "rgb24",
 ) -> Path:
-    """Encode frames ``(pts, pattern index)`` (pts in ``time_base``, default 1 / rate)."""
+    """Encode frames ``(pts, pattern index)`` (pts in ``time_base``, default 1 / rate); ``image`` gives each frame's
+    array in ``image_format``."""
     time_base = time_base or 1 / rate
     with av.open(str(path), "w") as container:
         if before is not None:
@@ -56,7 +58,7 @@ def _encode(
         if after is not None:
             after(container)
         for pts, index in contents:
-            frame = av.VideoFrame.from_ndarray(image(index, size[0], size[1]), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(image(index, size[0], size[1]), format=image_format)
             frame.pts, frame.time_base = pts, time_base
             for packet in stream.encode(frame):
                 container.mux(packet)
@@ -259,6 +261,36 @@ def hevc_ten_bit(folder: Path, n: int = 60) -> Fixture:
         _encode(folder / "phone.mov", _plain(n), codec="libx265", pix_fmt="yuv420p10le", options=x265),
         list(range(n)),
     )
+
+
+def bt2020_yuv10(signal: np.ndarray) -> np.ndarray:
+    """Non-linear R'G'B' signal (H, W, 3) in [0, 1] as a ``yuv420p10le`` array ((3H / 2, W) uint16): the BT.2020
+    non-constant-luminance matrix, limited range (Y 64-940, Cb/Cr 64-960), chroma averaged over 2x2 pixels."""
+    height, width = signal.shape[:2]
+    luma = signal @ [0.2627, 0.6780, 0.0593]
+    cb, cr = ((signal[..., c] - luma) / scale for c, scale in ((2, 1.8814), (0, 1.4746)))
+    halves = [p.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3)) for p in (cb, cr)]
+    planes = [64 + 876 * luma, *(512 + 896 * p for p in halves)]
+    return np.concatenate([np.round(p).astype(np.uint16).ravel() for p in planes]).reshape(-1, width)
+
+
+def hdr(folder: Path, transfer: str, top: tuple, bottom: tuple, n: int = 30) -> Fixture:
+    """HEVC Main 10 HDR as phones record it (``transfer`` "hlg": iPhones' ARIB STD-B67 in a .mov; "pq": SMPTE ST 2084,
+    some Androids, in an .mp4), BT.2020 primaries and matrix, tagged on the stream; every frame shows the HDR signal
+    ``top`` (R'G'B' in [0, 1]) over its top half and ``bottom`` over the bottom half (``notes["signals"]``)."""
+    trc, name = {"hlg": (18, "hlg.mov"), "pq": (16, "pq.mp4")}[transfer]
+
+    def colour_tags(container: av.container.OutputContainer) -> None:
+        context = container.streams.video[0].codec_context
+        context.color_trc, context.color_primaries, context.colorspace, context.color_range = trc, 9, 9, 1
+
+    signal = np.empty((H, W, 3))
+    signal[: H // 2], signal[H // 2 :] = top, bottom
+    yuv = bt2020_yuv10(signal)
+    x265 = {"preset": "ultrafast", "crf": "4", "x265-params": "log-level=none:keyint=30"}
+    options = {"codec": "libx265", "pix_fmt": "yuv420p10le", "options": x265, "after": colour_tags}
+    path = _encode(folder / name, _plain(n), **options, image=lambda *_: yuv, image_format="yuv420p10le")
+    return Fixture(path, list(range(n)), {"signals": (top, bottom)})
 
 
 def starts_mid_gop(folder: Path, n: int = 150) -> Fixture:

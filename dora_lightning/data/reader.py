@@ -11,6 +11,7 @@ import av.logging
 import numpy as np
 
 from dora_lightning.data.decode_stats import DecodeStats
+from dora_lightning.data.hdr import ToneMap, tone_map_for
 from dora_lightning.data.sources import VideoInfo
 from dora_lightning.data.timeline import Timeline
 from dora_lightning.data.video_file import main_video_stream, open_video
@@ -20,12 +21,52 @@ from dora_lightning.data.video_file import main_video_stream, open_video
 # a non-reference frame, wanted or not), or ignore it; they decode every frame.
 NONREF_SKIPPING_DECODERS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4", "vp8", "vp9"})
 
+_UNSPECIFIED = 2  # FFmpeg's "unspecified" transfer, primaries and matrix
+_UNSET_TAGS = (0, _UNSPECIFIED)  # 0: a "reserved" transfer or primaries tag
+
 
 def to_pixels(frame: np.ndarray | av.VideoFrame, pixel_format: str) -> np.ndarray:
-    """A decoded frame as an (H, W, C) uint8 array in ``pixel_format`` (a compact YUV frame is converted here)."""
+    """A decoded frame as an (H, W, C) uint8 array in ``pixel_format`` (a compact YUV frame is converted here; HDR
+    frames are never compact, see :meth:`RangeReader._convert`)."""
     if isinstance(frame, np.ndarray):
         return frame
     return frame.to_ndarray(format=pixel_format, threads=1)
+
+
+def stream_colour(stream: av.video.stream.VideoStream) -> tuple[int, int]:
+    """A video stream's (transfer, primaries) tags, FFmpeg's values (from the container or the codec's headers)."""
+    context = stream.codec_context
+    return int(context.color_trc), int(context.color_primaries)
+
+
+def frame_tone_map(frame: av.VideoFrame, stream_tags: tuple[int, int]) -> ToneMap | None:
+    """The :class:`~dora_lightning.data.hdr.ToneMap` for ``frame``'s HDR transfer, or None for SDR. Each tag is the
+    frame's own (the codec's headers) when set, else its stream's ``stream_tags`` (:func:`stream_colour`): some
+    files tag only one of them; a file with no HDR tag is SDR."""
+    transfer, primaries = (
+        int(own) if int(own) not in _UNSET_TAGS else tag
+        for own, tag in zip((frame.color_trc, frame.color_primaries), stream_tags, strict=True)
+    )
+    return tone_map_for(transfer, primaries)
+
+
+def frame_to_rgb(
+    frame: av.VideoFrame, width: int, height: int, pixel_format: str, tone_map: ToneMap | None
+) -> np.ndarray:
+    """``frame`` scaled to ``width`` x ``height`` (area averaging) as an (H, W, 3) uint8 RGB array (``"rgba"``: 4
+    channels, alpha 255), converted by swscale with the frame's colour matrix and range; with ``tone_map`` (an HDR
+    file), converted to 16-bit RGB instead and tone-mapped to SDR sRGB (an HDR frame without a matrix tag is read as
+    BT.2020's, the HDR matrix)."""
+    # threads=1: swscale's own slice threads would be inherited half-dead by forked dataloader workers and hang them
+    if tone_map is None:
+        return frame.to_ndarray(
+            format=pixel_format, width=width, height=height, interpolation="AREA", threads=1
+        )
+    matrix = "bt2020" if frame.colorspace == _UNSPECIFIED else None
+    codes = frame.to_ndarray(
+        format="rgb48le", width=width, height=height, interpolation="AREA", src_colorspace=matrix, threads=1
+    )
+    return tone_map(codes, channels=4 if pixel_format == "rgba" else 3)
 
 
 class _LogWatch:
@@ -80,7 +121,8 @@ class RangeReader:
     at ``size`` (``pixel_format="rgba"``: (H, W, 4), alpha 255), turned upright when the file has rotation metadata,
     when ``wanted(index)`` is true and None otherwise (skipping the colour conversion of unneeded frames); with
     ``compact=True`` the frame is instead a scaled YUV 4:2:0 ``av.VideoFrame`` (3/8 of the RGBA bytes), which
-    :func:`to_pixels` converts when a clip uses it (rotated files give arrays).
+    :func:`to_pixels` converts when a clip uses it (rotated and HDR files give arrays). HDR files (PQ or HLG transfer)
+    are tone-mapped to SDR sRGB (:mod:`dora_lightning.data.hdr`).
     With one decoding thread, a frame that is not wanted is not even decoded when nothing refers to it
     (``skip_frame="NONREF"`` for its packet: the non-reference B-frames of an H.264 stream, about a third of its
     frames), so a cursor that needs every 4th frame decodes about two thirds of them; such frames are neither yielded
@@ -116,6 +158,9 @@ class RangeReader:
         self.damaged: set[int] = set()
         self._container: av.container.InputContainer | None = None
         self._skips_per_packet = False
+        self._stream_colour: tuple[int, int] = (_UNSPECIFIED, _UNSPECIFIED)
+        self._tone_map: ToneMap | None = None
+        self._colour_known = False  # _tone_map decided for this open (from its first converted frame)
 
     def close(self) -> None:
         """Close the container (safe to call twice).
@@ -137,6 +182,7 @@ class RangeReader:
         _LogWatch.start()
         stream = main_video_stream(self._container)
         stream.codec_context.thread_count = self.threads
+        self._stream_colour, self._colour_known = stream_colour(stream), False
         # skipping unwanted frames needs one thread (frame threads decode ahead), timestamps that say which frame a
         # packet is (not output order) and a decoder that reads skip_frame per frame; fixed for this open
         self._skips_per_packet = (
@@ -219,13 +265,14 @@ class RangeReader:
         quarter_turns = self.info.rotation // 90
         if quarter_turns % 2:
             width, height = height, width
-        # compact: scaled but kept as YUV 4:2:0 (1.5 bytes a pixel); to_pixels converts it when it is used
-        if self.compact:
+        if not self._colour_known:
+            self._tone_map, self._colour_known = frame_tone_map(frame, self._stream_colour), True
+        # compact: scaled but kept as YUV 4:2:0 (1.5 bytes a pixel); to_pixels converts it when it is used. HDR files
+        # are not kept compact (8-bit YUV would lose their 10 bits before the tone mapping): their frames are
+        # tone-mapped here and kept as arrays, which to_pixels passes through
+        if self.compact and self._tone_map is None:
             return frame.reformat(width, height, "yuv420p", interpolation="AREA", threads=1)
-        # threads=1: swscale's own slice threads would be inherited half-dead by forked dataloader workers and hang them
-        pixels = frame.to_ndarray(
-            format=self.pixel_format, width=width, height=height, interpolation="AREA", threads=1
-        )
+        pixels = frame_to_rgb(frame, width, height, self.pixel_format, self._tone_map)
         if quarter_turns:
             pixels = np.ascontiguousarray(np.rot90(pixels, quarter_turns))
         return pixels

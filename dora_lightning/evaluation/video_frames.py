@@ -1,5 +1,6 @@
 """Frames of the video the synthetic data sets paint their shapes on (:mod:`dora_lightning.evaluation.synthetic`),
-read with PyAV: its frame count and chosen frames, resized."""
+read with PyAV: its frame count and chosen frames, resized (HDR videos tone-mapped to SDR, as the training reader
+does)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from dora_lightning.data.datamodule import DEFAULT_VIDEO  # the bundled video, relative to the repository
+from dora_lightning.data.reader import frame_to_rgb, frame_tone_map, stream_colour
 from dora_lightning.data.video_file import main_video_stream, open_video
 
 __all__ = ["DEFAULT_VIDEO", "read_video_frames", "video_frame_count"]
@@ -46,18 +48,27 @@ def read_video_frames(
 ) -> dict[int, np.ndarray]:
     """Decode the frames ``indices`` of ``video`` (taken modulo its frame count) as RGB uint8 (H, W, 3) of ``size``.
 
-    The video is decoded once, sequentially; frames are resized (bilinear) to ``size`` = (H, W). Returns
-    ``{requested index: frame}``.
+    The video is decoded once, sequentially; frames are resized (bilinear) to ``size`` = (H, W), HDR ones
+    tone-mapped to SDR first (:func:`~dora_lightning.data.reader.frame_to_rgb`). Returns ``{requested index: frame}``.
     """
     path = _resolve_video(video)
     count = video_frame_count(path)
     wanted = {int(i) for i in indices}
     frames: dict[int, np.ndarray] = {}
     with open_video(path) as container:
-        for position, frame in enumerate(container.decode(main_video_stream(container))):
+        stream = main_video_stream(container)
+        tags = stream_colour(stream)
+        for position, frame in enumerate(container.decode(stream)):
             hits = [i for i in wanted if i % count == position]
             if hits:
-                image = frame.to_image().convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+                tone_map = frame_tone_map(frame, tags)
+                if tone_map is None:
+                    picture = frame.to_image()
+                else:
+                    picture = Image.fromarray(
+                        frame_to_rgb(frame, frame.width, frame.height, "rgb24", tone_map)
+                    )
+                image = picture.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
                 frames.update({i: np.asarray(image, dtype=np.uint8) for i in hits})
             if len(frames) == len(wanted):
                 break
