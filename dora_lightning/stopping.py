@@ -103,7 +103,7 @@ class StopCheckpoint(Callback):
             self._say(f"stopped by {what} after step {step}; nothing saved: checkpointing is off")
             return
         path = folder / f"{STOPPED_PREFIX}{step}.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         if trainer.is_global_zero:
             _remove_older_stops(folder, keep=path)
         self.saved = path
