@@ -6,17 +6,20 @@ step that is running, without a checkpoint, so everything since the last rolling
 ``configs/wt.yaml``) is lost, and the process exits with status 0, as if it had finished. With this callback (on in
 ``dora fit``, options ``--on_stop.*``):
 
-* SIGTERM: the step that is running finishes (Lightning stops the loop at the step's end, on every process at the
-  same step), then ``stopped-step=S.ckpt`` is written in the run's checkpoint folder (the newest checkpoint, so
-  ``--ckpt_path last`` continues from it, exactly: weights, optimiser, data position and RNG states), and the
-  process exits with status 143 (128 + SIGTERM), saying so in one line.
+* SIGTERM: the step that is running finishes, then ``stopped-step=S.ckpt`` is written in the run's checkpoint
+  folder (the newest checkpoint, so ``--ckpt_path last`` continues from it, exactly: weights, optimiser, data
+  position and RNG states), and the process exits with status 143 (128 + SIGTERM), saying so in one line.
 * Ctrl-C: the same, exit status 130; a second Ctrl-C stops at once, without a checkpoint (Lightning's own stop).
+* Several processes (DDP): the one signal handler only notes the request; after each batch the processes agree (one
+  all-reduce of a flag) and all stop after the same step. Lightning's own SIGTERM handler, replaced while the loop
+  runs, broadcasts from inside the handler, which can meet another process's gradient all-reduce: 2-process CPU runs
+  sent SIGTERM hung or aborted (SIGABRT) in 2 of 3 trials with it.
 * Data-loader workers ignore both signals (:func:`dora_lightning.data.loader.shield_worker_from_stop_signals`): a
   signal sent to the whole process group (a terminal's Ctrl-C, SLURM, ``pkill``) would otherwise kill them and end
   the run with a loader error before anything is saved.
 
-Only the newest ``stopped-step=*.ckpt`` of a folder is kept. ``save: false`` keeps Lightning's behaviour (stop
-after the step, nothing saved) with the exit statuses above.
+Only the newest ``stopped-step=*.ckpt`` of a folder is kept. ``save: false`` stops after the step without saving,
+with the exit statuses above.
 """
 
 from __future__ import annotations
@@ -42,55 +45,76 @@ class StopCheckpoint(Callback):
 
     Args:
         save: write ``stopped-step=S.ckpt`` in the run's checkpoint folder before exiting (``False``: stop after the
-            step without saving, as Lightning does).
+            step without saving).
     """
 
     def __init__(self, save: bool = True) -> None:
         self.save = save
         self.saved: Path | None = None
         self._trainer: pl.Trainer | None = None
-        self._ctrl_c = False
-        self._previous_sigint: Any = None
-        self._first_step = 0
+        self._received: int | None = None  # the first stop signal this process received
+        self._previous: dict[int, Any] = {}
+        self._first_step = self._last_step = 0
 
     # ------------------------------------------------------------------------------------------------ signals
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer, self._ctrl_c, self._first_step = trainer, False, trainer.global_step
-        if self._previous_sigint is None:
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
+        """Take SIGTERM and Ctrl-C over for the training loop (Lightning's handlers are back after it)."""
+        self._trainer, self._received = trainer, None
+        self._first_step = self._last_step = trainer.global_step
+        for signum in _EXIT_STATUS:
+            self._previous.setdefault(signum, signal.signal(signum, self._on_signal))
 
-    def _on_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
-        """First Ctrl-C: stop as on SIGTERM (Lightning's handler, which also stops the other processes of a
-        multi-process run at the same step). Second: Lightning's immediate stop (KeyboardInterrupt)."""
-        terminate = signal.getsignal(signal.SIGTERM)
-        if self._ctrl_c or not callable(terminate):
-            self._restore_sigint()
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Note the request (the loop acts on it at the step's end); a second Ctrl-C stops at once, unsaved. Nothing
+        else happens here: a collective issued from a signal handler (Lightning's SIGTERM handler broadcasts one)
+        can meet another process's gradient all-reduce and hang or abort a multi-process run."""
+        if signum == signal.SIGINT and self._received == signal.SIGINT:
+            self._restore_handlers()
             raise KeyboardInterrupt
-        self._ctrl_c = True
-        self._say(
-            "Ctrl-C: finishing this step, then saving a checkpoint and stopping (Ctrl-C again stops at once, unsaved)"
-        )
-        terminate(signal.SIGTERM, frame)
+        if self._received is None:
+            self._received = signum
+            if signum == signal.SIGINT:
+                self._say(
+                    "Ctrl-C: finishing this step, then saving a checkpoint and stopping "
+                    "(Ctrl-C again stops at once, unsaved)"
+                )
 
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._restore_sigint()
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Stop after a batch whose optimiser step ran (not inside gradient accumulation) when any process was asked
+        to: every process takes the same decision at the same batch (one all-reduce of a flag per batch in a
+        multi-process run, none in a single-process one)."""
+        stop = self._received is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
+        if stop and stepped:
+            raise SIGTERMException
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handlers()
 
     # ------------------------------------------------------------------------------------------------ the stop
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """After Lightning stopped the loop at a step's end (:class:`SIGTERMException`): save, say it, and set the
-        exit status (``SystemExit.code``) to 128 + the signal's number."""
+        """After the loop stopped at a step's end (:class:`SIGTERMException`, ours or Lightning's): save, say it, and
+        set the exit status (``SystemExit.code``): 128 + the signal's number for process 0, 0 for the others
+        (Lightning's launcher ends every process of the run as soon as one of its children exits non-zero)."""
+        self._restore_handlers()
         if not isinstance(exception, SIGTERMException):
             return
-        received = signal.SIGINT if self._ctrl_c else signal.SIGTERM
-        exception.code = _EXIT_STATUS[received]
-        what = "Ctrl-C" if self._ctrl_c else "SIGTERM"
+        received = (
+            self._received or signal.SIGTERM
+        )  # another process's signal, or Lightning's SIGTERM before training
+        exception.code = _EXIT_STATUS[received] if trainer.is_global_zero else 0
+        what = "Ctrl-C" if received == signal.SIGINT else "SIGTERM"
         step = trainer.global_step
         if not self.save:
             self._say(f"stopped by {what} after step {step}; nothing saved (--on_stop.save false)")

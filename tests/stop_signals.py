@@ -17,3 +17,15 @@ class SignalGroupAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.killpg(os.getpgid(0), self.signum)
+
+
+class TouchAt(Callback):
+    """After optimiser step ``step``, process 0 creates the file ``path``: a test waiting for it then signals the run
+    from outside, at a moment the run does not choose (inside a step, a collective, a data wait)."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            open(self.path, "w").close()

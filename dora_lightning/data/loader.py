@@ -18,17 +18,14 @@ from dora_lightning.data.stream import VideoClipStream
 
 
 def shield_worker_from_stop_signals(worker_id: int) -> None:
-    """A loader worker's start: Ctrl-C and SIGTERM sent to the whole process group (a terminal, SLURM, ``pkill``)
-    must not kill it, or the training process fails on its next batch before it can save; the training process
-    decides (:class:`dora_lightning.stopping.StopCheckpoint`) and ends its workers itself. Ctrl-C is ignored; the
-    first SIGTERM too, after which SIGTERM's default action (end the process) is back, so the training process's own
-    ``terminate()`` of a stuck worker at shutdown still ends it."""
+    """A loader worker's start: it ignores Ctrl-C and SIGTERM. Sent to the whole process group (a terminal, SLURM,
+    ``pkill``, a repeated ``kill``), they would end it, and the training process would fail on its next batch (or
+    while it saves) before it can stop cleanly; the training process decides
+    (:class:`dora_lightning.stopping.StopCheckpoint`) and ends its workers itself, and a worker whose training
+    process has died exits on its own (PyTorch's watchdog). Ignored, not handled in Python: forked workers would
+    otherwise run the training process's handlers (Lightning's broadcasts on the process group)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _ignore_first_sigterm)
-
-
-def _ignore_first_sigterm(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ClipLoader(DataLoader):
