@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -61,6 +62,8 @@ class StopCheckpoint(Callback):
         """Take SIGTERM and Ctrl-C over for the training loop (Lightning's handlers are back after it)."""
         self._trainer, self._received = trainer, None
         self._first_step = self._last_step = trainer.global_step
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only (and refuses handlers from others)
         for signum in _EXIT_STATUS:
             self._previous.setdefault(signum, signal.signal(signum, self._on_signal))
 
@@ -110,9 +113,8 @@ class StopCheckpoint(Callback):
         self._restore_handlers()
         if not isinstance(exception, SIGTERMException):
             return
-        received = (
-            self._received or signal.SIGTERM
-        )  # another process's signal, or Lightning's SIGTERM before training
+        # no signal here: another process's, or Lightning's SIGTERM handling before the loop started
+        received = self._received or signal.SIGTERM
         exception.code = _EXIT_STATUS[received] if trainer.is_global_zero else 0
         what = "Ctrl-C" if received == signal.SIGINT else "SIGTERM"
         step = trainer.global_step

@@ -287,3 +287,28 @@ def test_two_process_ddp_run_stops_together_and_exits(tmp_path):
     stopped = [p.name for p in (root / "checkpoints").glob(f"{STOPPED_PREFIX}*")]
     assert len(stopped) == 1, stopped
     assert stderr.count("dora fit: stopped by SIGTERM after step") == 1  # said once, by process 0
+
+
+def test_fit_in_another_thread_leaves_the_signals_alone(tmp_path, short_video):
+    """Python takes signal handlers from the main thread only: a fit in another thread trains without them."""
+    import threading
+
+    from test_module import MICRO, make_data, make_trainer
+
+    from dora_lightning.module import DoRAModule
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            trainer = make_trainer(tmp_path, 2, callbacks=[StopCheckpoint()])
+            trainer.fit(DoRAModule(**MICRO), datamodule=make_data(short_video))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(120)
+    assert not errors, errors
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
