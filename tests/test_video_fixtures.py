@@ -74,6 +74,7 @@ PLAIN = [
     "raw_hevc",
     "anamorphic",
     "starts_mid_gop",
+    "hlg",
 ]
 
 

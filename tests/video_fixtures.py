@@ -274,21 +274,52 @@ def bt2020_yuv10(signal: np.ndarray) -> np.ndarray:
     return np.concatenate([np.round(p).astype(np.uint16).ravel() for p in planes]).reshape(-1, width)
 
 
+HDR_X265 = {"preset": "ultrafast", "crf": "4", "x265-params": "log-level=none:keyint=30"}
+
+
+def _hdr_tags(transfer: int) -> Callable[[av.container.OutputContainer], None]:
+    """Tags the video stream HDR as phones do: ``transfer`` (FFmpeg's 18 HLG, 16 PQ), BT.2020 primaries and
+    matrix, limited range."""
+
+    def tag(container: av.container.OutputContainer) -> None:
+        context = container.streams.video[0].codec_context
+        context.color_trc, context.color_primaries, context.colorspace, context.color_range = (
+            transfer,
+            9,
+            9,
+            1,
+        )
+
+    return tag
+
+
+def hlg_pattern(folder: Path, n: int = 60) -> Fixture:
+    """An iPhone-style HLG HEVC Main 10 .mov whose frames show their own index (``frame_pattern`` read as the HLG
+    signal): tone-mapped, its bars stay black and white, so the frame numbering can be checked as for SDR files."""
+    return Fixture(
+        _encode(
+            folder / "hlg_walk.mov",
+            _plain(n),
+            codec="libx265",
+            pix_fmt="yuv420p10le",
+            options=HDR_X265,
+            after=_hdr_tags(18),
+            image=lambda index, width, height: bt2020_yuv10(frame_pattern(index, width, height) / 255.0),
+            image_format="yuv420p10le",
+        ),
+        list(range(n)),
+    )
+
+
 def hdr(folder: Path, transfer: str, top: tuple, bottom: tuple, n: int = 30) -> Fixture:
     """HEVC Main 10 HDR as phones record it (``transfer`` "hlg": iPhones' ARIB STD-B67 in a .mov; "pq": SMPTE ST 2084,
     some Androids, in an .mp4), BT.2020 primaries and matrix, tagged on the stream; every frame shows the HDR signal
     ``top`` (R'G'B' in [0, 1]) over its top half and ``bottom`` over the bottom half (``notes["signals"]``)."""
     trc, name = {"hlg": (18, "hlg.mov"), "pq": (16, "pq.mp4")}[transfer]
-
-    def colour_tags(container: av.container.OutputContainer) -> None:
-        context = container.streams.video[0].codec_context
-        context.color_trc, context.color_primaries, context.colorspace, context.color_range = trc, 9, 9, 1
-
     signal = np.empty((H, W, 3))
     signal[: H // 2], signal[H // 2 :] = top, bottom
     yuv = bt2020_yuv10(signal)
-    x265 = {"preset": "ultrafast", "crf": "4", "x265-params": "log-level=none:keyint=30"}
-    options = {"codec": "libx265", "pix_fmt": "yuv420p10le", "options": x265, "after": colour_tags}
+    options = {"codec": "libx265", "pix_fmt": "yuv420p10le", "options": HDR_X265, "after": _hdr_tags(trc)}
     path = _encode(folder / name, _plain(n), **options, image=lambda *_: yuv, image_format="yuv420p10le")
     return Fixture(path, list(range(n)), {"signals": (top, bottom)})
 
@@ -388,6 +419,7 @@ def build_all(folder: Path) -> dict[str, Fixture]:
         "mpeg_ts": mpeg_ts(folder),
         "av1": av1(folder),
         "hevc_ten_bit": hevc_ten_bit(folder),
+        "hlg": hlg_pattern(folder),
         "anamorphic": anamorphic(folder),
         "joined_segments": joined_segments(folder),
         "starts_mid_gop": starts_mid_gop(folder),

@@ -309,11 +309,8 @@ class VideoClipDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The position of the next batch to produce, (epoch, batches done in it), with what must match for an exact
         resume; after an epoch's last batch it is (next epoch, 0), so a checkpoint written at an epoch's end or on its
-        last batch resumes at the next epoch's start.
-
-        The epoch is the one the trainer's batch counter counts: the last one started. ``trainer.current_epoch``
-        counts the epochs whose end hooks have all run, one more after them (a checkpoint written when SIGTERM stops
-        the run after an epoch's end hooks, or after ``fit`` returned), which would skip an epoch on resume."""
+        last batch resumes at the next epoch's start. The epoch is the last one started (``trainer.current_epoch`` is
+        one ahead once an epoch's end hooks have run, e.g. after ``fit``, and would skip an epoch on resume)."""
         epoch, batches = self._iterations, 0
         if self.trainer is not None:
             loop = self.trainer.fit_loop
