@@ -33,9 +33,10 @@ _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # `--ckpt_path` values Lightnin
 
 class DoraCLI(LightningCLI):
     """LightningCLI for pretraining (``fit`` only) with the links DoRA needs (the data's batch size feeds the lr
-    scaling rule, the data seed the model's), the collapse guard, the checkpoint on SIGTERM / Ctrl-C, ``--init_from``, and the run checks: ``--ckpt_path
-    last`` is this run's newest checkpoint, another run's checkpoint is refused, checkpoints live in the run's folder
-    and are written atomically (:mod:`dora_lightning.runs`)."""
+    scaling rule, the data seed the model's), the collapse guard, the checkpoint on SIGTERM / Ctrl-C
+    (:mod:`dora_lightning.stopping`), ``--init_from``, and the run checks: ``--ckpt_path last`` is this run's newest
+    checkpoint, another run's checkpoint is refused, checkpoints live in the run's folder and are written atomically
+    (:mod:`dora_lightning.runs`)."""
 
     def __init__(
         self, *args: Any, parser_class: type[LightningArgumentParser] = DoraArgumentParser, **kwargs: Any

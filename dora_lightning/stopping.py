@@ -55,13 +55,13 @@ class StopCheckpoint(Callback):
         self._trainer: pl.Trainer | None = None
         self._received: int | None = None  # the first stop signal this process received
         self._previous: dict[int, Any] = {}
-        self._first_step = self._last_step = 0
+        self._last_step = 0
 
     # ------------------------------------------------------------------------------------------------ signals
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take SIGTERM and Ctrl-C over for the training loop (Lightning's handlers are back after it)."""
         self._trainer, self._received = trainer, None
-        self._first_step = self._last_step = trainer.global_step
+        self._last_step = trainer.global_step
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only (and refuses handlers from others)
         for signum in _EXIT_STATUS:
@@ -120,9 +120,6 @@ class StopCheckpoint(Callback):
         step = trainer.global_step
         if not self.save:
             self._say(f"stopped by {what} after step {step}; nothing saved (--on_stop.save false)")
-            return
-        if step == self._first_step:
-            self._say(f"stopped by {what} before this run's first step; nothing new to save")
             return
         folder = _checkpoint_folder(trainer)
         if folder is None:

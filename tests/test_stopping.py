@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import torch
 from conftest import REPO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from test_cli import MICRO_ARGS
+from test_module import MICRO, make_data, make_trainer
 from test_resume import BATCHES, check_resumed, fit, short_video, weights
 
 from dora_lightning.cli import main
 from dora_lightning.data.loader import shield_worker_from_stop_signals
+from dora_lightning.module import DoRAModule
 from dora_lightning.runs import find_last_checkpoint
 from dora_lightning.stopping import STOPPED_PREFIX, StopCheckpoint
 
@@ -101,10 +104,6 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(
 def test_no_stop_inside_gradient_accumulation(tmp_path, short_video):
     """Asked to stop after the first of 2 accumulated batches, the run stops after the second (the optimiser's
     step): the accumulated gradients are not in a checkpoint."""
-    from test_module import MICRO, make_data, make_trainer
-
-    from dora_lightning.module import DoRAModule
-
     stopper = StopCheckpoint()
     saver = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1000)
     sender = SignalAt(0)  # after batch 0: no optimiser step yet
@@ -163,10 +162,6 @@ def test_checkpoint_after_fit_resumes_at_the_next_epoch(tmp_path, short_video, s
 
 
 def fit_epochs(root: Path, video: Path, epochs: int):
-    from test_module import MICRO, make_data, make_trainer
-
-    from dora_lightning.module import DoRAModule
-
     module = DoRAModule(**MICRO)
     make_trainer(root, -1, max_epochs=epochs).fit(module, datamodule=make_data(video))
     return module
@@ -247,8 +242,6 @@ def test_loader_workers_ignore_ctrl_c_and_sigterm():
 
 
 def test_clip_loader_starts_its_workers_shielded(tmp_path, short_video):
-    from test_module import make_data
-
     data = make_data(short_video, num_workers=1)
     data.setup("fit")
     assert data.train_dataloader().worker_init_fn is shield_worker_from_stop_signals
@@ -291,12 +284,6 @@ def test_two_process_ddp_run_stops_together_and_exits(tmp_path):
 
 def test_fit_in_another_thread_leaves_the_signals_alone(tmp_path, short_video):
     """Python takes signal handlers from the main thread only: a fit in another thread trains without them."""
-    import threading
-
-    from test_module import MICRO, make_data, make_trainer
-
-    from dora_lightning.module import DoRAModule
-
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     errors: list[BaseException] = []
 

@@ -31,6 +31,7 @@ __all__ = [
     "PEAK",
     "PQ",
     "REFERENCE_WHITE",
+    "UNSPECIFIED",
     "UNSPECIFIED_PRIMARIES",
     "ToneMap",
     "highlight_curve",
@@ -44,7 +45,8 @@ __all__ = [
 
 # FFmpeg's AVColorTransferCharacteristic and AVColorPrimaries values (PyAV's ColorTrc / ColorPrimaries)
 PQ, HLG = 16, 18
-BT709_PRIMARIES, UNSPECIFIED_PRIMARIES, BT2020_PRIMARIES, P3_D65_PRIMARIES = 1, 2, 9, 12
+UNSPECIFIED = 2  # FFmpeg's "unspecified" transfer, primaries and matrix alike
+BT709_PRIMARIES, UNSPECIFIED_PRIMARIES, BT2020_PRIMARIES, P3_D65_PRIMARIES = 1, UNSPECIFIED, 9, 12
 
 REFERENCE_WHITE = 203.0  # cd/m2: HDR reference (diffuse) white, BT.2408; SDR 1.0
 HLG_PEAK = 1000.0  # cd/m2: the HLG display the OOTF is taken for (nominal peak); also the peak assumed for PQ

@@ -11,7 +11,7 @@ import av.logging
 import numpy as np
 
 from dora_lightning.data.decode_stats import DecodeStats
-from dora_lightning.data.hdr import ToneMap, tone_map_for
+from dora_lightning.data.hdr import UNSPECIFIED, ToneMap, tone_map_for
 from dora_lightning.data.sources import VideoInfo
 from dora_lightning.data.timeline import Timeline
 from dora_lightning.data.video_file import main_video_stream, open_video
@@ -21,8 +21,7 @@ from dora_lightning.data.video_file import main_video_stream, open_video
 # a non-reference frame, wanted or not), or ignore it; they decode every frame.
 NONREF_SKIPPING_DECODERS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4", "vp8", "vp9"})
 
-_UNSPECIFIED = 2  # FFmpeg's "unspecified" transfer, primaries and matrix
-_UNSET_TAGS = (0, _UNSPECIFIED)  # 0: a "reserved" transfer or primaries tag
+_UNSET_TAGS = (0, UNSPECIFIED)  # 0: a "reserved" transfer or primaries tag
 
 
 def to_pixels(frame: np.ndarray | av.VideoFrame, pixel_format: str) -> np.ndarray:
@@ -62,7 +61,7 @@ def frame_to_rgb(
         return frame.to_ndarray(
             format=pixel_format, width=width, height=height, interpolation="AREA", threads=1
         )
-    matrix = "bt2020" if frame.colorspace == _UNSPECIFIED else None
+    matrix = "bt2020" if frame.colorspace == UNSPECIFIED else None
     codes = frame.to_ndarray(
         format="rgb48le", width=width, height=height, interpolation="AREA", src_colorspace=matrix, threads=1
     )
@@ -158,7 +157,7 @@ class RangeReader:
         self.damaged: set[int] = set()
         self._container: av.container.InputContainer | None = None
         self._skips_per_packet = False
-        self._stream_colour: tuple[int, int] = (_UNSPECIFIED, _UNSPECIFIED)
+        self._stream_colour: tuple[int, int] = (UNSPECIFIED, UNSPECIFIED)
         self._tone_map: ToneMap | None = None
         self._colour_known = False  # _tone_map decided for this open (from its first converted frame)
 

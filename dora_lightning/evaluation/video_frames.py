@@ -61,14 +61,8 @@ def read_video_frames(
         for position, frame in enumerate(container.decode(stream)):
             hits = [i for i in wanted if i % count == position]
             if hits:
-                tone_map = frame_tone_map(frame, tags)
-                if tone_map is None:
-                    picture = frame.to_image()
-                else:
-                    picture = Image.fromarray(
-                        frame_to_rgb(frame, frame.width, frame.height, "rgb24", tone_map)
-                    )
-                image = picture.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+                rgb = frame_to_rgb(frame, frame.width, frame.height, "rgb24", frame_tone_map(frame, tags))
+                image = Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR)
                 frames.update({i: np.asarray(image, dtype=np.uint8) for i in hits})
             if len(frames) == len(wanted):
                 break
