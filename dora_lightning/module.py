@@ -34,7 +34,7 @@ from dora_lightning.models.backbone import (
 from dora_lightning.models.compile import compile_regions_
 from dora_lightning.models.head import DINOHead, cancel_last_layer_grad_
 from dora_lightning.models.lean_mlp import use_lean_mlps_
-from dora_lightning.resume_state import close_finished_epoch
+from dora_lightning.resume_state import prepare_resume
 from dora_lightning.step_schedules import StepSchedules
 
 __all__ = ["DoRAModule", "NonFiniteLossError", "StudentTeacher", "per_parameter_clip_"]
@@ -390,7 +390,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
             )
         self._head_draws = int(state.get("head_draws", 0))
         self._pending_rng = (state["torch_rng"], state["cuda_rng"])
-        close_finished_epoch(checkpoint)
+        prepare_resume(checkpoint, getattr(self._trainer, "datamodule", None))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """After a resume, restore the RNG states here, so the loader's start-up draws do not shift drop-path masks."""

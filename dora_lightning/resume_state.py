@@ -4,7 +4,37 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["close_finished_epoch"]
+__all__ = ["close_finished_epoch", "move_batch_count", "prepare_resume"]
+
+
+def prepare_resume(checkpoint: dict[str, Any], datamodule: Any) -> None:
+    """The mends a checkpoint needs before a resume: an epoch finished in it is closed (:func:`close_finished_epoch`)
+    and, when the data module can rebase its section (``rebase_state``: a checkpoint of another layout of processes,
+    loader workers and batch size), its section and the epoch's batch count are set to this layout's."""
+    close_finished_epoch(checkpoint)
+    rebase = getattr(datamodule, "rebase_state", None)
+    key = type(datamodule).__qualname__
+    if rebase is None or not isinstance(checkpoint.get(key), dict):
+        return
+    rebased = rebase(checkpoint[key])
+    if rebased is None:
+        return
+    checkpoint[key], batches = rebased
+    if batches is not None:
+        move_batch_count(checkpoint, batches)
+
+
+def move_batch_count(checkpoint: dict[str, Any], batches: int) -> None:
+    """Make Lightning's loop continue the current epoch as if ``batches`` batches of it were processed: every counter
+    of its batch progress moves by the same amount, so the stage it was saved in (after a batch, at the epoch's end)
+    is kept."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    if progress is None:
+        return
+    shift = batches - progress["current"]["processed"]
+    for tracker in (progress["current"], progress["total"]):
+        for counter in tracker:
+            tracker[counter] += shift
 
 
 def close_finished_epoch(checkpoint: dict[str, Any]) -> None:

@@ -24,9 +24,17 @@ from dora_lightning.checkpoint_io import AtomicCheckpointIO
 
 CHECKPOINT_FOLDER = "checkpoints"
 LAST = "last"
-# model options that change no weight and no training step: they may differ on resume
+# model options that change no weight and no training step: they may differ on resume (batch_size, the batch per
+# process, may change with the number of processes: the data module checks the global batch instead)
 NOT_PART_OF_THE_RUN = frozenset(
-    {"log_images_every_n_steps", "diagnostics_every_n_steps", "compile", "_instantiator", "_class_path"}
+    {
+        "log_images_every_n_steps",
+        "diagnostics_every_n_steps",
+        "compile",
+        "batch_size",
+        "_instantiator",
+        "_class_path",
+    }
 )
 
 

@@ -37,6 +37,19 @@ def test_bench_data_quick(tmp_path):
     assert json.dumps(report).count("clips_per_s") >= 2
 
 
+def test_bench_resume_layout_quick(tmp_path):
+    """The resumed epoch takes no start twice; skipping batches of the new layout's own plans would."""
+    out = tmp_path / "resume_layout.json"
+    command = [sys.executable, "benchmarks/bench_resume_layout.py", "--quick", "--out", str(out)]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["machine"] and set(report["cases"]) == {"10min/8gpu_to_4gpu", "10min/8workers_to_4"}
+    for case in report["cases"].values():
+        assert case["rest_of_the_epoch"]["taken_twice"] == 0
+        assert case["rest_of_the_epoch"]["never_taken"] <= case["uninterrupted"]["never_taken"]
+        assert case["skip_batches_of_new_plans"]["taken_twice"] > case["starts"] // 10
+
+
 @pytest.mark.slow
 def test_bench_diversity_quick(tmp_path):
     out = tmp_path / "diversity.json"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from fractions import Fraction
 from typing import Any, Literal
@@ -14,6 +13,7 @@ from dora_lightning.data.augment.device import DeviceAugment
 from dora_lightning.data.augment.multicrop import ClipMultiCrop
 from dora_lightning.data.augment.plan import FramesAndPlan
 from dora_lightning.data.loader import ClipLoader
+from dora_lightning.data.position import ClipStreamPosition, refuse_other_data
 from dora_lightning.data.sampling import ClipSpec, cursors_per_worker
 from dora_lightning.data.sources import VideoInfo, probe_videos, resolve_video_paths
 from dora_lightning.data.stream import VideoClipStream
@@ -29,7 +29,7 @@ warnings.filterwarnings(
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
-class VideoClipDataModule(pl.LightningDataModule):
+class VideoClipDataModule(ClipStreamPosition, pl.LightningDataModule):
     """Clips of ``clip_length`` frames ``frame_stride`` apart, streamed from one or many long videos.
 
     Video is decoded sequentially, downscaled at decode time to ``decode_short_side``, by many decode cursors per
@@ -38,7 +38,8 @@ class VideoClipDataModule(pl.LightningDataModule):
     official loader's batches), and clips are multi-cropped on tensors. Every frame is a clip start and each start is
     used at most once per epoch (all but fewer than ranks x workers x batch_size), sharded over (DDP rank x dataloader
     worker); the order is a function of ``seed`` and the epoch. The position within an epoch is saved in checkpoints,
-    so ``fit --ckpt_path`` continues with the same clips. See docs/data.md.
+    so ``fit --ckpt_path`` continues with the same clips, or, on other processes, workers or batch size with the same
+    global batch, with the clips not yet taken (:mod:`~dora_lightning.data.position`). See docs/data.md.
 
     Args:
         paths: a video file, a folder (searched recursively, e.g. one folder per Walking Tours city), a glob, or a list.
@@ -142,20 +143,10 @@ class VideoClipDataModule(pl.LightningDataModule):
         self.device_augment: DeviceAugment | None = None  # set in setup when the views are made on the device
         self.videos: list[VideoInfo] = []
         self.dataset: VideoClipStream | None = None
-        self._iterations = 0
-        self._resume: dict[str, int] | None = None
-        self._saved_identity: dict[str, Any] | None = None
 
     @property
     def clip_length(self) -> int:
         return self.spec.clip_length
-
-    def _rank_and_world(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
 
     def resolved_augment_on(self) -> Literal["cpu", "gpu"]:
         """Where the views are made: ``augment_on``, with ``"auto"`` resolved from the trainer's accelerator (gpu for
@@ -202,7 +193,7 @@ class VideoClipDataModule(pl.LightningDataModule):
             return
         self.videos = self._probe_videos()
         if self._saved_identity is not None:
-            self._refuse_other_data(self._saved_identity)
+            refuse_other_data(self._saved_identity, self.identity())
         rank, world = self._rank_and_world()
         self.dataset = VideoClipStream(
             self.videos,
@@ -227,36 +218,6 @@ class VideoClipDataModule(pl.LightningDataModule):
                 f"per worker over {self.dataset.num_shards} (ranks x workers); lower data.batch_size, data.num_workers, "
                 "data.frame_stride or data.clip_length, or add videos"
             )
-
-    def _position(self) -> tuple[int, int]:
-        """(epoch, batches already done in it) for the iteration that is starting.
-
-        After ``load_state_dict``, iterations start at the checkpoint's position until one of them yields a batch,
-        whatever the trainer's counters say: Lightning restores ``current_epoch`` only after it first iterates the
-        loader, and may iterate it more than once at a restart."""
-        if self._resume is not None:
-            epoch, batches_done = self._resume["epoch"], self._resume["batches_done"]
-            # a checkpoint of an older version, written at an epoch's end
-            if batches_done >= len(self.dataset) // self.batch_size:
-                epoch, batches_done = epoch + 1, 0
-            self._iterations = epoch + 1
-            return epoch, batches_done
-        if self.trainer is not None:
-            return self.trainer.current_epoch, 0
-        epoch, self._iterations = self._iterations, self._iterations + 1
-        return epoch, 0
-
-    def _resume_started(self) -> None:
-        """The iteration that started at the checkpoint's position has produced its first batch."""
-        self._resume = None
-
-    def _batches_per_epoch(self) -> int | None:
-        """Batches in a training epoch: the trainer's count (fewer with limit_train_batches), else the stream's."""
-        if self.dataset is None:
-            return None
-        if self.trainer is not None and isinstance(self.trainer.num_training_batches, int):
-            return self.trainer.num_training_batches
-        return len(self.dataset) // self.batch_size
 
     def train_dataloader(self) -> ClipLoader:
         """Batches of ``{"global_views": [...], "local_views": [...], "video", "start", "clip_index",
@@ -305,96 +266,3 @@ class VideoClipDataModule(pl.LightningDataModule):
             "global_views": [normalize(v) for v in batch["global_views"]],
             "local_views": [normalize(v) for v in batch["local_views"]],
         }
-
-    def state_dict(self) -> dict[str, Any]:
-        """The position of the next batch to produce, (epoch, batches done in it), with what must match for an exact
-        resume; after an epoch's last batch it is (next epoch, 0), so a checkpoint written at an epoch's end or on its
-        last batch resumes at the next epoch's start. The epoch is the last one started (``trainer.current_epoch`` is
-        one ahead once an epoch's end hooks have run, e.g. after ``fit``, and would skip an epoch on resume)."""
-        epoch, batches = self._iterations, 0
-        if self.trainer is not None:
-            loop = self.trainer.fit_loop
-            epoch = max(loop.epoch_progress.current.started - 1, 0)
-            batches = loop.epoch_loop.batch_progress.current.processed
-            per_epoch = self._batches_per_epoch()
-            if per_epoch is not None and batches >= per_epoch:
-                epoch, batches = epoch + 1, 0
-        rank, world = self._rank_and_world()
-        return {
-            "epoch": epoch,
-            "batches_done": batches,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "world_size": world,
-            "cursors": self.cursors,
-            "start_step": self.start_step,
-            **self.identity(),
-        }
-
-    def identity(self) -> dict[str, Any]:
-        """What makes a checkpoint's clips the same clips: the videos (file name and size, in order, so a moved
-        folder still matches) and the clip geometry (length, stride, rate, decode size)."""
-        return {
-            "videos": [[os.path.basename(v.path), os.path.getsize(v.path)] for v in self.videos],
-            "clip_length": self.spec.clip_length,
-            "frame_stride": self.spec.frame_stride,
-            "frame_rate": None if self.frame_rate is None else str(self.frame_rate),
-            "decode_short_side": self.decode_short_side,
-        }
-
-    def _refuse_other_data(self, saved: dict[str, Any]) -> None:
-        """Raise ValueError naming what differs between the checkpoint's data and this run's (checkpoints written
-        before the identity was saved are not checked)."""
-        now = self.identity()
-        changed = [
-            f"data.{key} {saved[key]} -> {value}"
-            for key, value in now.items()
-            if key != "videos" and key in saved and saved[key] != value
-        ]
-        if saved.get("videos") and [list(v) for v in saved["videos"]] != now["videos"]:
-            before = {tuple(v) for v in saved["videos"]}
-            after = {tuple(v) for v in now["videos"]}
-            gone = ", ".join(f"{name} ({size} B)" for name, size in sorted(before - after)) or "none"
-            new = ", ".join(f"{name} ({size} B)" for name, size in sorted(after - before)) or "none"
-            changed.append(f"data.paths: videos not in this run: {gone}; videos new in this run: {new}")
-        if changed:
-            raise ValueError(
-                "--ckpt_path: the checkpoint belongs to a run on other data ("
-                + "; ".join(changed)
-                + "); resume "
-                "with the checkpoint's data.paths and clip settings, or start a new run from its weights with "
-                "--init_from CKPT"
-            )
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check that the checkpoint's data is this run's (:meth:`identity`) and remember the saved position: the next
-        iteration starts there (skipping the batches already done)."""
-        if self.videos:
-            self._refuse_other_data(state_dict)
-        else:  # not set up yet: checked once the videos are probed
-            self._saved_identity = state_dict
-        _, world = self._rank_and_world()
-        current = {
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "world_size": world,
-            "cursors": self.cursors,
-            "start_step": self.start_step,
-        }
-        # cursors and start_step are compared only when the checkpoint has them (older checkpoints do not)
-        changed = {
-            k: (state_dict.get(k), v)
-            for k, v in current.items()
-            if state_dict.get(k) != v and (k in state_dict or k not in ("cursors", "start_step"))
-        }
-        if changed:
-            detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-            raise ValueError(
-                f"cannot resume the clip stream exactly: {detail} differ from the checkpoint; "
-                "resume with the same data.seed, data.batch_size, data.num_workers, data.cursors, data.start_step and "
-                "number of processes"
-            )
-        self._resume = {"epoch": int(state_dict["epoch"]), "batches_done": int(state_dict["batches_done"])}
-        self._iterations = int(state_dict["epoch"])

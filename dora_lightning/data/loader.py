@@ -29,7 +29,8 @@ def shield_worker_from_stop_signals(worker_id: int) -> None:
 
 
 class ClipLoader(DataLoader):
-    """A DataLoader that tells its stream where to start (epoch, batches already done) each time it is iterated,
+    """A DataLoader that tells its stream where to start (``position()``: epoch, batches already done and, for an
+    epoch begun on other layouts, its rest; see ``VideoClipStream.set_position``) each time it is iterated,
     and calls ``on_first_batch`` when an iteration yields its first batch.
 
     Batches are made by :func:`collate_clips` (one memory block per batch); with worker processes and no pinning,
@@ -40,7 +41,7 @@ class ClipLoader(DataLoader):
     def __init__(
         self,
         dataset: VideoClipStream,
-        position: Callable[[], tuple[int, int]],
+        position: Callable[[], tuple[Any, ...]],
         recycle_blocks: bool = True,
         on_first_batch: Callable[[], None] | None = None,
         **kwargs: Any,
@@ -54,8 +55,7 @@ class ClipLoader(DataLoader):
         self._warned_once = WarnedOnce(paths, self.multiprocessing_context)
 
     def __iter__(self) -> Iterator[Any]:
-        epoch, batches_done = self._position()
-        self.dataset.set_position(epoch, batches_done)
+        self.dataset.set_position(*self._position())
         sink = self._report_sink()
         self.dataset.report_sink = sink  # inherited by the workers created below
         self.dataset.warned_once = self._warned_once

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -153,11 +154,19 @@ def cursor_order(num_cursors: int, batch_size: int, worker_spacing: float, span:
     return np.lexsort((np.arange(num_cursors), blocks // sets, blocks % sets))
 
 
-def plan_shard(
+def plan_shard(num_starts: Sequence[int], spec: ClipSpec, *, shard: int, **options: Any) -> ShardPlan:
+    """The emission plan of one shard (``rank * workers_per_rank + worker``) for one epoch: a whole number of batches
+    of ``batch_size`` clips, from ``cursors`` decode cursors (see the module docstring); ``options`` are those of
+    :func:`plan_shards`."""
+    (plan,) = plan_shards(num_starts, spec, shards=[shard], **options)
+    return plan
+
+
+def plan_shards(
     num_starts: Sequence[int],
     spec: ClipSpec,
     *,
-    shard: int,
+    shards: Sequence[int],
     num_shards: int,
     batch_size: int,
     cursors: int,
@@ -165,22 +174,29 @@ def plan_shard(
     workers_per_rank: int = 1,
     seed: int,
     epoch: int,
-) -> ShardPlan:
-    """The emission plan of one shard (``rank * workers_per_rank + worker``) for one epoch: a whole number of batches
-    of ``batch_size`` clips, from ``cursors`` decode cursors (see the module docstring)."""
-    if not 0 <= shard < num_shards or num_shards % workers_per_rank:
-        raise ValueError(f"shard {shard} of {num_shards} with {workers_per_rank} workers per rank")
+    exclude: np.ndarray | None = None,
+) -> list[ShardPlan]:
+    """The plans of ``shards`` for one epoch (:func:`plan_shard` of each; the work on the whole axis, Z and its
+    chunks, is shared).
+
+    ``exclude`` (a bool per start of the axis) leaves those starts out before Z is cut into chunks: the rest of an
+    epoch begun on another layout (:mod:`dora_lightning.data.epoch_rest`) deals the starts not yet taken."""
+    if num_shards % workers_per_rank or any(not 0 <= shard < num_shards for shard in shards):
+        raise ValueError(f"shards {list(shards)} of {num_shards} with {workers_per_rank} workers per rank")
     if cursors < 1 or start_step < 1 or batch_size < 1:
         raise ValueError(
             f"cursors, start_step and batch_size must be >= 1: {cursors}, {start_step}, {batch_size}"
         )
     counts = np.asarray(num_starts, dtype=np.int64)
     total = int(counts.sum())
-    per_shard = total // num_shards
+    if exclude is not None and len(exclude) != total:
+        raise ValueError(f"exclude holds {len(exclude)} flags for {total} starts")
+    available = total if exclude is None else total - int(np.count_nonzero(exclude))
+    per_shard = available // num_shards
     keep = per_shard - per_shard % batch_size
     empty = np.zeros(0, dtype=np.int64)
     if keep == 0:
-        return ShardPlan([], empty, empty, empty)
+        return [ShardPlan([], empty, empty, empty) for _ in shards]
     ranks = num_shards // workers_per_rank
     num_chunks = num_shards * cursors
     lane = total / num_chunks
@@ -197,7 +213,10 @@ def plan_shard(
         cls = _residue_class(counts.tolist(), bases, start_step, residue)
         begin = int(np.searchsorted(cls, (rotation + a * lane) % total))
         pieces.append(np.roll(cls, -begin))
-    z = np.concatenate(pieces)[: per_shard * num_shards]
+    z = np.concatenate(pieces)
+    if exclude is not None:
+        z = z[~exclude[z]]
+    z = z[: per_shard * num_shards]
 
     # 3. chunks of equal size -> their lanes (rank of their first position along the axis from the rotation point)
     approx = np.round(np.arange(num_chunks) * (len(z) / num_chunks)).astype(np.int64)
@@ -214,13 +233,30 @@ def plan_shard(
     k = cursor_of_chunk
     sizes = (k + 1) * per_shard // cursors - k * per_shard // cursors
     bounds = np.concatenate([[0], np.cumsum(sizes)])
+    order = cursor_order(cursors, batch_size, total / cursors, spec.span)
+    return [
+        _shard_plan(z, bounds, np.flatnonzero(shard_of_chunk == shard), k, bases, order, start_step, keep)
+        for shard in shards
+    ]
 
+
+def _shard_plan(
+    z: np.ndarray,
+    bounds: np.ndarray,
+    mine: np.ndarray,
+    cursor_of_chunk: np.ndarray,
+    bases: np.ndarray,
+    order: np.ndarray,
+    start_step: int,
+    keep: int,
+) -> ShardPlan:
+    """One shard's plan from its chunks of Z (``mine``; steps 3-4 of the module docstring)."""
     # this shard's cursors: their starts, cut into runs at video changes and jumps
+    k, cursors = cursor_of_chunk, len(order)
     runs: list[Run] = []
     clips: list[
         tuple[np.ndarray, np.ndarray]
     ] = []  # per cursor (by position): run index and start of each clip
-    mine = np.flatnonzero(shard_of_chunk == shard)
     for chunk in mine[np.argsort(k[mine])].tolist():
         positions = z[bounds[chunk] : bounds[chunk + 1]]
         video = np.searchsorted(bases, positions, side="right") - 1
@@ -236,7 +272,6 @@ def plan_shard(
         clips.append((run_of, local))
 
     # 4. round-robin over the cursors in the batch-set order
-    order = cursor_order(cursors, batch_size, total / cursors, spec.span)
     longest = max(len(c[1]) for c in clips)
     run_index = np.full((longest, cursors), -1, dtype=np.int64)
     starts = np.zeros((longest, cursors), dtype=np.int64)

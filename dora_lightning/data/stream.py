@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dora_lightning.data.decode_stats import DecodeStats, WarnedOnce
+from dora_lightning.data.epoch_rest import EpochRest, Layout, batches_taken, consumed_starts
 from dora_lightning.data.reader import RangeReader, to_pixels
 from dora_lightning.data.sampling import (
     ClipSpec,
@@ -76,7 +77,9 @@ class VideoClipStream(IterableDataset):
     4:2:0 until a clip uses them (3/8 of the RGBA memory, one colour conversion per frame of each clip). Every shard
     emits the same number of clips per epoch (a whole number of batches), so DDP ranks stay in step and ``len()`` is
     exact. ``set_position(epoch, batches_done)`` before iterating resumes mid-epoch: each worker skips the
-    batches the previous run consumed and the remaining clips come out in the same order as in an uninterrupted run.
+    batches the previous run consumed and the remaining clips come out in the same order as in an uninterrupted run;
+    with an :class:`~dora_lightning.data.epoch_rest.EpochRest` the epoch began on other layouts, and the workers deal
+    the starts those left (``batches`` batches of this process in all, ``batches_done`` of them already taken).
     A clip whose frames cannot be decoded (corrupt or truncated stretch, or frames the decoder reported damaged) is
     replaced by the worker's previous good clip with fresh augmentation and counted, keeping the counts equal; a
     warning names the file (damaged frames: one line per file at the epoch's end with their count, summed over the
@@ -112,6 +115,8 @@ class VideoClipStream(IterableDataset):
         self.compact_frames = compact_frames
         self.num_starts = [spec.num_starts(v.num_frames) for v in self.videos]
         self.epoch, self.batches_done = 0, 0
+        self.rest: EpochRest | None = None
+        self._taken: tuple[tuple[int, EpochRest], np.ndarray] | None = None  # (epoch, rest) -> starts taken
         # where each worker puts its end-of-epoch counters (ClipLoader sets a queue and warns once for all workers);
         # None: each worker warns its own lines
         self.report_sink: Any = None
@@ -137,12 +142,31 @@ class VideoClipStream(IterableDataset):
     def __len__(self) -> int:
         return self.num_workers * self.clips_per_worker
 
-    def set_position(self, epoch: int, batches_done: int = 0) -> None:
-        """Start the next iteration at ``epoch`` after ``batches_done`` batches of it (a resumed run)."""
-        self.epoch, self.batches_done = epoch, batches_done
+    @property
+    def layout(self) -> Layout:
+        """How this stream's epochs are dealt (processes, workers, batch size, cursors)."""
+        return Layout(self.world_size, self.num_workers, self.batch_size, self.cursors)
+
+    def set_position(self, epoch: int, batches_done: int = 0, rest: EpochRest | None = None) -> None:
+        """Start the next iteration at ``epoch`` after ``batches_done`` batches of it (a resumed run); with ``rest``,
+        after ``batches_done`` batches of the rest of an epoch begun on other layouts. The starts those took are
+        found here, once, before the workers start."""
+        self.epoch, self.batches_done, self.rest = epoch, batches_done, rest
+        if rest is not None and (self._taken is None or self._taken[0] != (epoch, rest)):
+            taken = consumed_starts(
+                self.num_starts,
+                self.spec,
+                rest.earlier,
+                start_step=self.start_step,
+                seed=self.seed,
+                epoch=epoch,
+            )
+            self._taken = ((epoch, rest), taken)
 
     def shard_plan(self, logical_worker: int) -> ShardPlan:
-        """The emission plan of this rank's ``logical_worker`` for the current epoch."""
+        """The emission plan of this rank's ``logical_worker`` for the current epoch (of its rest, if it began on
+        other layouts)."""
+        exclude = self._taken[1] if self.rest is not None and self._taken is not None else None
         return plan_shard(
             self.num_starts,
             self.spec,
@@ -154,6 +178,7 @@ class VideoClipStream(IterableDataset):
             workers_per_rank=self.num_workers,
             seed=self.seed,
             epoch=self.epoch,
+            exclude=exclude,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -166,12 +191,14 @@ class VideoClipStream(IterableDataset):
             )
         done = self.batches_done
         logical = (worker_id + done) % self.num_workers
-        skipped_batches = done // self.num_workers + (1 if logical < done % self.num_workers else 0)
         plan = self.shard_plan(logical)
-        yield from self._emit(plan, skipped_batches * self.batch_size)
+        end = len(plan)
+        if self.rest is not None:  # this worker's share of the rest's batches
+            end = min(end, batches_taken(self.rest.batches, self.num_workers, logical) * self.batch_size)
+        yield from self._emit(plan, batches_taken(done, self.num_workers, logical) * self.batch_size, end)
 
-    def _emit(self, plan: ShardPlan, begin: int) -> Iterator[dict[str, Any]]:
-        run_index, starts = plan.run_index[begin:], plan.starts[begin:]
+    def _emit(self, plan: ShardPlan, begin: int, end: int) -> Iterator[dict[str, Any]]:
+        run_index, starts = plan.run_index[begin:end], plan.starts[begin:end]
         states = {
             r: _RunState(plan.runs[r], self.spec, starts[run_index == r])
             for r in np.unique(run_index).tolist()
