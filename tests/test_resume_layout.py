@@ -53,34 +53,49 @@ def clips(batches, epoch: int) -> list[tuple[int, int]]:
     return [tuple(c) for e, _, chunk in batches if e == epoch for c in chunk]
 
 
-@pytest.fixture(scope="module")
-def two_workers(tmp_path_factory, walk):
-    root = tmp_path_factory.mktemp("two_workers")
+def straight_run(tmp_path_factory, walk, workers: int):
+    root = tmp_path_factory.mktemp(f"workers{workers}")
     pl.seed_everything(0)
-    _, batches, _ = fit(root, walk, workers=2, save=True)
+    _, batches, _ = fit(root, walk, workers=workers, save=True)
     assert len(batches) == EPOCHS * PER_EPOCH
     return root, batches
 
 
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory, walk):
+    return straight_run(tmp_path_factory, walk, 2)
+
+
 @pytest.mark.slow
-def test_other_workers_continue_the_epoch_with_the_clips_not_taken(tmp_path, walk, two_workers, capfd):
-    root, before = two_workers
-    module, after, trainer = fit(tmp_path / "b", walk, workers=1, ckpt=root / "step=5.ckpt", save=True)
-    assert (
-        "resuming on another layout (1 process x 2 workers x batch 2 -> 1 process x 1 worker x batch 2"
-        in (capfd.readouterr().err)
+@pytest.mark.parametrize(
+    "workers, resumed_workers, resumed_at, epoch_clips",
+    [
+        (2, 1, 5, 10 + 26),  # 27 starts left: 13 batches of 2
+        (1, 2, 6, 10 + 24),  # 27 starts left: 2 workers x 6 batches of 2 (3 starts left over), after 6 of 18
+    ],
+)
+def test_other_workers_continue_the_epoch_with_the_clips_not_taken(
+    tmp_path, tmp_path_factory, walk, capfd, workers, resumed_workers, resumed_at, epoch_clips
+):
+    root, before = straight_run(tmp_path_factory, walk, workers)
+    capfd.readouterr()
+    module, after, trainer = fit(
+        tmp_path / "b", walk, workers=resumed_workers, ckpt=root / "step=5.ckpt", save=True
     )
-    assert [b[:2] for b in after] == [(0, i) for i in range(5, PER_EPOCH)] + [
+    change = f"{workers} worker{'s' * (workers > 1)} x batch 2 -> 1 process x {resumed_workers} worker"
+    assert f"dora fit: resuming on another layout (1 process x {change}" in capfd.readouterr().err
+    assert [b[:2] for b in after] == [(0, i) for i in range(resumed_at, PER_EPOCH)] + [
         (1, i) for i in range(PER_EPOCH)
     ]
     epoch0 = clips(before[:5], 0) + clips(after, 0)
-    assert len(epoch0) == len(set(epoch0)) == 36  # every clip of the epoch once, none twice
-    assert trainer.global_step == EPOCHS * PER_EPOCH
+    assert len(epoch0) == len(set(epoch0)) == epoch_clips  # no clip twice in the epoch
+    steps = 5 + PER_EPOCH - resumed_at + PER_EPOCH
+    assert trainer.global_step == steps
 
     # the resumed run is exact again on its own layout: mid-way through the rest, and in the next epoch
-    for step in (9, PER_EPOCH + 3):
+    for step in (9, steps - PER_EPOCH + 3):
         resumed, batches, _ = fit(
-            tmp_path / f"c{step}", walk, workers=1, ckpt=tmp_path / "b" / f"step={step}.ckpt"
+            tmp_path / f"c{step}", walk, workers=resumed_workers, ckpt=tmp_path / "b" / f"step={step}.ckpt"
         )
         assert batches == after[step - 5 :]
         torch.testing.assert_close(weights(resumed), weights(module), rtol=0, atol=0)

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dora_lightning.data.decode_stats import DecodeStats, WarnedOnce
-from dora_lightning.data.epoch_rest import EpochRest, Layout, batches_taken, consumed_starts
+from dora_lightning.data.epoch_rest import EpochRest, batches_taken, consumed_starts
 from dora_lightning.data.reader import RangeReader, to_pixels
 from dora_lightning.data.sampling import (
     ClipSpec,
@@ -141,11 +141,6 @@ class VideoClipStream(IterableDataset):
 
     def __len__(self) -> int:
         return self.num_workers * self.clips_per_worker
-
-    @property
-    def layout(self) -> Layout:
-        """How this stream's epochs are dealt (processes, workers, batch size, cursors)."""
-        return Layout(self.world_size, self.num_workers, self.batch_size, self.cursors)
 
     def set_position(self, epoch: int, batches_done: int = 0, rest: EpochRest | None = None) -> None:
         """Start the next iteration at ``epoch`` after ``batches_done`` batches of it (a resumed run); with ``rest``,
