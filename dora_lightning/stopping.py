@@ -14,7 +14,12 @@ step that is running, without a checkpoint, so everything since the last rolling
   all-reduce of a flag) and all stop after the same step. Lightning's own SIGTERM handler, replaced while the loop
   runs, broadcasts from inside the handler, which can meet another process's gradient all-reduce: 2-process CPU runs
   sent SIGTERM hung or aborted (SIGABRT) in 2 of 3 trials with it.
-* Data-loader workers ignore both signals (:func:`dora_lightning.data.loader.shield_worker_from_stop_signals`): a
+* SLURM's requeue signal (``#SBATCH --signal=USR1@90`` with Lightning's SLURM auto-requeue, on by default under
+  SLURM): the same stop and checkpoint, then process 0 requeues the job (``scontrol requeue``), whose script continues
+  with ``--ckpt_path last``. Lightning's own requeue handler, replaced while the loop runs, saves ``hpc_ckpt_N.ckpt``
+  from inside the signal handler, wherever the step is (between the optimiser step and the EMA update, or in a
+  collective of a multi-process run).
+* Data-loader workers ignore these signals (:func:`dora_lightning.data.loader.shield_worker_from_stop_signals`): a
   signal sent to the whole process group (a terminal's Ctrl-C, SLURM, ``pkill``) would otherwise kill them and end
   the run with a loader error before anything is saved.
 
@@ -24,7 +29,10 @@ with the exit statuses above.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -32,13 +40,16 @@ from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 __all__ = ["STOPPED_PREFIX", "StopCheckpoint"]
 
 STOPPED_PREFIX = "stopped-step="
-_EXIT_STATUS = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
+# in the order of precedence when processes got different ones (SLURM's requeue signal, when on, comes last: it wins)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopCheckpoint(Callback):
@@ -54,18 +65,26 @@ class StopCheckpoint(Callback):
         self.saved: Path | None = None
         self._trainer: pl.Trainer | None = None
         self._received: int | None = None  # the first stop signal this process received
+        self._agreed: int | None = None  # the signal all processes act on
+        self._requeue_signal: int | None = None  # SLURM's, when Lightning's auto-requeue is on
         self._previous: dict[int, Any] = {}
         self._last_step = 0
 
     # ------------------------------------------------------------------------------------------------ signals
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Take SIGTERM and Ctrl-C over for the training loop (Lightning's handlers are back after it)."""
-        self._trainer, self._received = trainer, None
+        """Take SIGTERM, Ctrl-C and SLURM's requeue signal over for the training loop (Lightning's handlers are back
+        after it)."""
+        self._trainer, self._received, self._agreed = trainer, None, None
         self._last_step = trainer.global_step
+        self._requeue_signal = _slurm_requeue_signal(trainer)
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only (and refuses handlers from others)
-        for signum in _EXIT_STATUS:
+        for signum in self._signals():
             self._previous.setdefault(signum, signal.signal(signum, self._on_signal))
+
+    def _signals(self) -> tuple[int, ...]:
+        """The signals this callback acts on, by precedence (the requeue signal last: it wins)."""
+        return _STOP_SIGNALS + ((self._requeue_signal,) if self._requeue_signal is not None else ())
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """Note the request (the loop acts on it at the step's end); a second Ctrl-C stops at once, unsaved. Nothing
@@ -91,13 +110,16 @@ class StopCheckpoint(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Stop after a batch whose optimiser step ran (not inside gradient accumulation) when any process was asked
-        to: every process takes the same decision at the same batch (one all-reduce of a flag per batch in a
-        multi-process run, none in a single-process one)."""
-        stop = self._received is not None
+        to: every process takes the same decision, on the same signal, at the same batch (one all-reduce of the
+        signal's precedence per batch in a multi-process run, none in a single-process one)."""
+        signals = self._signals()
+        request = 0 if self._received is None else 1 + signals.index(self._received)
         if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            flag = torch.tensor(request, device=trainer.strategy.root_device)
+            request = int(trainer.strategy.reduce(flag, reduce_op="max").item())
         stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
-        if stop and stepped:
+        if request and stepped:
+            self._agreed = signals[request - 1]
             raise SIGTERMException
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -113,31 +135,67 @@ class StopCheckpoint(Callback):
         self._restore_handlers()
         if not isinstance(exception, SIGTERMException):
             return
-        # no signal here: another process's, or Lightning's SIGTERM handling before the loop started
-        received = self._received or signal.SIGTERM
-        exception.code = _EXIT_STATUS[received] if trainer.is_global_zero else 0
-        what = "Ctrl-C" if received == signal.SIGINT else "SIGTERM"
-        step = trainer.global_step
-        if not self.save:
-            self._say(f"stopped by {what} after step {step}; nothing saved (--on_stop.save false)")
-            return
-        folder = _checkpoint_folder(trainer)
-        if folder is None:
-            self._say(f"stopped by {what} after step {step}; nothing saved: checkpointing is off")
-            return
-        path = folder / f"{STOPPED_PREFIX}{step}.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)
-        if trainer.is_global_zero:
-            _remove_older_stops(folder, keep=path)
-        self.saved = path
-        self._say(
-            f"stopped by {what} after step {step}; saved {path}; continue with the same command and --ckpt_path last"
+        # no agreed signal: Lightning's SIGTERM handling before the loop started
+        received = self._agreed or self._received or signal.SIGTERM
+        exception.code = 128 + received if trainer.is_global_zero else 0
+        requeue = received == self._requeue_signal
+        what = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(received) or (
+            f"{signal.Signals(received).name} (SLURM's requeue signal)"
         )
+        stopped = f"stopped by {what} after step {trainer.global_step}"
+        then = "continue with the same command and --ckpt_path last"
+        wrote = False
+        if not self.save:
+            saved = "nothing saved (--on_stop.save false)"
+        elif (folder := _checkpoint_folder(trainer)) is None:
+            saved = "nothing saved: checkpointing is off"
+        else:
+            path = folder / f"{STOPPED_PREFIX}{trainer.global_step}.ckpt"
+            trainer.save_checkpoint(path, weights_only=False)
+            if trainer.is_global_zero:
+                _remove_older_stops(folder, keep=path)
+            self.saved, saved, wrote = path, f"saved {path}", True
+        if requeue and trainer.is_global_zero:
+            then = _requeue()
+        self._say(f"{stopped}; {saved}; {then}" if wrote or requeue else f"{stopped}; {saved}")
 
     def _say(self, message: str) -> None:
         if self._trainer is None or self._trainer.is_global_zero:
             sys.stderr.write(f"dora fit: {message}\n")
             sys.stderr.flush()
+
+
+def _slurm_requeue_signal(trainer: pl.Trainer) -> int | None:
+    """SLURM's requeue signal when the run's cluster environment is SLURM with auto-requeue on (Lightning's default
+    under SLURM; ``--trainer.plugins SLURMEnvironment --trainer.plugins.auto_requeue false`` turns it off)."""
+    connector = getattr(trainer, "_accelerator_connector", None)
+    environment = getattr(connector, "cluster_environment", None)
+    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+        return int(environment.requeue_signal or signal.SIGUSR1)
+    return None
+
+
+def _slurm_job_id() -> str | None:
+    """This SLURM job's id for ``scontrol`` (``ARRAYJOB_TASK`` for a job array's task), or None outside SLURM."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
+    return job if job and re.fullmatch(r"[0-9_]+", job) else None
+
+
+def _requeue() -> str:
+    """Requeue this SLURM job (``scontrol requeue``); what happened, in words for the stop's line."""
+    job = _slurm_job_id()
+    if job is None:
+        return "not requeued: no SLURM_JOB_ID; resubmit the job with --ckpt_path last"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        problem = str(err)
+    else:
+        if done.returncode == 0:
+            return f"requeued SLURM job {job}: its script continues the run with --ckpt_path last"
+        problem = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
+    return f"`scontrol requeue {job}` failed ({problem}); resubmit the job with --ckpt_path last"
 
 
 def _checkpoint_folder(trainer: pl.Trainer) -> Path | None:

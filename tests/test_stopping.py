@@ -214,11 +214,83 @@ def test_dora_fit_stopped_with_its_workers_saves_and_resumes(tmp_path, signum, s
     assert torch.load(newest, weights_only=True)["global_step"] == 6
 
 
+SLURM_JOB = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "dora",
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "127.0.0.1",
+}
+
+
+def fake_scontrol(folder: Path, status: int = 0) -> Path:
+    """An ``scontrol`` that writes its arguments to ``folder/scontrol.args`` and exits with ``status``."""
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" > {folder / "scontrol.args"}\nexit {status}\n')
+    script.chmod(0o755)
+    return folder / "scontrol.args"
+
+
+@pytest.mark.slow
+def test_slurm_requeue_signal_saves_at_a_step_and_requeues(tmp_path):
+    """Under SLURM (its variables set; a fake scontrol), USR1 (``--signal=USR1@90``) to the job: the step finishes,
+    the checkpoint is saved, the job is requeued and the process exits 138; the loader workers survive the signal, no
+    hpc_ckpt is written from inside a signal handler, and the requeued script's --ckpt_path last continues."""
+    root, bin_dir = tmp_path / "run", tmp_path / "bin"
+    bin_dir.mkdir()
+    called = fake_scontrol(bin_dir)
+    sender = {
+        "class_path": "stop_signals.SignalGroupAt",
+        "init_args": {"step": 2, "signum": int(signal.SIGUSR1)},
+    }
+    args, command, env = fit_command(root, 2, sender, "--trainer.max_steps=6")
+    env = env | SLURM_JOB | {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"}
+    run = subprocess.run(
+        command, capture_output=True, text=True, env=env, start_new_session=True, timeout=300
+    )
+    assert run.returncode == 128 + signal.SIGUSR1, run.stderr[-3000:]
+    saved = root / "checkpoints" / f"{STOPPED_PREFIX}2.ckpt"
+    assert (
+        f"dora fit: stopped by SIGUSR1 (SLURM's requeue signal) after step 2; saved {saved}; requeued SLURM job "
+        "4242: its script continues the run with --ckpt_path last" in run.stderr
+    ), run.stderr[-3000:]
+    assert called.read_text().split() == ["requeue", "4242"]
+    assert not list(root.rglob("hpc_ckpt*")) and "exited unexpectedly" not in run.stderr
+    main([*args, "--ckpt_path=last"])
+    newest = find_last_checkpoint([root / "checkpoints"])
+    assert torch.load(newest, weights_only=True)["global_step"] == 6
+
+
+def test_a_failed_requeue_is_said(tmp_path, monkeypatch):
+    """scontrol failing (or missing) is named in the stop's line, with what to do."""
+    from dora_lightning.stopping import _requeue
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    for key, value in SLURM_JOB.items():
+        monkeypatch.setenv(key, value)
+    assert _requeue().startswith("`scontrol requeue 4242` failed (")
+    fake_scontrol(tmp_path, status=1)
+    assert (
+        _requeue() == "`scontrol requeue 4242` failed (exit status 1); resubmit the job with --ckpt_path last"
+    )
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert _requeue().startswith("`scontrol requeue 77_3` failed")
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(key)
+    assert _requeue().startswith("not requeued: no SLURM_JOB_ID")
+
+
 def _shielded_worker(ready) -> None:
     shield_worker_from_stop_signals(0)
     os.kill(os.getpid(), signal.SIGINT)  # ignored: no KeyboardInterrupt
     os.kill(os.getpid(), signal.SIGTERM)  # ignored, however many
     os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's requeue signal
     ready.set()
     time.sleep(60)  # until the test kills it
 

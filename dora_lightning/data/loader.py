@@ -16,16 +16,19 @@ from dora_lightning.data.collate import RecycledBlocks, collate_clips
 from dora_lightning.data.decode_stats import DecodeStats, WarnedOnce
 from dora_lightning.data.stream import VideoClipStream
 
+WORKER_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
 
 def shield_worker_from_stop_signals(worker_id: int) -> None:
-    """A loader worker's start: it ignores Ctrl-C and SIGTERM. Sent to the whole process group (a terminal, SLURM,
-    ``pkill``, a repeated ``kill``), they would end it, and the training process would fail on its next batch (or
-    while it saves) before it can stop cleanly; the training process decides
-    (:class:`dora_lightning.stopping.StopCheckpoint`) and ends its workers itself, and a worker whose training
-    process has died exits on its own (PyTorch's watchdog). Ignored, not handled in Python: forked workers would
-    otherwise run the training process's handlers (Lightning's broadcasts on the process group)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A loader worker's start: it ignores Ctrl-C, SIGTERM and the user signals (SLURM's requeue signal is SIGUSR1 by
+    default). Sent to the whole process group or job step (a terminal, SLURM, ``pkill``, a repeated ``kill``), they
+    would end it, and the training process would fail on its next batch (or while it saves) before it can stop
+    cleanly; the training process decides (:class:`dora_lightning.stopping.StopCheckpoint`) and ends its workers
+    itself, and a worker whose training process has died exits on its own (PyTorch's watchdog). Ignored, not handled
+    in Python: forked workers would otherwise run the training process's handlers (Lightning's broadcasts on the
+    process group, or its SLURM handler's checkpoint and requeue)."""
+    for signum in WORKER_IGNORES:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class ClipLoader(DataLoader):
