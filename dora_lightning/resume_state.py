@@ -10,7 +10,8 @@ __all__ = ["close_finished_epoch", "move_batch_count", "prepare_resume"]
 def prepare_resume(checkpoint: dict[str, Any], datamodule: Any) -> None:
     """The mends a checkpoint needs before a resume: an epoch finished in it is closed (:func:`close_finished_epoch`)
     and, when the data module can rebase its section (``rebase_state``: a checkpoint of another layout of processes,
-    loader workers and batch size), its section and the epoch's batch count are set to this layout's."""
+    loader workers and batch size; :class:`~dora_lightning.data.position.Rebased`), its section and the epoch's batch
+    count are set to this layout's."""
     close_finished_epoch(checkpoint)
     rebase = getattr(datamodule, "rebase_state", None)
     key = type(datamodule).__qualname__
@@ -19,7 +20,13 @@ def prepare_resume(checkpoint: dict[str, Any], datamodule: Any) -> None:
     rebased = rebase(checkpoint[key])
     if rebased is None:
         return
-    checkpoint[key], batches = rebased
+    checkpoint[key] = rebased.state
+    batches = rebased.loop_batches
+    progress = _batch_progress(checkpoint)
+    if batches is None and progress is not None and progress["current"]["processed"] > 0:
+        # at an epoch's start in the data, after an epoch's last batch in Lightning's loop (a checkpoint written on
+        # that batch): the finished epoch's count is this layout's, or Lightning would go on in it
+        batches = rebased.batches_per_epoch
     if batches is not None:
         move_batch_count(checkpoint, batches)
 
@@ -28,7 +35,7 @@ def move_batch_count(checkpoint: dict[str, Any], batches: int) -> None:
     """Make Lightning's loop continue the current epoch as if ``batches`` batches of it were processed: every counter
     of its batch progress moves by the same amount, so the stage it was saved in (after a batch, at the epoch's end)
     is kept."""
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    progress = _batch_progress(checkpoint)
     if progress is None:
         return
     shift = batches - progress["current"]["processed"]
@@ -66,3 +73,8 @@ def close_finished_epoch(checkpoint: dict[str, Any]) -> None:
     current["completed"], total["completed"] = current["processed"], total["processed"]
     batches["current"] = dict.fromkeys(batches["current"], 0)
     batches["is_last_batch"] = False
+
+
+def _batch_progress(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """Lightning's batch counters of the training epoch in ``checkpoint`` (None in a checkpoint without loops)."""
+    return checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")

@@ -114,6 +114,20 @@ def test_half_the_batch_with_twice_the_accumulation_keeps_the_steps(tmp_path, wa
     assert trainer.global_step == 5 + 14 + 19  # the rest's 27 batches: 13 steps of 2 and a last of 1
 
 
+@pytest.mark.slow
+def test_a_checkpoint_on_an_epochs_last_batch_starts_the_next_epoch_on_the_new_layout(
+    tmp_path, walk, two_workers
+):
+    """Written on epoch 0's last batch (18 of 18) and resumed where an epoch has 37 batches: epoch 1 starts, not
+    batch 18 of a longer epoch 0."""
+    root, _ = two_workers
+    _, after, trainer = fit(
+        tmp_path, walk, workers=1, batch_size=1, accumulate=2, ckpt=root / f"step={PER_EPOCH}.ckpt"
+    )
+    assert [b[:2] for b in after] == [(1, i) for i in range(37)]
+    assert trainer.global_step == PER_EPOCH + 19
+
+
 def test_another_global_batch_is_refused_in_one_line(tmp_path, walk, two_workers, capsys):
     root, _ = two_workers
     pl.seed_everything(0)

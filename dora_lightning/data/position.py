@@ -110,11 +110,12 @@ def load_rest(saved: Mapping[str, Any] | None) -> tuple[EpochRest, int] | None:
 @dataclass(frozen=True)
 class Rebased:
     """A checkpoint's data section in this layout's terms (``state``), the batch count Lightning's loop continues
-    the epoch from (``loop_batches``; None: at an epoch's start, Lightning's own count stands), and one line saying
+    the epoch from (``loop_batches``; None: at an epoch's start), this layout's batches per epoch, and one line saying
     what happened (``notice``)."""
 
     state: dict[str, Any]
     loop_batches: int | None
+    batches_per_epoch: int
     notice: str
 
 
@@ -170,7 +171,7 @@ def rebase_position(
             f"{len(taken)} taken), from batch {done} of {batches_per_epoch}"
         )
     notice += "; the clips come in another order than on the checkpoint's layout (not bit-exact)"
-    return Rebased(rebased, done, notice)
+    return Rebased(rebased, done, batches_per_epoch, notice)
 
 
 def _global_batch_refusal(saved: Layout, saved_accumulate: int, layout: Layout, accumulate: int) -> str:
@@ -286,10 +287,10 @@ class ClipStreamPosition:
     def _accumulate(self) -> int:
         return int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
 
-    def rebase_state(self, state: dict[str, Any]) -> tuple[dict[str, Any], int | None] | None:
-        """A data section saved on another layout, in this layout's terms, and the batch count of the epoch that
-        Lightning's loop must continue from (None: its own) (:func:`~dora_lightning.data.position.rebase_position`;
-        said in one line); None when it needs no change. Called (by ``DoRAModule.on_load_checkpoint``) before
+    def rebase_state(self, state: dict[str, Any]) -> Rebased | None:
+        """A data section saved on another layout, in this layout's terms, with the batch count of the epoch that
+        Lightning's loop must continue from (:func:`~dora_lightning.data.position.rebase_position`; said in one
+        line); None when it needs no change. Called (by ``DoRAModule.on_load_checkpoint``) before
         :meth:`load_state_dict`, after :meth:`setup`."""
         if (
             self.dataset is None
@@ -312,7 +313,7 @@ class ClipStreamPosition:
             return None
         if self._rank_and_world()[0] == 0:
             sys.stderr.write(f"dora fit: {rebased.notice}\n")
-        return rebased.state, rebased.loop_batches
+        return rebased
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Check that the checkpoint's data is this run's (:meth:`identity`) and remember the saved position: the next
