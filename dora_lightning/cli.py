@@ -21,6 +21,7 @@ from dora_lightning.runs import (
     LAST,
     CheckpointRefused,
     checkpoint_folders,
+    continue_run_log,
     find_last_checkpoint,
     load_initial_weights,
     read_fit_checkpoint,
@@ -41,6 +42,7 @@ class DoraCLI(LightningCLI):
     def __init__(
         self, *args: Any, parser_class: type[LightningArgumentParser] = DoraArgumentParser, **kwargs: Any
     ):
+        self._resumed_step: int | None = None  # the global step of the --ckpt_path checkpoint
         super().__init__(*args, parser_class=parser_class, **kwargs)
 
     @staticmethod
@@ -133,6 +135,7 @@ class DoraCLI(LightningCLI):
             refuse_other_model(path, checkpoint, self.config.fit.get("model") or {})
         except CheckpointRefused as err:
             self._fail(str(err))
+        self._resumed_step = int(checkpoint.get("global_step") or 0)
 
     # ------------------------------------------------------------------------------------------------ instantiation
     def instantiate_classes(self) -> None:
@@ -147,9 +150,12 @@ class DoraCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Lightning's trainer, with checkpoints in the run's folder and written atomically
-        (:func:`dora_lightning.runs.use_run_folder`)."""
+        (:func:`dora_lightning.runs.use_run_folder`); a resumed run logs on in the run's TensorBoard folder
+        (:func:`dora_lightning.runs.continue_run_log`)."""
         trainer = super().instantiate_trainer(**kwargs)
         use_run_folder(trainer)
+        if self._resumed_step is not None and self._get(self.config, "trainer").get("logger") in (None, True):
+            continue_run_log(trainer, self._resumed_step)
         return trainer
 
     def _fail(self, message: str) -> NoReturn:

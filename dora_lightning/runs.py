@@ -5,7 +5,8 @@ A run lives in ``trainer.default_root_dir``: its checkpoints in ``<default_root_
 ``--ckpt_path last`` means the newest checkpoint in this run's checkpoint folders (or a new run when there is none).
 A checkpoint resumes only the run it belongs to: the model settings must be the checkpoint's (checked here, before
 Lightning reads the file), the data the checkpoint's (checked by ``VideoClipDataModule.load_state_dict``);
-``--init_from`` starts a new run from another run's weights instead.
+``--init_from`` starts a new run from another run's weights instead. A resumed run logs on in the run's newest
+TensorBoard folder, from the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -193,3 +194,30 @@ def use_run_folder(trainer: Any) -> None:
             callback.dirpath = folder
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def continue_run_log(trainer: Any, step: int) -> Path | None:
+    """Make a resumed run log on in the run's newest TensorBoard folder (``<default_root_dir>/lightning_logs/
+    version_N``) from ``step``, the checkpoint's: TensorBoard hides what the stopped run logged at that step and after
+    (SummaryWriter's ``purge_step``), so the run's curves stay one run instead of a new ``version_N`` per restart.
+    Only for Lightning's default logger (an explicit ``--trainer.logger`` is left as given); returns the folder, or
+    None when there is none yet (the run logged nothing before it stopped)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = trainer.logger
+    if type(logger) is not TensorBoardLogger:
+        return None
+    root = Path(logger.root_dir)
+    versions = [path for path in root.glob("version_*") if path.is_dir()] if root.is_dir() else []
+    if not versions:
+        return None
+    newest = max(versions, key=_last_written)
+    trainer.logger = TensorBoardLogger(
+        save_dir=logger.save_dir, name=logger.name, version=newest.name, purge_step=step
+    )
+    return newest
+
+
+def _last_written(folder: Path) -> int:
+    """The newest modification time (ns) of ``folder`` and the files in it."""
+    return max([folder.stat().st_mtime_ns, *(p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file())])

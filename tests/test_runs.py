@@ -262,3 +262,40 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(
     assert "give one" in line
     line = _refused(capsys, tmp_path, tmp_path / "y", f"--init_from={ckpt}", "--model.depth=3")
     assert "another architecture" in line and "model.depth 2 -> 3" in line
+
+
+def logged_steps(run: Path, tag: str = "train/loss") -> tuple[list[str], list[int]]:
+    """The run's TensorBoard folders and the steps of ``tag`` as TensorBoard shows them (purged steps hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folders = sorted(p.name for p in (run / "lightning_logs").iterdir())
+    events = EventAccumulator(str(run / "lightning_logs" / folders[-1]))
+    events.Reload()
+    return folders, [event.step for event in events.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_on_in_its_tensorboard_folder(tmp_path: Path) -> None:
+    """Stopped after step 4, resumed from its step-2 checkpoint to step 6: one TensorBoard folder whose curve has
+    the steps of an uninterrupted 6-step run, each once (what the stopped run logged after step 2 is hidden)."""
+    every_step = ["--trainer.log_every_n_steps=1"]
+    _fit(tmp_path, tmp_path / "straight", *every_step, steps=6)
+    _, straight = logged_steps(tmp_path / "straight")
+    run = tmp_path / "run"
+    saver = '{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "filename": "{step}"}}'
+    _fit(tmp_path, run, *every_step, f"--trainer.callbacks+={saver}", steps=4)
+    _fit(tmp_path, run, *every_step, f"--ckpt_path={run / 'checkpoints' / 'step=2.ckpt'}", steps=6)
+    folders, resumed = logged_steps(run)
+    assert folders == ["version_0"]
+    assert resumed == straight and len(straight) >= 5
+    # an explicit logger is left as given: a new folder
+    _fit(
+        tmp_path,
+        run,
+        *every_step,
+        "--trainer.logger=TensorBoardLogger",
+        f"--trainer.logger.save_dir={run}",
+        "--ckpt_path=last",
+        steps=7,
+    )
+    assert sorted(p.name for p in (run / "lightning_logs").iterdir()) == ["version_0", "version_1"]
