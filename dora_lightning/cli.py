@@ -56,11 +56,14 @@ class DoraCLI(LightningCLI):
         parser.link_arguments("data.seed", "model.seed")
         from dora_lightning.collapse_guard import CollapseGuard
         from dora_lightning.stopping import StopCheckpoint
+        from dora_lightning.throughput import ThroughputLog
 
         # always on, configurable as --collapse_guard.OPTION (every_n_steps: 0 turns it off); docs/training.md
         parser.add_lightning_class_args(CollapseGuard, "collapse_guard")
         # always on: SIGTERM / Ctrl-C finish the step, save stopped-step=S.ckpt and exit (--on_stop.save false: no save)
         parser.add_lightning_class_args(StopCheckpoint, "on_stop")
+        # always on: perf/clips_per_s, perf/steps_per_s, perf/data_wait_fraction (--throughput.every_n_steps 0: off)
+        parser.add_lightning_class_args(ThroughputLog, "throughput")
         parser.add_argument(
             "--init_from",
             type=str | None,

@@ -6,6 +6,7 @@ import gc
 import multiprocessing
 import queue
 import signal
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -53,6 +54,8 @@ class ClipLoader(DataLoader):
         super().__init__(dataset, collate_fn=collate_clips, **kwargs)
         self._position, self._on_first_batch = position, on_first_batch
         self.recycle_blocks = recycle_blocks
+        # seconds the consumer has waited for batches, all iterations together (dora_lightning.throughput reads it)
+        self.data_wait_s = 0.0
         # a damaged file is named once for all workers and epochs (its counts still come at every epoch's end)
         paths = [video.path for video in getattr(dataset, "videos", ())]
         self._warned_once = WarnedOnce(paths, self.multiprocessing_context)
@@ -83,10 +86,18 @@ class ClipLoader(DataLoader):
         return (self.multiprocessing_context or multiprocessing.get_context()).SimpleQueue()
 
     def _started(self, batches: Iterator[Any], sink: Any) -> Iterator[Any]:
-        """``batches``, calling ``on_first_batch`` (if given) when the first one comes; when they are exhausted (the
-        epoch's end), one warning line per file with damaged frames and one of totals, summed over the workers."""
+        """``batches``, calling ``on_first_batch`` (if given) when the first one comes and counting the time spent
+        waiting for each in :attr:`data_wait_s`; when they are exhausted (the epoch's end), one warning line per file
+        with damaged frames and one of totals, summed over the workers."""
         first = self._on_first_batch
-        for batch in batches:
+        batches = iter(batches)
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            self.data_wait_s += time.perf_counter() - asked
             if first is not None:
                 first()
                 first = None
