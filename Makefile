@@ -25,6 +25,7 @@ bench: install
 	$(PY) benchmarks/bench_data.py --out bench_out/bench_data.json
 	$(PY) benchmarks/bench_diversity.py --out bench_out/bench_diversity.json
 	$(PY) benchmarks/bench_resume_layout.py --out bench_out/bench_resume_layout.json
+	$(PY) benchmarks/bench_interlaced.py --out bench_out/bench_interlaced.json
 	$(PY) benchmarks/bench_handoff.py --out bench_out/bench_handoff.json
 	$(PY) benchmarks/bench_step.py --out bench_out/bench_step.json
 	$(PY) benchmarks/bench_knn.py --out bench_out/bench_knn.json

@@ -50,6 +50,20 @@ def test_bench_resume_layout_quick(tmp_path):
         assert case["skip_batches_of_new_plans"]["taken_twice"] > case["starts"] // 10
 
 
+def test_bench_interlaced_quick(tmp_path):
+    out = tmp_path / "interlaced.json"
+    command = [sys.executable, "benchmarks/bench_interlaced.py", "--quick", "--out", str(out)]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    cases = json.loads(out.read_text())["ms_per_frame"]
+    assert set(cases) == {
+        "first_field/rgba",
+        "whole_frame/rgba",
+        "first_field/compact",
+        "whole_frame/compact",
+    }
+    assert all(value > 0 for value in cases.values())
+
+
 @pytest.mark.slow
 def test_bench_diversity_quick(tmp_path):
     out = tmp_path / "diversity.json"

@@ -12,6 +12,7 @@ import numpy as np
 
 from dora_lightning.data.decode_stats import DecodeStats
 from dora_lightning.data.hdr import UNSPECIFIED, ToneMap, tone_map_for
+from dora_lightning.data.interlace import FirstField
 from dora_lightning.data.sources import VideoInfo
 from dora_lightning.data.timeline import Timeline
 from dora_lightning.data.video_file import main_video_stream, open_video
@@ -121,7 +122,8 @@ class RangeReader:
     when ``wanted(index)`` is true and None otherwise (skipping the colour conversion of unneeded frames); with
     ``compact=True`` the frame is instead a scaled YUV 4:2:0 ``av.VideoFrame`` (3/8 of the RGBA bytes), which
     :func:`to_pixels` converts when a clip uses it (rotated and HDR files give arrays). HDR files (PQ or HLG transfer)
-    are tone-mapped to SDR sRGB (:mod:`dora_lightning.data.hdr`).
+    are tone-mapped to SDR sRGB (:mod:`dora_lightning.data.hdr`), and an interlaced frame is its first displayed field
+    (:mod:`dora_lightning.data.interlace`; ``first_field=False``: the whole frame, both fields).
     With one decoding thread, a frame that is not wanted is not even decoded when nothing refers to it
     (``skip_frame="NONREF"`` for its packet: the non-reference B-frames of an H.264 stream, about a third of its
     frames), so a cursor that needs every 4th frame decodes about two thirds of them; such frames are neither yielded
@@ -147,10 +149,12 @@ class RangeReader:
         threads: int = 1,
         pixel_format: Literal["rgb24", "rgba"] = "rgb24",
         compact: bool = False,
+        first_field: bool = True,
     ) -> None:
         if pixel_format not in ("rgb24", "rgba"):
             raise ValueError(f"pixel_format must be 'rgb24' or 'rgba', got {pixel_format!r}")
         self.pixel_format, self.compact = pixel_format, compact and info.rotation == 0
+        self.first_field = first_field
         self.info, self.first, self.stop, self.size = info, first, stop, size
         self.timeline: Timeline = info.timeline
         self.wanted, self.stats, self.max_retries, self.threads = wanted, stats, max_retries, threads
@@ -160,6 +164,7 @@ class RangeReader:
         self._stream_colour: tuple[int, int] = (UNSPECIFIED, UNSPECIFIED)
         self._tone_map: ToneMap | None = None
         self._colour_known = False  # _tone_map decided for this open (from its first converted frame)
+        self._first_field: FirstField | None = None  # interlaced frames -> their first field, for this open
 
     def close(self) -> None:
         """Close the container (safe to call twice).
@@ -182,6 +187,7 @@ class RangeReader:
         stream = main_video_stream(self._container)
         stream.codec_context.thread_count = self.threads
         self._stream_colour, self._colour_known = stream_colour(stream), False
+        self._first_field = FirstField(stream) if self.first_field else None
         # skipping unwanted frames needs one thread (frame threads decode ahead), timestamps that say which frame a
         # packet is (not output order) and a decoder that reads skip_frame per frame; fixed for this open
         self._skips_per_packet = (
@@ -260,6 +266,8 @@ class RangeReader:
                 break
 
     def _convert(self, frame: av.VideoFrame) -> np.ndarray | av.VideoFrame:
+        if self._first_field is not None:
+            frame = self._first_field(frame)  # an interlaced frame: its first field (data/interlace.py)
         width, height = self.size
         quarter_turns = self.info.rotation // 90
         if quarter_turns % 2:
