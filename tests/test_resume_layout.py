@@ -144,7 +144,8 @@ def test_another_global_batch_is_refused_in_one_line(tmp_path, walk, two_workers
 @pytest.mark.slow
 def test_dora_fit_resumes_a_two_process_run_on_one_process(tmp_path, capfd):
     """`dora fit` of 2 DDP processes (CPU, gloo), resumed by `--ckpt_path last` on one process with twice the batch:
-    the notice, the steps continue; with the same batch: refused in one line, exit status 2."""
+    the notice, the steps continue; with the same batch: refused in one line, exit status 2; then back on 2
+    processes."""
     root = tmp_path / "run"
     ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.use_distributed_sampler=false"]
     saver = {
@@ -169,3 +170,10 @@ def test_dora_fit_resumes_a_two_process_run_on_one_process(tmp_path, capfd):
     )
     newest = find_last_checkpoint([root / "checkpoints"])
     assert torch.load(newest, weights_only=True)["global_step"] == 6
+    # and back on 2 processes, mid-epoch again
+    _, command, env = fit_command(root, 1, saver, *ddp, "--trainer.max_steps=9", "--ckpt_path=last")
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resuming on another layout (1 process x 1 worker x batch 4 -> 2 processes" in run.stderr
+    newest = find_last_checkpoint([root / "checkpoints"])
+    assert torch.load(newest, weights_only=True)["global_step"] == 9
