@@ -34,7 +34,10 @@ def fit(
 ):
     """A micro run of EPOCHS epochs; the batches it trained on ((epoch, index, clips)) and its module."""
     counter = BatchCounter()
-    savers = [ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")]
+    savers = [
+        ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}"),
+        ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1, filename="end-{epoch}"),
+    ]
     module = DoRAModule(**(MICRO | {"batch_size": batch_size}))
     trainer = make_trainer(
         root,
@@ -115,15 +118,14 @@ def test_half_the_batch_with_twice_the_accumulation_keeps_the_steps(tmp_path, wa
 
 
 @pytest.mark.slow
-def test_a_checkpoint_on_an_epochs_last_batch_starts_the_next_epoch_on_the_new_layout(
-    tmp_path, walk, two_workers
+@pytest.mark.parametrize("name", [f"step={PER_EPOCH}.ckpt", "end-epoch=0.ckpt"])
+def test_a_checkpoint_at_an_epochs_end_starts_the_next_epoch_on_the_new_layout(
+    tmp_path, walk, two_workers, name
 ):
-    """Written on epoch 0's last batch (18 of 18) and resumed where an epoch has 37 batches: epoch 1 starts, not
-    batch 18 of a longer epoch 0."""
+    """Written on epoch 0's last batch (18 of 18) or in its end hooks, and resumed where an epoch has 37 batches:
+    epoch 1 starts, not batch 18 of a longer epoch 0."""
     root, _ = two_workers
-    _, after, trainer = fit(
-        tmp_path, walk, workers=1, batch_size=1, accumulate=2, ckpt=root / f"step={PER_EPOCH}.ckpt"
-    )
+    _, after, trainer = fit(tmp_path, walk, workers=1, batch_size=1, accumulate=2, ckpt=root / name)
     assert [b[:2] for b in after] == [(1, i) for i in range(37)]
     assert trainer.global_step == PER_EPOCH + 19
 
