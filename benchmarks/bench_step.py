@@ -82,6 +82,8 @@ CONFIGS: dict[str, dict] = {
     "tiny8": {"backbone": "vit_tiny_patch16_224", "frames": 8},
     "tiny2": {"backbone": "vit_tiny_patch16_224", "frames": 2},
     "small8": {"backbone": "vit_small_patch16_224", "frames": 8},
+    # the same with the student's blocks recomputed in the backward pass (model.grad_checkpointing)
+    "small8_ckpt": {"backbone": "vit_small_patch16_224", "frames": 8, "grad_checkpointing": True},
     # smoke run only: a micro ViT on tiny crops (not comparable to anything)
     "quick": {
         "backbone": "vit_tiny_patch16_224",

@@ -88,6 +88,7 @@ def run_case(case: dict) -> dict:
         clip_grad=case["clip_grad"],
         batch_size=case["batch_size"],
         seed=case["seed"],
+        grad_checkpointing=case.get("grad_checkpointing", False),
         **case["overrides"],
     )
     model.train()

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
 from dora_lightning.checkpoint_formats import PRETRAIN_KIND
 from dora_lightning.core.ema import ema_update_
@@ -34,22 +34,11 @@ from dora_lightning.models.backbone import (
 from dora_lightning.models.compile import compile_regions_
 from dora_lightning.models.head import DINOHead, cancel_last_layer_grad_
 from dora_lightning.models.lean_mlp import use_lean_mlps_
+from dora_lightning.models.student_teacher import StudentTeacher
 from dora_lightning.resume_state import prepare_resume
 from dora_lightning.step_schedules import StepSchedules
 
 __all__ = ["DoRAModule", "NonFiniteLossError", "StudentTeacher", "per_parameter_clip_"]
-
-
-class StudentTeacher(nn.Module):
-    """A ViT backbone and a DINO head; ``forward`` maps images to head logits (CLS token)."""
-
-    def __init__(self, backbone: nn.Module, head: DINOHead) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, images: Tensor) -> Tensor:
-        cls, _ = forward_features(self.backbone, images)
-        return self.head(cls)
 
 
 class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
@@ -95,6 +84,9 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
             ``models/lean_mlp.py``).
         compile: ``torch.compile`` the transformer blocks and heads (opt-in; compiles at the first step, then faster
             on GPUs; parameter names and checkpoints unchanged; see ``models/compile.py``).
+        grad_checkpointing: recompute each student block's activations in the backward pass instead of keeping them
+            (timm's ``set_grad_checkpointing``; the same gradients, drop-path masks included): less memory for
+            about one more student forward of compute (docs/training.md, "Memory").
     """
 
     phase_timer: Any = None  # public hook of phase(): set by benchmarks to time the step's phases
@@ -138,6 +130,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         lean_mlp: bool = True,
         diagnostics_every_n_steps: int | None = None,
         compile: bool = False,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if diagnostics_every_n_steps is not None and diagnostics_every_n_steps < 0:
@@ -156,6 +149,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         teacher_backbone = build_vit(backbone, img_size=img_size, drop_path_rate=0.0, **overrides)
         if lean_mlp:
             use_lean_mlps_(student_backbone)
+        student_backbone.set_grad_checkpointing(grad_checkpointing)
         num_heads = student_backbone.blocks[-1].attn.num_heads
         if method == "dora" and not 1 <= num_objects <= num_heads:
             raise ValueError(

@@ -32,6 +32,7 @@ NOT_PART_OF_THE_RUN = frozenset(
         "log_images_every_n_steps",
         "diagnostics_every_n_steps",
         "compile",
+        "grad_checkpointing",
         "batch_size",
         "_instantiator",
         "_class_path",
