@@ -36,7 +36,7 @@ import yaml
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO_ROOT, base_machine_info, markdown_table, write_json  # noqa: E402
+from benchmarks.common import REPO_ROOT, finish_report, markdown_table  # noqa: E402
 from dora_lightning.data.sampling import (  # noqa: E402
     ClipSpec,
     cursors_per_worker,
@@ -342,18 +342,11 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.decode_batches is None or args.decode_batches > 0:
         cases["decode"] = decode_case(args.decode_batches, args.seed)
-    report = {
-        "date_utc": started.strftime("%Y-%m-%d %H:%M"),
-        "machine": base_machine_info(),
-        "cases": cases,
-        "targets": targets(cases),
-    }
-    print(fmt_table(cases))
-    print("\ntargets: " + ", ".join(f"{k} {'OK' if v else 'MISSED'}" for k, v in report["targets"].items()))
-    print(f"date {report['date_utc']} UTC")
-    if args.out is not None:
-        write_json(args.out, report)
-    return report
+    met = targets(cases)
+    verdicts = ", ".join(f"{k} {'OK' if v else 'MISSED'}" for k, v in met.items())
+    return finish_report(
+        started, f"{fmt_table(cases)}\n\ntargets: {verdicts}", args.out, cases=cases, targets=met
+    )
 
 
 if __name__ == "__main__":

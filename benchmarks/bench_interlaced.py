@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import base_machine_info, markdown_table, write_json  # noqa: E402
+from benchmarks.common import finish_report, markdown_table  # noqa: E402
 from dora_lightning.data.decode_stats import DecodeStats  # noqa: E402
 from dora_lightning.data.reader import RangeReader  # noqa: E402
 from dora_lightning.data.sources import probe_videos  # noqa: E402
@@ -88,16 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
             for compact in (False, True)
             for first in (True, False)
         }
-    report = {
-        "date_utc": started.strftime("%Y-%m-%d %H:%M"),
-        "machine": base_machine_info(),
-        "ms_per_frame": cases,
-    }
-    print(markdown_table(["case", "ms per frame"], [[k, f"{v:.2f}"] for k, v in cases.items()]))
-    print(f"date {report['date_utc']} UTC")
-    if args.out is not None:
-        write_json(args.out, report)
-    return report
+    table = markdown_table(["case", "ms per frame"], [[k, f"{v:.2f}"] for k, v in cases.items()])
+    return finish_report(started, table, args.out, ms_per_frame=cases)
 
 
 if __name__ == "__main__":

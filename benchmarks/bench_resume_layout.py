@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.common import REPO_ROOT, base_machine_info, markdown_table, write_json  # noqa: E402
+from benchmarks.common import REPO_ROOT, finish_report, markdown_table  # noqa: E402
 from dora_lightning.data.epoch_rest import (  # noqa: E402
     Layout,
     Segment,
@@ -166,12 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         for video, frames in videos.items()
         for name, (before, after, accumulate) in layouts.items()
     }
-    report = {"date_utc": started.strftime("%Y-%m-%d %H:%M"), "machine": base_machine_info(), "cases": cases}
-    print(fmt_table(cases))
-    print(f"date {report['date_utc']} UTC")
-    if args.out is not None:
-        write_json(args.out, report)
-    return report
+    return finish_report(started, fmt_table(cases), args.out, cases=cases)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,6 +197,17 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def finish_report(started: Any, table: str, out: Path | None, **results: Any) -> dict:
+    """A benchmark run's report: its start (a datetime, UTC), the machine and ``results``; prints ``table`` and the
+    date, and writes the report as JSON to ``out`` when given."""
+    report = {"date_utc": started.strftime("%Y-%m-%d %H:%M"), "machine": base_machine_info(), **results}
+    print(table)
+    print(f"date {report['date_utc']} UTC")
+    if out is not None:
+        write_json(out, report)
+    return report
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -143,15 +143,15 @@ def test_a_mid_epoch_checkpoint_is_rebased_to_the_rest_of_its_epoch():
     state = rebased.state
     assert (state["world_size"], state["num_workers"], state["batch_size"]) == (1, 2, 8)
     assert state["epoch"] == 2 and state["batches_done"] == rebased.loop_batches == 9  # 72 clips, 8 a batch
-    rest, start = load_rest(state["rest"])
-    assert start == 9 and rest.earlier == (Segment(EIGHT_BY_TWO, 9),) and rest.batches == 300 - 9
+    rest = load_rest(state["rest"])
+    assert rest.start == 9 and rest.earlier == (Segment(EIGHT_BY_TWO, 9),) and rest.batches == 300 - 9
     assert "2 processes x 3 workers x batch 4 -> 1 process x 2 workers x batch 8" in rebased.notice
     assert "72 of 5184 taken" in rebased.notice and "not bit-exact" in rebased.notice
     # rebased again, mid-way through the rest, onto a third layout: both earlier parts are replayed
     again = rebase(state | {"batches_done": 9 + 4}, FOUR_BY_ONE, per_epoch=600)
-    rest, start = load_rest(again.state["rest"])
+    rest = load_rest(again.state["rest"])
     assert rest.earlier == (Segment(EIGHT_BY_TWO, 9), Segment(ONE_BY_TWO, 4))
-    assert start == again.loop_batches == round((72 + 4 * 8) / 8)
+    assert rest.start == again.loop_batches == round((72 + 4 * 8) / 8)
 
 
 def test_a_checkpoint_at_an_epochs_start_keeps_lightnings_count():
@@ -160,6 +160,6 @@ def test_a_checkpoint_at_an_epochs_start_keeps_lightnings_count():
 
 
 def test_rest_roundtrips_through_a_checkpoint():
-    rest = EpochRest((Segment(EIGHT_BY_TWO, 9), Segment(ONE_BY_TWO, 4)), 120)
-    assert load_rest(save_rest(rest, 13)) == (rest, 13)
+    rest = EpochRest((Segment(EIGHT_BY_TWO, 9), Segment(ONE_BY_TWO, 4)), 120, 13)
+    assert load_rest(save_rest(rest)) == rest
     assert load_rest(None) is None

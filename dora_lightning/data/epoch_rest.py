@@ -91,11 +91,13 @@ class Segment:
 
 @dataclass(frozen=True)
 class EpochRest:
-    """The rest of an epoch begun on other layouts: the parts they took (``earlier``, in order) and the batches each
-    process of this layout takes from the starts they left (``batches``)."""
+    """The rest of an epoch begun on other layouts: the parts they took (``earlier``, in order), the batches each
+    process of this layout takes from the starts they left (``batches``), and the epoch's batch count where this
+    layout's part began (``start``)."""
 
     earlier: tuple[Segment, ...]
     batches: int
+    start: int = 0
 
 
 def batches_taken(batches_done: int, workers: int, logical_worker: int) -> int:
@@ -149,8 +151,8 @@ def continue_epoch(
 
     Done: the ``clips_taken`` in this layout's batches (a global batch of batch_size x processes clips), at least as
     many as leave ``available`` batches for the rest and at least one when a clip was taken, rounded up to a whole
-    optimiser step (``accumulate`` batches) so that the steps keep their size. The rest is then at most ``available``; (``batches_per_epoch``, 0) when the
-    earlier layouts took the whole epoch."""
+    optimiser step (``accumulate`` batches) so that the steps keep their size. The rest is then at most
+    ``available``; (``batches_per_epoch``, 0) when the earlier layouts took the whole epoch."""
     per_batch = layout.batch_size * layout.world_size
     done = max(round(clips_taken / per_batch), batches_per_epoch - available, 1 if clips_taken else 0)
     done = math.ceil(done / accumulate) * accumulate

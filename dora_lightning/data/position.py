@@ -92,19 +92,19 @@ def global_batch(layout: Layout, accumulate: int) -> int:
     return layout.batch_size * layout.world_size * accumulate
 
 
-def save_rest(rest: EpochRest, start: int) -> dict[str, Any]:
+def save_rest(rest: EpochRest) -> dict[str, Any]:
     """A checkpoint's ``rest``: the earlier parts of the epoch (layout and batches), where this layout's part began
     in the epoch's batch count, and how many batches it takes."""
     earlier = [[*(getattr(s.layout, key) for key in LAYOUT_KEYS), s.batches] for s in rest.earlier]
-    return {"earlier": earlier, "start": start, "batches": rest.batches}
+    return {"earlier": earlier, "start": rest.start, "batches": rest.batches}
 
 
-def load_rest(saved: Mapping[str, Any] | None) -> tuple[EpochRest, int] | None:
+def load_rest(saved: Mapping[str, Any] | None) -> EpochRest | None:
     """The inverse of :func:`save_rest` (None: the epoch began on this layout)."""
     if not saved:
         return None
     earlier = tuple(Segment(Layout(*map(int, part[:4])), int(part[4])) for part in saved["earlier"])
-    return EpochRest(earlier, int(saved["batches"])), int(saved["start"])
+    return EpochRest(earlier, int(saved["batches"]), int(saved["start"]))
 
 
 @dataclass(frozen=True)
@@ -145,9 +145,8 @@ def rebase_position(
     if saved == layout:
         return None
     epoch, batches = int(state["epoch"]), int(state["batches_done"])
-    previous = load_rest(state.get("rest"))
-    earlier, start = (previous[0].earlier, previous[1]) if previous else ((), 0)
-    segments = (*earlier, Segment(saved, batches - start))
+    previous = load_rest(state.get("rest")) or EpochRest((), 0)
+    segments = (*previous.earlier, Segment(saved, batches - previous.start))
     taken = consumed_starts(num_starts, spec, segments, start_step=start_step, seed=seed, epoch=epoch)
     clips = int(np.count_nonzero(taken))
     done, left = continue_epoch(
@@ -161,7 +160,7 @@ def rebase_position(
     elif left == 0:  # the earlier layouts took the whole epoch: the next one starts afresh
         rebased |= {"epoch": epoch + 1, "batches_done": 0, "rest": None}
     else:
-        rebased |= {"batches_done": done, "rest": save_rest(EpochRest(segments, left), done)}
+        rebased |= {"batches_done": done, "rest": save_rest(EpochRest(segments, left, done))}
     change = f"resuming on another layout ({saved.describe()} -> {layout.describe()}, global batch {now})"
     if done is None:
         notice = f"{change}: epoch {rebased['epoch']} starts on it"
@@ -199,8 +198,8 @@ class ClipStreamPosition:
     _iterations: int = 0
     _resume: dict[str, Any] | None = None
     _saved_identity: dict[str, Any] | None = None
-    # (epoch, rest, batch where it began) while an epoch begun on other layouts runs
-    _epoch_rest: tuple[int, EpochRest, int] | None = None
+    # (epoch, its rest) while an epoch begun on other layouts runs
+    _epoch_rest: tuple[int, EpochRest] | None = None
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -217,14 +216,17 @@ class ClipStreamPosition:
         whatever the trainer's counters say: Lightning restores ``current_epoch`` only after it first iterates the
         loader, and may iterate it more than once at a restart."""
         if self._resume is not None:
-            epoch, batches_done = self._resume["epoch"], self._resume["batches_done"]
-            rest = load_rest(self._resume.get("rest"))
+            epoch, batches_done, rest = (
+                self._resume["epoch"],
+                self._resume["batches_done"],
+                self._resume["rest"],
+            )
             # a checkpoint of an older version, written at an epoch's end
             if rest is None and batches_done >= len(self.dataset) // self.batch_size:
                 epoch, batches_done = epoch + 1, 0
             self._iterations = epoch + 1
-            self._epoch_rest = None if rest is None else (epoch, *rest)
-            return epoch, batches_done - (0 if rest is None else rest[1]), None if rest is None else rest[0]
+            self._epoch_rest = None if rest is None else (epoch, rest)
+            return epoch, batches_done - (0 if rest is None else rest.start), rest
         self._epoch_rest = None
         if self.trainer is not None:
             return self.trainer.current_epoch, 0, None
@@ -270,9 +272,7 @@ class ClipStreamPosition:
             "start_step": self.start_step,
             **{key: getattr(self._layout(), key) for key in LAYOUT_KEYS},
             "accumulate_grad_batches": self._accumulate(),
-            "rest": save_rest(rest[1], rest[2])
-            if rest is not None and rest[0] == epoch and batches
-            else None,
+            "rest": save_rest(rest[1]) if rest is not None and rest[0] == epoch and batches else None,
             **self.identity(),
         }
 
@@ -340,6 +340,6 @@ class ClipStreamPosition:
         self._resume = {
             "epoch": int(state_dict["epoch"]),
             "batches_done": int(state_dict["batches_done"]),
-            "rest": state_dict.get("rest"),
+            "rest": load_rest(state_dict.get("rest")),
         }
         self._iterations = int(state_dict["epoch"])

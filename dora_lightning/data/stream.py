@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dora_lightning.data.decode_stats import DecodeStats, WarnedOnce
-from dora_lightning.data.epoch_rest import EpochRest, batches_taken, consumed_starts
+from dora_lightning.data.epoch_rest import EpochRest, Layout, batches_taken, consumed_starts
 from dora_lightning.data.reader import RangeReader, to_pixels
 from dora_lightning.data.sampling import (
     ClipSpec,
@@ -20,7 +20,6 @@ from dora_lightning.data.sampling import (
     ShardPlan,
     clips_per_shard,
     cursors_per_worker,
-    plan_shard,
 )
 from dora_lightning.data.sources import VideoInfo
 
@@ -116,7 +115,7 @@ class VideoClipStream(IterableDataset):
         self.num_starts = [spec.num_starts(v.num_frames) for v in self.videos]
         self.epoch, self.batches_done = 0, 0
         self.rest: EpochRest | None = None
-        self._taken: tuple[tuple[int, EpochRest], np.ndarray] | None = None  # (epoch, rest) -> starts taken
+        self._taken: np.ndarray | None = None  # the starts the rest's earlier layouts took
         # where each worker puts its end-of-epoch counters (ClipLoader sets a queue and warns once for all workers);
         # None: each worker warns its own lines
         self.report_sink: Any = None
@@ -145,10 +144,11 @@ class VideoClipStream(IterableDataset):
     def set_position(self, epoch: int, batches_done: int = 0, rest: EpochRest | None = None) -> None:
         """Start the next iteration at ``epoch`` after ``batches_done`` batches of it (a resumed run); with ``rest``,
         after ``batches_done`` batches of the rest of an epoch begun on other layouts. The starts those took are
-        found here, once, before the workers start."""
+        found here, before the workers start."""
         self.epoch, self.batches_done, self.rest = epoch, batches_done, rest
-        if rest is not None and (self._taken is None or self._taken[0] != (epoch, rest)):
-            taken = consumed_starts(
+        self._taken = None
+        if rest is not None:
+            self._taken = consumed_starts(
                 self.num_starts,
                 self.spec,
                 rest.earlier,
@@ -156,25 +156,21 @@ class VideoClipStream(IterableDataset):
                 seed=self.seed,
                 epoch=epoch,
             )
-            self._taken = ((epoch, rest), taken)
 
     def shard_plan(self, logical_worker: int) -> ShardPlan:
         """The emission plan of this rank's ``logical_worker`` for the current epoch (of its rest, if it began on
         other layouts)."""
-        exclude = self._taken[1] if self.rest is not None and self._taken is not None else None
-        return plan_shard(
+        layout = Layout(self.world_size, self.num_workers, self.batch_size, self.cursors)
+        (plan,) = layout.plans(
             self.num_starts,
             self.spec,
-            shard=self.rank * self.num_workers + logical_worker,
-            num_shards=self.num_shards,
-            batch_size=self.batch_size,
-            cursors=self.cursors,
+            [self.rank * self.num_workers + logical_worker],
             start_step=self.start_step,
-            workers_per_rank=self.num_workers,
             seed=self.seed,
             epoch=self.epoch,
-            exclude=exclude,
+            exclude=self._taken,
         )
+        return plan
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
