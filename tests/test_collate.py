@@ -221,7 +221,9 @@ def test_recycled_blocks_need_workers():
 
 
 class NumberedStream(Numbered):
-    """Numbered with the position hook ClipLoader calls."""
+    """Numbered with the position hook ClipLoader calls and the number of processes it reads."""
+
+    world_size = 1
 
     def set_position(self, epoch: int, batches_done: int = 0) -> None:
         self.position = (epoch, batches_done)

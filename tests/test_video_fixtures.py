@@ -242,7 +242,11 @@ def test_damaged_frames_are_skipped_and_counted(fixtures, index_cache, threads):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         good = {i: f for i, f in reader if f is not None}
-    assert reader.damaged and sum(stats.damaged_frames.values()) == len(reader.damaged)
+    assert reader.damaged and stats.damaged_frames == {str(fixture.path): reader.damaged}
+    if (
+        threads == 1
+    ):  # frame threads log in the background: which frames count as damaged varies a little per read
+        assert count <= len(reader.damaged)  # a frame met by several reads of the epoch counts once
     assert max(reader.damaged) + 1 in (info.num_frames, *range(0, info.num_frames, 120))
     for index, frame in good.items():
         np.testing.assert_array_equal(frame, reference[index])

@@ -46,7 +46,9 @@ class DecodeStats:
     decode_errors: int = 0
     missing_frames: int = 0
     substituted_clips: int = 0
-    damaged_frames: dict[str, int] = field(default_factory=dict)
+    damaged_frames: dict[str, set[int]] = field(
+        default_factory=dict
+    )  # per file, the damaged frame indices met
     first_damage: dict[str, str] = field(default_factory=dict)
     warned: set[tuple[str, str]] = field(default_factory=set)
     shared: WarnedOnce | None = field(default=None, repr=False, compare=False)
@@ -65,17 +67,17 @@ class DecodeStats:
             messages = [message.strip() for message in logs if message.strip()]
             self.first_damage[path] = messages[0] if messages else "corrupt frame"
 
-    def count_damaged(self, path: str) -> None:
-        """Count one damaged frame index of ``path``."""
-        self.damaged_frames[path] = self.damaged_frames.get(path, 0) + 1
+    def count_damaged(self, path: str, index: int) -> None:
+        """Note frame ``index`` of ``path`` as damaged (each frame counts once, however many reads meet it)."""
+        self.damaged_frames.setdefault(path, set()).add(index)
 
     def damage_lines(self) -> list[str]:
         """One line per file with damaged frames: how many were skipped and FFmpeg's first message."""
         return [
-            f"'{path}': {count} damaged frames could not be decoded cleanly and were skipped this epoch (FFmpeg: "
+            f"'{path}': {len(indices)} damaged frames could not be decoded cleanly and were skipped this epoch (FFmpeg: "
             f'"{self.first_damage.get(path, "corrupt frame")}"); clips that need them were replaced by the previous '
             "good clip"
-            for path, count in sorted(self.damaged_frames.items())
+            for path, indices in sorted(self.damaged_frames.items())
         ]
 
     def report(self) -> dict[str, Any]:
@@ -84,22 +86,22 @@ class DecodeStats:
             "decode_errors": self.decode_errors,
             "missing_frames": self.missing_frames,
             "substituted_clips": self.substituted_clips,
-            "damaged_frames": dict(self.damaged_frames),
+            "damaged_frames": {path: sorted(indices) for path, indices in self.damaged_frames.items()},
             "first_damage": dict(self.first_damage),
             "paths": sorted({path for path, _ in self.warned}),
         }
 
     @classmethod
     def merged(cls, reports: Iterable[dict[str, Any]]) -> DecodeStats:
-        """The counters of all workers of an epoch summed (damaged frames per file), so that the epoch's lines come
-        once per file, not once per worker."""
+        """The counters of all workers of an epoch summed (the damaged frames of a file: those any worker met), so
+        that the epoch's lines come once per file, not once per worker."""
         total = cls()
         for report in reports:
             total.decode_errors += report["decode_errors"]
             total.missing_frames += report["missing_frames"]
             total.substituted_clips += report["substituted_clips"]
-            for path, count in report["damaged_frames"].items():
-                total.damaged_frames[path] = total.damaged_frames.get(path, 0) + count
+            for path, indices in report["damaged_frames"].items():
+                total.damaged_frames.setdefault(path, set()).update(indices)
             for path, message in report["first_damage"].items():
                 total.first_damage.setdefault(path, message)
             total.warned |= {(path, "report") for path in report["paths"]}
@@ -112,7 +114,7 @@ class DecodeStats:
 
     def summary(self) -> str | None:
         """One line with the totals of the problems met, or None when there were none."""
-        damaged = sum(self.damaged_frames.values())
+        damaged = sum(len(indices) for indices in self.damaged_frames.values())
         if not (self.decode_errors or self.missing_frames or self.substituted_clips or damaged):
             return None
         paths = {path for path, _ in self.warned} | set(self.damaged_frames)

@@ -11,12 +11,14 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from dora_lightning.data.collate import RecycledBlocks, collate_clips
 from dora_lightning.data.decode_stats import DecodeStats, WarnedOnce
 from dora_lightning.data.stream import VideoClipStream
 
+_END = object()  # an iteration's end, one batch ahead
 WORKER_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -30,6 +32,20 @@ def shield_worker_from_stop_signals(worker_id: int) -> None:
     process group, or its SLURM handler's checkpoint and requeue)."""
     for signum in WORKER_IGNORES:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def reports_of_all_processes(reports: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]] | None:
+    """The end-of-epoch decode reports of every process of a sharded run, on process 0; None on the others.
+
+    Each process decodes only its share of the clips, so its own counts are a part of the epoch's: gathered, process
+    0 says one line per damaged file and one of totals for the whole run (not one per process, each with its share).
+    Every process reaches its loader's end after the same number of batches (the shards are equal), so the gather
+    is met by all. Without a process group (or one process) the reports are returned as they are."""
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return reports
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, reports)
+    return [report for part in gathered for report in part] if dist.get_rank() == 0 else None
 
 
 class ClipLoader(DataLoader):
@@ -74,7 +90,7 @@ class ClipLoader(DataLoader):
             self.collate_fn = collate_clips
             return self._started(super().__iter__(), sink)
         blocks = RecycledBlocks(
-            self.num_workers, blocks_per_worker=self.prefetch_factor + 2, context=self.multiprocessing_context
+            self.num_workers, blocks_per_worker=self.prefetch_factor + 3, context=self.multiprocessing_context
         )
         self.collate_fn = blocks.collate  # read by the iterator created below, and by its workers only
         return self._started(blocks.batches(super().__iter__()), sink)
@@ -87,23 +103,35 @@ class ClipLoader(DataLoader):
 
     def _started(self, batches: Iterator[Any], sink: Any) -> Iterator[Any]:
         """``batches``, calling ``on_first_batch`` (if given) when the first one comes and counting the time spent
-        waiting for each in :attr:`data_wait_s`; when they are exhausted (the epoch's end), one warning line per file
-        with damaged frames and one of totals, summed over the workers."""
-        first = self._on_first_batch
+        waiting for each in :attr:`data_wait_s`; at the epoch's end, one warning line per file with damaged frames and
+        one of totals, summed over the workers (and, in a multi-process run, said by process 0 for all processes:
+        :func:`reports_of_all_processes`).
+
+        The end is found one batch ahead: Lightning stops asking after ``len(loader)`` batches and never sees the
+        loader's end, so the lines are said before the last batch is handed over (one more batch is held meanwhile).
+        """
         batches = iter(batches)
-        while True:
-            asked = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            self.data_wait_s += time.perf_counter() - asked
-            if first is not None:
-                first()
-                first = None
+        coming = self._waited(batches)
+        if coming is not _END and self._on_first_batch is not None:
+            self._on_first_batch()
+        while coming is not _END:
+            batch, coming = coming, self._waited(batches)
+            if coming is _END:
+                self._report_epoch(sink)
             yield batch
+
+    def _waited(self, batches: Iterator[Any]) -> Any:
+        """The next batch (or ``_END``), its wait added to :attr:`data_wait_s`."""
+        asked = time.perf_counter()
+        batch = next(batches, _END)
+        self.data_wait_s += time.perf_counter() - asked
+        return batch
+
+    def _report_epoch(self, sink: Any) -> None:
+        """The epoch's damage and totals lines from the workers' reports (all the workers have ended)."""
         reports = []
         while not sink.empty():
             reports.append(sink.get())
-        for line in DecodeStats.merged(reports).epoch_lines():
-            warnings.warn(line, RuntimeWarning, stacklevel=2)
+        reports = reports_of_all_processes(reports, self.dataset.world_size)
+        for line in DecodeStats.merged(reports or []).epoch_lines():
+            warnings.warn(line, RuntimeWarning, stacklevel=3)

@@ -317,7 +317,7 @@ class RangeReader:
                             target, failures = index + 1, 0
                             if decoded.damaged:
                                 self.damaged.add(index)
-                                self.stats.count_damaged(self.info.path)
+                                self.stats.count_damaged(self.info.path, index)
                                 yield index, None
                             elif self.wanted(index):
                                 pixels = self._convert(decoded.frame) if pixels is None else pixels
