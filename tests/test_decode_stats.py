@@ -159,6 +159,7 @@ def test_trainer_fit_says_each_epochs_damage(tmp_path: Path) -> None:
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     damage = [m for m in messages if "damaged frames could not be decoded" in m]
     assert len(damage) == 2 and all(str(fixture.path) in m for m in damage), messages
+    assert ["skipped in epoch 0 " in damage[0], "skipped in epoch 1 " in damage[1]] == [True, True]
     assert len([m for m in messages if m.startswith("clip stream:")]) == 2
     # each damaged frame counts once, however many reads of the epoch met it (the clips' reads met these 184 times)
     info = probe_video(str(fixture.path), str(tmp_path / "index"))

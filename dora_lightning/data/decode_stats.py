@@ -42,6 +42,7 @@ class WarnedOnce:
 class DecodeStats:
     """Counters of one worker's decoding; they travel with the emitted samples so the main process can sum them."""
 
+    epoch: int = 0  # the epoch the counters are of (its lines name it)
     decoded_frames: int = 0
     decode_errors: int = 0
     missing_frames: int = 0
@@ -74,7 +75,8 @@ class DecodeStats:
     def damage_lines(self) -> list[str]:
         """One line per file with damaged frames: how many were skipped and FFmpeg's first message."""
         return [
-            f"'{path}': {len(indices)} damaged frames could not be decoded cleanly and were skipped this epoch (FFmpeg: "
+            f"'{path}': {len(indices)} damaged frames could not be decoded cleanly and were skipped in epoch "
+            f"{self.epoch} (FFmpeg: "
             f'"{self.first_damage.get(path, "corrupt frame")}"); clips that need them were replaced by the previous '
             "good clip"
             for path, indices in sorted(self.damaged_frames.items())
@@ -83,6 +85,7 @@ class DecodeStats:
     def report(self) -> dict[str, Any]:
         """This worker's end-of-epoch counters as plain data, for the training process to merge (:meth:`merged`)."""
         return {
+            "epoch": self.epoch,
             "decode_errors": self.decode_errors,
             "missing_frames": self.missing_frames,
             "substituted_clips": self.substituted_clips,
@@ -97,6 +100,7 @@ class DecodeStats:
         that the epoch's lines come once per file, not once per worker."""
         total = cls()
         for report in reports:
+            total.epoch = report["epoch"]
             total.decode_errors += report["decode_errors"]
             total.missing_frames += report["missing_frames"]
             total.substituted_clips += report["substituted_clips"]
@@ -121,5 +125,5 @@ class DecodeStats:
         files = ", ".join(sorted(f"'{path}'" for path in paths))
         return (
             f"clip stream: {self.decode_errors} decode errors, {damaged} damaged frames, {self.missing_frames} missing "
-            f"frames, {self.substituted_clips} clips replaced by the previous good clip this epoch ({files})"
+            f"frames, {self.substituted_clips} clips replaced by the previous good clip in epoch {self.epoch} ({files})"
         )

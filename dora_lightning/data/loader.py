@@ -134,4 +134,4 @@ class ClipLoader(DataLoader):
             reports.append(sink.get())
         reports = reports_of_all_processes(reports, self.dataset.world_size)
         for line in DecodeStats.merged(reports or []).epoch_lines():
-            warnings.warn(line, RuntimeWarning, stacklevel=3)
+            warnings.warn(line, RuntimeWarning, stacklevel=1)

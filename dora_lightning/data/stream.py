@@ -194,7 +194,7 @@ class VideoClipStream(IterableDataset):
             r: _RunState(plan.runs[r], self.spec, starts[run_index == r])
             for r in np.unique(run_index).tolist()
         }
-        stats = DecodeStats(shared=self.warned_once)
+        stats = DecodeStats(epoch=self.epoch, shared=self.warned_once)
         reported = 0
         last_good: tuple[list[np.ndarray], int] | None = None
         debt: list[tuple[int, int]] = []
