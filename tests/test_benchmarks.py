@@ -167,7 +167,7 @@ def test_bench_davis_tiny(tmp_path):
 
 def test_bench_data_headline_is_the_median_run():
     sys.path.insert(0, str(REPO))
-    from benchmarks.bench_data import _rate, median_run
+    from benchmarks.data_report import _rate, median_run
 
     runs = [{"clips_per_s": v, "run": i} for i, v in enumerate([66.3, 54.7, 78.7])]
     chosen = median_run(runs)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_transforms import NO_COLOUR, denormalise  # shared clip-test helpers (tests/ is on sys.path)
+from multicrop_helpers import NO_COLOUR, denormalise  # shared clip-test helpers (tests/ is on sys.path)
 from torchvision.transforms import RandomResizedCrop
 
 from dora_lightning.data.augment.crop_boxes import ClipBoxes, pixel_box, sample_resized_crop_boxes

@@ -1,12 +1,11 @@
-"""DAVIS label propagation: the pure propagation, an oracle run on a synthetic fixture, the data checks, and
-`dora validate --evaluator davis` end to end on a `dora fit` checkpoint."""
+"""DAVIS label propagation run: an oracle run on a synthetic fixture (and its random-feature guard), the
+evaluator's options, `dora validate --evaluator davis` end to end on a `dora fit` checkpoint, the shipped config, and
+the DDP split. The pure propagation is tested in tests/test_davis_propagation.py, the data in tests/test_davis_data.py."""
 
 from __future__ import annotations
 
 import csv
 import json
-import shutil
-from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -16,246 +15,17 @@ import torch.nn.functional as F
 import yaml
 from conftest import REPO, micro_vit
 from PIL import Image
+from test_davis_data import davis_root  # noqa: F401 - fixture
 from test_validate_cli import QUIET, fit_checkpoint  # noqa: F401 - fixture
-from torch.utils.data import DataLoader
 
 from dora_lightning.cli import main
 from dora_lightning.evaluation.synthetic import make_davis_fixture
 from dora_lightning.models.backbone import build_vit
-from evaluators.davis.data import (
-    DAVIS_MEAN,
-    DAVIS_STD,
-    DavisFrames,
-    davis_palette,
-    grid_labels,
-    model_size,
-    read_frame,
-    scan_davis,
-)
+from evaluators.davis.data import grid_labels, model_size, scan_davis
 from evaluators.davis.evaluator import DavisEvaluator, DavisPropagationModule, metric_name
-from evaluators.davis.propagation import (
-    LabelPropagator,
-    labels_from_soft,
-    neighbourhood_mask,
-    normalise_channels,
-    propagate,
-)
 
 METRICS = ["J&F-mean", "J-mean", "J-recall", "J-decay", "F-mean", "F-recall", "F-decay"]
 TRAINER = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-
-
-@pytest.fixture(scope="module")
-def davis_root(tmp_path_factory) -> Path:
-    """2 sequences x 8 frames of 96x128 moving shapes."""
-    return make_davis_fixture(tmp_path_factory.mktemp("davis"), sequences=2, frames=8, size=(96, 128), seed=1)
-
-
-# ------------------------------------------------------------------------------------------------ propagation
-def dino_neighbourhood(h: int, w: int, r: int) -> torch.Tensor:
-    """DINO's restrict_neighborhood, loop for loop."""
-    mask = torch.zeros(h, w, h, w)
-    for i in range(h):
-        for j in range(w):
-            for p in range(2 * r + 1):
-                for q in range(2 * r + 1):
-                    if 0 <= i - r + p < h and 0 <= j - r + q < w:
-                        mask[i, j, i - r + p, j - r + q] = 1
-    return mask.reshape(h * w, h * w)
-
-
-def dino_propagate(target, sources, labels, topk, mask):
-    """DINO's label_propagation arithmetic: target (N, d), sources (C, N, d), labels (C, L, N)."""
-    contexts, n, _ = sources.shape
-    aff = torch.exp(torch.bmm(target.unsqueeze(0).repeat(contexts, 1, 1), sources.transpose(1, 2)) / 0.1)
-    if mask is not None:
-        aff *= mask.unsqueeze(0)
-    aff = aff.transpose(2, 1).reshape(-1, n)
-    kth, _ = torch.min(torch.topk(aff, dim=0, k=topk)[0], dim=0)
-    aff[aff < kth] = 0
-    aff = aff / aff.sum(dim=0, keepdim=True)
-    segs = labels.transpose(2, 1).reshape(-1, labels.shape[1]).T
-    return segs @ aff
-
-
-def test_neighbourhood_mask_is_dinos_square_window():
-    for grid, radius in [((5, 7), 1), ((6, 4), 2), ((3, 3), 5)]:
-        expected = dino_neighbourhood(*grid, radius).bool()
-        torch.testing.assert_close(neighbourhood_mask(grid, radius), expected.T)  # [source, target]
-        torch.testing.assert_close(neighbourhood_mask(grid, radius), expected)  # symmetric
-    assert neighbourhood_mask((4, 4), 0).all()
-
-
-@pytest.mark.parametrize(
-    ("radius", "contexts", "discrete"),
-    [(0, 3, False), (2, 3, False), (1, 1, False), (1, 2, True), (0, 2, True)],
-)
-def test_propagate_equals_dinos_arithmetic(radius, contexts, discrete):
-    """Random features, windows with fewer than k sources (radius 1, one context: corners see 4) and features with
-    many exact ties (discrete), against DINO's dense arithmetic."""
-    generator = torch.Generator().manual_seed(radius + 10 * contexts)
-    grid, labels_n = (5, 6), 4
-    n = grid[0] * grid[1]
-    if discrete:  # 3 distinct feature vectors: lots of exactly equal affinities
-        palette = F.normalize(torch.randn(3, 16, generator=generator), dim=1)
-        target = palette[torch.randint(0, 3, (n,), generator=generator)]
-        sources = palette[torch.randint(0, 3, (contexts, n), generator=generator)]
-    else:
-        target = F.normalize(torch.randn(n, 16, generator=generator), dim=1)
-        sources = F.normalize(torch.randn(contexts, n, 16, generator=generator), dim=2)
-    labels = torch.rand(contexts, labels_n, n, generator=generator)
-    mask = neighbourhood_mask(grid, radius) if radius else None
-    ours = propagate(target, sources, labels, topk=5, temperature=0.1, neighbourhood=mask, chunk_size=7)
-    torch.testing.assert_close(ours, dino_propagate(target, sources, labels, 5, mask), rtol=1e-4, atol=1e-6)
-
-
-def test_neighbourhood_really_restricts():
-    """A 1x20 strip: target patch 19 looks exactly like source patch 0 (label 1); its window neighbours are
-    orthogonal to it (label 0). Unrestricted it takes label 1; with radius 2 it can only vote from 17..19."""
-    n = 20
-    sources = torch.zeros(1, n, 3)
-    sources[0, :, 0] = 1.0  # every source looks like feature e0 ...
-    sources[0, 0] = torch.tensor([0.0, 1.0, 0.0])  # ... but source 0 looks like e1
-    labels = torch.zeros(1, 2, n)
-    labels[0, 0] = 1.0
-    labels[0, :, 0] = torch.tensor([0.0, 1.0])  # source 0 has label 1, all others label 0
-    target = torch.zeros(n, 3)
-    target[:, 2] = 1.0  # orthogonal to everything ...
-    target[19] = torch.tensor([0.0, 1.0, 0.0])  # ... except target 19, identical to source 0
-    free = propagate(target, sources, labels, topk=1, neighbourhood=None)
-    window = propagate(target, sources, labels, topk=1, neighbourhood=neighbourhood_mask((1, n), 2))
-    assert free[:, 19].argmax() == 1
-    assert window[:, 19].argmax() == 0
-    assert (window[1, 3:] == 0).all()  # only targets 0..2 have source 0 in their window
-    torch.testing.assert_close(window[:, 19], torch.tensor([1.0, 0.0]))
-
-
-def test_normalise_channels_and_labels_from_soft():
-    soft = torch.tensor([[[0.2, 0.4], [0.6, 1.0]], [[0.0, 0.0], [0.0, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])
-    out = normalise_channels(soft.clone())
-    torch.testing.assert_close(out[0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
-    torch.testing.assert_close(out[1], soft[1])  # max not > 0: untouched
-    torch.testing.assert_close(out[2], torch.ones(2, 2))  # constant positive channel (DINO: NaN)
-    # 2 labels on a 1x2 grid, patch 4: left patch label 0, right patch label 1 -> left/right halves after upsampling
-    labels = labels_from_soft(torch.tensor([[0.9, 0.1], [0.1, 0.9]]), (1, 2), 4)
-    assert labels.shape == (4, 8)
-    assert (labels[:, :4] == 0).all() and (labels[:, 4:] == 1).all()
-
-
-def test_propagator_keeps_only_the_last_frames():
-    first = torch.randn(12, 8)
-    propagator = LabelPropagator(first, torch.zeros(3, 4, dtype=torch.long), 2, n_last_frames=3, radius=1)
-    for _ in range(6):
-        soft = propagator.step(torch.randn(12, 8))
-        assert soft.shape == (2, 12)
-        torch.testing.assert_close(soft.sum(dim=0), torch.ones(12))
-    assert len(propagator.recent) == 3
-
-
-# ------------------------------------------------------------------------------------------------ data
-def test_model_size_floors_to_the_patch_size():
-    assert model_size(480, 854, 480, 16) == (480, 848)  # DINO (multiple of 64) would give 832
-    assert model_size(854, 480, 480, 16) == (848, 480)
-    assert model_size(480, 640, 64, 8) == (64, 80)
-    assert model_size(480, 854, 480, 14) == (476, 840)
-
-
-def test_read_frame_uses_dinos_normalisation(tmp_path):
-    path = tmp_path / "grey.jpg"
-    Image.fromarray(np.full((32, 48, 3), 128, dtype=np.uint8)).save(path, quality=100)
-    frame = read_frame(path, (16, 24))
-    assert frame.shape == (3, 16, 24)
-    expected = [(128 / 255 - m) / s for m, s in zip(DAVIS_MEAN, DAVIS_STD, strict=True)]
-    torch.testing.assert_close(frame.mean(dim=(1, 2)), torch.tensor(expected), atol=0.02, rtol=0)
-    assert DAVIS_STD[0] == 0.228  # DINO's value, on purpose
-
-
-def broken_copy(root: Path, tmp_path: Path, case: str) -> tuple[Path, str]:
-    """A copy of the fixture broken in one way, and the message expected from scan_davis."""
-    bad = tmp_path / case
-    shutil.copytree(root, bad)
-    seq = "synth-00"
-    masks, frames = bad / "Annotations" / "480p", bad / "JPEGImages" / "480p"
-    if case == "no_list":
-        (bad / "ImageSets" / "2017" / "val.txt").unlink()
-        return bad, "val.txt' not found"
-    if case == "absent_sequence":
-        (bad / "ImageSets" / "2017" / "val.txt").write_text("synth-00\nmissing-seq\n")
-        return bad, "sequence 'missing-seq' is listed in"
-    if case == "no_annotations":
-        shutil.rmtree(bad / "Annotations")
-        return bad, "Annotations/480p' not found"
-    if case == "no_sequence_masks":
-        shutil.rmtree(masks / seq)
-        return bad, f"Annotations/480p/{seq}' not found"
-    if case == "missing_mask":
-        (masks / seq / "00003.png").unlink()
-        return bad, "00003.png' not found"
-    if case == "empty_sequence":
-        for frame in (frames / seq).iterdir():
-            frame.unlink()
-        return bad, "holds no .jpg frame"
-    if case == "size_mismatch":
-        Image.open(masks / seq / "00002.png").resize((64, 48)).save(masks / seq / "00002.png")
-        return bad, "00002.png' is 64x48 but its frame"
-    if case == "not_palette":
-        Image.open(masks / seq / "00001.png").convert("RGB").save(masks / seq / "00001.png")
-        return bad, "00001.png' is a RGB image; DAVIS masks must be palette"
-    if case == "out_of_range":
-        labels = np.asarray(Image.open(masks / seq / "00004.png")).copy()
-        labels[0, 0] = 7
-        image = Image.fromarray(labels, mode="P")
-        image.putpalette(davis_palette())
-        image.save(masks / seq / "00004.png")
-        return bad, "00004.png' holds object id(s) [7] but the first frame has 2 object(s)"
-    raise AssertionError(case)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        "no_list",
-        "absent_sequence",
-        "no_annotations",
-        "no_sequence_masks",
-        "missing_mask",
-        "empty_sequence",
-        "size_mismatch",
-        "not_palette",
-        "out_of_range",
-    ],
-)
-def test_malformed_folders_are_one_line_errors(case, davis_root, tmp_path):
-    bad, message = broken_copy(davis_root, tmp_path, case)
-    with pytest.raises((FileNotFoundError, ValueError)) as info:
-        scan_davis(bad)
-    text = str(info.value)
-    assert message in text and "\n" not in text
-    assert str(bad) in text  # names the file or folder
-
-
-def test_scan_selects_sequences_and_refuses_unknown_ones(davis_root):
-    (only,) = scan_davis(davis_root, sequences=["synth-01"])
-    assert only.name == "synth-01" and len(only) == 8 and only.num_objects == 2 and only.size == (96, 128)
-    with pytest.raises(ValueError, match="'nope'.*not listed in"):
-        scan_davis(davis_root, sequences=["nope"])
-    with pytest.raises(FileNotFoundError, match="python -m dora_lightning.evaluation.synthetic davis"):
-        scan_davis(davis_root / "nowhere")
-
-
-def test_frames_are_split_over_processes_and_workers_in_order(davis_root):
-    sequences = scan_davis(davis_root)
-    ranks = [DavisFrames(sequences, 64, 8, rank=r, world_size=2) for r in (0, 1)]
-    assert [[s.name for s in d.own_sequences()] for d in ranks] == [["synth-00"], ["synth-01"]]
-    assert [len(d) for d in ranks] == [8, 8]
-    loader = DataLoader(DavisFrames(sequences, 64, 8), batch_size=None, num_workers=2)
-    seen: dict[str, list[int]] = {}
-    for item in loader:
-        seen.setdefault(item["sequence"], []).append(item["index"])
-        assert item["image"].shape == (3, 64, 80) and item["mask"].shape == (96, 128)
-        assert ("grid_labels" in item) == (item["index"] == 0)
-        assert item["num_objects"] == 2 and item["num_frames"] == 8
-    assert seen == {"synth-00": list(range(8)), "synth-01": list(range(8))}
 
 
 # ------------------------------------------------------------------------------------------------ oracle run
@@ -292,7 +62,7 @@ def test_oracle_features_reach_near_perfect_scores(tmp_path):
     assert set(np.unique(np.asarray(predicted))) <= {0, 1, 2}
 
 
-def test_random_features_score_far_below_the_oracle(davis_root, tmp_path):
+def test_random_features_score_far_below_the_oracle(davis_root, tmp_path):  # noqa: F811
     """Guards the oracle test: features unrelated to the objects do not score near 100."""
 
     class NoiseModule(OracleModule):
@@ -393,7 +163,7 @@ with open(os.path.join(out, f"metrics_rank{rank}.json"), "w") as fh:
 
 
 @pytest.mark.slow
-def test_two_processes_split_the_sequences_and_agree(davis_root, tmp_path):
+def test_two_processes_split_the_sequences_and_agree(davis_root, tmp_path):  # noqa: F811
     """Under DDP each process propagates its share of the sequences; the gathered scores equal one process's."""
     import subprocess
     import sys

@@ -9,7 +9,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from video_fixtures import Fixture, bt2020_yuv10, hdr, sized
+from video_colour_fixtures import bt2020_yuv10, hdr, sized
+from video_encode import Fixture
 
 from dora_lightning.data import hdr as tone
 from dora_lightning.data.decode_stats import DecodeStats

@@ -13,7 +13,8 @@ import av
 import numpy as np
 import pytest
 from conftest import REPO, read_pattern_index
-from video_fixtures import Fixture, build_all, expected_for_times
+from video_encode import Fixture
+from video_fixtures import build_all, expected_for_times
 
 from dora_lightning.data.decode_stats import DecodeStats
 from dora_lightning.data.reader import RangeReader

@@ -1,74 +1,19 @@
 """Small generated videos of the kinds users feed the trainer (PyAV only), each with the frame a player shows at
-every frame index: ``Fixture.expected[i]`` is the ``frame_pattern`` index visible at frame ``i`` (None: refused)."""
+every frame index: ``Fixture.expected[i]`` is the ``frame_pattern`` index visible at frame ``i`` (None: refused).
+This module holds the container, timestamp, stream-layout and damaged-file builders and ``build_all``; the encoder
+and ``Fixture`` are in video_encode.py, the pixel-format and HDR builders in video_colour_fixtures.py."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 from conftest import frame_pattern
-
-W, H = 96, 64
-X264 = {"crf": "16", "preset": "ultrafast", "g": "30", "sc_threshold": "0"}
-
-
-@dataclass
-class Fixture:
-    """One generated file: where it is, what a player shows at each frame index, and notes for the tests."""
-
-    path: Path
-    expected: list[int] | None
-    notes: dict = field(default_factory=dict)
-
-
-def _encode(
-    path: Path,
-    contents: Iterable[tuple[int, int]],
-    *,
-    codec: str = "libx264",
-    rate: Fraction = Fraction(30),
-    time_base: Fraction | None = None,
-    size: tuple[int, int] = (W, H),
-    pix_fmt: str = "yuv420p",
-    options: dict | None = None,
-    before: Callable[[av.container.OutputContainer], None] | None = None,
-    after: Callable[[av.container.OutputContainer], None] | None = None,
-    rotation: int | None = None,
-    image: Callable[[int, int, int], np.ndarray] = frame_pattern,
-    image_format: str = "rgb24",
-) -> Path:
-    """Encode frames ``(pts, pattern index)`` (pts in ``time_base``, default 1 / rate); ``image`` gives each frame's
-    array in ``image_format``."""
-    time_base = time_base or 1 / rate
-    with av.open(str(path), "w") as container:
-        if before is not None:
-            before(container)
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], pix_fmt
-        stream.codec_context.time_base = time_base
-        if options is not None:
-            stream.options = options
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        if after is not None:
-            after(container)
-        for pts, index in contents:
-            frame = av.VideoFrame.from_ndarray(image(index, size[0], size[1]), format=image_format)
-            frame.pts, frame.time_base = pts, time_base
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
-def _plain(n: int) -> list[tuple[int, int]]:
-    return [(i, i) for i in range(n)]
+from video_colour_fixtures import hevc_ten_bit, hlg_pattern, sized
+from video_encode import X264, Fixture, H, W, _encode, _plain
 
 
 def pts_equal_dts(folder: Path, n: int = 120) -> Fixture:
@@ -145,12 +90,6 @@ def starts_late(folder: Path, n: int = 90, offset: int = 15) -> Fixture:
     """An MP4 whose first frame is at 0.5 s (start_time > 0: an edit list / a stream that starts late)."""
     path = _encode(folder / "late.mp4", [(offset + i, i) for i in range(n)], options=X264)
     return Fixture(path, list(range(n)), {"offset": offset})
-
-
-def sized(folder: Path, name: str, size: tuple[int, int], pix_fmt: str, n: int = 60) -> Fixture:
-    """H.264 at an odd size or another pixel format (4:4:4, 10-bit)."""
-    path = _encode(folder / name, _plain(n), size=size, pix_fmt=pix_fmt, options=X264 | {"crf": "10"})
-    return Fixture(path, list(range(n)), {"size": size})
 
 
 def _portrait(index: int, width: int, height: int) -> np.ndarray:
@@ -252,76 +191,6 @@ def av1(folder: Path, n: int = 90) -> Fixture:
         else:
             os.environ["SVT_LOG"] = quiet
     return Fixture(path, list(range(n)))
-
-
-def hevc_ten_bit(folder: Path, n: int = 60) -> Fixture:
-    """HEVC Main 10 in a QuickTime file, as phones record."""
-    x265 = {"preset": "ultrafast", "crf": "10", "x265-params": "log-level=none:keyint=30"}
-    return Fixture(
-        _encode(folder / "phone.mov", _plain(n), codec="libx265", pix_fmt="yuv420p10le", options=x265),
-        list(range(n)),
-    )
-
-
-def bt2020_yuv10(signal: np.ndarray) -> np.ndarray:
-    """Non-linear R'G'B' signal (H, W, 3) in [0, 1] as a ``yuv420p10le`` array ((3H / 2, W) uint16): the BT.2020
-    non-constant-luminance matrix, limited range (Y 64-940, Cb/Cr 64-960), chroma averaged over 2x2 pixels."""
-    height, width = signal.shape[:2]
-    luma = signal @ [0.2627, 0.6780, 0.0593]
-    cb, cr = ((signal[..., c] - luma) / scale for c, scale in ((2, 1.8814), (0, 1.4746)))
-    halves = [p.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3)) for p in (cb, cr)]
-    planes = [64 + 876 * luma, *(512 + 896 * p for p in halves)]
-    return np.concatenate([np.round(p).astype(np.uint16).ravel() for p in planes]).reshape(-1, width)
-
-
-HDR_X265 = {"preset": "ultrafast", "crf": "4", "x265-params": "log-level=none:keyint=30"}
-
-
-def _hdr_tags(transfer: int) -> Callable[[av.container.OutputContainer], None]:
-    """Tags the video stream HDR as phones do: ``transfer`` (FFmpeg's 18 HLG, 16 PQ), BT.2020 primaries and
-    matrix, limited range."""
-
-    def tag(container: av.container.OutputContainer) -> None:
-        context = container.streams.video[0].codec_context
-        context.color_trc, context.color_primaries, context.colorspace, context.color_range = (
-            transfer,
-            9,
-            9,
-            1,
-        )
-
-    return tag
-
-
-def hlg_pattern(folder: Path, n: int = 60) -> Fixture:
-    """An iPhone-style HLG HEVC Main 10 .mov whose frames show their own index (``frame_pattern`` read as the HLG
-    signal): tone-mapped, its bars stay black and white, so the frame numbering can be checked as for SDR files."""
-    return Fixture(
-        _encode(
-            folder / "hlg_walk.mov",
-            _plain(n),
-            codec="libx265",
-            pix_fmt="yuv420p10le",
-            options=HDR_X265,
-            after=_hdr_tags(18),
-            image=lambda index, width, height: bt2020_yuv10(frame_pattern(index, width, height) / 255.0),
-            image_format="yuv420p10le",
-        ),
-        list(range(n)),
-    )
-
-
-def hdr(folder: Path, transfer: str, top: tuple, bottom: tuple, n: int = 30) -> Fixture:
-    """HEVC Main 10 HDR as phones record it (``transfer`` "hlg": iPhones' ARIB STD-B67 in a .mov; "pq": SMPTE ST 2084,
-    some Androids, in an .mp4), BT.2020 primaries and matrix, tagged on the stream; every frame shows the HDR signal
-    ``top`` (R'G'B' in [0, 1]) over its top half and ``bottom`` over the bottom half (``notes["signals"]``)."""
-    trc, name = {"hlg": (18, "hlg.mov"), "pq": (16, "pq.mp4")}[transfer]
-    signal = np.empty((H, W, 3))
-    signal[: H // 2], signal[H // 2 :] = top, bottom
-    yuv = bt2020_yuv10(signal)
-    options = {"codec": "libx265", "pix_fmt": "yuv420p10le", "options": HDR_X265, "after": _hdr_tags(trc)}
-    path = _encode(folder / name, _plain(n), **options, image=lambda *_: yuv, image_format="yuv420p10le")
-    return Fixture(path, list(range(n)), {"signals": (top, bottom)})
 
 
 def starts_mid_gop(folder: Path, n: int = 150) -> Fixture:
