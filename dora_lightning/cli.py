@@ -29,6 +29,7 @@ from dora_lightning.runs import (
     use_run_folder,
 )
 
+EVAL_DURING = "eval_during.evaluator"  # the evaluator of EvaluateDuringFit, as a config key
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # `--ckpt_path` values Lightning resolves itself
 
 
@@ -55,6 +56,7 @@ class DoraCLI(LightningCLI):
         parser.link_arguments("data.batch_size", "model.batch_size")
         parser.link_arguments("data.seed", "model.seed")
         from dora_lightning.collapse_guard import CollapseGuard
+        from dora_lightning.evaluation.during_fit import EvaluateDuringFit
         from dora_lightning.stopping import StopCheckpoint
         from dora_lightning.throughput import ThroughputLog
 
@@ -64,6 +66,8 @@ class DoraCLI(LightningCLI):
         parser.add_lightning_class_args(StopCheckpoint, "on_stop")
         # always on: perf/clips_per_s, perf/steps_per_s, perf/data_wait_fraction (--throughput.every_n_steps 0: off)
         parser.add_lightning_class_args(ThroughputLog, "throughput")
+        # off unless an evaluator is given: --eval_during.evaluator knn --eval_during.evaluator.data_dir DIR ...
+        parser.add_lightning_class_args(EvaluateDuringFit, "eval_during")
         parser.add_argument(
             "--init_from",
             type=str | None,
@@ -167,7 +171,18 @@ class DoraCLI(LightningCLI):
 
 
 def run_fit(argv: Sequence[str] | None) -> DoraCLI:
-    """``dora fit ARGS`` (``argv`` starts with ``fit``; None: LightningCLI reads ``sys.argv``)."""
+    """``dora fit ARGS`` (``argv`` starts with ``fit``; None: LightningCLI reads ``sys.argv``). An evaluator named
+    for ``--eval_during.evaluator`` by its registered short name (``knn``) is resolved to its class first."""
+    from dora_lightning.evaluation.registry import import_registered
+    from dora_lightning.evaluation.runner import rewrite_evaluator_args
+
+    import_registered()  # so that jsonargparse knows the registered class names (KNNEvaluator) in configs too
+    given = sys.argv[1:] if argv is None else list(argv)
+    resolved = rewrite_evaluator_args(
+        given, lambda message: exit_with_error("dora fit", message), key=EVAL_DURING
+    )
+    if argv is None:
+        sys.argv[1:] = resolved
     return DoraCLI(
         DoRAModule,
         VideoClipDataModule,
@@ -179,7 +194,7 @@ def run_fit(argv: Sequence[str] | None) -> DoraCLI:
             f"data, config or checkpoint are one line (exit status 2); {VERBOSE_FLAG} or {TRACEBACK_ENV}=1 shows "
             "their traceback.",
         },
-        args=None if argv is None else list(argv),
+        args=None if argv is None else resolved,
     )
 
 

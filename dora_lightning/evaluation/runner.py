@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -23,7 +23,6 @@ from typing import Any, NoReturn
 from dora_lightning.errors import exit_with_error
 
 PROG = "dora validate"
-EVALUATOR_FLAGS = ("--evaluator", "--evaluator.help", "--evaluator.class_path")
 CKPT_KINDS = "a `dora fit` .ckpt, a dora-export backbone or an official DINO/DoRA checkpoint"
 
 
@@ -45,15 +44,23 @@ def resolve_evaluator_value(value: str) -> str:
     return class_path_of(get_evaluator_class(text))
 
 
-def rewrite_evaluator_args(argv: Sequence[str], parser: Any) -> list[str]:
-    """``argv`` with the value of every ``--evaluator`` / ``--evaluator.help`` / ``--evaluator.class_path`` flag
-    resolved by :func:`resolve_evaluator_value` (an unknown name is a parser error)."""
+def evaluator_flags(key: str) -> tuple[str, ...]:
+    """The flags that name an evaluator class under the config key ``key`` (``evaluator``, ``eval_during.evaluator``)."""
+    return (f"--{key}", f"--{key}.help", f"--{key}.class_path")
+
+
+def rewrite_evaluator_args(
+    argv: Sequence[str], error: Callable[[str], NoReturn], key: str = "evaluator"
+) -> list[str]:
+    """``argv`` with the value of every ``--KEY`` / ``--KEY.help`` / ``--KEY.class_path`` flag (``key``: evaluator)
+    resolved by :func:`resolve_evaluator_value`; an unknown name is passed to ``error`` (a parser's)."""
+    flags = evaluator_flags(key)
 
     def resolved(value: str) -> str:
         try:
             return resolve_evaluator_value(value)
         except (ValueError, ImportError) as err:
-            parser.error(f"--evaluator: {err}")
+            error(f"--{key}: {err}")
 
     out: list[str] = []
     pending = False
@@ -64,7 +71,7 @@ def rewrite_evaluator_args(argv: Sequence[str], parser: Any) -> list[str]:
                 out.append(resolved(arg))
                 continue
         flag, eq, value = arg.partition("=")
-        if flag in EVALUATOR_FLAGS:
+        if flag in flags:
             out.append(f"{flag}={resolved(value)}" if eq else arg)
             pending = not eq
             continue
@@ -138,7 +145,7 @@ def run(argv: Sequence[str]) -> Evaluation:
 
     import_registered()  # so that jsonargparse knows the registered class names; failures surface when named
     parser = build_parser()
-    config = parser.parse_args(rewrite_evaluator_args(argv, parser))
+    config = parser.parse_args(rewrite_evaluator_args(argv, parser.error))
     if config.get("evaluator") is None:
         fail("--evaluator is required: the evaluator plugin to run (knn, linear, segmentation, davis, ...)")
     if not config.get("ckpt_path"):

@@ -1,0 +1,140 @@
+"""EvaluateDuringFit: an evaluator plugin run on the backbone being trained, before the first step and every few
+epochs, its metrics written to the run's loggers (``eval/<name>/<metric>``, e.g. ``eval/knn/top1_k20``): is the run learning, and since when?
+
+``dora fit ... --eval_during.evaluator knn --eval_during.evaluator.data_dir DIR --eval_during.evaluator.image_size 64``
+(docs/training.md, "Evaluating while training"). The evaluation is the same protocol as ``dora validate --evaluator``
+on the same weights (the position embedding is resized per forward, timm's dynamic size, where ``dora validate``
+resizes it once at load), on a copy of the backbone, in process 0 on its own device with a Trainer of its own; the
+other processes wait. It leaves the run as it was: the random number generators (torch, CUDA, numpy, Python) and
+Lightning's seed variables are restored afterwards, so a run trains the same weights with or without it (tested).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from dora_lightning.errors import one_line
+from dora_lightning.evaluation.contract import Evaluator, evaluator_name
+
+__all__ = ["EvaluateDuringFit", "isolated_randomness"]
+
+_SEED_VARIABLES = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")  # what lightning.seed_everything sets
+
+
+@contextmanager
+def isolated_randomness(device: torch.device) -> Iterator[None]:
+    """Run the body with the random state of torch (CPU and ``device``), numpy and Python saved and restored, and
+    Lightning's seed variables too: an evaluation that seeds everything leaves the training's streams untouched."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    variables = {name: os.environ.get(name) for name in _SEED_VARIABLES}
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+            for name, value in variables.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+class EvaluateDuringFit(Callback):
+    """Run ``evaluator`` on the model's teacher (or student, as the evaluator's ``which`` says) before training and
+    after every ``every_n_epochs`` epochs; write its metrics as ``eval/<name>/<metric>`` at the global step and print
+    them in one line (see the module docstring).
+
+    Args:
+        evaluator: an evaluator plugin (``knn``, ``linear``, ... with its options); None: nothing is evaluated.
+        every_n_epochs: evaluate after every this many epochs (and after the last one); 0: only before training.
+        at_start: also evaluate before the first step of a new run (the random init: the baseline of the curve).
+    """
+
+    def __init__(
+        self, evaluator: Evaluator | None = None, every_n_epochs: int = 1, at_start: bool = True
+    ) -> None:
+        if every_n_epochs < 0:
+            raise ValueError(f"eval_during.every_n_epochs must be >= 0, got {every_n_epochs}")
+        self.evaluator = evaluator
+        self.every_n_epochs = int(every_n_epochs)
+        self.at_start = bool(at_start)
+        self.history: list[dict[str, Any]] = []  # (process 0) every evaluation: epoch, step, metrics
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before the first step of a new run; an error here stops the run before any training is lost
+        if self.evaluator is not None and self.at_start and trainer.global_step == 0:
+            self._evaluate(trainer, pl_module, epoch=None, strict=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.evaluator is None:
+            return
+        epoch = trainer.current_epoch + 1  # epochs completed
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        if (self.every_n_epochs and epoch % self.every_n_epochs == 0) or (last and self.every_n_epochs):
+            # after training has run, a failing evaluation is said and training goes on (the epoch is not lost)
+            self._evaluate(trainer, pl_module, epoch=epoch, strict=False)
+
+    def _evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None, strict: bool
+    ) -> None:
+        assert self.evaluator is not None
+        if trainer.is_global_zero:
+            name = evaluator_name(type(self.evaluator))
+            began = time.perf_counter()
+            try:
+                metrics = self._metrics(trainer, pl_module)
+            except Exception as err:  # noqa: BLE001 - any evaluator failure: one line, training goes on
+                if strict:
+                    raise
+                sys.stderr.write(
+                    f"dora fit: eval_during ({name}) failed after epoch {epoch}: {one_line(err)}\n"
+                )
+            else:
+                step = trainer.global_step
+                # evaluators name their metrics "<name>/<metric>"; others get the evaluator's name in front
+                logged = {
+                    f"eval/{key if '/' in key else f'{name}/{key}'}": float(v) for key, v in metrics.items()
+                }
+                for logger in trainer.loggers:
+                    logger.log_metrics(logged, step=step)
+                self.history.append({"epoch": epoch or 0, "step": step, "metrics": dict(metrics)})
+                when = "before training" if epoch is None else f"after epoch {epoch} (step {step})"
+                shown = ", ".join(f"{key} {value:.2f}" for key, value in metrics.items())
+                seconds = time.perf_counter() - began
+                sys.stderr.write(f"dora fit: {name} {when}: {shown} ({seconds:.1f} s)\n")
+        trainer.strategy.barrier("eval_during")
+
+    def _metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """The evaluator's metrics on a frozen copy of the backbone, on process 0's device, randomness isolated."""
+        assert self.evaluator is not None
+        pair = getattr(pl_module, self.evaluator.which)
+        backbone = copy.deepcopy(pair.backbone).eval()
+        device = pl_module.device
+        trainer_kwargs: dict[str, Any] = {
+            "accelerator": "gpu" if device.type == "cuda" else "cpu",
+            "devices": [device.index or 0] if device.type == "cuda" else 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": trainer.default_root_dir,
+        }
+        with isolated_randomness(device):
+            try:
+                return self.evaluator.evaluate(backbone, trainer_kwargs)
+            finally:
+                del backbone

@@ -1,0 +1,133 @@
+"""EvaluateDuringFit: an evaluator plugin run before training and every N epochs, its metrics logged; the run trains
+the same weights with or without it; a failure after an epoch is one line and training goes on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import REPO
+from test_cli import MICRO_ARGS
+from test_knn import write_image_folder
+from test_module import MICRO, clip_video, make_data, make_trainer  # noqa: F401 - clip_video is a fixture
+from test_throughput import Recorded
+
+from dora_lightning.evaluation.during_fit import EvaluateDuringFit, isolated_randomness
+from dora_lightning.module import DoRAModule
+from evaluators.knn import KNNEvaluator
+from evaluators.linear import LinearProbeEvaluator
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("colours"), train_per_class=6, val_per_class=3, size=32)
+
+
+def linear(data: Path) -> LinearProbeEvaluator:
+    """A probe that seeds everything and trains (draws from every generator it can)."""
+    return LinearProbeEvaluator(
+        data_dir=str(data), image_size=32, batch_size=8, num_workers=0, n_last_blocks=2, epochs=2, seed=5
+    )
+
+
+def fit(root: Path, video: Path, callbacks: list, epochs: int = 3) -> tuple[DoRAModule, Recorded]:
+    pl.seed_everything(0)
+    module, logger = DoRAModule(**MICRO), Recorded()
+    trainer = make_trainer(
+        root, -1, max_epochs=epochs, limit_train_batches=2, logger=logger, callbacks=callbacks
+    )
+    trainer.fit(module, datamodule=make_data(video))
+    return module, logger
+
+
+def test_a_run_trains_the_same_weights_with_or_without_it(tmp_path, clip_video, colours):  # noqa: F811
+    assert MICRO.get("drop_path_rate", 0.1) > 0  # the training draws from torch's generator every step
+    plain, _ = fit(tmp_path / "plain", clip_video, [])
+    during = EvaluateDuringFit(linear(colours), every_n_epochs=1)
+    evaluated, logger = fit(tmp_path / "evaluated", clip_video, [during])
+    for (name, a), (_, b) in zip(plain.state_dict().items(), evaluated.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert [(row["epoch"], row["step"]) for row in during.history] == [(0, 0), (1, 2), (2, 4), (3, 6)]
+    steps = [step for step, metrics in logger.rows if "eval/linear/top1_best" in metrics]
+    assert steps == [0, 2, 4, 6]
+
+
+def test_every_n_epochs_and_the_last_epoch(tmp_path, clip_video, colours):  # noqa: F811
+    knn = KNNEvaluator(ks=[3], data_dir=str(colours), image_size=32, batch_size=8, num_workers=0)
+    during = EvaluateDuringFit(knn, every_n_epochs=2, at_start=False)
+    _, logger = fit(tmp_path, clip_video, [during], epochs=3)
+    assert [row["epoch"] for row in during.history] == [2, 3]
+    logged = [metrics for _, metrics in logger.rows if any(k.startswith("eval/") for k in metrics)]
+    assert [sorted(metrics) for metrics in logged] == [["eval/knn/top1_k3", "eval/knn/top5_k3"]] * 2
+
+
+def test_a_failure_after_an_epoch_is_said_and_training_goes_on(tmp_path, clip_video, colours, capfd):  # noqa: F811
+    knn = KNNEvaluator(ks=[3], data_dir=str(colours), image_size=32, batch_size=8, num_workers=0)
+    during = EvaluateDuringFit(knn, at_start=False)
+    knn.data_dir = str(tmp_path / "gone")  # the labelled data went away during training
+    module, _ = fit(tmp_path, clip_video, [during], epochs=2)
+    err = capfd.readouterr().err
+    assert err.count("dora fit: eval_during (knn) failed after epoch") == 2, err
+    assert "gone" in err and during.history == []
+    assert module.global_step == 4
+
+
+def test_a_failure_before_training_stops_the_run(tmp_path, clip_video):  # noqa: F811
+    knn = KNNEvaluator(ks=[3], data_dir=str(tmp_path / "missing"), image_size=32, num_workers=0)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        fit(tmp_path, clip_video, [EvaluateDuringFit(knn)])
+
+
+def test_isolated_randomness_restores_every_generator():
+    import os
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    expected = (torch.rand(2), np.random.rand(2), random.random())
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    seed_before = os.environ.get("PL_GLOBAL_SEED")
+    with isolated_randomness(torch.device("cpu")):
+        pl.seed_everything(123)
+        torch.rand(5), np.random.rand(5), random.random()
+    assert os.environ.get("PL_GLOBAL_SEED") == seed_before
+    got = (torch.rand(2), np.random.rand(2), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_dora_fit_takes_an_evaluator_by_its_short_name(tmp_path, colours):
+    """`--eval_during.evaluator knn` with its options: one line before training and one after the epoch; an unknown
+    name is one line and exit status 2."""
+    command = [
+        sys.executable,
+        "-m",
+        "dora_lightning.cli",
+        "fit",
+        *MICRO_ARGS,
+        f"--data.paths={REPO / 'assets/video/vtest.mp4'}",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--eval_during.evaluator=knn",
+        f"--eval_during.evaluator.data_dir={colours}",
+        "--eval_during.evaluator.image_size=32",
+        "--eval_during.evaluator.ks=[3]",
+        "--eval_during.evaluator.num_workers=0",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "dora fit: knn before training: knn/top1_k3 " in run.stderr
+    assert "dora fit: knn after epoch 1 (step 2): knn/top1_k3 " in run.stderr
+    wrong = [
+        arg if not arg.startswith("--eval_during.evaluator=") else "--eval_during.evaluator=knnn"
+        for arg in command
+    ]
+    refused = subprocess.run(wrong, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert refused.returncode == 2
+    (line,) = [line for line in refused.stderr.splitlines() if "error:" in line]
+    assert line.startswith("dora fit: error: --eval_during.evaluator: ") and "knnn" in line
