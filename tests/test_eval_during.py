@@ -65,6 +65,16 @@ def test_every_n_epochs_and_the_last_epoch(tmp_path, clip_video, colours):  # no
     assert [sorted(metrics) for metrics in logged] == [["eval/knn/top1_k3", "eval/knn/top5_k3"]] * 2
 
 
+def test_no_epoch_limit_is_not_a_last_epoch(tmp_path, clip_video, colours):  # noqa: F811
+    """max_epochs -1 (a run bounded by max_steps): every N epochs only, not after each epoch as if it were the last."""
+    knn = KNNEvaluator(ks=[3], data_dir=str(colours), image_size=32, batch_size=8, num_workers=0)
+    during = EvaluateDuringFit(knn, every_n_epochs=2, at_start=False)
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, 6, max_epochs=-1, limit_train_batches=2, callbacks=[during])
+    trainer.fit(DoRAModule(**MICRO), datamodule=make_data(clip_video))
+    assert [row["epoch"] for row in during.history] == [2]  # epoch 3 ends at max_steps: not a multiple of 2
+
+
 def test_a_failure_after_an_epoch_is_said_and_training_goes_on(tmp_path, clip_video, colours, capfd):  # noqa: F811
     knn = KNNEvaluator(ks=[3], data_dir=str(colours), image_size=32, batch_size=8, num_workers=0)
     during = EvaluateDuringFit(knn, at_start=False)

@@ -83,7 +83,7 @@ class EvaluateDuringFit(Callback):
         if self.evaluator is None:
             return
         epoch = trainer.current_epoch + 1  # epochs completed
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch  # -1: no epoch limit
         if (self.every_n_epochs and epoch % self.every_n_epochs == 0) or (last and self.every_n_epochs):
             # after training has run, a failing evaluation is said and training goes on (the epoch is not lost)
             self._evaluate(trainer, pl_module, epoch=epoch, strict=False)
