@@ -47,9 +47,8 @@ class DecodeStats:
     decode_errors: int = 0
     missing_frames: int = 0
     substituted_clips: int = 0
-    damaged_frames: dict[str, set[int]] = field(
-        default_factory=dict
-    )  # per file, the damaged frame indices met
+    # per file, the indices of the damaged frames met (a frame counts once however many reads meet it)
+    damaged_frames: dict[str, set[int]] = field(default_factory=dict)
     first_damage: dict[str, str] = field(default_factory=dict)
     warned: set[tuple[str, str]] = field(default_factory=set)
     shared: WarnedOnce | None = field(default=None, repr=False, compare=False)

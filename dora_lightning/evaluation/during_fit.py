@@ -1,5 +1,6 @@
 """EvaluateDuringFit: an evaluator plugin run on the backbone being trained, before the first step and every few
-epochs, its metrics written to the run's loggers (``eval/<name>/<metric>``, e.g. ``eval/knn/top1_k20``): is the run learning, and since when?
+epochs, its metrics written to the run's loggers (``eval/<name>/<metric>``, e.g. ``eval/knn/top1_k20``): is the run
+learning, and since when?
 
 ``dora fit ... --eval_during.evaluator knn --eval_during.evaluator.data_dir DIR --eval_during.evaluator.image_size 64``
 (docs/training.md, "Evaluating while training"). The evaluation is the same protocol as ``dora validate --evaluator``
