@@ -58,20 +58,24 @@ def feature_report(backbone: torch.nn.Module, loader: DataLoader, max_images: in
     }
 
 
-def last_logged_scalar(log_dir: str | Path, tag: str) -> tuple[int, float] | None:
-    """``(step, value)`` of the last ``tag`` scalar in the TensorBoard event files under ``log_dir``, or None."""
+def logged_scalars(log_dir: str | Path, tag: str) -> list[tuple[int, float]]:
+    """Every ``(step, value)`` of the ``tag`` scalar in the TensorBoard event files under ``log_dir``, by step (a step
+    written twice, by a resumed run: its later value)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    best: tuple[int, float] | None = None
+    points: dict[int, float] = {}
     for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
-        if tag not in accumulator.Tags().get("scalars", []):
-            continue
-        last = accumulator.Scalars(tag)[-1]
-        if best is None or last.step >= best[0]:
-            best = (int(last.step), float(last.value))
-    return best
+        if tag in accumulator.Tags().get("scalars", []):
+            points.update((int(event.step), float(event.value)) for event in accumulator.Scalars(tag))
+    return sorted(points.items())
+
+
+def last_logged_scalar(log_dir: str | Path, tag: str) -> tuple[int, float] | None:
+    """``(step, value)`` of the last ``tag`` scalar in the TensorBoard event files under ``log_dir``, or None."""
+    points = logged_scalars(log_dir, tag)
+    return points[-1] if points else None
 
 
 def uniform_entropy(out_dim: int) -> float:

@@ -6,7 +6,8 @@ config (``configs/demo.yaml``): DoRA is pretrained as configured, DINO with the 
 architecture is written for reference. Each backbone is then evaluated with the evaluator plugins (k-NN and linear
 probe on the bundled labelled images, DAVIS-style label propagation on generated sequences) through
 ``dora validate --evaluator``, and checked for collapse (feature rank of its CLS features, the teacher entropy logged
-during fit). Everything a run writes stays under ``--output_dir``: the generated configs, checkpoints, TensorBoard
+during fit). With ``--curve`` each pretraining also measures k-NN after every epoch (``--eval_during.evaluator knn``,
+docs/training.md), and the table is followed by those learning curves. Everything a run writes stays under ``--output_dir``: the generated configs, checkpoints, TensorBoard
 logs, ``results_*.json`` of every evaluation and ``comparison.{md,json}``. See docs/quickstart.md.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Comparison", "main", "method_config", "summarise"]
+__all__ = ["Comparison", "format_curves", "main", "method_config", "summarise"]
 
 METHODS = ("random", "dino", "dora")
 EVALUATORS = ("knn", "linear", "davis")
@@ -35,6 +36,7 @@ HEADLINE = (
     ("linear top-1 (best)", "linear", "linear/top1_best"),
     ("DAVIS J&F", "davis", "davis/J&F-mean"),
 )
+CURVE = ("k-NN top-1 (k=20) after each epoch", "eval/knn/top1_k20")  # (title, TensorBoard tag) of --curve
 COLLAPSE = (
     ("teacher entropy", "teacher_entropy"),
     ("feature rank", "effective_rank"),
@@ -134,6 +136,7 @@ class Comparison:
     davis_short_side: int = 96
     eval_args: list[str] = field(default_factory=list)
     fit_args: list[str] = field(default_factory=list)
+    curve: bool = False
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def run(self) -> dict[str, Any]:
@@ -173,7 +176,8 @@ class Comparison:
         config_path = run_dir / "fit_config.yaml"
         config_text = yaml.safe_dump(method_config(base, method, seed, run_dir, self.max_epochs))
         checkpoint = run_dir / "checkpoints" / "last.ckpt"
-        done, recipe = run_dir / "fit_done.json", {"config": config_text, "fit_args": self.fit_args}
+        fit_args = [*self._curve_args(), *self.fit_args]
+        done, recipe = run_dir / "fit_done.json", {"config": config_text, "fit_args": fit_args}
         if checkpoint.is_file() and done.is_file() and json.loads(done.read_text()) == recipe:
             _banner(
                 f"{method.upper()} (seed {seed}) already pretrained with this config: reusing {checkpoint}"
@@ -182,7 +186,7 @@ class Comparison:
         done.unlink(missing_ok=True)
         config_path.write_text(config_text)
         _banner(f"pretraining {method.upper()} (seed {seed}) -> {run_dir}")
-        dora_main(["fit", "--config", str(config_path), *self.fit_args])
+        dora_main(["fit", "--config", str(config_path), *fit_args])
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{method} pretraining wrote no '{checkpoint}'; see the log above")
         done.write_text(json.dumps(recipe))  # a finished fit: a rerun with the same recipe reuses it
@@ -226,7 +230,19 @@ class Comparison:
             metrics = json.loads((out / f"results_{evaluator}.json").read_text())["metrics"]
             row[title] = metrics[metric]
         row.update(self._collapse(method, seed, checkpoint))
+        if self.curve and method != "random":
+            from dora_lightning.collapse import logged_scalars
+
+            points = logged_scalars(self._run_dir(method, seed), CURVE[1])
+            row[CURVE[0]] = [[step, round(value, 4)] for step, value in points]  # TensorBoard stores float32
         return row
+
+    def _curve_args(self) -> list[str]:
+        """``dora fit`` arguments for ``--curve``: the headline k-NN after every epoch (the random init is a row)."""
+        if not self.curve:
+            return []
+        return ["--eval_during.evaluator=knn", f"--eval_during.evaluator.image_size={self.image_size}",
+                "--eval_during.at_start=false"]  # fmt: skip
 
     def _evaluator_args(self, evaluator: str) -> list[str]:
         size = ["--evaluator.image_size", str(self.image_size)]
@@ -274,12 +290,25 @@ class Comparison:
 
     def _write(self) -> dict[str, Any]:
         summary = summarise(self.rows)
-        table = format_summary(summary)
+        table = format_summary(summary) + format_curves(self.rows)
         (self.output_dir / "comparison.md").write_text(table + "\n")
         report = {"seeds": self.seeds, "methods": self.methods, "evaluators": self.evaluators,
                   "config": str(self.config), "rows": self.rows, "summary": summary, "table": table}  # fmt: skip
         (self.output_dir / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
         return report
+
+
+def format_curves(rows: list[dict[str, Any]]) -> str:
+    """The ``--curve`` rows' learning curves, one line per method and seed ("" when there are none)."""
+    names = {"dino": "DINO", "dora": "DoRA"}
+    lines = [
+        f"- {names[row['method']]} seed {row['seed']}: "
+        + ", ".join(f"{value:.2f}" for _, value in row[CURVE[0]])
+        + f" (steps {', '.join(str(step) for step, _ in row[CURVE[0]])})"
+        for row in rows
+        if row.get(CURVE[0])
+    ]
+    return f"\n\n{CURVE[0]}:\n" + "\n".join(lines) if lines else ""
 
 
 def _banner(text: str) -> None:
@@ -303,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=64, help="k-NN / linear probe image size")
     p.add_argument("--linear_epochs", type=int, default=10, help="linear probe epochs")
     p.add_argument("--davis_short_side", type=int, default=96, help="DAVIS frames' short side")
+    p.add_argument(
+        "--curve",
+        action="store_true",
+        help="also k-NN after every epoch of each pretraining (a learning curve)",
+    )
     p.add_argument(
         "--fit_arg", action="append", default=[], help="extra argument for every `dora fit`, e.g. "
         "--fit_arg=--trainer.max_steps=20 (repeatable)",
@@ -331,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         davis_short_side=args.davis_short_side,
         eval_args=args.eval_arg,
         fit_args=args.fit_arg,
+        curve=args.curve,
     )
     return comparison.run()
 

@@ -10,7 +10,13 @@ import pytest
 import torch
 import yaml
 
-from dora_lightning.collapse import effective_rank, feature_report, last_logged_scalar, uniform_entropy
+from dora_lightning.collapse import (
+    effective_rank,
+    feature_report,
+    last_logged_scalar,
+    logged_scalars,
+    uniform_entropy,
+)
 from dora_lightning.compare import format_summary, main, method_config, summarise
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +113,11 @@ def test_last_logged_scalar_reads_tensorboard(tmp_path):
     assert last_logged_scalar(tmp_path, "train/teacher_entropy") == (10, 2.0)
     assert last_logged_scalar(tmp_path, "train/other") is None
     assert last_logged_scalar(tmp_path / "missing", "train/teacher_entropy") is None
+    assert logged_scalars(tmp_path, "train/teacher_entropy") == [(0, 3.0), (5, 2.5), (10, 2.0)]
+    resumed = SummaryWriter(str(tmp_path / "version_0"), purge_step=5)  # a resumed run writes step 5 again
+    resumed.add_scalar("train/teacher_entropy", 2.25, 5)
+    resumed.close()
+    assert logged_scalars(tmp_path, "train/teacher_entropy")[1] == (5, 2.25)
 
 
 @pytest.mark.slow
@@ -137,6 +148,27 @@ def test_demo_pipeline_at_a_tiny_budget(tmp_path, monkeypatch):
     assert (out / "seed0/dino/fit_config.yaml").is_file() and (
         out / "seed0/dora/eval/knn/results_knn.json"
     ).is_file()
+
+
+@pytest.mark.slow
+def test_curve_is_the_knn_after_each_epoch(tmp_path, monkeypatch):
+    """`--curve`: k-NN during pretraining after each epoch, in the row and the table; its last point is what
+    `dora validate` measures on the last checkpoint."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "curve"
+    report = main(
+        ["--output_dir", str(out), "--methods", "dora", "--evaluators", "knn", "--image_size", "32", "--curve",
+         "--max_epochs", "2", "--fit_arg=--trainer.limit_train_batches=2",
+         "--fit_arg=--trainer.enable_progress_bar=false", "--eval_arg=--trainer.enable_progress_bar=false"]
+    )  # fmt: skip
+    (row,) = report["rows"]
+    curve = row["k-NN top-1 (k=20) after each epoch"]
+    assert [step for step, _ in curve] == [2, 4]
+    assert curve[-1][1] == row["k-NN top-1 (k=20)"]
+    assert (
+        f"- DoRA seed 0: {curve[0][1]:.2f}, {curve[1][1]:.2f} (steps 2, 4)"
+        in (out / "comparison.md").read_text()
+    )
 
 
 def _printed_transform(configs: list[str], capsys, monkeypatch) -> dict:
