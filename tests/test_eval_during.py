@@ -141,3 +141,34 @@ def test_dora_fit_takes_an_evaluator_by_its_short_name(tmp_path, colours):
     assert refused.returncode == 2
     (line,) = [line for line in refused.stderr.splitlines() if "error:" in line]
     assert line.startswith("dora fit: error: --eval_during.evaluator: ") and "knnn" in line
+
+
+@pytest.mark.slow
+def test_a_two_process_run_evaluates_on_process_zero(tmp_path, colours):
+    """2 DDP processes (CPU, gloo): process 0 evaluates, the other waits at the barrier; one line each time."""
+    command = [
+        sys.executable,
+        "-m",
+        "dora_lightning.cli",
+        "fit",
+        *MICRO_ARGS,
+        f"--data.paths={REPO / 'assets/video/vtest.mp4'}",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.use_distributed_sampler=false",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=2",
+        "--eval_during.evaluator=knn",
+        f"--eval_during.evaluator.data_dir={colours}",
+        "--eval_during.evaluator.image_size=32",
+        "--eval_during.evaluator.ks=[3]",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stderr.splitlines() if line.startswith("dora fit: knn ")]
+    assert [line.split(":")[1] for line in lines] == [
+        " knn before training",
+        " knn after epoch 1 (step 2)",
+        " knn after epoch 2 (step 4)",
+    ], run.stderr[-3000:]
