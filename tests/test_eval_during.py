@@ -110,25 +110,31 @@ def test_isolated_randomness_restores_every_generator():
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
 
 
-def test_dora_fit_takes_an_evaluator_by_its_short_name(tmp_path, colours):
-    """`--eval_during.evaluator knn` with its options: one line before training and one after the epoch; an unknown
-    name is one line and exit status 2."""
-    command = [
+def fit_command(root: Path, colours: Path, epochs: int, *extra: str) -> list[str]:
+    """`dora fit` of the micro model on the bundled video for ``epochs`` epochs of 2 batches, k-NN (k=3) on
+    ``colours`` during it, and ``extra`` options."""
+    return [
         sys.executable,
         "-m",
         "dora_lightning.cli",
         "fit",
         *MICRO_ARGS,
         f"--data.paths={REPO / 'assets/video/vtest.mp4'}",
-        f"--trainer.default_root_dir={tmp_path / 'run'}",
-        "--trainer.max_epochs=1",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.max_epochs={epochs}",
         "--trainer.limit_train_batches=2",
         "--eval_during.evaluator=knn",
         f"--eval_during.evaluator.data_dir={colours}",
         "--eval_during.evaluator.image_size=32",
         "--eval_during.evaluator.ks=[3]",
-        "--eval_during.evaluator.num_workers=0",
+        *extra,
     ]
+
+
+def test_dora_fit_takes_an_evaluator_by_its_short_name(tmp_path, colours):
+    """`--eval_during.evaluator knn` with its options: one line before training and one after the epoch; an unknown
+    name is one line and exit status 2."""
+    command = fit_command(tmp_path / "run", colours, 1, "--eval_during.evaluator.num_workers=0")
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "dora fit: knn before training: knn/top1_k3 " in run.stderr
@@ -146,25 +152,10 @@ def test_dora_fit_takes_an_evaluator_by_its_short_name(tmp_path, colours):
 @pytest.mark.slow
 def test_a_two_process_run_evaluates_on_process_zero(tmp_path, colours):
     """2 DDP processes (CPU, gloo): process 0 evaluates, the other waits at the barrier; one line each time."""
-    command = [
-        sys.executable,
-        "-m",
-        "dora_lightning.cli",
-        "fit",
-        *MICRO_ARGS,
-        f"--data.paths={REPO / 'assets/video/vtest.mp4'}",
-        f"--trainer.default_root_dir={tmp_path / 'run'}",
-        "--trainer.strategy=ddp",
-        "--trainer.devices=2",
-        "--trainer.use_distributed_sampler=false",
-        "--trainer.max_epochs=2",
-        "--trainer.limit_train_batches=2",
-        "--eval_during.evaluator=knn",
-        f"--eval_during.evaluator.data_dir={colours}",
-        "--eval_during.evaluator.image_size=32",
-        "--eval_during.evaluator.ks=[3]",
-    ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    ddp = ("--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.use_distributed_sampler=false")
+    run = subprocess.run(
+        fit_command(tmp_path / "run", colours, 2, *ddp), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line for line in run.stderr.splitlines() if line.startswith("dora fit: knn ")]
     assert [line.split(":")[1] for line in lines] == [
