@@ -36,7 +36,7 @@ import yaml
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO_ROOT, finish_report, markdown_table  # noqa: E402
+from benchmarks.common import REPO_ROOT, add_report_args, finish_report, markdown_table  # noqa: E402
 from dora_lightning.data.sampling import (  # noqa: E402
     ClipSpec,
     cursors_per_worker,
@@ -291,8 +291,7 @@ def fmt_table(cases: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--quick", action="store_true", help="smoke run: rank 0 only, fewer batches, one epoch")
+    add_report_args(p, quick="rank 0 only, fewer batches, one epoch")
     p.add_argument("--epochs", type=int, default=2, help="epochs of the plan cases")
     p.add_argument(
         "--decode-batches",

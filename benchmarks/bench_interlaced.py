@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import finish_report, markdown_table  # noqa: E402
+from benchmarks.common import add_report_args, finish_report, markdown_table  # noqa: E402
 from dora_lightning.data.decode_stats import DecodeStats  # noqa: E402
 from dora_lightning.data.reader import RangeReader  # noqa: E402
 from dora_lightning.data.sources import probe_videos  # noqa: E402
@@ -74,8 +74,7 @@ def ms_per_frame(path: Path, first_field: bool, compact: bool, rounds: int) -> f
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--quick", action="store_true", help="smoke run: 8 frames, one round")
+    add_report_args(p, quick="8 frames, one round")
     args = p.parse_args(argv)
     started = dt.datetime.now(dt.timezone.utc)
     frames, rounds = (8, 1) if args.quick else (60, 3)

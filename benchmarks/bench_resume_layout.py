@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.common import REPO_ROOT, finish_report, markdown_table  # noqa: E402
+from benchmarks.common import REPO_ROOT, add_report_args, finish_report, markdown_table  # noqa: E402
 from dora_lightning.data.epoch_rest import (  # noqa: E402
     Layout,
     Segment,
@@ -149,8 +149,7 @@ def fmt_table(cases: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--quick", action="store_true", help="smoke run: a 10-minute video only")
+    add_report_args(p, quick="a 10-minute video only")
     args = p.parse_args(argv)
     started = dt.datetime.now(dt.timezone.utc)
     data = data_settings()

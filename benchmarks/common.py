@@ -122,6 +122,12 @@ def wait_for_quiet(max_wait: float, threshold: float, include_children: bool) ->
             return round(waited, 1), round(load, 2)
 
 
+def add_report_args(parser: argparse.ArgumentParser, quick: str) -> None:
+    """``--out`` (the JSON that :func:`finish_report` writes) and ``--quick`` (a smoke run: ``quick`` says what)."""
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {quick}")
+
+
 def add_quiet_wait_arg(parser: argparse.ArgumentParser, default: float) -> None:
     parser.add_argument(
         "--quiet-wait",

@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import BUNDLED_VIDEO, REPO
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from test_ddp import free_port
+from test_module import make_trainer
 from video_fixtures import corrupt_middle
 
 import dora_lightning.data.loader as loader_module
@@ -144,15 +145,7 @@ class Consumer(LightningModule):
 def test_trainer_fit_says_each_epochs_damage(tmp_path: Path) -> None:
     """Before, the lines were said when the loader ran out, which Lightning never makes it do: silent in `dora fit`."""
     fixture = corrupt_middle(tmp_path)
-    trainer = Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = make_trainer(tmp_path, -1, max_epochs=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(Consumer(), datamodule=data_module(str(fixture.path), str(tmp_path / "index"), workers=1))
