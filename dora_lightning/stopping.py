@@ -14,6 +14,10 @@ step that is running, without a checkpoint, so everything since the last rolling
   all-reduce of a flag) and all stop after the same step. Lightning's own SIGTERM handler, replaced while the loop
   runs, broadcasts from inside the handler, which can meet another process's gradient all-reduce: 2-process CPU runs
   sent SIGTERM hung or aborted (SIGABRT) in 2 of 3 trials with it.
+* The agreement never waits for a GPU: the flag is a CPU tensor all-reduced over a gloo group of its own, and
+  Lightning's per-step SIGTERM broadcast (a device tensor read back every step, fed only by the handler replaced
+  here) is off while these handlers are in place. Both read a device value each step, which waits until the GPU has
+  run everything queued, so the host could never prepare the next step while the GPU computed this one.
 * SLURM's requeue signal (``#SBATCH --signal=USR1@90`` with Lightning's SLURM auto-requeue, on by default under
   SLURM): the same stop and checkpoint, then process 0 requeues the job (``scontrol requeue``), whose script continues
   with ``--ckpt_path last``. Lightning's own requeue handler, replaced while the loop runs, saves ``hpc_ckpt_N.ckpt``
@@ -41,6 +45,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -50,6 +55,8 @@ __all__ = ["STOPPED_PREFIX", "StopCheckpoint"]
 STOPPED_PREFIX = "stopped-step="
 # in the order of precedence when processes got different ones (SLURM's requeue signal, when on, comes last: it wins)
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Lightning's training epoch loop method that broadcasts its SIGTERM flag from process 0 before every batch
+LIGHTNING_BROADCAST = "_broadcast_sigterm_tensor"
 
 
 class StopCheckpoint(Callback):
@@ -69,6 +76,8 @@ class StopCheckpoint(Callback):
         self._requeue_signal: int | None = None  # SLURM's, when Lightning's auto-requeue is on
         self._previous: dict[int, Any] = {}
         self._last_step = 0
+        self._group: Any = None  # the CPU (gloo) group of the agreement in a multi-process run
+        self._quieted: Any = None  # the epoch loop whose per-step SIGTERM broadcast is off
 
     # ------------------------------------------------------------------------------------------------ signals
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -77,10 +86,29 @@ class StopCheckpoint(Callback):
         self._trainer, self._received, self._agreed = trainer, None, None
         self._last_step = trainer.global_step
         self._requeue_signal = _slurm_requeue_signal(trainer)
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            self._group = _agreement_group()
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only (and refuses handlers from others)
         for signum in self._signals():
             self._previous.setdefault(signum, signal.signal(signum, self._on_signal))
+        if trainer.world_size > 1:
+            self._quiet_lightning_broadcast(trainer)
+
+    def _quiet_lightning_broadcast(self, trainer: pl.Trainer) -> None:
+        """Turn Lightning's per-step SIGTERM broadcast (Lightning >= 2.5, multi-process runs) off for this fit: it
+        reads a device tensor back every step, and only Lightning's SIGTERM handler, replaced here, feeds it."""
+        loop = trainer.fit_loop.epoch_loop
+        if hasattr(loop, LIGHTNING_BROADCAST):
+            setattr(loop, LIGHTNING_BROADCAST, _no_broadcast)  # shadows the method on this loop alone
+            self._quieted = loop
+
+    def _release(self) -> None:
+        """Give the signals back to their previous handlers and Lightning its broadcast (the end of a fit)."""
+        self._restore_handlers()
+        if self._quieted is not None:
+            vars(self._quieted).pop(LIGHTNING_BROADCAST, None)
+            self._quieted = None
 
     def _signals(self) -> tuple[int, ...]:
         """The signals this callback acts on, by precedence (the requeue signal last: it wins)."""
@@ -113,8 +141,15 @@ class StopCheckpoint(Callback):
         to: every process takes the same decision, on the same signal, at the same batch (one all-reduce of the
         signal's precedence per batch in a multi-process run, none in a single-process one)."""
         signals = self._signals()
-        request = 0 if self._received is None else 1 + signals.index(self._received)
-        if trainer.world_size > 1:
+        received = self._received
+        if received is None and trainer.received_sigterm:  # Lightning's handler, before this fit's loop began
+            received = signal.SIGTERM
+        request = 0 if received is None else 1 + signals.index(received)
+        if self._group is not None:
+            flag = torch.tensor([request], dtype=torch.int32)  # on the CPU: nothing waits for a GPU
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            request = int(flag[0])
+        elif trainer.world_size > 1:  # a strategy without torch.distributed
             flag = torch.tensor(request, device=trainer.strategy.root_device)
             request = int(trainer.strategy.reduce(flag, reduce_op="max").item())
         stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
@@ -123,7 +158,14 @@ class StopCheckpoint(Callback):
             raise SIGTERMException
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_handlers()
+        self._release()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+        if self._group is not None:
+            if dist.is_initialized():
+                dist.destroy_process_group(self._group)
+            self._group = None
 
     # ------------------------------------------------------------------------------------------------ the stop
     def on_exception(
@@ -132,7 +174,7 @@ class StopCheckpoint(Callback):
         """After the loop stopped at a step's end (:class:`SIGTERMException`, ours or Lightning's): save, say it, and
         set the exit status (``SystemExit.code``): 128 + the signal's number for process 0, 0 for the others
         (Lightning's launcher ends every process of the run as soon as one of its children exits non-zero)."""
-        self._restore_handlers()
+        self._release()
         if not isinstance(exception, SIGTERMException):
             return
         # no agreed signal: Lightning's SIGTERM handling before the loop started
@@ -163,6 +205,16 @@ class StopCheckpoint(Callback):
         if self._trainer is None or self._trainer.is_global_zero:
             sys.stderr.write(f"dora fit: {message}\n")
             sys.stderr.flush()
+
+
+def _no_broadcast() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast while :class:`StopCheckpoint` agrees on stops."""
+
+
+def _agreement_group() -> Any:
+    """A gloo group of all processes, made collectively at the start of a fit: the stop flag is all-reduced there as
+    a CPU tensor, so the agreement never waits for the GPU (NCCL would need the flag on the device and read back)."""
+    return dist.new_group(backend="gloo")
 
 
 def _slurm_requeue_signal(trainer: pl.Trainer) -> int | None:

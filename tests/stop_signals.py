@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
@@ -29,3 +31,39 @@ class TouchAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and trainer.is_global_zero:
             open(self.path, "w").close()
+
+
+class CollectiveLog(Callback):
+    """Records this process's Python-level broadcasts and all-reduces during training (which group, which device) and
+    the batches trained, in ``<path>.<rank>.json`` after every batch: what the stop agreement costs each step."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.calls, self.batches = path, [], 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import torch.distributed as dist
+
+        def logged(name, original):
+            def call(tensor, *args, group=None, **kwargs):
+                self.calls.append(
+                    {
+                        "op": name,
+                        "device": tensor.device.type,
+                        "world": group is None or group is dist.group.WORLD,
+                        "backend": str(dist.get_backend(group)),
+                        "caller": Path(sys._getframe(1).f_code.co_filename).name,
+                    }
+                )
+                return original(tensor, *args, group=group, **kwargs)
+
+            return call
+
+        for name in ("broadcast", "all_reduce"):
+            setattr(dist, name, logged(name, getattr(dist, name)))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import json
+
+        self.batches += 1
+        with open(f"{self.path}.{trainer.global_rank}.json", "w") as out:
+            json.dump({"batches": self.batches, "calls": self.calls}, out)

@@ -179,3 +179,23 @@ def test_dora_fit_resumes_a_two_process_run_on_one_process(tmp_path, capfd):
     assert "resuming on another layout (1 process x 1 worker x batch 4 -> 2 processes" in run.stderr
     newest = find_last_checkpoint([root / "checkpoints"])
     assert torch.load(newest, weights_only=True)["global_step"] == 9
+
+
+@pytest.mark.slow
+def test_no_loader_workers_and_one_worker_are_one_layout(tmp_path, walk, capfd):
+    """``num_workers`` 0 (the main process loads) deals the clips as one worker does: a checkpoint of either resumes
+    on the other exactly (the same batches, the same weights bit for bit), without the other-layout notice; also a
+    checkpoint of an earlier version, which stored 0 as 0."""
+    pl.seed_everything(0)
+    straight, before, _ = fit(tmp_path / "a", walk, workers=1, save=True)
+    saved = torch.load(tmp_path / "a" / "step=5.ckpt", weights_only=False)
+    (data_key,) = [key for key, value in saved.items() if isinstance(value, dict) and "num_workers" in value]
+    assert saved[data_key]["num_workers"] == 1
+    saved[data_key]["num_workers"] = 0  # as an earlier version wrote a run without loader workers
+    torch.save(saved, tmp_path / "zero.ckpt")
+    for workers, ckpt in ((0, tmp_path / "a" / "step=5.ckpt"), (1, tmp_path / "zero.ckpt")):
+        capfd.readouterr()
+        resumed, after, _ = fit(tmp_path / f"b{workers}", walk, workers=workers, ckpt=ckpt)
+        assert "another layout" not in capfd.readouterr().err
+        assert after == before[5:]
+        torch.testing.assert_close(weights(resumed), weights(straight), rtol=0, atol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -24,7 +25,7 @@ from dora_lightning.cli import main
 from dora_lightning.data.loader import shield_worker_from_stop_signals
 from dora_lightning.module import DoRAModule
 from dora_lightning.runs import find_last_checkpoint
-from dora_lightning.stopping import STOPPED_PREFIX, StopCheckpoint
+from dora_lightning.stopping import LIGHTNING_BROADCAST, STOPPED_PREFIX, StopCheckpoint
 
 __all__ = ["short_video"]  # the fixture, shared with test_resume
 
@@ -324,11 +325,16 @@ def test_two_process_ddp_run_stops_together_and_exits(tmp_path):
     """2 CPU processes (gloo DDP) with a loader worker each, SIGTERM sent to the process group from outside, 1 s after
     step 5 (inside some step): both stop after the same step, one checkpoint, exit status 143, no hang. (Lightning's
     own handler, which broadcasts from inside the signal handler, passes this too; it hung or aborted in 3 of 5 longer
-    runs signalled after 30 s, across epoch ends: docs/training.md, "Stopping".)"""
-    root, marker = tmp_path / "run", tmp_path / "step5"
+    runs signalled after 30 s, across epoch ends: docs/training.md, "Stopping".)
+
+    Each batch's agreement is one all-reduce of a CPU tensor over a gloo group of its own (on GPUs: no wait for the
+    device), and Lightning's per-step SIGTERM broadcast from process 0 is off."""
+    root, marker, log = tmp_path / "run", tmp_path / "step5", tmp_path / "collectives"
     toucher = {"class_path": "stop_signals.TouchAt", "init_args": {"step": 5, "path": str(marker)}}
+    logger = {"class_path": "stop_signals.CollectiveLog", "init_args": {"path": str(log)}}
     ddp = ["--trainer.max_steps=100000", "--trainer.strategy=ddp", "--trainer.devices=2"]
-    _, command, env = fit_command(root, 1, toucher, *ddp, "--trainer.use_distributed_sampler=false")
+    ddp += ["--trainer.use_distributed_sampler=false", f"--trainer.callbacks+={json.dumps(logger)}"]
+    _, command, env = fit_command(root, 1, toucher, *ddp)
     run = subprocess.Popen(
         command,
         stderr=subprocess.PIPE,
@@ -352,6 +358,21 @@ def test_two_process_ddp_run_stops_together_and_exits(tmp_path):
     stopped = [p.name for p in (root / "checkpoints").glob(f"{STOPPED_PREFIX}*")]
     assert len(stopped) == 1, stopped
     assert stderr.count("dora fit: stopped by SIGTERM after step") == 1  # said once, by process 0
+    for rank in (0, 1):
+        record = json.loads(Path(f"{log}.{rank}.json").read_text())
+        assert record["batches"] >= 5
+        assert [c for c in record["calls"] if c["op"] == "broadcast"] == []
+        # the others are the centre's all-reduce (core/loss.py, the method's; on a GPU it is queued, not waited for)
+        agreements = [c for c in record["calls"] if c["caller"] == "stopping.py"]
+        agreement = {
+            "op": "all_reduce",
+            "device": "cpu",
+            "world": False,
+            "backend": "gloo",
+            "caller": "stopping.py",
+        }
+        # the log is written in its own batch-end hook, which may run before the agreement's
+        assert agreements in ([agreement] * record["batches"], [agreement] * (record["batches"] - 1))
 
 
 def test_fit_in_another_thread_leaves_the_signals_alone(tmp_path, short_video):
@@ -371,3 +392,16 @@ def test_fit_in_another_thread_leaves_the_signals_alone(tmp_path, short_video):
     thread.join(120)
     assert not errors, errors
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_lightnings_per_step_broadcast_is_off_for_the_fit_alone(tmp_path):
+    """The broadcast Lightning's training loop makes before every batch of a multi-process run (and reads back) is
+    shadowed on this trainer's loop while the callback holds the signals, and Lightning's method is back after."""
+    trainer = make_trainer(tmp_path, 1)
+    loop = trainer.fit_loop.epoch_loop
+    original = getattr(type(loop), LIGHTNING_BROADCAST)  # the pinned Lightning has it: a rename fails here
+    stopper = StopCheckpoint()
+    stopper._quiet_lightning_broadcast(trainer)
+    assert getattr(loop, LIGHTNING_BROADCAST)() is None and LIGHTNING_BROADCAST in vars(loop)
+    stopper._release()
+    assert getattr(loop, LIGHTNING_BROADCAST).__func__ is original

@@ -32,22 +32,26 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Layout:
-    """How an epoch's clips are dealt: ``world_size`` processes x ``num_workers`` loader workers (at least one
-    shard per process), ``batch_size`` clips per batch and process, ``cursors`` decode cursors per worker."""
+    """How an epoch's clips are dealt: ``world_size`` processes x ``num_workers`` loader workers, ``batch_size`` clips
+    per batch and process, ``cursors`` decode cursors per worker. ``num_workers`` 0 (the main process loads) deals
+    the clips as one worker does, and is stored as 1: the two are one layout, and a resume between them is exact."""
 
     world_size: int
     num_workers: int
     batch_size: int
     cursors: int
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_workers", max(1, self.num_workers))
+
     @property
     def num_shards(self) -> int:
-        return self.world_size * max(1, self.num_workers)
+        return self.world_size * self.num_workers
 
     @property
     def workers(self) -> int:
         """Loader workers per process that emit batches (the main process counts as one)."""
-        return max(1, self.num_workers)
+        return self.num_workers
 
     def plans(
         self,

@@ -324,11 +324,14 @@ class ClipStreamPosition:
         else:  # not set up yet: checked once the videos are probed
             self._saved_identity = state_dict
         current = {"seed": self.seed, "start_step": self.start_step, **vars(self._layout())}
+        saved = dict(state_dict)
+        if saved.get("num_workers") is not None:  # earlier versions saved 0 as 0: 0 and 1 are one layout
+            saved["num_workers"] = max(1, int(saved["num_workers"]))
         # cursors and start_step are compared only when the checkpoint has them (older checkpoints do not)
         changed = {
-            k: (state_dict.get(k), v)
+            k: (saved.get(k), v)
             for k, v in current.items()
-            if state_dict.get(k) != v and (k in state_dict or k not in ("cursors", "start_step"))
+            if saved.get(k) != v and (k in saved or k not in ("cursors", "start_step"))
         }
         if changed:
             detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
