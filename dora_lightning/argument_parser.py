@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from typing import Any, NoReturn
 
+from jsonargparse import get_loader
 from lightning.pytorch.cli import LightningArgumentParser
 
 from dora_lightning.errors import exit_with_error
@@ -27,8 +29,59 @@ def did_you_mean(message: str, parser: Any) -> str:
     return ""
 
 
+# where a config names an evaluator plugin: `dora validate`'s evaluator, `dora fit`'s eval_during.evaluator
+EVALUATOR_KEYS = (("evaluator",), ("eval_during", "evaluator"))
+
+
+def resolve_config_evaluators(config: Any) -> list[str]:
+    """Resolve, in a loaded config (``config``, changed in place), an evaluator named by its registered short name
+    or class name (``evaluator: knn``, ``class_path: knn``, ``class_path: KNNEvaluator``) at :data:`EVALUATOR_KEYS`
+    to its class path, as the command line's ``--evaluator knn`` is; the keys resolved. Raises ValueError naming the
+    key for an unknown name."""
+    from dora_lightning.evaluation.runner import resolve_evaluator_value
+
+    resolved = []
+    for key in EVALUATOR_KEYS:
+        holder = config
+        for part in key[:-1]:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if not isinstance(holder, dict):
+            continue
+        value, name = holder.get(key[-1]), ".".join(key)
+        target, field = (holder, key[-1]) if isinstance(value, str) else (value, "class_path")
+        short = target.get(field) if isinstance(target, dict) else None
+        if not isinstance(short, str) or "." in short or ":" in short:
+            continue  # a class path is jsonargparse's; a name (knn, KNNEvaluator) resolves as on the command line
+        try:
+            target[field] = resolve_evaluator_value(short)
+        except (ValueError, ImportError) as err:
+            raise ValueError(f"{name}: {err}") from err
+        resolved.append(name)
+    return resolved
+
+
 class DoraArgumentParser(LightningArgumentParser):
-    """A parser whose errors are one line on stderr (``dora fit: error: ...``; no usage text), exit status 2."""
+    """A parser whose errors are one line on stderr (``dora fit: error: ...``; no usage text), exit status 2; in its
+    config files an evaluator may be named by its short name (:func:`resolve_config_evaluators`)."""
+
+    def _load_config_parser_mode(self, content: str, *args: Any, **kwargs: Any) -> Any:
+        # jsonargparse's one place where a config's text becomes a dict (a file, a string, a default config)
+        if any(key[-1] in content for key in EVALUATOR_KEYS):
+            content = self._with_resolved_evaluators(content, kwargs.get("path") or (args[0] if args else ""))
+        return super()._load_config_parser_mode(content, *args, **kwargs)
+
+    def _with_resolved_evaluators(self, content: str, path: Any) -> str:
+        """``content`` with its evaluators' short names resolved (as JSON, which every parser mode reads, holding the
+        values as this parser's loader read them); unchanged when there is nothing to resolve or it does not load."""
+        try:
+            config = get_loader(self.parser_mode)(content)
+        except Exception:  # noqa: BLE001 - jsonargparse then says what is wrong with it
+            return content
+        try:
+            changed = resolve_config_evaluators(config)
+        except ValueError as err:
+            self.error(f"{path or 'the config'}: {err}")
+        return json.dumps(config) if changed else content
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         # jsonargparse parses nested values with exit_on_error off and expects its ArgumentError; its documented

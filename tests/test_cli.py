@@ -73,6 +73,22 @@ def test_print_config_resolves_the_demo_config(capsys, monkeypatch):
     assert config["data"]["transform"]["init_args"]["global_size"] == 64
 
 
+@pytest.mark.parametrize("evaluator", ["linear", "{class_path: linear, init_args: {epochs: 3}}"])
+def test_a_fit_config_may_name_eval_durings_evaluator_by_its_short_name(
+    evaluator, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(REPO)
+    overlay = tmp_path / "eval.yaml"
+    overlay.write_text(f"eval_during:\n  evaluator: {evaluator}\n  every_n_epochs: 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/demo.yaml", "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    section = yaml.safe_load(capsys.readouterr().out)["eval_during"]
+    assert section["evaluator"]["class_path"] == "evaluators.linear.evaluator.LinearProbeEvaluator"
+    assert section["every_n_epochs"] == 2
+    assert section["evaluator"]["init_args"]["epochs"] == (3 if "epochs" in evaluator else 100)
+
+
 @pytest.mark.parametrize(
     "configs",
     [

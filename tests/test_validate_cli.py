@@ -239,6 +239,36 @@ def test_evaluator_names_resolve(args, class_path, capsys):
     assert print_config(args, capsys)["evaluator"]["class_path"] == class_path
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "evaluator: knn\n",
+        "evaluator:\n  class_path: knn\n  init_args:\n    temperature: 7e-2\n    ks: [5]\n",
+        "evaluator:\n  class_path: KNNEvaluator\n",  # a registered class name
+    ],
+)
+def test_a_config_may_name_the_evaluator_by_its_short_name(text, tmp_path, capsys):
+    config_file = tmp_path / "knn.yaml"
+    config_file.write_text(text)
+    config = print_config(["--config", str(config_file)], capsys)
+    assert config["evaluator"]["class_path"] == "evaluators.knn.evaluator.KNNEvaluator"
+    if "ks" in text:  # the other values keep the types the config's loader gave them
+        assert config["evaluator"]["init_args"]["temperature"] == 0.07
+        assert config["evaluator"]["init_args"]["ks"] == [5]
+
+
+def test_an_unknown_short_name_in_a_config_is_one_line_naming_file_and_key(tmp_path, capsys):
+    config_file = tmp_path / "typo.yaml"
+    config_file.write_text("evaluator:\n  class_path: knm\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", str(config_file), "--ckpt_path=unused.ckpt"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        "dora validate: error: typo.yaml: evaluator: unknown evaluator 'knm'; known: davis, knn"
+    )
+
+
 def test_evaluator_help_lists_its_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["validate", "--evaluator.help", "knn"])
