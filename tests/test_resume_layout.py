@@ -14,7 +14,7 @@ from conftest import write_video
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_module import MICRO, make_data, make_trainer
 from test_resume import BatchCounter, weights
-from test_stopping import fit_command
+from test_stopping_commands import fit_command
 
 from dora_lightning.cli import main
 from dora_lightning.module import DoRAModule
