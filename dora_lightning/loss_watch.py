@@ -3,8 +3,9 @@
 ``float(loss)`` or ``bool(torch.isfinite(loss))`` on a GPU tensor waits until the GPU has run everything queued
 before it: the host can no longer queue the backward pass and the optimiser step while the forward runs, and the GPU
 idles at every step. :class:`LossWatch` instead queues a copy of (loss, finite) into pinned host memory with an event
-behind it and reads it once the event has completed (usually at the next step, without waiting). On the CPU the
-values are there at once, so a non-finite loss is reported in the step that produced it.
+behind it (:func:`~dora_lightning.host_copy.queue_to_host`) and reads it once the event has completed (usually at
+the next step, without waiting). On the CPU the values are there at once, so a non-finite loss is reported in the
+step that produced it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from dora_lightning.host_copy import HostCopy, queue_to_host
 
 __all__ = ["LossReading", "LossWatch"]
 
@@ -40,34 +43,23 @@ class LossWatch:
     """Queues each step's loss for the host (:meth:`push`) and hands back those that have arrived (:meth:`ready`)."""
 
     def __init__(self) -> None:
-        self._pending: deque[tuple[int, int, Tensor, torch.cuda.Event | None]] = deque()
+        self._pending: deque[tuple[int, int, HostCopy]] = deque()
 
     def push(self, step: int, epoch: int, loss: Tensor) -> None:
         """Queue ``loss`` (a 0-d tensor, any device) of optimiser step ``step``; never waits for the device."""
         loss = loss.detach()
         values = torch.stack([loss.float(), torch.isfinite(loss).float()])
-        event = None
-        if values.device.type == "cuda":
-            host = torch.empty(2, dtype=torch.float32, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            values = host
-        elif values.device.type != "cpu":
-            values = values.cpu()  # other accelerators: a plain (waiting) copy
-        self._pending.append((step, epoch, values, event))
+        self._pending.append((step, epoch, queue_to_host(values)))
 
     def ready(self, wait: bool = False) -> list[LossReading]:
         """The queued losses that have reached the host, oldest first (all of them, waiting if needed, if ``wait``)."""
         out: list[LossReading] = []
         while self._pending:
-            step, epoch, values, event = self._pending[0]
-            if event is not None and not event.query():
-                if not wait:
-                    break
-                event.synchronize()
+            step, epoch, copy = self._pending[0]
+            if not (wait or copy.arrived()):
+                break
             self._pending.popleft()
-            out.append(LossReading.of(step, epoch, values))
+            out.append(LossReading.of(step, epoch, copy.wait()))
         return out
 
     def clear(self) -> None:

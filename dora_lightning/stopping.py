@@ -11,13 +11,11 @@ step that is running, without a checkpoint, so everything since the last rolling
   position and RNG states), and the process exits with status 143 (128 + SIGTERM), saying so in one line.
 * Ctrl-C: the same, exit status 130; a second Ctrl-C stops at once, without a checkpoint (Lightning's own stop).
 * Several processes (DDP): the one signal handler only notes the request; after each batch the processes agree (one
-  all-reduce of a flag) and all stop after the same step. Lightning's own SIGTERM handler, replaced while the loop
-  runs, broadcasts from inside the handler, which can meet another process's gradient all-reduce: 2-process CPU runs
-  sent SIGTERM hung or aborted (SIGABRT) in 2 of 3 trials with it.
-* The agreement never waits for a GPU: the flag is a CPU tensor all-reduced over a gloo group of its own, and
-  Lightning's per-step SIGTERM broadcast (a device tensor read back every step, fed only by the handler replaced
-  here) is off while these handlers are in place. Both read a device value each step, which waits until the GPU has
-  run everything queued, so the host could never prepare the next step while the GPU computed this one.
+  all-reduce of a flag, read a batch later: :class:`~dora_lightning.stop_agreement.StopAgreement`, which never makes
+  the host wait for the GPU) and all stop after the same step, one step after the signal. Lightning's own SIGTERM
+  handler, replaced while the loop runs, broadcasts from inside the handler, which can meet another process's
+  gradient all-reduce: 2-process CPU runs sent SIGTERM hung or aborted (SIGABRT) in 2 of 3 trials with it. Its
+  per-step broadcast (a device value read back before every batch, fed only by that handler) is off meanwhile.
 * SLURM's requeue signal (``#SBATCH --signal=USR1@90`` with Lightning's SLURM auto-requeue, on by default under
   SLURM): the same stop and checkpoint, then process 0 requeues the job (``scontrol requeue``), whose script continues
   with ``--ckpt_path last``. Lightning's own requeue handler, replaced while the loop runs, saves ``hpc_ckpt_N.ckpt``
@@ -44,11 +42,11 @@ from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from dora_lightning.stop_agreement import StopAgreement
 
 __all__ = ["STOPPED_PREFIX", "StopCheckpoint"]
 
@@ -76,7 +74,7 @@ class StopCheckpoint(Callback):
         self._requeue_signal: int | None = None  # SLURM's, when Lightning's auto-requeue is on
         self._previous: dict[int, Any] = {}
         self._last_step = 0
-        self._group: Any = None  # the CPU (gloo) group of the agreement in a multi-process run
+        self._agreement = StopAgreement()  # multi-process runs
         self._quieted: Any = None  # the epoch loop whose per-step SIGTERM broadcast is off
 
     # ------------------------------------------------------------------------------------------------ signals
@@ -86,8 +84,7 @@ class StopCheckpoint(Callback):
         self._trainer, self._received, self._agreed = trainer, None, None
         self._last_step = trainer.global_step
         self._requeue_signal = _slurm_requeue_signal(trainer)
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            self._group = _agreement_group()
+        self._agreement.reset()
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only (and refuses handlers from others)
         for signum in self._signals():
@@ -138,20 +135,15 @@ class StopCheckpoint(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Stop after a batch whose optimiser step ran (not inside gradient accumulation) when any process was asked
-        to: every process takes the same decision, on the same signal, at the same batch (one all-reduce of the
-        signal's precedence per batch in a multi-process run, none in a single-process one)."""
+        to: every process takes the same decision, on the same signal, at the same batch (in a multi-process run one
+        all-reduce of the signal's precedence per batch, acted on a batch later; none in a single-process one)."""
         signals = self._signals()
         received = self._received
         if received is None and trainer.received_sigterm:  # Lightning's handler, before this fit's loop began
             received = signal.SIGTERM
         request = 0 if received is None else 1 + signals.index(received)
-        if self._group is not None:
-            flag = torch.tensor([request], dtype=torch.int32)  # on the CPU: nothing waits for a GPU
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-            request = int(flag[0])
-        elif trainer.world_size > 1:  # a strategy without torch.distributed
-            flag = torch.tensor(request, device=trainer.strategy.root_device)
-            request = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        if trainer.world_size > 1:
+            request = self._agreement.exchange(request, trainer.strategy)
         stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
         if request and stepped:
             self._agreed = signals[request - 1]
@@ -159,13 +151,6 @@ class StopCheckpoint(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release()
-        if self._group is not None:
-            if dist.is_initialized():
-                dist.destroy_process_group(self._group)
-            self._group = None
 
     # ------------------------------------------------------------------------------------------------ the stop
     def on_exception(
@@ -209,12 +194,6 @@ class StopCheckpoint(Callback):
 
 def _no_broadcast() -> None:
     """Stands in for Lightning's per-step SIGTERM broadcast while :class:`StopCheckpoint` agrees on stops."""
-
-
-def _agreement_group() -> Any:
-    """A gloo group of all processes, made collectively at the start of a fit: the stop flag is all-reduced there as
-    a CPU tensor, so the agreement never waits for the GPU (NCCL would need the flag on the device and read back)."""
-    return dist.new_group(backend="gloo")
 
 
 def _slurm_requeue_signal(trainer: pl.Trainer) -> int | None:

@@ -34,8 +34,9 @@ class TouchAt(Callback):
 
 
 class CollectiveLog(Callback):
-    """Records this process's Python-level broadcasts and all-reduces during training (which group, which device) and
-    the batches trained, in ``<path>.<rank>.json`` after every batch: what the stop agreement costs each step."""
+    """Records this process's Python-level broadcasts, all-reduces and barriers during training (which group, which
+    device, called from which file) and the batches trained, in ``<path>.<rank>.json`` after every batch: what the
+    stop agreement costs each step."""
 
     def __init__(self, path: str) -> None:
         self.path, self.calls, self.batches = path, [], 0
@@ -43,23 +44,33 @@ class CollectiveLog(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         import torch.distributed as dist
 
+        def record(name, tensor, group):
+            self.calls.append(
+                {
+                    "op": name,
+                    "device": None if tensor is None else tensor.device.type,
+                    "world": group is None or group is dist.group.WORLD,
+                    "caller": Path(sys._getframe(2).f_code.co_filename).name,
+                }
+            )
+
         def logged(name, original):
             def call(tensor, *args, group=None, **kwargs):
-                self.calls.append(
-                    {
-                        "op": name,
-                        "device": tensor.device.type,
-                        "world": group is None or group is dist.group.WORLD,
-                        "backend": str(dist.get_backend(group)),
-                        "caller": Path(sys._getframe(1).f_code.co_filename).name,
-                    }
-                )
+                record(name, tensor, group)
                 return original(tensor, *args, group=group, **kwargs)
+
+            return call
+
+        def logged_barrier(original):
+            def call(*args, group=None, **kwargs):
+                record("barrier", None, group)
+                return original(*args, group=group, **kwargs)
 
             return call
 
         for name in ("broadcast", "all_reduce"):
             setattr(dist, name, logged(name, getattr(dist, name)))
+        dist.barrier = logged_barrier(dist.barrier)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import json
