@@ -3,6 +3,8 @@ the same weights with or without it; a failure after an epoch is one line and tr
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +13,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import REPO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from test_cli import MICRO_ARGS
 from test_knn import write_image_folder
 from test_module import MICRO, clip_video, make_data, make_trainer  # noqa: F401 - clip_video is a fixture
 from test_throughput import Recorded
 
+from dora_lightning.evaluation.contract import Evaluator
 from dora_lightning.evaluation.during_fit import EvaluateDuringFit, isolated_randomness
 from dora_lightning.module import DoRAModule
+from dora_lightning.stopping import STOPPED_PREFIX, StopCheckpoint
 from evaluators.knn import KNNEvaluator
 from evaluators.linear import LinearProbeEvaluator
 
@@ -34,11 +39,19 @@ def linear(data: Path) -> LinearProbeEvaluator:
     )
 
 
-def fit(root: Path, video: Path, callbacks: list, epochs: int = 3) -> tuple[DoRAModule, Recorded]:
+def fit(
+    root: Path, video: Path, callbacks: list, epochs: int = 3, checkpoints: bool = False
+) -> tuple[DoRAModule, Recorded]:
     pl.seed_everything(0)
     module, logger = DoRAModule(**MICRO), Recorded()
     trainer = make_trainer(
-        root, -1, max_epochs=epochs, limit_train_batches=2, logger=logger, callbacks=callbacks
+        root,
+        -1,
+        max_epochs=epochs,
+        limit_train_batches=2,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=checkpoints,
     )
     trainer.fit(module, datamodule=make_data(video))
     return module, logger
@@ -163,3 +176,53 @@ def test_a_two_process_run_evaluates_on_process_zero(tmp_path, colours):
         " knn after epoch 1 (step 2)",
         " knn after epoch 2 (step 4)",
     ], run.stderr[-3000:]
+
+
+class _SignalledValidation(pl.LightningModule):
+    """Five validation batches; with ``signal_at_start``, SIGTERM to this process in the first (as a preemption)."""
+
+    def __init__(self, signal_at_start: bool) -> None:
+        super().__init__()
+        self.signal_at_start, self.seen = signal_at_start, 0
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self.seen += 1
+        if batch_idx == 0 and self.signal_at_start:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(5, 1), batch_size=1)
+
+
+class PreemptedEvaluator(Evaluator):
+    """Runs its own Trainer like the real evaluators; SIGTERM arrives during its second evaluation."""
+
+    name = "preempted"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.seen = 0, []
+
+    def evaluate(self, backbone, trainer_kwargs):
+        self.calls += 1
+        module = _SignalledValidation(signal_at_start=self.calls == 2)
+        pl.Trainer(**trainer_kwargs).validate(module)
+        self.seen.append(module.seen)
+        return {"preempted/seen": float(module.seen)}
+
+
+def test_sigterm_cuts_an_evaluation_short(tmp_path, clip_video, capfd):  # noqa: F811
+    """The evaluator's own Trainer stops its loop on SIGTERM; the run neither dies inside the epoch's end hooks (before
+    its epoch-end checkpoint) nor trains on: the epoch's checkpoint is written and the run stops after one more step,
+    saved, exit 143."""
+    evaluator = PreemptedEvaluator()
+    saver = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_epochs=1, save_top_k=-1)
+    callbacks = [EvaluateDuringFit(evaluator), StopCheckpoint(), saver]
+    with pytest.raises(SystemExit) as stopped:
+        fit(tmp_path, clip_video, callbacks, checkpoints=True)
+    assert stopped.value.code == 143
+    assert evaluator.calls == 2 and evaluator.seen == [5]  # the second evaluation did not finish
+    err = capfd.readouterr().err
+    assert "dora fit: eval_during (preempted) after epoch 1 cut short by SIGTERM" in err
+    names = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
+    assert names == ["epoch=0-step=2.ckpt", f"{STOPPED_PREFIX}3.ckpt"]

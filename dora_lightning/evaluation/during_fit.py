@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dora_lightning.errors import one_line
 from dora_lightning.evaluation.contract import Evaluator, evaluator_name
@@ -96,14 +97,20 @@ class EvaluateDuringFit(Callback):
         if trainer.is_global_zero:
             name = evaluator_name(type(self.evaluator))
             began = time.perf_counter()
+            when = "before training" if epoch is None else f"after epoch {epoch}"
             try:
                 metrics = self._metrics(trainer, pl_module)
+            except SIGTERMException:
+                # the evaluator's Trainer stops its loop on SIGTERM (its handler runs with dora fit's, which noted
+                # the signal too): the evaluation is cut short, and the run stops after its next step as usual,
+                # its epoch-end checkpoints written first, every process with it
+                sys.stderr.write(
+                    f"dora fit: eval_during ({name}) {when} cut short by SIGTERM; the run stops after its next step\n"
+                )
             except Exception as err:  # noqa: BLE001 - any evaluator failure: one line, training goes on
                 if strict:
                     raise
-                sys.stderr.write(
-                    f"dora fit: eval_during ({name}) failed after epoch {epoch}: {one_line(err)}\n"
-                )
+                sys.stderr.write(f"dora fit: eval_during ({name}) failed {when}: {one_line(err)}\n")
             else:
                 step = trainer.global_step
                 # evaluators name their metrics "<name>/<metric>"; others get the evaluator's name in front
@@ -113,7 +120,7 @@ class EvaluateDuringFit(Callback):
                 for logger in trainer.loggers:
                     logger.log_metrics(logged, step=step)
                 self.history.append({"epoch": epoch or 0, "step": step, "metrics": dict(metrics)})
-                when = "before training" if epoch is None else f"after epoch {epoch} (step {step})"
+                when = when if epoch is None else f"{when} (step {step})"
                 shown = ", ".join(f"{key} {value:.2f}" for key, value in metrics.items())
                 seconds = time.perf_counter() - began
                 sys.stderr.write(f"dora fit: {name} {when}: {shown} ({seconds:.1f} s)\n")
