@@ -1,4 +1,4 @@
-"""A callback for `dora fit` subprocesses in tests: signal the whole process group after a given step."""
+"""Callbacks for `dora fit` subprocesses in tests: signal the process group after a step, mark a step, log the collectives."""
 
 from __future__ import annotations
 
