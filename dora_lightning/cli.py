@@ -57,6 +57,7 @@ class DoraCLI(LightningCLI):
         parser.link_arguments("data.seed", "model.seed")
         from dora_lightning.collapse_guard import CollapseGuard
         from dora_lightning.evaluation.during_fit import EvaluateDuringFit
+        from dora_lightning.run_plan import RunPlan
         from dora_lightning.stopping import StopCheckpoint
         from dora_lightning.throughput import ThroughputLog
 
@@ -66,6 +67,8 @@ class DoraCLI(LightningCLI):
         parser.add_lightning_class_args(StopCheckpoint, "on_stop")
         # always on: perf/clips_per_s, perf/steps_per_s, perf/data_wait_fraction (--throughput.every_n_steps 0: off)
         parser.add_lightning_class_args(ThroughputLog, "throughput")
+        # always on: one line with the run's plan before its first step (--run_plan.enabled false: off)
+        parser.add_lightning_class_args(RunPlan, "run_plan")
         # off unless an evaluator is given: --eval_during.evaluator knn --eval_during.evaluator.data_dir DIR ...
         parser.add_lightning_class_args(EvaluateDuringFit, "eval_during")
         parser.add_argument(

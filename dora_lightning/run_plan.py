@@ -1,0 +1,136 @@
+"""RunPlan: before the first step, one line that says what the run trains on and for how long.
+
+A wrong video folder (one file of ten matched), a batch or an lr other than meant, or a run ten times longer than
+planned shows in the first seconds, not after hours of rented GPU time. Process 0 writes, for example::
+
+    dora fit: plan: DoRA, vit_small_patch16_224 at 224 px; 1 video, 1 h 32 min at 60 fps; an epoch is 2,591 steps
+    of 128 clips (16 x 8 processes x accumulate 1) = 331,648 of its 331,740 clip starts; the run: 100 epochs =
+    259,100 steps; lr 0.00025 (base_lr 0.0005 x 128 / 256) after 25,910 warm-up steps; views made on the gpu;
+    checkpoints in /home/you/dora-lightning/runs/wt_venice/checkpoints
+
+(one line; a resumed run adds where it continues). Every number is the run's own: the Trainer's step counts and the
+module's lr rule (:class:`~dora_lightning.step_schedules.StepSchedules`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["RunPlan", "describe_run", "format_duration"]
+
+
+def format_duration(seconds: float) -> str:
+    """``5 s``, ``2 min 8 s``, ``1 h 32 min``: a length of video for people."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 step``, ``2,591 steps``."""
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
+def _rate(fps: float) -> str:
+    return f"{fps:.0f}" if abs(fps - round(fps)) < 0.005 else f"{fps:.2f}"
+
+
+def _videos(data: Any) -> str | None:
+    videos = list(getattr(data, "videos", None) or [])
+    if not videos:
+        return None
+    seconds = sum(video.num_frames / float(video.fps) for video in videos)
+    rates = sorted({float(video.fps) for video in videos})
+    fps = _rate(rates[0]) if len(rates) == 1 else f"{_rate(rates[0])}-{_rate(rates[-1])}"
+    return f"{len(videos)} video{'s' * (len(videos) > 1)}, {format_duration(seconds)} at {fps} fps"
+
+
+def _epoch(trainer: pl.Trainer, module: Any, data: Any) -> str | None:
+    batch = getattr(module.hparams, "batch_size", None) or getattr(data, "batch_size", None)
+    batches = trainer.num_training_batches
+    if not batch or not math.isfinite(batches):
+        return None
+    world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+    processes = f"{world} process{'es' * (world > 1)}"
+    text = (
+        f"an epoch is {_count(module.steps_per_epoch, 'step')} of {batch * world * accumulate:,} clips "
+        f"({batch} x {processes} x accumulate {accumulate})"
+    )
+    dataset = getattr(data, "dataset", None)
+    starts = sum(getattr(dataset, "num_starts", None) or [])
+    if starts:
+        text += f" = {int(batches) * batch * world:,} of its {starts:,} clip starts"
+    return text
+
+
+def _length(trainer: pl.Trainer, module: Any) -> str:
+    total = module.total_steps
+    epochs = trainer.max_epochs
+    by_steps = trainer.max_steps not in (None, -1) and total == trainer.max_steps
+    if by_steps or epochs in (None, -1):
+        return f"the run: {_count(total, 'step')} (trainer.max_steps)"
+    return f"the run: {_count(epochs, 'epoch')} = {_count(total, 'step')}"
+
+
+def _lr(trainer: pl.Trainer, module: Any) -> str | None:
+    hp = module.hparams
+    if not hasattr(module, "scaled_lr") or "base_lr" not in hp:
+        return None
+    global_batch = hp.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    warmup = min(int(hp.get("warmup_epochs", 0)) * module.steps_per_epoch, module.total_steps)
+    scaled = f"lr {module.scaled_lr():.3g} (base_lr {hp.base_lr:g} x {global_batch} / 256)"
+    return f"{scaled} after {_count(warmup, 'warm-up step')}"
+
+
+def _checkpoints(trainer: pl.Trainer) -> str:
+    for callback in trainer.checkpoint_callbacks:
+        folder = getattr(callback, "dirpath", None)
+        if folder:
+            return f"checkpoints in {folder}"
+    return "no checkpoints (checkpointing is off)"
+
+
+def describe_run(trainer: pl.Trainer, module: Any, data: Any) -> str:
+    """The plan of a fit that is about to start (or continue): see the module docstring."""
+    hp = module.hparams
+    method = {"dora": "DoRA", "dino": "DINO"}.get(hp.get("method"), str(hp.get("method", "")))
+    parts = [f"{method}, {hp.get('backbone')} at {hp.get('img_size')} px"]
+    parts += [part for part in (_videos(data), _epoch(trainer, module, data)) if part]
+    parts.append(_length(trainer, module))
+    lr = _lr(trainer, module)
+    if lr:
+        parts.append(lr)
+    resolved = getattr(data, "resolved_augment_on", None)
+    if callable(resolved):
+        parts.append(f"views made on the {resolved()}")
+    parts.append(_checkpoints(trainer))
+    if trainer.global_step:
+        parts.append(f"continuing after step {trainer.global_step:,}")
+    return "; ".join(parts)
+
+
+class RunPlan(Callback):
+    """Before the first step of a fit (process 0), one line on stderr with its plan (see the module docstring).
+
+    Args:
+        enabled: write it (``--run_plan.enabled false``: not).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.line: str | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or not trainer.is_global_zero:
+            return
+        self.line = describe_run(trainer, pl_module, getattr(trainer, "datamodule", None))
+        sys.stderr.write(f"dora fit: plan: {self.line}\n")
+        sys.stderr.flush()

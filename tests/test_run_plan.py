@@ -1,0 +1,69 @@
+"""RunPlan: the one line `dora fit` writes before its first step says what the run trains on and for how long, with
+the run's own numbers."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import REPO
+from test_cli import MICRO_ARGS
+from test_module import MICRO, clip_video, make_data, make_trainer  # noqa: F401 - clip_video is a fixture
+
+from dora_lightning.cli import main
+from dora_lightning.module import DoRAModule
+from dora_lightning.run_plan import RunPlan, format_duration
+
+
+@pytest.mark.parametrize(
+    "seconds, text", [(5, "5 s"), (128, "2 min 8 s"), (3600, "1 h 0 min"), (5530.4, "1 h 32 min")]
+)
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def plan_of(root, video, accumulate: int = 1, ckpt=None, **trainer) -> tuple[RunPlan, object]:
+    plan = RunPlan()
+    fit = make_trainer(
+        root, trainer.pop("max_steps", -1), accumulate_grad_batches=accumulate, callbacks=[plan], **trainer
+    )
+    data = make_data(video)
+    fit.fit(DoRAModule(**MICRO), datamodule=data, ckpt_path=ckpt)
+    return plan, fit
+
+
+def test_the_plan_has_the_runs_own_numbers(tmp_path, clip_video, capfd):  # noqa: F811
+    plan, trainer = plan_of(tmp_path, clip_video, max_epochs=2)
+    batches = trainer.num_training_batches  # per epoch; batch 2, one process
+    starts = sum(trainer.datamodule.dataset.num_starts)
+    base_lr = trainer.lightning_module.hparams.base_lr
+    assert plan.line == (
+        "DoRA, vit_tiny_patch16_224 at 32 px; 1 video, 4 s at 30 fps; "
+        f"an epoch is {batches} steps of 2 clips (2 x 1 process x accumulate 1) = {2 * batches} of its {starts} clip "
+        f"starts; the run: 2 epochs = {2 * batches} steps; lr {base_lr * 2 / 256:.3g} (base_lr {base_lr:g} x 2 / 256) after {batches} warm-up steps; views made on the cpu; "
+        "no checkpoints (checkpointing is off)"
+    )
+    assert f"dora fit: plan: {plan.line}\n" in capfd.readouterr().err
+
+
+def test_accumulation_steps_and_a_resumed_run(tmp_path, clip_video):  # noqa: F811
+    plan, trainer = plan_of(tmp_path, clip_video, accumulate=2, max_steps=2, enable_checkpointing=True)
+    assert re.search(r"an epoch is \d+ steps of 4 clips \(2 x 1 process x accumulate 2\)", plan.line)
+    assert (
+        "the run: 2 steps (trainer.max_steps)" in plan.line
+        and " x 4 / 256) after 2 warm-up steps" in plan.line
+    )
+    assert f"checkpoints in {tmp_path / 'checkpoints'}" in plan.line and "continuing" not in plan.line
+    last = sorted((tmp_path / "checkpoints").glob("*.ckpt"))[-1]
+    resumed, _ = plan_of(tmp_path / "b", clip_video, accumulate=2, max_steps=3, ckpt=str(last))
+    assert resumed.line.endswith("continuing after step 2")
+
+
+def test_dora_fit_writes_the_plan_and_it_can_be_turned_off(tmp_path, capfd):
+    args = ["fit", *MICRO_ARGS, f"--data.paths={REPO / 'assets/video/vtest.mp4'}", "--trainer.max_steps=1"]
+    main([*args, f"--trainer.default_root_dir={tmp_path / 'a'}"])
+    (line,) = [line for line in capfd.readouterr().err.splitlines() if line.startswith("dora fit: plan: ")]
+    assert "1 video, " in line and "the run: 1 step (trainer.max_steps)" in line
+    assert f"checkpoints in {tmp_path / 'a'}" in line
+    main([*args, f"--trainer.default_root_dir={tmp_path / 'b'}", "--run_plan.enabled=false"])
+    assert "dora fit: plan:" not in capfd.readouterr().err
