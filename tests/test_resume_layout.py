@@ -157,6 +157,8 @@ def test_dora_fit_resumes_a_two_process_run_on_one_process(tmp_path, capfd):
     _, command, env = fit_command(root, 1, saver, *ddp, "--trainer.max_steps=3")
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+    (plan,) = [line for line in run.stderr.splitlines() if line.startswith("dora fit: plan: ")]  # process 0's
+    assert "steps of 4 clips (2 x 2 processes x accumulate 1)" in plan
     args, _, _ = fit_command(root, 1, saver, "--trainer.devices=1", "--ckpt_path=last")
     capfd.readouterr()
     with pytest.raises(SystemExit) as refused:
