@@ -1,12 +1,12 @@
 """RunPlan: before the first step, one line that says what the run trains on and for how long.
 
 A wrong video folder (one file of ten matched), a batch or an lr other than meant, or a run ten times longer than
-planned shows in the first seconds, not after hours of rented GPU time. Process 0 writes, for example::
+planned shows in the first seconds, not after hours of rented GPU time. Process 0 writes, for configs/demo.yaml::
 
-    dora fit: plan: DoRA, vit_small_patch16_224 at 224 px; 1 video, 1 h 32 min at 60 fps; an epoch is 2,591 steps
-    of 128 clips (16 x 8 processes x accumulate 1) = 331,648 of its 331,740 clip starts; the run: 100 epochs =
-    259,100 steps; lr 0.00025 (base_lr 0.0005 x 128 / 256) after 25,910 warm-up steps; views made on the gpu;
-    checkpoints in /home/you/dora-lightning/runs/wt_venice/checkpoints
+    dora fit: plan: DoRA, vit_tiny_patch16_224 at 64 px; 1 video, 2 min 8 s at 10 fps; an epoch is 156 steps of 8
+    clips (8 x 1 process x accumulate 1) = 1,248 of its 1,250 clip starts; the run: 2 epochs = 312 steps; lr
+    0.000625 (base_lr 0.02 x 8 / 256) after 156 warm-up steps; views made on the cpu; checkpoints in
+    /home/you/dora-lightning/runs/demo/checkpoints
 
 (one line; a resumed run adds where it continues). Every number is the run's own: the Trainer's step counts and the
 module's lr rule (:class:`~dora_lightning.step_schedules.StepSchedules`).
