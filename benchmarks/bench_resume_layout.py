@@ -61,9 +61,9 @@ def taken_positions(num_starts, spec, layout, per_process, start_step, exclude=N
     )
     out = []
     for shard, plan in enumerate(plans):
-        logical = shard % layout.workers
-        begin = batches_taken(skip, layout.workers, logical) * layout.batch_size
-        end = batches_taken(per_process, layout.workers, logical) * layout.batch_size
+        logical = shard % layout.num_workers
+        begin = batches_taken(skip, layout.num_workers, logical) * layout.batch_size
+        end = batches_taken(per_process, layout.num_workers, logical) * layout.batch_size
         out.append(bases[plan.videos[begin:end]] + plan.starts[begin:end])
     return np.concatenate(out)
 

@@ -29,8 +29,10 @@ def did_you_mean(message: str, parser: Any) -> str:
     return ""
 
 
-# where a config names an evaluator plugin: `dora validate`'s evaluator, `dora fit`'s eval_during.evaluator
-EVALUATOR_KEYS = (("evaluator",), ("eval_during", "evaluator"))
+# where a config or the command line names an evaluator plugin: `dora validate`'s, and `dora fit`'s eval_during's
+VALIDATE_EVALUATOR = "evaluator"
+FIT_EVALUATOR = "eval_during.evaluator"
+EVALUATOR_KEYS = (VALIDATE_EVALUATOR, FIT_EVALUATOR)
 
 
 def resolve_config_evaluators(config: Any) -> list[str]:
@@ -41,14 +43,15 @@ def resolve_config_evaluators(config: Any) -> list[str]:
     from dora_lightning.evaluation.runner import resolve_evaluator_value
 
     resolved = []
-    for key in EVALUATOR_KEYS:
+    for name in EVALUATOR_KEYS:
+        *parents, leaf = name.split(".")
         holder = config
-        for part in key[:-1]:
+        for part in parents:
             holder = holder.get(part) if isinstance(holder, dict) else None
         if not isinstance(holder, dict):
             continue
-        value, name = holder.get(key[-1]), ".".join(key)
-        target, field = (holder, key[-1]) if isinstance(value, str) else (value, "class_path")
+        value = holder.get(leaf)
+        target, field = (holder, leaf) if isinstance(value, str) else (value, "class_path")
         short = target.get(field) if isinstance(target, dict) else None
         if not isinstance(short, str) or "." in short or ":" in short:
             continue  # a class path is jsonargparse's; a name (knn, KNNEvaluator) resolves as on the command line
@@ -66,7 +69,7 @@ class DoraArgumentParser(LightningArgumentParser):
 
     def _load_config_parser_mode(self, content: str, *args: Any, **kwargs: Any) -> Any:
         # jsonargparse's one place where a config's text becomes a dict (a file, a string, a default config)
-        if any(key[-1] in content for key in EVALUATOR_KEYS):
+        if "evaluator" in content:  # the last part of every EVALUATOR_KEYS
             content = self._with_resolved_evaluators(content, kwargs.get("path") or (args[0] if args else ""))
         return super()._load_config_parser_mode(content, *args, **kwargs)
 

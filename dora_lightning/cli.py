@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dora_lightning.argument_parser import DoraArgumentParser
+from dora_lightning.argument_parser import FIT_EVALUATOR, DoraArgumentParser
 from dora_lightning.data.datamodule import VideoClipDataModule
 from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, exit_with_error
 from dora_lightning.module import DoRAModule
@@ -29,7 +29,6 @@ from dora_lightning.runs import (
     use_run_folder,
 )
 
-EVAL_DURING = "eval_during.evaluator"  # the evaluator of EvaluateDuringFit, as a config key
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # `--ckpt_path` values Lightning resolves itself
 
 
@@ -182,7 +181,7 @@ def run_fit(argv: Sequence[str] | None) -> DoraCLI:
     import_registered()  # so that jsonargparse knows the registered class names (KNNEvaluator) in configs too
     given = sys.argv[1:] if argv is None else list(argv)
     resolved = rewrite_evaluator_args(
-        given, lambda message: exit_with_error("dora fit", message), key=EVAL_DURING
+        given, lambda message: exit_with_error("dora fit", message), key=FIT_EVALUATOR
     )
     if argv is None:
         sys.argv[1:] = resolved

@@ -21,6 +21,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from dora_lightning.runs import trainer_checkpoint_folder
+from dora_lightning.step_schedules import StepSchedules
+
 __all__ = ["RunPlan", "describe_run", "format_duration"]
 
 
@@ -53,65 +56,45 @@ def _videos(data: Any) -> str | None:
     return f"{len(videos)} video{'s' * (len(videos) > 1)}, {format_duration(seconds)} at {fps} fps"
 
 
-def _epoch(trainer: pl.Trainer, module: Any, data: Any) -> str | None:
-    batch = getattr(module.hparams, "batch_size", None) or getattr(data, "batch_size", None)
-    batches = trainer.num_training_batches
-    if not batch or not math.isfinite(batches):
-        return None
-    world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
-    processes = f"{world} process{'es' * (world > 1)}"
+def _epoch(trainer: pl.Trainer, module: StepSchedules, data: Any) -> str:
+    batch, world, accumulate = module.hparams.batch_size, trainer.world_size, trainer.accumulate_grad_batches
     text = (
-        f"an epoch is {_count(module.steps_per_epoch, 'step')} of {batch * world * accumulate:,} clips "
-        f"({batch} x {processes} x accumulate {accumulate})"
+        f"an epoch is {_count(module.steps_per_epoch, 'step')} of {module.global_batch:,} clips "
+        f"({batch} x {world} process{'es' * (world > 1)} x accumulate {accumulate})"
     )
-    dataset = getattr(data, "dataset", None)
-    starts = sum(getattr(dataset, "num_starts", None) or [])
-    if starts:
+    batches = trainer.num_training_batches
+    starts = sum(getattr(getattr(data, "dataset", None), "num_starts", None) or [])
+    if starts and math.isfinite(batches):
         text += f" = {int(batches) * batch * world:,} of its {starts:,} clip starts"
     return text
 
 
-def _length(trainer: pl.Trainer, module: Any) -> str:
-    total = module.total_steps
-    epochs = trainer.max_epochs
+def _length(trainer: pl.Trainer, module: StepSchedules) -> str:
+    total, epochs = module.total_steps, trainer.max_epochs
     by_steps = trainer.max_steps not in (None, -1) and total == trainer.max_steps
     if by_steps or epochs in (None, -1):
         return f"the run: {_count(total, 'step')} (trainer.max_steps)"
     return f"the run: {_count(epochs, 'epoch')} = {_count(total, 'step')}"
 
 
-def _lr(trainer: pl.Trainer, module: Any) -> str | None:
+def _lr(module: StepSchedules) -> str:
     hp = module.hparams
-    if not hasattr(module, "scaled_lr") or "base_lr" not in hp:
-        return None
-    global_batch = hp.batch_size * trainer.world_size * trainer.accumulate_grad_batches
-    warmup = min(int(hp.get("warmup_epochs", 0)) * module.steps_per_epoch, module.total_steps)
-    scaled = f"lr {module.scaled_lr():.3g} (base_lr {hp.base_lr:g} x {global_batch} / 256)"
-    return f"{scaled} after {_count(warmup, 'warm-up step')}"
+    scaled = f"lr {module.scaled_lr():.3g} (base_lr {hp.base_lr:g} x {module.global_batch} / 256)"
+    return f"{scaled} after {_count(module.warmup_steps, 'warm-up step')}"
 
 
-def _checkpoints(trainer: pl.Trainer) -> str:
-    for callback in trainer.checkpoint_callbacks:
-        folder = getattr(callback, "dirpath", None)
-        if folder:
-            return f"checkpoints in {folder}"
-    return "no checkpoints (checkpointing is off)"
-
-
-def describe_run(trainer: pl.Trainer, module: Any, data: Any) -> str:
+def describe_run(trainer: pl.Trainer, module: StepSchedules, data: Any) -> str:
     """The plan of a fit that is about to start (or continue): see the module docstring."""
     hp = module.hparams
     method = {"dora": "DoRA", "dino": "DINO"}.get(hp.get("method"), str(hp.get("method", "")))
     parts = [f"{method}, {hp.get('backbone')} at {hp.get('img_size')} px"]
-    parts += [part for part in (_videos(data), _epoch(trainer, module, data)) if part]
-    parts.append(_length(trainer, module))
-    lr = _lr(trainer, module)
-    if lr:
-        parts.append(lr)
-    resolved = getattr(data, "resolved_augment_on", None)
-    if callable(resolved):
+    if videos := _videos(data):
+        parts.append(videos)
+    parts += [_epoch(trainer, module, data), _length(trainer, module), _lr(module)]
+    if callable(resolved := getattr(data, "resolved_augment_on", None)):
         parts.append(f"views made on the {resolved()}")
-    parts.append(_checkpoints(trainer))
+    folder = trainer_checkpoint_folder(trainer)
+    parts.append(f"checkpoints in {folder}" if folder else "no checkpoints (checkpointing is off)")
     if trainer.global_step:
         parts.append(f"continuing after step {trainer.global_step:,}")
     return "; ".join(parts)
@@ -129,7 +112,7 @@ class RunPlan(Callback):
         self.line: str | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or not trainer.is_global_zero:
+        if not self.enabled or not trainer.is_global_zero or not isinstance(pl_module, StepSchedules):
             return
         self.line = describe_run(trainer, pl_module, getattr(trainer, "datamodule", None))
         sys.stderr.write(f"dora fit: plan: {self.line}\n")

@@ -185,6 +185,16 @@ def load_initial_weights(module: Any, path: Path, model_config: Mapping[str, Any
         ) from err
 
 
+def trainer_checkpoint_folder(trainer: Any) -> Path | None:
+    """The folder of the trainer's first checkpoint callback (where ``--ckpt_path last`` looks), or None without
+    one."""
+    for callback in trainer.checkpoint_callbacks:
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath:
+            return Path(dirpath)
+    return None
+
+
 def use_run_folder(trainer: Any) -> None:
     """Point every ``ModelCheckpoint`` without a ``dirpath`` at ``<default_root_dir>/checkpoints`` (Lightning would
     pick a new ``lightning_logs/version_N`` folder each run, where ``--ckpt_path last`` cannot find it) and write

@@ -4,6 +4,7 @@ hyperparameters and the Trainer's step counts; evaluated once per optimiser step
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from dora_lightning.core.schedules import cosine_schedule, linear_warmup_then_constant
 
@@ -30,10 +31,19 @@ class StepSchedules:
     def total_steps(self) -> int:
         return max(1, int(self.trainer.estimated_stepping_batches))
 
+    @property
+    def global_batch(self) -> int:
+        """Clips per optimiser step over all processes: batch_size x processes x gradient accumulation."""
+        return self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    @property
+    def warmup_steps(self) -> int:
+        """Optimiser steps of the lr warm-up (at most the whole run)."""
+        return _warmup_steps(self.hparams, self.steps_per_epoch, self.total_steps)
+
     def scaled_lr(self) -> float:
         """base_lr x total batch / 256, the DINO linear scaling rule."""
-        total = self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        return self.hparams.base_lr * total / 256.0
+        return self.hparams.base_lr * self.global_batch / 256.0
 
     def schedule_values(self, step: int) -> dict[str, float]:
         """lr, weight decay, EMA momentum and teacher temperature at optimiser step ``step``."""
@@ -44,7 +54,7 @@ class StepSchedules:
                 total,
                 self.scaled_lr(),
                 hp.min_lr,
-                warmup_steps=min(hp.warmup_epochs * per_epoch, total),
+                warmup_steps=_warmup_steps(hp, per_epoch, total),
             ),
             "wd": cosine_schedule(step, total, hp.weight_decay, hp.weight_decay_end),
             "momentum": cosine_schedule(step, total, hp.momentum_teacher, hp.momentum_teacher_end),
@@ -60,3 +70,7 @@ class StepSchedules:
         if self._step_values is None or self._step_values[0] != step:
             self._step_values = (step, self.schedule_values(step))
         return self._step_values[1]
+
+
+def _warmup_steps(hparams: Any, steps_per_epoch: int, total_steps: int) -> int:
+    return min(hparams.warmup_epochs * steps_per_epoch, total_steps)

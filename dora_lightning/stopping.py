@@ -46,6 +46,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dora_lightning.runs import trainer_checkpoint_folder
 from dora_lightning.stop_agreement import StopAgreement
 
 __all__ = ["STOPPED_PREFIX", "StopCheckpoint"]
@@ -174,7 +175,7 @@ class StopCheckpoint(Callback):
         wrote = False
         if not self.save:
             saved = "nothing saved (--on_stop.save false)"
-        elif (folder := _checkpoint_folder(trainer)) is None:
+        elif (folder := trainer_checkpoint_folder(trainer)) is None:
             saved = "nothing saved: checkpointing is off"
         else:
             path = folder / f"{STOPPED_PREFIX}{trainer.global_step}.ckpt"
@@ -227,15 +228,6 @@ def _requeue() -> str:
             return f"requeued SLURM job {job}: its script continues the run with --ckpt_path last"
         problem = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
     return f"`scontrol requeue {job}` failed ({problem}); resubmit the job with --ckpt_path last"
-
-
-def _checkpoint_folder(trainer: pl.Trainer) -> Path | None:
-    """The folder of the run's first checkpoint callback (where ``--ckpt_path last`` looks), or None without one."""
-    for callback in trainer.checkpoint_callbacks:
-        dirpath = getattr(callback, "dirpath", None)
-        if dirpath:
-            return Path(dirpath)
-    return None
 
 
 def _remove_older_stops(folder: Path, keep: Path) -> None:

@@ -34,7 +34,7 @@ def emitted(layout: Layout, batches: int, taken: np.ndarray | None = None, epoch
     out = []
     for shard in range(layout.num_shards):
         (plan,) = layout.plans(NUM_STARTS, SPEC, [shard], start_step=STEP, seed=7, epoch=epoch, exclude=taken)
-        clips = batches_taken(batches, layout.workers, shard % layout.workers) * layout.batch_size
+        clips = batches_taken(batches, layout.num_workers, shard % layout.num_workers) * layout.batch_size
         positions = (BASES[plan.videos] + plan.starts)[:clips].tolist()
         out += [positions[i : i + layout.batch_size] for i in range(0, clips, layout.batch_size)]
     return out

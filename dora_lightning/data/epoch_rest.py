@@ -26,8 +26,15 @@ __all__ = [
     "batches_taken",
     "consumed_starts",
     "continue_epoch",
+    "emitting_workers",
     "rest_batches_available",
 ]
+
+
+def emitting_workers(num_workers: int) -> int:
+    """Loader workers per process that emit batches for ``data.num_workers``: 0 (the main process loads) deals the
+    clips as one worker does."""
+    return max(1, num_workers)
 
 
 @dataclass(frozen=True)
@@ -42,16 +49,11 @@ class Layout:
     cursors: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "num_workers", max(1, self.num_workers))
+        object.__setattr__(self, "num_workers", emitting_workers(self.num_workers))
 
     @property
     def num_shards(self) -> int:
         return self.world_size * self.num_workers
-
-    @property
-    def workers(self) -> int:
-        """Loader workers per process that emit batches (the main process counts as one)."""
-        return self.num_workers
 
     def plans(
         self,
@@ -73,7 +75,7 @@ class Layout:
             batch_size=self.batch_size,
             cursors=self.cursors,
             start_step=start_step,
-            workers_per_rank=self.workers,
+            workers_per_rank=self.num_workers,
             seed=seed,
             epoch=epoch,
             exclude=exclude,
@@ -128,7 +130,8 @@ def consumed_starts(
     for index, segment in enumerate(segments):
         layout = segment.layout
         clips = {
-            shard: batches_taken(segment.batches, layout.workers, shard % layout.workers) * layout.batch_size
+            shard: batches_taken(segment.batches, layout.num_workers, shard % layout.num_workers)
+            * layout.batch_size
             for shard in range(layout.num_shards)
         }
         shards = [shard for shard, count in clips.items() if count]
@@ -144,7 +147,11 @@ def consumed_starts(
 def rest_batches_available(num_starts: Sequence[int], taken: np.ndarray, layout: Layout) -> int:
     """Batches each process of ``layout`` can take from the starts not ``taken`` (every shard gets as many)."""
     left = int(np.count_nonzero(~taken))
-    return layout.workers * clips_per_shard([left], layout.num_shards, layout.batch_size) // layout.batch_size
+    return (
+        layout.num_workers
+        * clips_per_shard([left], layout.num_shards, layout.batch_size)
+        // layout.batch_size
+    )
 
 
 def continue_epoch(

@@ -24,6 +24,7 @@ from dora_lightning.data.epoch_rest import (
     Segment,
     consumed_starts,
     continue_epoch,
+    emitting_workers,
     rest_batches_available,
 )
 from dora_lightning.data.sampling import ClipSpec
@@ -326,7 +327,7 @@ class ClipStreamPosition:
         current = {"seed": self.seed, "start_step": self.start_step, **vars(self._layout())}
         saved = dict(state_dict)
         if saved.get("num_workers") is not None:  # earlier versions saved 0 as 0: 0 and 1 are one layout
-            saved["num_workers"] = max(1, int(saved["num_workers"]))
+            saved["num_workers"] = emitting_workers(int(saved["num_workers"]))
         # cursors and start_step are compared only when the checkpoint has them (older checkpoints do not)
         changed = {
             k: (saved.get(k), v)

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dora_lightning.data.decode_stats import DecodeStats, WarnedOnce
-from dora_lightning.data.epoch_rest import EpochRest, Layout, batches_taken, consumed_starts
+from dora_lightning.data.epoch_rest import EpochRest, Layout, batches_taken, consumed_starts, emitting_workers
 from dora_lightning.data.reader import RangeReader, to_pixels
 from dora_lightning.data.sampling import (
     ClipSpec,
@@ -105,7 +105,7 @@ class VideoClipStream(IterableDataset):
     ) -> None:
         super().__init__()
         self.videos, self.spec, self.transform = list(videos), spec, transform
-        self.batch_size, self.num_workers = batch_size, max(1, num_workers)
+        self.batch_size, self.num_workers = batch_size, emitting_workers(num_workers)
         self.rank, self.world_size = rank, world_size
         self.cursors = cursors_per_worker(cursors, batch_size)
         self.start_step = start_step

@@ -86,45 +86,49 @@ class EvaluateDuringFit(Callback):
             return
         epoch = trainer.current_epoch + 1  # epochs completed
         last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch  # -1: no epoch limit
-        if (self.every_n_epochs and epoch % self.every_n_epochs == 0) or (last and self.every_n_epochs):
+        if self.every_n_epochs and (epoch % self.every_n_epochs == 0 or last):
             # after training has run, a failing evaluation is said and training goes on (the epoch is not lost)
             self._evaluate(trainer, pl_module, epoch=epoch, strict=False)
 
     def _evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None, strict: bool
     ) -> None:
-        assert self.evaluator is not None
         if trainer.is_global_zero:
-            name = evaluator_name(type(self.evaluator))
-            began = time.perf_counter()
-            when = "before training" if epoch is None else f"after epoch {epoch}"
-            try:
-                metrics = self._metrics(trainer, pl_module)
-            except SIGTERMException:
-                # the evaluator's Trainer stops its loop on SIGTERM (its handler runs with dora fit's, which noted
-                # the signal too): the evaluation is cut short, and the run stops after its next step as usual,
-                # its epoch-end checkpoints written first, every process with it
-                sys.stderr.write(
-                    f"dora fit: eval_during ({name}) {when} cut short by SIGTERM; the run stops after its next step\n"
-                )
-            except Exception as err:  # noqa: BLE001 - any evaluator failure: one line, training goes on
-                if strict:
-                    raise
-                sys.stderr.write(f"dora fit: eval_during ({name}) failed {when}: {one_line(err)}\n")
-            else:
-                step = trainer.global_step
-                # evaluators name their metrics "<name>/<metric>"; others get the evaluator's name in front
-                logged = {
-                    f"eval/{key if '/' in key else f'{name}/{key}'}": float(v) for key, v in metrics.items()
-                }
-                for logger in trainer.loggers:
-                    logger.log_metrics(logged, step=step)
-                self.history.append({"epoch": epoch or 0, "step": step, "metrics": dict(metrics)})
-                when = when if epoch is None else f"{when} (step {step})"
-                shown = ", ".join(f"{key} {value:.2f}" for key, value in metrics.items())
-                seconds = time.perf_counter() - began
-                sys.stderr.write(f"dora fit: {name} {when}: {shown} ({seconds:.1f} s)\n")
+            self._evaluate_here(trainer, pl_module, epoch, strict)
         trainer.strategy.barrier("eval_during")
+
+    def _evaluate_here(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None, strict: bool
+    ) -> None:
+        """Process 0: evaluate, then log and say the metrics, or say in one line why there are none."""
+        assert self.evaluator is not None
+        name = evaluator_name(type(self.evaluator))
+        when = "before training" if epoch is None else f"after epoch {epoch}"
+        began = time.perf_counter()
+        try:
+            metrics = self._metrics(trainer, pl_module)
+        except SIGTERMException:
+            # the evaluator's Trainer stops its loop on SIGTERM (its handler runs with dora fit's, which noted the
+            # signal too): the evaluation is cut short, and the run stops after its next step as usual, its
+            # epoch-end checkpoints written first, every process with it
+            sys.stderr.write(
+                f"dora fit: eval_during ({name}) {when} cut short by SIGTERM; the run stops after its next step\n"
+            )
+            return
+        except Exception as err:  # noqa: BLE001 - any evaluator failure: one line, training goes on
+            if strict:
+                raise
+            sys.stderr.write(f"dora fit: eval_during ({name}) failed {when}: {one_line(err)}\n")
+            return
+        step = trainer.global_step
+        # evaluators name their metrics "<name>/<metric>"; others get the evaluator's name in front
+        logged = {f"eval/{key if '/' in key else f'{name}/{key}'}": float(v) for key, v in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=step)
+        self.history.append({"epoch": epoch or 0, "step": step, "metrics": dict(metrics)})
+        shown = ", ".join(f"{key} {value:.2f}" for key, value in metrics.items())
+        at = when if epoch is None else f"{when} (step {step})"
+        sys.stderr.write(f"dora fit: {name} {at}: {shown} ({time.perf_counter() - began:.1f} s)\n")
 
     def _metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """The evaluator's metrics on a frozen copy of the backbone, on process 0's device, randomness isolated."""
@@ -142,7 +146,4 @@ class EvaluateDuringFit(Callback):
             "default_root_dir": trainer.default_root_dir,
         }
         with isolated_randomness(device):
-            try:
-                return self.evaluator.evaluate(backbone, trainer_kwargs)
-            finally:
-                del backbone
+            return self.evaluator.evaluate(backbone, trainer_kwargs)

@@ -44,17 +44,10 @@ def resolve_evaluator_value(value: str) -> str:
     return class_path_of(get_evaluator_class(text))
 
 
-def evaluator_flags(key: str) -> tuple[str, ...]:
-    """The flags that name an evaluator class under the config key ``key`` (``evaluator``, ``eval_during.evaluator``)."""
-    return (f"--{key}", f"--{key}.help", f"--{key}.class_path")
-
-
-def rewrite_evaluator_args(
-    argv: Sequence[str], error: Callable[[str], NoReturn], key: str = "evaluator"
-) -> list[str]:
-    """``argv`` with the value of every ``--KEY`` / ``--KEY.help`` / ``--KEY.class_path`` flag (``key``: evaluator)
-    resolved by :func:`resolve_evaluator_value`; an unknown name is passed to ``error`` (a parser's)."""
-    flags = evaluator_flags(key)
+def rewrite_evaluator_args(argv: Sequence[str], error: Callable[[str], NoReturn], key: str) -> list[str]:
+    """``argv`` with the value of every ``--KEY`` / ``--KEY.help`` / ``--KEY.class_path`` flag (``key``: one of
+    :data:`~dora_lightning.argument_parser.EVALUATOR_KEYS`) resolved by :func:`resolve_evaluator_value`; an unknown name is passed to ``error`` (a parser's)."""
+    flags = (f"--{key}", f"--{key}.help", f"--{key}.class_path")
 
     def resolved(value: str) -> str:
         try:
@@ -137,6 +130,7 @@ def run(argv: Sequence[str]) -> Evaluation:
     """Parse ``argv`` (the arguments after ``validate``), load the backbone, evaluate, print and write the results."""
     from lightning.pytorch.utilities import rank_zero_only
 
+    from dora_lightning.argument_parser import VALIDATE_EVALUATOR
     from dora_lightning.checkpoints import load_backbone
     from dora_lightning.errors import one_line
     from dora_lightning.evaluation.contract import EvaluationDataError, evaluator_name
@@ -145,7 +139,7 @@ def run(argv: Sequence[str]) -> Evaluation:
 
     import_registered()  # so that jsonargparse knows the registered class names; failures surface when named
     parser = build_parser()
-    config = parser.parse_args(rewrite_evaluator_args(argv, parser.error))
+    config = parser.parse_args(rewrite_evaluator_args(argv, parser.error, key=VALIDATE_EVALUATOR))
     if config.get("evaluator") is None:
         fail("--evaluator is required: the evaluator plugin to run (knn, linear, segmentation, davis, ...)")
     if not config.get("ckpt_path"):
