@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 import json
 import os
+import re
 from typing import Any, NoReturn
 
 from jsonargparse import get_loader
@@ -27,6 +30,33 @@ def did_you_mean(message: str, parser: Any) -> str:
             if close:
                 return f"; did you mean {close[0]}?"
     return ""
+
+
+_NOT_ACCEPTED = re.compile(
+    r"""Parser key "([\w.]+)".*?Problem with given class_path '([\w.]+)': Option '(\w+)' is not accepted"""
+)
+
+
+def unknown_plugin_option(message: str) -> str | None:
+    """jsonargparse's refusal of an option that a class given by ``class_path`` (an evaluator plugin) does not take,
+    said in one short line with that class's options; None for any other message."""
+    found = _NOT_ACCEPTED.search(message)
+    if found is None:
+        return None
+    key, class_path, option = found.groups()
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        options = [
+            name for name in inspect.signature(cls).parameters if name not in ("self", "args", "kwargs")
+        ]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    close = difflib.get_close_matches(option, options, n=1, cutoff=0.6)
+    guess = f"; did you mean --{key}.{close[0]}?" if close else ""
+    return (
+        f"--{key}.{option}: {class_name} has no option '{option}' (its options: {', '.join(options)}){guess}"
+    )
 
 
 # where a config or the command line names an evaluator plugin: `dora validate`'s, and `dora fit`'s eval_during's
@@ -95,4 +125,7 @@ class DoraArgumentParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        plugin = unknown_plugin_option(text)
+        if plugin is not None:
+            exit_with_error(prog, f"{plugin} (options: {prog} --help)")
         exit_with_error(prog, f"{text}{did_you_mean(text, parser)} (options: {prog} --help)")

@@ -88,11 +88,11 @@ def main(args: Sequence[str] | None = None) -> None:
     try:
         status = _run(subcommand, argv, from_console=args is None)
     except Exception as err:
-        from dora_lightning.errors import is_user_error, one_line
+        from dora_lightning.errors import is_user_error, user_message
 
         if verbose or not is_user_error(err):
             raise
-        exit_with_error(f"dora {subcommand}", one_line(err))
+        exit_with_error(f"dora {subcommand}", user_message(err))
     if status:
         raise SystemExit(status)
 

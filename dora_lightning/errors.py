@@ -23,6 +23,7 @@ _USER_ERROR_FILES = (
     "checkpoint_formats.py",
     "runs.py",
 )
+_TRAINER_FILE = ("lightning", "pytorch", "trainer", "trainer.py")
 _WORKER_FRAME = re.compile(r'File "([^"]+)", line \d+')
 
 
@@ -62,6 +63,41 @@ def one_line(err: BaseException) -> str:
     return last
 
 
+def raised_building_trainer(err: BaseException) -> bool:
+    """True when ``err`` was raised while a Lightning ``Trainer`` was being built (``dora fit``'s, or an evaluator's in
+    ``dora validate``): its arguments, the ``--trainer.*`` options, do not fit each other or this machine."""
+    tb = err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "__init__" and Path(code.co_filename).parts[-4:] == _TRAINER_FILE:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def user_message(err: BaseException) -> str:
+    """The one-line message of a user error (:func:`is_user_error`); the Trainer's refusals of its options are named
+    as such, with what to give instead on a machine without a usable CUDA GPU."""
+    text = one_line(err)
+    if not raised_building_trainer(err):
+        return text
+    hint = _no_gpu_hint(text)
+    return f"--trainer options: {text.rstrip('.!') if hint else text}{hint}"
+
+
+def _no_gpu_hint(text: str) -> str:
+    import torch
+
+    if not re.search(r"gpu|cuda", text, re.IGNORECASE) or torch.cuda.is_available():
+        return ""
+    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return (
+        f"; this machine has no usable CUDA GPU (torch {torch.__version__}, {build}): on the CPU give "
+        "--trainer.accelerator cpu --trainer.devices 1 --trainer.precision 32-true (docs/troubleshooting.md, "
+        '"The Trainer\'s options")'
+    )
+
+
 def raise_site(err: BaseException) -> Path | None:
     """The file whose code raised ``err``: its innermost frame or, for an error re-raised from a DataLoader worker,
     the innermost frame of the worker's traceback (quoted in the message)."""
@@ -79,11 +115,12 @@ def raise_site(err: BaseException) -> Path | None:
 def is_user_error(err: BaseException) -> bool:
     """True when ``err`` is a message of ours about the user's data, config or checkpoint: a ValueError or
     FileNotFoundError raised by the data, model-config, collapse-guard or checkpoint code (a RuntimeError: by the
-    data code), directly or in a DataLoader worker, or evaluation data refused by an evaluator. Any other exception,
+    data code), directly or in a DataLoader worker, evaluation data or an evaluator option refused by an evaluator, or the
+    Trainer's refusal of its options (:func:`raised_building_trainer`). Any other exception,
     e.g. one raised by torch inside a training step, is a bug and keeps its traceback."""
-    from dora_lightning.evaluation.contract import EvaluationDataError
+    from dora_lightning.evaluation.contract import EvaluationDataError, EvaluatorSettingError
 
-    if isinstance(err, EvaluationDataError):
+    if isinstance(err, (EvaluationDataError, EvaluatorSettingError)) or raised_building_trainer(err):
         return True
     site = raise_site(err)
     if site is None:

@@ -15,7 +15,7 @@ from conftest import REPO
 
 from dora_lightning.cli import main
 from dora_lightning.data.sources import VideoSourceError, resolve_video_paths
-from dora_lightning.errors import is_user_error, one_line
+from dora_lightning.errors import is_user_error, one_line, raised_building_trainer
 
 FAST = ["--config", "configs/demo.yaml", "--data.num_workers", "0", "--trainer.max_steps", "1"]
 
@@ -78,6 +78,62 @@ def test_refused_config_value_isone_line(override, key, in_repo, capsys):
 def test_unknown_key_is_one_line_without_usage(in_repo, capsys):
     line = _run(["fit", *FAST, "--data.batch_sise", "4"], capsys)
     assert "--data.batch_sise" in line and "did you mean --data.batch_size?" in line
+
+
+@pytest.mark.parametrize("where", ["command_line", "config"])
+def test_an_option_the_transform_lacks_is_named_with_the_ones_it_has(where, in_repo, capsys):
+    if where == "config":
+        config = in_repo / "typo.yaml"
+        config.write_text("data:\n  transform:\n    init_args:\n      global_sz: 3\n")
+        typo = ["--config", str(config)]
+    else:
+        typo = ["--data.transform.global_sz", "3"]
+    line = _run(["fit", *FAST, *typo], capsys)
+    assert line.startswith(
+        "dora fit: error: --data.transform.global_sz: ClipMultiCrop has no option 'global_sz' (its "
+    )
+    assert "global_size, local_size" in line and "did you mean --data.transform.global_size?" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable CUDA GPU")
+def test_a_gpu_config_on_a_machine_without_one_says_how_to_run_on_the_cpu(in_repo, capsys):
+    line = _run(
+        ["fit", *FAST, "--trainer.default_root_dir", str(in_repo), "--trainer.accelerator", "gpu"], capsys
+    )
+    assert line.startswith("dora fit: error: --trainer options: No supported gpu backend found;"), line
+    assert "no usable CUDA GPU" in line and "--trainer.accelerator cpu" in line
+    assert not any(in_repo.iterdir()), "nothing is written before the Trainer exists"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--trainer.strategy=ddpp", "invalid strategy name: `strategy='ddpp'`"),
+        ("--trainer.num_nodes=0", "`num_nodes` must be a positive integer, but got 0"),
+    ],
+)
+def test_trainer_refusing_its_options_is_one_line(override, expected, in_repo, capsys):
+    line = _run(["fit", *FAST, "--trainer.default_root_dir", str(in_repo), override], capsys)
+    assert line.startswith("dora fit: error: --trainer options: ") and expected in line, line
+
+
+def test_only_errors_of_the_trainers_construction_count_as_its_options(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class BrokenStep(BoringModel):
+        def training_step(self, batch, batch_idx):
+            raise ValueError("a bug in a step")
+
+    with pytest.raises(ValueError) as refused:
+        pl.Trainer(num_nodes=0)
+    assert raised_building_trainer(refused.value) and is_user_error(refused.value)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
+    with pytest.raises(ValueError) as bug:
+        trainer.fit(BrokenStep())
+    assert not raised_building_trainer(bug.value) and not is_user_error(bug.value)
 
 
 # ------------------------------------------------------------------------------------------------ --ckpt_path

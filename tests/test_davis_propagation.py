@@ -73,6 +73,24 @@ def test_propagate_equals_dinos_arithmetic(radius, contexts, discrete):
     torch.testing.assert_close(ours, dino_propagate(target, sources, labels, 5, mask), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("exact_ties", [False, True])
+def test_propagate_stays_float32_under_mixed_precision(exact_ties):
+    """`dora validate --trainer.precision bf16-mixed` (or 16-mixed) runs the evaluator under autocast: the affinities
+    and votes must not be rounded to bf16 (nor fail: index_add_ of bf16 into float32), in both vote paths."""
+    generator = torch.Generator().manual_seed(5)
+    n, contexts = 30, 2
+    target = F.normalize(torch.randn(n, 16, generator=generator), dim=1)
+    sources = F.normalize(torch.randn(contexts, n, 16, generator=generator), dim=2)
+    if exact_ties:  # the sparse (index_add_) path: more than k sources tie
+        sources[:, :8] = target[:1]
+    labels = torch.rand(contexts, 3, n, generator=generator)
+    expected = propagate(target, sources, labels, topk=5, temperature=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = propagate(target, sources, labels, topk=5, temperature=0.1)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, expected, rtol=0, atol=0)
+
+
 def test_neighbourhood_really_restricts():
     """A 1x20 strip: target patch 19 looks exactly like source patch 0 (label 1); its window neighbours are
     orthogonal to it (label 0). Unrestricted it takes label 1; with radius 2 it can only vote from 17..19."""

@@ -63,6 +63,18 @@ def test_knn_classify_equals_brute_force(features, chunk_size):
         assert torch.equal(scores[k].argmax(1), expected.argmax(1))
 
 
+def test_knn_classify_stays_float32_under_mixed_precision(features):
+    """Under ``--trainer.precision bf16-mixed`` the similarities and votes stay float32 (scatter_add_ of bf16 weights
+    into the float32 scores failed before), with the same scores as without autocast."""
+    bank, labels, queries = features
+    expected = knn_classify(bank, labels, queries, 5, [1, 10], temperature=0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = knn_classify(bank, labels, queries, 5, [1, 10], temperature=0.07)
+    for k in (1, 10):
+        assert mixed[k].dtype == torch.float32
+        torch.testing.assert_close(mixed[k], expected[k], rtol=0, atol=0)
+
+
 def test_knn_classify_known_answer():
     bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
     labels = torch.tensor([0, 1, 1])

@@ -19,7 +19,7 @@ from conftest import cpu_trainer_kwargs as trainer_kwargs
 from conftest import micro_vit
 from PIL import Image
 
-from dora_lightning.evaluation.contract import Evaluator
+from dora_lightning.evaluation.contract import Evaluator, EvaluatorSettingError
 from dora_lightning.evaluation.samplers import unrepeated_sampler
 from dora_lightning.models.backbone import build_vit, forward_features, last_n_block_cls
 from evaluators.linear.evaluator import LinearProbeEvaluator, LinearProbeModule, probe_features, summarize
@@ -352,7 +352,10 @@ def test_evaluator_arguments_and_trainer_kwargs(colour_data: Path, tmp_path: Pat
     ):
         with pytest.raises(ValueError, match=match):
             evaluator(colour_data, **bad)
-    with pytest.raises(ValueError, match="n_last_blocks=4 exceeds the backbone's depth 2"):
+    with pytest.raises(
+        EvaluatorSettingError,
+        match=r"n_last_blocks=4 exceeds the depth of the checkpoint's backbone \(2 blocks\)",
+    ):
         evaluator(colour_data, n_last_blocks=4).evaluate(micro_vit(), trainer_kwargs(tmp_path))
     with pytest.raises(ValueError, match="cannot run under a spawned/forked strategy"):
         evaluator(colour_data).evaluate(

@@ -336,7 +336,10 @@ def test_evaluator_arguments_and_errors(voc_fixture: Path, tmp_path: Path) -> No
         with pytest.raises(ValueError, match=match):
             evaluator(voc_fixture, **bad)
     for bad, match in (
-        ({"n_last_blocks": 3}, "n_last_blocks=3 exceeds the backbone's depth 2"),
+        (
+            {"n_last_blocks": 3},
+            r"n_last_blocks=3 exceeds the depth of the checkpoint's backbone \(2 blocks\)",
+        ),
         ({"image_size": 36}, "image_size 36 is not a multiple of the backbone's patch size 8"),
         ({"data_dir": str(tmp_path / "missing")}, "does not exist"),
     ):

@@ -290,6 +290,17 @@ def test_evaluator_help_lists_its_options(capsys):
         ("bad_size", "not a multiple of the patch size 8"),
         ("bad_option", "ks"),
         ("bad_value", "--evaluator: every k must be >= 1, got ks=[0]"),
+        (
+            "unknown_option",
+            "--evaluator.k: KNNEvaluator has no option 'k' (its options: ks, temperature, chunk_size, data_dir, "
+            "image_size, batch_size, num_workers, which, output_dir); did you mean --evaluator.ks?",
+        ),
+        (
+            "deeper_than_the_backbone",
+            "--evaluator linear: n_last_blocks=4 exceeds the depth of the checkpoint's backbone (1 blocks); give "
+            "--evaluator.n_last_blocks between 1 and 1",
+        ),
+        ("k_above_the_images", "--evaluator knn: k=100000 exceeds the "),
     ],
 )
 def test_bad_input_is_a_clear_error(case, message, exported_teacher, tmp_path, capsys):
@@ -322,6 +333,28 @@ def test_bad_input_is_a_clear_error(case, message, exported_teacher, tmp_path, c
             "--evaluator.ks=[0]",
             f"--ckpt_path={exported_teacher}",
         ],
+        "unknown_option": [
+            "validate",
+            "--evaluator",
+            "knn",
+            "--evaluator.k=3",
+            f"--ckpt_path={exported_teacher}",
+        ],
+        "deeper_than_the_backbone": [
+            "validate",
+            "--evaluator",
+            "linear",
+            f"--evaluator.data_dir={write_image_folder(tmp_path / 'images')}",
+            f"--ckpt_path={exported_teacher}",
+        ],
+        "k_above_the_images": [
+            "validate",
+            "--evaluator",
+            "knn",
+            "--evaluator.ks=[100000]",
+            f"--evaluator.data_dir={write_image_folder(tmp_path / 'images')}",
+            f"--ckpt_path={exported_teacher}",
+        ],
         "bad_option": [
             "validate",
             "--evaluator",
@@ -335,3 +368,48 @@ def test_bad_input_is_a_clear_error(case, message, exported_teacher, tmp_path, c
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable CUDA GPU")
+def test_a_gpu_trainer_on_a_machine_without_one_is_one_line(exported_teacher, tmp_path, capsys):
+    args = [
+        "validate",
+        "--evaluator",
+        "knn",
+        f"--ckpt_path={exported_teacher}",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--trainer.accelerator=gpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "dora validate: error: --trainer options: No supported gpu backend found;" in err
+    assert "--trainer.accelerator cpu" in err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_validate_under_mixed_precision_scores_as_in_float32(fit_checkpoint, image_root, tmp_path):
+    """``--trainer.precision bf16-mixed`` (what a GPU user gives; ``16-mixed`` is bf16 on the CPU too): the backbone
+    runs in bf16, the k-NN vote in float32; the scores stay close to float32's (they failed before)."""
+    data_dir, _ = image_root
+    args = [
+        "validate",
+        "--evaluator",
+        "knn",
+        "--ckpt_path",
+        str(fit_checkpoint),
+        "--evaluator.ks=[5,20]",
+        "--evaluator.image_size=32",
+        f"--evaluator.data_dir={data_dir}",
+        "--evaluator.num_workers=0",
+        "--evaluator.batch_size=256",
+        *QUIET,
+    ]
+    scores = {}
+    for precision in ("32-true", "bf16-mixed"):
+        root = tmp_path / precision
+        main([*args, f"--trainer.precision={precision}", f"--trainer.default_root_dir={root}"])
+        scores[precision] = json.loads((root / "eval" / "knn" / "results_knn.json").read_text())["metrics"]
+    for name, value in scores["32-true"].items():
+        assert abs(scores["bf16-mixed"][name] - value) <= 3.0, (name, scores)

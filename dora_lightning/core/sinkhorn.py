@@ -7,20 +7,14 @@ the golden tensors of the official code are reproduced; it is written independen
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import Tensor
 
+from .precision import fp32_region
+
 __all__ = ["sinkhorn_knopp"]
-
-
-def fp32_region(device: torch.device) -> contextlib.AbstractContextManager:
-    """Context that disables autocast on ``device`` so matmuls/softmax of fp32 tensors stay fp32 (bf16-safe)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _replace_infs_by_sample_max(q: Tensor) -> Tensor:

@@ -23,7 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .sinkhorn import fp32_region, sinkhorn_knopp
+from .precision import fp32_region
+from .sinkhorn import sinkhorn_knopp
 
 __all__ = [
     "TrackerInputs",

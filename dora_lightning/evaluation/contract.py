@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 if TYPE_CHECKING:  # annotations only: the data readers import this module's errors without importing timm
     from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["EvaluationDataError", "EvaluationDataNotFoundError", "Evaluator", "evaluator_name"]
+__all__ = [
+    "EvaluationDataError",
+    "EvaluationDataNotFoundError",
+    "Evaluator",
+    "EvaluatorSettingError",
+    "evaluator_name",
+]
 
 # constructor arguments that change how fast an evaluation runs or where it writes, not what it measures
 _NOT_PROTOCOL = frozenset({"num_workers", "output_dir"})
@@ -38,6 +44,16 @@ class EvaluationDataError(ValueError):
 
 class EvaluationDataNotFoundError(EvaluationDataError, FileNotFoundError):
     """A file or folder of the evaluation data is missing; also a ``FileNotFoundError``."""
+
+
+class EvaluatorSettingError(ValueError):
+    """An evaluator option that does not fit the checkpoint, the data or the run; the message names the option and
+    the fix.
+
+    Raised when the evaluation starts, where an option meets what it is applied to: ``n_last_blocks`` above the
+    backbone's depth, a ``k`` above the number of training images, a strategy the evaluator cannot run under.
+    Reported as :class:`EvaluationDataError` is: one line on stderr, exit status 2, nothing written.
+    """
 
 
 def evaluator_name(cls: type) -> str:

@@ -11,12 +11,17 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+from dora_lightning.evaluation.contract import EvaluatorSettingError
+
 
 def check_n_last_blocks(backbone: nn.Module, n_last_blocks: int) -> None:
-    """Raise ValueError when the backbone has fewer than ``n_last_blocks`` blocks."""
+    """Raise :class:`EvaluatorSettingError` when the backbone has fewer than ``n_last_blocks`` blocks."""
     depth = len(backbone.blocks)
     if n_last_blocks > depth:
-        raise ValueError(f"n_last_blocks={n_last_blocks} exceeds the backbone's depth {depth}")
+        raise EvaluatorSettingError(
+            f"n_last_blocks={n_last_blocks} exceeds the depth of the checkpoint's backbone ({depth} blocks); give "
+            f"--evaluator.n_last_blocks between 1 and {depth}"
+        )
 
 
 def probe_trainer_kwargs(
@@ -49,10 +54,10 @@ def probe_trainer_kwargs(
 
 
 def refuse_spawned_strategy(trainer: pl.Trainer, who: str) -> None:
-    """Raise ValueError under a multi-process spawn/fork strategy: a probe's results would stay in the workers."""
+    """Raise :class:`EvaluatorSettingError` under a multi-process spawn/fork strategy: a probe's results would stay in the workers."""
     start_method = getattr(trainer.strategy, "_start_method", "popen")
     if start_method != "popen" and trainer.world_size > 1:
-        raise ValueError(
+        raise EvaluatorSettingError(
             f"{who} cannot run under a spawned/forked strategy ({type(trainer.strategy).__name__}, start method "
             f"{start_method!r}): its results would stay in the worker processes; use --trainer.strategy ddp"
         )

@@ -133,7 +133,7 @@ def run(argv: Sequence[str]) -> Evaluation:
     from dora_lightning.argument_parser import VALIDATE_EVALUATOR
     from dora_lightning.checkpoints import load_backbone
     from dora_lightning.errors import one_line
-    from dora_lightning.evaluation.contract import EvaluationDataError, evaluator_name
+    from dora_lightning.evaluation.contract import EvaluationDataError, EvaluatorSettingError, evaluator_name
     from dora_lightning.evaluation.registry import import_registered
     from dora_lightning.evaluation.results import format_table, write_results
 
@@ -159,7 +159,7 @@ def run(argv: Sequence[str]) -> Evaluation:
     name = evaluator_name(type(evaluator))
     try:
         metrics = dict(evaluator.evaluate(backbone, dict(trainer_kwargs)))
-    except EvaluationDataError as err:
+    except (EvaluationDataError, EvaluatorSettingError) as err:
         fail(f"--evaluator {name}: {one_line(err)}")
     results_path = None
     if rank_zero_only.rank == 0:

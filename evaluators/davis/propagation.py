@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dora_lightning.core.precision import fp32_region
+
 __all__ = [
     "LabelPropagator",
     "labels_from_soft",
@@ -97,28 +99,30 @@ def propagate(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if neighbourhood is not None and neighbourhood.shape != (n, n):
         raise ValueError(f"neighbourhood must be ({n}, {n}), got {tuple(neighbourhood.shape)}")
-    target = target.float()
-    flat_sources = sources.float().reshape(contexts * n, -1)  # (C*N, d), context-major
-    flat_labels = source_labels.float().permute(0, 2, 1).reshape(contexts * n, -1)  # (C*N, L)
-    out = target.new_empty((n, flat_labels.shape[1]))
-    for start in range(0, n, chunk_size):
-        stop = min(n, start + chunk_size)
-        similarity = target[start:stop] @ flat_sources.T  # (T targets, C*N sources)
-        if neighbourhood is not None:  # -inf outside the window (an in-place add is the fastest way on CPU)
-            outside = ~neighbourhood[:, start:stop].T  # (T, N)
-            bias = similarity.new_zeros(outside.shape).masked_fill_(outside, float("-inf"))
-            similarity.view(stop - start, contexts, n).add_(bias.unsqueeze(1))
-        rows, cols, peak, exactly_k = _kept_sources(similarity, topk)
-        weights = ((similarity[rows, cols] - peak[rows]) / temperature).exp()
-        if exactly_k:  # k sources per target: a dense, deterministic sum (also on GPUs)
-            weights = weights.view(stop - start, topk)
-            votes = torch.einsum("tk,tkl->tl", weights, flat_labels[cols].view(stop - start, topk, -1))
-            totals = weights.sum(dim=1)
-        else:
-            totals = weights.new_zeros(stop - start).index_add_(0, rows, weights)
-            votes = weights.new_zeros((stop - start, flat_labels.shape[1]))
-            votes.index_add_(0, rows, weights[:, None] * flat_labels[cols])
-        out[start:stop] = votes / totals[:, None]
+    with fp32_region(target.device):  # under bf16/16-mixed too: affinities and votes in float32
+        target = target.float()
+        flat_sources = sources.float().reshape(contexts * n, -1)  # (C*N, d), context-major
+        flat_labels = source_labels.float().permute(0, 2, 1).reshape(contexts * n, -1)  # (C*N, L)
+        out = target.new_empty((n, flat_labels.shape[1]))
+        for start in range(0, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            similarity = target[start:stop] @ flat_sources.T  # (T targets, C*N sources)
+            # -inf outside the window (an in-place add is the fastest way on CPU)
+            if neighbourhood is not None:
+                outside = ~neighbourhood[:, start:stop].T  # (T, N)
+                bias = similarity.new_zeros(outside.shape).masked_fill_(outside, float("-inf"))
+                similarity.view(stop - start, contexts, n).add_(bias.unsqueeze(1))
+            rows, cols, peak, exactly_k = _kept_sources(similarity, topk)
+            weights = ((similarity[rows, cols] - peak[rows]) / temperature).exp()
+            if exactly_k:  # k sources per target: a dense, deterministic sum (also on GPUs)
+                weights = weights.view(stop - start, topk)
+                votes = torch.einsum("tk,tkl->tl", weights, flat_labels[cols].view(stop - start, topk, -1))
+                totals = weights.sum(dim=1)
+            else:
+                totals = weights.new_zeros(stop - start).index_add_(0, rows, weights)
+                votes = weights.new_zeros((stop - start, flat_labels.shape[1]))
+                votes.index_add_(0, rows, weights[:, None] * flat_labels[cols])
+            out[start:stop] = votes / totals[:, None]
     return out.T
 
 

@@ -23,7 +23,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dora_lightning.evaluation.contract import Evaluator
+from dora_lightning.core.precision import fp32_region
+from dora_lightning.evaluation.contract import Evaluator, EvaluatorSettingError
 from dora_lightning.models.backbone import forward_features
 
 __all__ = ["KNNEvaluator", "KNNModule", "knn_classify", "knn_metric_names"]
@@ -98,15 +99,16 @@ def knn_classify(
     scores = {
         k: query_features.new_zeros((query_features.shape[0], num_classes), dtype=torch.float32) for k in ks
     }
-    for start in range(0, query_features.shape[0], chunk_size):
-        queries = query_features[start : start + chunk_size].float()
-        similarity = queries @ bank.T  # (chunk, N)
-        top_sim, top_idx = similarity.topk(k_max, dim=1, largest=True, sorted=True)
-        del similarity
-        weights = (top_sim / temperature).exp()  # (chunk, k_max)
-        neighbour_labels = labels[top_idx]  # (chunk, k_max)
-        for k in ks:
-            scores[k][start : start + chunk_size].scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+    with fp32_region(query_features.device):  # under bf16/16-mixed too: the similarities and votes in float32
+        for start in range(0, query_features.shape[0], chunk_size):
+            queries = query_features[start : start + chunk_size].float()
+            similarity = queries @ bank.T  # (chunk, N)
+            top_sim, top_idx = similarity.topk(k_max, dim=1, largest=True, sorted=True)
+            del similarity
+            weights = (top_sim / temperature).exp()  # (chunk, k_max)
+            neighbour_labels = labels[top_idx]  # (chunk, k_max)
+            for k in ks:
+                scores[k][start : start + chunk_size].scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
     return scores
 
 
@@ -344,7 +346,7 @@ class KNNEvaluator(Evaluator):
         bank_loader, val_loader = data.train_eval_dataloader(), data.val_dataloader()
         train_images = len(bank_loader.dataset)  # type: ignore[arg-type]
         if max(self.ks) > train_images:
-            raise ValueError(
+            raise EvaluatorSettingError(
                 f"k={max(self.ks)} exceeds the {train_images} training images in '{self.data_dir}/train'; "
                 f"pass ks with every k <= {train_images}, e.g. --evaluator.ks '[10,20]'"
             )
