@@ -5,7 +5,7 @@ planned shows in the first seconds, not after hours of rented GPU time. Process 
 
     dora fit: plan: DoRA, vit_tiny_patch16_224 at 64 px; 1 video, 2 min 8 s at 10 fps; an epoch is 156 steps of 8
     clips (8 x 1 process x accumulate 1) = 1,248 of its 1,250 clip starts; the run: 2 epochs = 312 steps; lr
-    0.000625 (base_lr 0.02 x 8 / 256) after 156 warm-up steps; views made on the cpu; checkpoints in
+    0.000625 (base_lr 0.02 x 8 / 256) after 156 warm-up steps; views made in the loader workers (data.augment_on cpu); checkpoints in
     /home/you/dora-lightning/runs/demo/checkpoints
 
 (one line; a resumed run adds where it continues). Every number is the run's own: the Trainer's step counts and the
@@ -92,7 +92,11 @@ def describe_run(trainer: pl.Trainer, module: StepSchedules, data: Any) -> str:
         parts.append(videos)
     parts += [_epoch(trainer, module, data), _length(trainer, module), _lr(module)]
     if callable(resolved := getattr(data, "resolved_augment_on", None)):
-        parts.append(f"views made on the {resolved()}")
+        parts.append(
+            "views made in the loader workers (data.augment_on cpu)"
+            if resolved() == "cpu"
+            else f"views made on {module.device} after the transfer (data.augment_on gpu)"
+        )
     folder = trainer_checkpoint_folder(trainer)
     parts.append(f"checkpoints in {folder}" if folder else "no checkpoints (checkpointing is off)")
     if trainer.global_step:

@@ -22,12 +22,14 @@ def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
 
 
-def plan_of(root, video, accumulate: int = 1, ckpt=None, **trainer) -> tuple[RunPlan, object]:
+def plan_of(
+    root, video, accumulate: int = 1, ckpt=None, augment_on: str = "auto", **trainer
+) -> tuple[RunPlan, object]:
     plan = RunPlan()
     fit = make_trainer(
         root, trainer.pop("max_steps", -1), accumulate_grad_batches=accumulate, callbacks=[plan], **trainer
     )
-    data = make_data(video)
+    data = make_data(video, augment_on=augment_on)
     fit.fit(DoRAModule(**MICRO), datamodule=data, ckpt_path=ckpt)
     return plan, fit
 
@@ -40,10 +42,15 @@ def test_the_plan_has_the_runs_own_numbers(tmp_path, clip_video, capfd):  # noqa
     assert plan.line == (
         "DoRA, vit_tiny_patch16_224 at 32 px; 1 video, 4 s at 30 fps; "
         f"an epoch is {batches} steps of 2 clips (2 x 1 process x accumulate 1) = {2 * batches} of its {starts} clip "
-        f"starts; the run: 2 epochs = {2 * batches} steps; lr {base_lr * 2 / 256:.3g} (base_lr {base_lr:g} x 2 / 256) after {batches} warm-up steps; views made on the cpu; "
+        f"starts; the run: 2 epochs = {2 * batches} steps; lr {base_lr * 2 / 256:.3g} (base_lr {base_lr:g} x 2 / 256) after {batches} warm-up steps; views made in the loader workers (data.augment_on cpu); "
         "no checkpoints (checkpointing is off)"
     )
     assert f"dora fit: plan: {plan.line}\n" in capfd.readouterr().err
+
+
+def test_views_made_after_the_transfer_name_the_device(tmp_path, clip_video):  # noqa: F811
+    plan, _ = plan_of(tmp_path, clip_video, augment_on="gpu", max_steps=1)
+    assert "; views made on cpu after the transfer (data.augment_on gpu); " in plan.line
 
 
 def test_accumulation_steps_and_a_resumed_run(tmp_path, clip_video):  # noqa: F811
