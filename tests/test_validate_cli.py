@@ -132,6 +132,8 @@ def test_validate_knn_end_to_end(fit_checkpoint, image_root, tmp_path, capsys, r
     assert data["backbone"]["embed_dim"] == 48 and data["backbone"]["img_size"] == 32
     assert data["command"].startswith("dora validate --evaluator knn --ckpt_path")
     assert {"torch", "timm", "lightning", "torchmetrics", "dora-lightning"} <= set(data["versions"])
+    assert data["trainer"]["precision"] == "32-true" and data["trainer"]["accelerator"] == "cpu"
+    assert data["trainer"]["hardware"].startswith("cpu (") and data["trainer"]["num_nodes"] == 1
     (evaluation,) = recorded
     assert evaluation.metrics == data["metrics"] and evaluation.results_path == results
 
@@ -410,6 +412,8 @@ def test_validate_under_mixed_precision_scores_as_in_float32(fit_checkpoint, ima
     for precision in ("32-true", "bf16-mixed"):
         root = tmp_path / precision
         main([*args, f"--trainer.precision={precision}", f"--trainer.default_root_dir={root}"])
-        scores[precision] = json.loads((root / "eval" / "knn" / "results_knn.json").read_text())["metrics"]
+        results = json.loads((root / "eval" / "knn" / "results_knn.json").read_text())
+        assert results["trainer"]["precision"] == precision
+        scores[precision] = results["metrics"]
     for name, value in scores["32-true"].items():
         assert abs(scores["bf16-mixed"][name] - value) <= 3.0, (name, scores)

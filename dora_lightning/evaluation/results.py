@@ -1,7 +1,8 @@
 """Write an evaluation's metrics with everything needed to reproduce and compare them (spec G.7).
 
 ``results_<name>.json`` holds the metrics, the protocol settings, the checkpoint (path, size, sha256; the backbone's
-architecture when known), package versions, the date and the command line.
+architecture when known), what it ran on (precision, devices, hardware), package versions, the date and the command
+line.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from dora_lightning.checkpoint_formats import file_sha256
 
-__all__ = ["PACKAGES", "file_sha256", "format_table", "package_versions", "write_results"]
+__all__ = ["PACKAGES", "file_sha256", "format_table", "package_versions", "trainer_settings", "write_results"]
 
 PACKAGES = ("torch", "torchvision", "timm", "lightning", "torchmetrics", "dora-lightning")
 
@@ -57,6 +58,28 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def trainer_settings(trainer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """What an evaluation ran on, for its results file: the Trainer's precision, accelerator, devices, nodes and
+    strategy (Lightning's defaults where not given), and the hardware (the CUDA device's name when a GPU can run it,
+    else the CPU architecture); a bf16 or fp16 evaluation scores slightly differently from a float32 one."""
+    import torch
+
+    def given(key: str, default: Any) -> Any:
+        value = trainer_kwargs.get(key)
+        return default if value is None else value
+
+    settings = {
+        "precision": str(given("precision", "32-true")),
+        "accelerator": str(given("accelerator", "auto")),
+        "devices": given("devices", "auto"),
+        "num_nodes": given("num_nodes", 1),
+        "strategy": str(given("strategy", "auto")),
+    }
+    on_cpu = settings["accelerator"] == "cpu" or not torch.cuda.is_available()
+    settings["hardware"] = f"cpu ({platform.machine()})" if on_cpu else torch.cuda.get_device_name()
+    return _jsonable(settings)
+
+
 def write_results(
     output_dir: str | Path,
     evaluator_name: str,
@@ -66,6 +89,7 @@ def write_results(
     *,
     backbone: Any = None,
     command: Sequence[str] | None = None,
+    trainer: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``output_dir/results_<evaluator_name>.json`` (atomically) and return its path.
 
@@ -77,6 +101,7 @@ def write_results(
         checkpoint_path: the evaluated checkpoint; its sha256 and size are recorded.
         backbone: optional :class:`~dora_lightning.checkpoints.BackboneInfo` (or a dict) of the loaded backbone.
         command: the command line; default ``sys.argv``.
+        trainer: optional :func:`trainer_settings` of the run (precision, devices, hardware).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,6 +123,8 @@ def write_results(
     }
     if backbone is not None:
         payload["backbone"] = _jsonable(backbone)
+    if trainer is not None:
+        payload["trainer"] = _jsonable(dict(trainer))
     path = out / f"results_{evaluator_name}.json"
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")

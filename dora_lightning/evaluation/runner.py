@@ -135,7 +135,7 @@ def run(argv: Sequence[str]) -> Evaluation:
     from dora_lightning.errors import one_line
     from dora_lightning.evaluation.contract import EvaluationDataError, EvaluatorSettingError, evaluator_name
     from dora_lightning.evaluation.registry import import_registered
-    from dora_lightning.evaluation.results import format_table, write_results
+    from dora_lightning.evaluation.results import format_table, trainer_settings, write_results
 
     import_registered()  # so that jsonargparse knows the registered class names; failures surface when named
     parser = build_parser()
@@ -173,6 +173,7 @@ def run(argv: Sequence[str]) -> Evaluation:
             config.ckpt_path,
             backbone=info,
             command=["dora", "validate", *argv],
+            trainer=trainer_settings(trainer_kwargs),
         )
         print(format_table(metrics, title=f"{name} evaluation of {config.ckpt_path} ({which})"))
         print(f"results written to {results_path}")
