@@ -138,15 +138,15 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
                 f"model.diagnostics_every_n_steps must be >= 0 (0 disables), got {diagnostics_every_n_steps}"
             )
         self.save_hyperparameters()
-        overrides = {
-            k: v
-            for k, v in dict(
-                patch_size=patch_size, depth=depth, embed_dim=embed_dim, num_heads=num_heads
-            ).items()
-            if v is not None
-        }
-        student_backbone = build_vit(backbone, img_size=img_size, drop_path_rate=drop_path_rate, **overrides)
-        teacher_backbone = build_vit(backbone, img_size=img_size, drop_path_rate=0.0, **overrides)
+        shape = dict(patch_size=patch_size, depth=depth, embed_dim=embed_dim, num_heads=num_heads)
+        overrides = {k: v for k, v in shape.items() if v is not None}
+        try:
+            student_backbone, teacher_backbone = (
+                build_vit(backbone, img_size=img_size, drop_path_rate=rate, **overrides)
+                for rate in (drop_path_rate, 0.0)
+            )
+        except ValueError as err:
+            raise ValueError(f"model.backbone={backbone}: {err}") from err
         if lean_mlp:
             use_lean_mlps_(student_backbone)
         student_backbone.set_grad_checkpointing(grad_checkpointing)

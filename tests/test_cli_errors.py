@@ -75,6 +75,24 @@ def test_refused_config_value_isone_line(override, key, in_repo, capsys):
     assert key in line
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["--model.backbone=vit_nope"], "model.backbone=vit_nope: unknown timm model 'vit_nope'"),
+        (
+            ["--model.backbone=resnet50"],
+            "model.backbone=resnet50: timm model 'resnet50' is not a VisionTransformer",
+        ),
+        (["--model.embed_dim=50"], "embed_dim=50: dim should be divisible by num_heads"),
+        (["--model.patch_size=0"], "patch_size=0"),
+        (["--model.depth=0"], "has no transformer blocks"),
+    ],
+)
+def test_a_backbone_timm_cannot_build_is_one_line(overrides, expected, in_repo, capsys):
+    line = _run(["fit", *FAST, "--trainer.default_root_dir", str(in_repo), *overrides], capsys)
+    assert line.startswith("dora fit: error: model.backbone=") and expected in line, line
+
+
 def test_unknown_key_is_one_line_without_usage(in_repo, capsys):
     line = _run(["fit", *FAST, "--data.batch_sise", "4"], capsys)
     assert "--data.batch_sise" in line and "did you mean --data.batch_size?" in line

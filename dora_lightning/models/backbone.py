@@ -92,7 +92,8 @@ def build_vit(
     ``depth``, ``num_heads``, ``patch_size``, ``reg_tokens``) and validates it with :func:`check_vit`.
 
     Raises:
-        ValueError: ``name`` is unknown to timm, is not a ViT accepting these arguments, or fails :func:`check_vit`.
+        ValueError: ``name`` is unknown to timm, is not a ViT accepting these arguments, cannot take them (embed_dim
+            not divisible by num_heads, patch_size 0), or fails :func:`check_vit`.
     """
     if not timm.is_model(name):
         raise ValueError(
@@ -112,6 +113,15 @@ def build_vit(
         raise ValueError(
             f"timm model {name!r} is not a VisionTransformer accepting img_size/dynamic_img_size ({err}); "
             "dora-lightning needs a vit_* model with a class token"
+        ) from err
+    except (
+        AssertionError,
+        ArithmeticError,
+    ) as err:  # timm's checks of impossible shapes (dim % heads, patch 0)
+        shape = ", ".join(f"{key}={value}" for key, value in timm_kwargs.items())
+        raise ValueError(
+            f"timm cannot build {name!r} with img_size={img_size}{', ' + shape if shape else ''}: "
+            f"{err or type(err).__name__}"
         ) from err
     return check_vit(model, name)
 
