@@ -18,6 +18,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 _USER_ERROR_FILES = (
     "data",
     "module.py",
+    "model_options.py",
     "collapse_guard.py",
     "checkpoints.py",
     "checkpoint_formats.py",

@@ -24,6 +24,7 @@ from dora_lightning.core.tracker import (
 )
 from dora_lightning.diagnostics import NonFiniteLossError, TrainingDiagnostics
 from dora_lightning.loss_watch import LossWatch
+from dora_lightning.model_options import check_model_options
 from dora_lightning.models.backbone import (
     build_vit,
     clip_tracker_inputs,
@@ -133,11 +134,8 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if diagnostics_every_n_steps is not None and diagnostics_every_n_steps < 0:
-            raise ValueError(
-                f"model.diagnostics_every_n_steps must be >= 0 (0 disables), got {diagnostics_every_n_steps}"
-            )
         self.save_hyperparameters()
+        check_model_options(self.hparams)
         shape = dict(patch_size=patch_size, depth=depth, embed_dim=embed_dim, num_heads=num_heads)
         overrides = {k: v for k, v in shape.items() if v is not None}
         try:

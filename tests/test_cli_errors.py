@@ -68,7 +68,19 @@ def test_bad_video_isone_line(case, in_repo, capsys):
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("--data.batch_size=-4", "data.batch_size"), ("--model.num_objects=99", "model.num_objects")],
+    [
+        ("--data.batch_size=-4", "data.batch_size"),
+        ("--model.num_objects=99", "model.num_objects"),
+        ("--model.teacher_temp=0", "model.teacher_temp must be > 0, got 0.0"),
+        ("--model.base_lr=-1", "model.base_lr must be > 0, got -1.0"),
+        ("--model.depth=0", "model.depth must be > 0, got 0"),
+        (
+            "--data.transform.init_args.global_size=60",
+            "data.transform.init_args.global_size=60 is not a multiple of the patch size 8 of "
+            "model.backbone=vit_tiny_patch16_224; give a multiple of 8 (e.g. 64)",
+        ),
+        ("--data.transform.init_args.local_size=20", "local_size=20 is not a multiple of the patch size 8"),
+    ],
 )
 def test_refused_config_value_isone_line(override, key, in_repo, capsys):
     line = _run(["fit", *FAST, "--trainer.default_root_dir", str(in_repo), override], capsys)
@@ -84,8 +96,6 @@ def test_refused_config_value_isone_line(override, key, in_repo, capsys):
             "model.backbone=resnet50: timm model 'resnet50' is not a VisionTransformer",
         ),
         (["--model.embed_dim=50"], "embed_dim=50: dim should be divisible by num_heads"),
-        (["--model.patch_size=0"], "patch_size=0"),
-        (["--model.depth=0"], "has no transformer blocks"),
     ],
 )
 def test_a_backbone_timm_cannot_build_is_one_line(overrides, expected, in_repo, capsys):

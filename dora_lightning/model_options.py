@@ -1,0 +1,64 @@
+"""The checks of DoRAModule's numeric options (``model.*``), one table: a value that cannot train is refused before
+the model is built, in one line that names the key, instead of training on it (a negative lr) or failing later with
+a misleading message (a zero temperature gives a NaN loss at the first step)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["MODEL_OPTION_RULES", "check_model_options"]
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _non_negative(value: float) -> bool:
+    return value >= 0
+
+
+def _fraction(value: float) -> bool:
+    return 0 <= value <= 1
+
+
+# option -> (test, what the test asks for); options that are None (not given, e.g. depth) are not checked;
+# batch_size is linked from data.batch_size, which the data module checks under its own name
+MODEL_OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "img_size": (_positive, "> 0"),
+    "patch_size": (_positive, "> 0"),
+    "depth": (_positive, "> 0"),
+    "embed_dim": (_positive, "> 0"),
+    "num_heads": (_positive, "> 0"),
+    "drop_path_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "out_dim": (lambda v: v >= 2, ">= 2 (a softmax over one prototype is constant)"),
+    "head_hidden_dim": (_positive, "> 0"),
+    "head_bottleneck_dim": (_positive, "> 0"),
+    "sk_epsilon": (_positive, "> 0"),
+    "sk_iterations": (_non_negative, ">= 0"),
+    "student_temp": (_positive, "> 0"),
+    "teacher_temp": (_positive, "> 0"),
+    "warmup_teacher_temp": (_positive, "> 0"),
+    "warmup_teacher_temp_epochs": (_non_negative, ">= 0"),
+    "center_momentum": (_fraction, "in [0, 1]"),
+    "momentum_teacher": (_fraction, "in [0, 1]"),
+    "momentum_teacher_end": (_fraction, "in [0, 1]"),
+    "base_lr": (_positive, "> 0"),
+    "min_lr": (_non_negative, ">= 0"),
+    "warmup_epochs": (_non_negative, ">= 0"),
+    "weight_decay": (_non_negative, ">= 0"),
+    "weight_decay_end": (_non_negative, ">= 0"),
+    "freeze_last_layer_epochs": (_non_negative, ">= 0"),
+    "clip_grad": (_non_negative, ">= 0 (0 disables)"),
+    "log_images_every_n_steps": (_non_negative, ">= 0 (0 disables)"),
+    "diagnostics_every_n_steps": (_non_negative, ">= 0 (0 disables)"),
+}
+
+
+def check_model_options(options: Mapping[str, Any]) -> None:
+    """Raise ValueError ``model.NAME must be RULE, got VALUE`` for the first option of ``options`` (DoRAModule's
+    hyperparameters) that breaks its rule in :data:`MODEL_OPTION_RULES`."""
+    for name, (test, rule) in MODEL_OPTION_RULES.items():
+        value = options.get(name)
+        if value is not None and not test(value):
+            raise ValueError(f"model.{name} must be {rule}, got {value}")
