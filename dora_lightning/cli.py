@@ -6,6 +6,7 @@ The `dora` command's other subcommands (validate, visualize, compare, export) ar
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,6 +96,7 @@ class DoraCLI(LightningCLI):
                     "--init_from starts a new run from a checkpoint's weights and --ckpt_path resumes a run: give one"
                 )
         self._check_method_views(section)
+        self._check_run_folder(section)
         if section.get("ckpt_path") == LAST:
             self._resolve_last(section)
         self._check_fit_checkpoint()
@@ -115,6 +117,21 @@ class DoraCLI(LightningCLI):
                     if method == "dino"
                     else "DoRA tracks objects in one global view per frame"
                 )
+            )
+
+    def _check_run_folder(self, section: Any) -> None:
+        """The run's folder (``trainer.default_root_dir``, else the working directory) must be one this process can
+        write: checked (and created) here, in one line, rather than as a traceback once the logger starts."""
+        root = Path((section.get("trainer") or {}).get("default_root_dir") or Path.cwd()).expanduser()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            self._fail(
+                f"trainer.default_root_dir: cannot create '{root}' ({err.strerror}); give a writable folder"
+            )
+        if not os.access(root, os.W_OK | os.X_OK):
+            self._fail(
+                f"trainer.default_root_dir: '{root}' is not writable by this user; give a writable folder"
             )
 
     def _resolve_last(self, section: Any) -> None:

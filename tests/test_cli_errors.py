@@ -103,6 +103,16 @@ def test_a_backbone_timm_cannot_build_is_one_line(overrides, expected, in_repo, 
     assert line.startswith("dora fit: error: model.backbone=") and expected in line, line
 
 
+def test_a_run_folder_that_cannot_be_created_is_one_line(in_repo, capsys):
+    blocked = in_repo / "a_file"
+    blocked.write_text("a file where the run folder's parent should be")
+    line = _run(["fit", *FAST, "--trainer.default_root_dir", str(blocked / "run")], capsys)
+    assert line == (
+        f"dora fit: error: trainer.default_root_dir: cannot create '{blocked / 'run'}' (Not a directory); give a "
+        "writable folder"
+    )
+
+
 def test_unknown_key_is_one_line_without_usage(in_repo, capsys):
     line = _run(["fit", *FAST, "--data.batch_sise", "4"], capsys)
     assert "--data.batch_sise" in line and "did you mean --data.batch_size?" in line

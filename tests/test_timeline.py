@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import write_video
 
 from dora_lightning.data import index_cache
@@ -53,11 +54,14 @@ def test_corrupt_entry_is_rebuilt(tmp_path):
         assert "meta" in stored
 
 
-def test_unwritable_cache_is_not_an_error(tmp_path):
+def test_unwritable_cache_is_not_an_error_but_is_said(tmp_path):
     video = write_video(tmp_path / "v.mp4", 40)
     blocked = tmp_path / "file"
     blocked.write_text("a file where the cache folder should be")
-    assert probe_video(str(video), blocked / "cache").num_frames == 40
+    with pytest.warns(
+        UserWarning, match=r"data.index_cache: cannot write the frame index of .*v.mp4' to .*cache'"
+    ):
+        assert probe_video(str(video), blocked / "cache").num_frames == 40
 
 
 def test_default_cache_folder_follows_xdg(tmp_path, monkeypatch):

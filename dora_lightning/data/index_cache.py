@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -123,7 +124,7 @@ def load_or_build(
     run) and written to the cache.
 
     ``cache_dir`` None uses :func:`default_cache_dir`. A corrupt or stale entry is rebuilt; a cache folder that cannot
-    be written is ignored (the index is then rebuilt at each start). After a write the cache keeps the
+    be written is warned about once per file and otherwise ignored (the index is then rebuilt at each start). After a write the cache keeps the
     ``max_entries`` most recently used entries (:func:`prune_cache`).
     """
     key = _file_key(path, frame_rate)
@@ -148,6 +149,13 @@ def load_or_build(
         np.savez(temporary, **_to_arrays(timeline, key, extra))
         os.replace(temporary, entry)
         prune_cache(folder, max_entries)
-    except OSError:
-        pass  # an unwritable cache is not an error
+    except (
+        OSError
+    ) as err:  # an unwritable cache is not an error, but every start then demuxes the videos again
+        warnings.warn(
+            f"data.index_cache: cannot write the frame index of '{path}' to '{folder}' ({err.strerror or err}); the "
+            "videos are indexed again at every start: give a writable data.index_cache",
+            UserWarning,
+            stacklevel=2,
+        )
     return timeline, extra
