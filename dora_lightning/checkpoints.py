@@ -17,6 +17,7 @@ checkpoints, is allowed), never unpickled in full: a pickle can run code, whatev
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from dora_lightning.checkpoint_formats import (
     read_checkpoint,
     select_backbone,
 )
+from dora_lightning.errors import os_reason
 from dora_lightning.models.backbone import build_vit, patch_size_of
 
 if TYPE_CHECKING:
@@ -218,10 +220,16 @@ def export_with_info(
             "state_dict": state,
         }
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as stream:
+            torch.save(payload, stream)
+        os.replace(partial, out)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise ValueError(f"cannot write '{out}' ({os_reason(err)}); give a writable output path") from err
     return out, info
 
 

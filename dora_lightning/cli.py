@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dora_lightning.argument_parser import FIT_EVALUATOR, DoraArgumentParser
 from dora_lightning.data.datamodule import VideoClipDataModule
-from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, exit_with_error
+from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, exit_with_error, os_reason
 from dora_lightning.module import DoRAModule
 from dora_lightning.runs import (
     LAST,
@@ -127,7 +127,7 @@ class DoraCLI(LightningCLI):
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             self._fail(
-                f"trainer.default_root_dir: cannot create '{root}' ({err.strerror}); give a writable folder"
+                f"trainer.default_root_dir: cannot create '{root}' ({os_reason(err)}); give a writable folder"
             )
         if not os.access(root, os.W_OK | os.X_OK):
             self._fail(

@@ -64,6 +64,14 @@ def one_line(err: BaseException) -> str:
     return last
 
 
+def os_reason(err: OSError) -> str:
+    """Why a file or folder could not be made, in words a user can act on (``mkdir`` says "File exists" or "Not a
+    directory" when a part of the path is a file)."""
+    if isinstance(err, (FileExistsError, NotADirectoryError)):
+        return "a part of the path is a file, not a folder"
+    return err.strerror or str(err)
+
+
 def raised_building_trainer(err: BaseException) -> bool:
     """True when ``err`` was raised while a Lightning ``Trainer`` was being built (``dora fit``'s, or an evaluator's in
     ``dora validate``): its arguments, the ``--trainer.*`` options, do not fit each other or this machine."""

@@ -99,6 +99,18 @@ def test_plain_export_via_cli(trained, images, tmp_path, capsys):
     same(features(model, images), features(module.student.backbone, images))
 
 
+def test_an_output_that_cannot_be_written_is_one_line_and_leaves_nothing(trained, tmp_path, capsys):
+    _, ckpt = trained
+    blocked = tmp_path / "a_file"
+    blocked.write_text("a file where the output's folder should be")
+    out = blocked / "teacher.pth"
+    assert export_main([str(ckpt), str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"dora export: error: cannot write '{out}' (a part of the path is a file, not a folder); give a writable output path\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 # --------------------------------------------------------------------------------------------------- loading
 def test_lightning_checkpoint_teacher_and_student(trained, images):
     module, ckpt = trained

@@ -108,7 +108,7 @@ def test_a_run_folder_that_cannot_be_created_is_one_line(in_repo, capsys):
     blocked.write_text("a file where the run folder's parent should be")
     line = _run(["fit", *FAST, "--trainer.default_root_dir", str(blocked / "run")], capsys)
     assert line == (
-        f"dora fit: error: trainer.default_root_dir: cannot create '{blocked / 'run'}' (Not a directory); give a "
+        f"dora fit: error: trainer.default_root_dir: cannot create '{blocked / 'run'}' (a part of the path is a file, not a folder); give a "
         "writable folder"
     )
 

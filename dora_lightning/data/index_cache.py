@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dora_lightning.data.timeline import Timeline, build_timeline
+from dora_lightning.errors import os_reason
 
 INDEX_VERSION = (
     3  # 2: the main video stream (FFmpeg's best), not the first; 3: seekable, source_fps, displayed width
@@ -153,7 +154,7 @@ def load_or_build(
         OSError
     ) as err:  # an unwritable cache is not an error, but every start then demuxes the videos again
         warnings.warn(
-            f"data.index_cache: cannot write the frame index of '{path}' to '{folder}' ({err.strerror or err}); the "
+            f"data.index_cache: cannot write the frame index of '{path}' to '{folder}' ({os_reason(err)}); the "
             "videos are indexed again at every start: give a writable data.index_cache",
             UserWarning,
             stacklevel=2,
