@@ -5,8 +5,8 @@ planned shows in the first seconds, not after hours of rented GPU time. Process 
 
     dora fit: plan: DoRA, vit_tiny_patch16_224 at 64 px; 1 video, 2 min 8 s at 10 fps; an epoch is 156 steps of 8
     clips (8 x 1 process x accumulate 1) = 1,248 of its 1,250 clip starts; the run: 2 epochs = 312 steps; lr
-    0.000625 (base_lr 0.02 x 8 / 256) after 156 warm-up steps; views made in the loader workers (data.augment_on cpu); checkpoints in
-    /home/you/dora-lightning/runs/demo/checkpoints
+    0.000625 (base_lr 0.02 x 8 / 256) after 156 warm-up steps; views made in the loader workers (data.augment_on
+    cpu); 2 loader workers on this node's 2 usable CPU cores; checkpoints in /home/you/dora-lightning/runs/demo/checkpoints
 
 (one line; a resumed run adds where it continues). Every number is the run's own: the Trainer's step counts and the
 module's lr rule (:class:`~dora_lightning.step_schedules.StepSchedules`).
@@ -15,6 +15,7 @@ module's lr rule (:class:`~dora_lightning.step_schedules.StepSchedules`).
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import Any
 
@@ -24,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from dora_lightning.runs import trainer_checkpoint_folder
 from dora_lightning.step_schedules import StepSchedules
 
-__all__ = ["RunPlan", "describe_run", "format_duration"]
+__all__ = ["RunPlan", "describe_run", "format_duration", "usable_cpu_cores"]
 
 
 def format_duration(seconds: float) -> str:
@@ -83,6 +84,29 @@ def _lr(module: StepSchedules) -> str:
     return f"{scaled} after {_count(module.warmup_steps, 'warm-up step')}"
 
 
+def usable_cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's or a job scheduler's share), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _loader(trainer: pl.Trainer, data: Any) -> str | None:
+    """How many loader workers decode on how many cores of this node; more workers than cores is said (they would
+    compete for the cores instead of feeding the GPU faster)."""
+    workers = getattr(data, "num_workers", None)
+    if workers is None:
+        return None
+    if workers == 0:
+        return "decoding in the training process (data.num_workers 0)"
+    local = max(1, int(getattr(trainer, "num_devices", 1) or 1))
+    total, cores = workers * local, usable_cpu_cores()
+    text = f"{_count(workers, 'loader worker')}" + (f" x {local} processes = {total}" if local > 1 else "")
+    text += f" on this node's {_count(cores, 'usable CPU core')}"
+    return text + (" (more workers than cores: lower data.num_workers)" if total > cores else "")
+
+
 def describe_run(trainer: pl.Trainer, module: StepSchedules, data: Any) -> str:
     """The plan of a fit that is about to start (or continue): see the module docstring."""
     hp = module.hparams
@@ -97,6 +121,8 @@ def describe_run(trainer: pl.Trainer, module: StepSchedules, data: Any) -> str:
             if resolved() == "cpu"
             else f"views made on {module.device} after the transfer (data.augment_on gpu)"
         )
+    if loader := _loader(trainer, data):
+        parts.append(loader)
     folder = trainer_checkpoint_folder(trainer)
     parts.append(f"checkpoints in {folder}" if folder else "no checkpoints (checkpointing is off)")
     if trainer.global_step:

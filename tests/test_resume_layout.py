@@ -159,6 +159,7 @@ def test_dora_fit_resumes_a_two_process_run_on_one_process(tmp_path, capfd):
     assert run.returncode == 0, run.stderr[-3000:]
     (plan,) = [line for line in run.stderr.splitlines() if line.startswith("dora fit: plan: ")]  # process 0's
     assert "steps of 4 clips (2 x 2 processes x accumulate 1)" in plan
+    assert "; 1 loader worker x 2 processes = 2 on this node's " in plan  # both processes' workers counted
     args, _, _ = fit_command(root, 1, saver, "--trainer.devices=1", "--ckpt_path=last")
     capfd.readouterr()
     with pytest.raises(SystemExit) as refused:

@@ -43,7 +43,7 @@ def test_the_plan_has_the_runs_own_numbers(tmp_path, clip_video, capfd):  # noqa
         "DoRA, vit_tiny_patch16_224 at 32 px; 1 video, 4 s at 30 fps; "
         f"an epoch is {batches} steps of 2 clips (2 x 1 process x accumulate 1) = {2 * batches} of its {starts} clip "
         f"starts; the run: 2 epochs = {2 * batches} steps; lr {base_lr * 2 / 256:.3g} (base_lr {base_lr:g} x 2 / 256) after {batches} warm-up steps; views made in the loader workers (data.augment_on cpu); "
-        "no checkpoints (checkpointing is off)"
+        "decoding in the training process (data.num_workers 0); no checkpoints (checkpointing is off)"
     )
     assert f"dora fit: plan: {plan.line}\n" in capfd.readouterr().err
 
@@ -51,6 +51,25 @@ def test_the_plan_has_the_runs_own_numbers(tmp_path, clip_video, capfd):  # noqa
 def test_views_made_after_the_transfer_name_the_device(tmp_path, clip_video):  # noqa: F811
     plan, _ = plan_of(tmp_path, clip_video, augment_on="gpu", max_steps=1)
     assert "; views made on cpu after the transfer (data.augment_on gpu); " in plan.line
+
+
+@pytest.mark.parametrize(("workers", "devices", "cores"), [(2, 1, 2), (3, 1, 2), (4, 2, 16)])
+def test_the_loader_workers_are_counted_against_the_usable_cores(workers, devices, cores, monkeypatch):
+    from types import SimpleNamespace
+
+    import dora_lightning.run_plan as run_plan
+
+    monkeypatch.setattr(run_plan.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    text = run_plan._loader(SimpleNamespace(num_devices=devices), SimpleNamespace(num_workers=workers))
+    assert (
+        text
+        == {
+            (2, 1, 2): "2 loader workers on this node's 2 usable CPU cores",
+            (3, 1, 2): "3 loader workers on this node's 2 usable CPU cores (more workers than cores: lower "
+            "data.num_workers)",
+            (4, 2, 16): "4 loader workers x 2 processes = 8 on this node's 16 usable CPU cores",
+        }[(workers, devices, cores)]
+    )
 
 
 def test_accumulation_steps_and_a_resumed_run(tmp_path, clip_video):  # noqa: F811
