@@ -47,6 +47,9 @@ def move_batch_count(checkpoint: dict[str, Any], batches: int) -> None:
 def close_finished_epoch(checkpoint: dict[str, Any]) -> None:
     """Make a checkpoint written after an epoch's last batch start the next epoch afresh on resume.
 
+    An epoch cut short by a stop (``trainer.should_stop``) also runs its end hooks, and a checkpoint written there
+    would make Lightning skip the rest of the epoch: it is reopened instead, so that the resume continues it.
+
     Two such states: written in the epoch's end hooks (``on_train_epoch_end``: every_n_epochs), where Lightning counts
     the epoch processed but not completed; or after the hooks (a SIGTERM stop there, ``trainer.save_checkpoint``
     after ``fit``), where the epoch is completed but the batch counter still holds the finished epoch's batches.
@@ -68,6 +71,12 @@ def close_finished_epoch(checkpoint: dict[str, Any]) -> None:
         and total["processed"] == total["completed"]
         and batches.get("is_last_batch") is True  # the epoch ran to its end (not a max_steps stop inside it)
     )
+    if in_end_hooks and batches.get("is_last_batch") is not True:
+        # the end hooks of an epoch cut short by a stop (trainer.should_stop: max_time, early stopping, the collapse
+        # guard, max_steps): the epoch goes on where it stopped, not counted as processed (Lightning would start the
+        # next one, skipping the rest of this one)
+        current["processed"], total["processed"] = current["completed"], total["completed"]
+        return
     if not (in_end_hooks or after_end_hooks):
         return
     current["completed"], total["completed"] = current["processed"], total["processed"]

@@ -99,3 +99,36 @@ def test_end_of_epoch_checkpoint_of_an_older_version_resumes_exactly(tmp_path, s
     pl.seed_everything(123)
     resumed, batches = fit(tmp_path, short_video, by_steps, ckpt=tmp_path / "old.ckpt")
     check_resumed(resumed, batches, expected, straight_batches, BATCHES)
+
+
+class StopAfterStep(Callback):
+    """Ends the run after optimiser step ``step`` the way Lightning's Timer (``trainer.max_time``), EarlyStopping or
+    ``collapse_guard.stop`` do: ``trainer.should_stop``, so that the epoch's end hooks (and its checkpoint) run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("by_steps", [False, True])
+def test_an_epoch_cut_short_by_a_stop_is_continued_not_skipped(tmp_path, short_video, straight, by_steps):
+    """A run stopped inside an epoch by ``trainer.should_stop`` (``--trainer.max_time``) writes its epoch-end
+    checkpoint there; resuming it continues that epoch (up to commit dad890c the rest of the epoch was skipped, and
+    on the last epoch the resumed run ended at once)."""
+    straight_by_steps, root, expected, straight_batches = straight
+    if straight_by_steps != by_steps:
+        pytest.skip("one straight run per kind of limit")
+    pl.seed_everything(0)
+    saver = ModelCheckpoint(dirpath=tmp_path / "a", every_n_epochs=1, save_top_k=-1, filename="end-{epoch}")
+    stopped, _ = fit(tmp_path / "a", short_video, by_steps, callbacks=[StopAfterStep(BATCHES + 1), saver])
+    assert stopped.global_step == BATCHES + 1
+    cut_short = (
+        tmp_path / "a" / "end-epoch=1.ckpt"
+    )  # written at the end hooks of epoch 1, after its first batch
+    pl.seed_everything(123)
+    resumed, batches = fit(tmp_path / "b", short_video, by_steps, ckpt=cut_short)
+    check_resumed(resumed, batches, expected, straight_batches, BATCHES + 1)
