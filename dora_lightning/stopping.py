@@ -43,7 +43,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dora_lightning.runs import trainer_checkpoint_folder
@@ -151,7 +151,19 @@ class StopCheckpoint(Callback):
             raise SIGTERMException
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Release the signals; a run that a limit or a callback ended before its planned steps says so in one line
+        (Lightning's own line then names the epoch limit, even after a ``max_time`` stop inside the last epoch)."""
         self._release()
+        planned = getattr(pl_module, "total_steps", None)
+        if not isinstance(planned, int) or trainer.global_step >= planned or trainer.global_step == 0:
+            return
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        cause = (
+            "trainer.max_time" if timer is not None and timer.time_remaining() <= 0 else "trainer.should_stop"
+        )
+        folder = trainer_checkpoint_folder(trainer)
+        then = "; continue with the same command and --ckpt_path last" if folder is not None else ""
+        self._say(f"stopped by {cause} after step {trainer.global_step} of the {planned} planned{then}")
 
     # ------------------------------------------------------------------------------------------------ the stop
     def on_exception(

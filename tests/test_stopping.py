@@ -141,6 +141,24 @@ def test_save_false_stops_without_a_checkpoint(tmp_path, short_video, capsys):
     assert "stopped by SIGTERM after step 2; nothing saved (--on_stop.save false)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stop_at", [None, BATCHES + 1])
+def test_a_run_ended_before_its_planned_steps_says_so(stop_at, tmp_path, short_video, capsys):
+    from test_resume import StopAfterStep
+
+    callbacks = [StopCheckpoint()] + ([StopAfterStep(stop_at)] if stop_at else [])
+    module = DoRAModule(**MICRO)
+    trainer = make_trainer(tmp_path, -1, max_epochs=2, callbacks=callbacks, enable_checkpointing=True)
+    trainer.fit(module, datamodule=make_data(short_video))
+    err = capsys.readouterr().err
+    if stop_at is None:  # a run that ends as planned says nothing
+        assert module.global_step == 2 * BATCHES and "stopped by" not in err
+    else:
+        assert (
+            f"dora fit: stopped by trainer.should_stop after step {stop_at} of the {2 * BATCHES} planned; "
+            "continue with the same command and --ckpt_path last\n"
+        ) in err
+
+
 def test_checkpoint_after_fit_resumes_at_the_next_epoch(tmp_path, short_video, straight):
     """A checkpoint written after ``fit`` returned (trainer.save_checkpoint) continues with the next epoch's clips
     (the weights differ from the straight run's: a 1-epoch run's schedules end where a 3-epoch run's do not)."""
