@@ -153,9 +153,8 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
             raise ValueError(
                 f"model.num_objects={num_objects} must be between 1 and the {num_heads} heads of {backbone}'s last block"
             )
-        embed_dim = student_backbone.num_features
         head_args = dict(
-            in_dim=embed_dim,
+            in_dim=student_backbone.num_features,
             out_dim=out_dim,
             hidden_dim=head_hidden_dim,
             bottleneck_dim=head_bottleneck_dim,
@@ -172,6 +171,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         self.head_generator = torch.Generator().manual_seed(seed)
         self._head_draws = 0
         self._pending_rng: tuple[Tensor, list[Tensor]] | None = None
+        self.checkpoint_planned_steps: int | None = None  # what a resumed checkpoint's schedules spanned
         self._last_attention: tuple[Tensor, tuple[int, int]] | None = None
         self._loss_watch = (
             LossWatch()
@@ -367,6 +367,9 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
             "head_draws": self._head_draws,  # the same on every rank: each rank resumes its own stream from it
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "planned_steps": self.total_steps
+            if self._trainer is not None
+            else None,  # what the schedules span
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -382,6 +385,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
             )
         self._head_draws = int(state.get("head_draws", 0))
         self._pending_rng = (state["torch_rng"], state["cuda_rng"])
+        self.checkpoint_planned_steps = state.get("planned_steps")
         prepare_resume(checkpoint, getattr(self._trainer, "datamodule", None))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

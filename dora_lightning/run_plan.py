@@ -107,6 +107,23 @@ def _loader(trainer: pl.Trainer, data: Any) -> str | None:
     return text + (" (more workers than cores: lower data.num_workers)" if total > cores else "")
 
 
+def _replanned(trainer: pl.Trainer, module: StepSchedules) -> str:
+    """A resume planned for another number of steps than the checkpoint's run (another max_epochs or max_steps):
+    the schedules are recomputed for this run's length, which moves them where the run continues; said with the lr
+    there, before and now."""
+    planned = getattr(module, "checkpoint_planned_steps", None)
+    total = module.total_steps
+    if not planned or planned == total:
+        return ""
+    step = trainer.global_step
+    before, now = module.schedule_values(step, planned)["lr"], module.schedule_values(step)["lr"]
+    return (
+        f" (its checkpoint's run was planned for {_count(planned, 'step')}, this one for {total:,}: the lr, weight "
+        f"decay, EMA momentum and teacher temperature schedules span the new length; lr at step {step:,} "
+        f"{before:.3g} -> {now:.3g})"
+    )
+
+
 def describe_run(trainer: pl.Trainer, module: StepSchedules, data: Any) -> str:
     """The plan of a fit that is about to start (or continue): see the module docstring."""
     hp = module.hparams
@@ -126,7 +143,7 @@ def describe_run(trainer: pl.Trainer, module: StepSchedules, data: Any) -> str:
     folder = trainer_checkpoint_folder(trainer)
     parts.append(f"checkpoints in {folder}" if folder else "no checkpoints (checkpointing is off)")
     if trainer.global_step:
-        parts.append(f"continuing after step {trainer.global_step:,}")
+        parts.append(f"continuing after step {trainer.global_step:,}{_replanned(trainer, module)}")
     return "; ".join(parts)
 
 

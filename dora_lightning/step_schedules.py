@@ -45,9 +45,11 @@ class StepSchedules:
         """base_lr x total batch / 256, the DINO linear scaling rule."""
         return self.hparams.base_lr * self.global_batch / 256.0
 
-    def schedule_values(self, step: int) -> dict[str, float]:
-        """lr, weight decay, EMA momentum and teacher temperature at optimiser step ``step``."""
-        hp, per_epoch, total = self.hparams, self.steps_per_epoch, self.total_steps
+    def schedule_values(self, step: int, total_steps: int | None = None) -> dict[str, float]:
+        """lr, weight decay, EMA momentum and teacher temperature at optimiser step ``step`` (of a run planned for
+        ``total_steps``; None: this run's)."""
+        hp, per_epoch = self.hparams, self.steps_per_epoch
+        total = self.total_steps if total_steps is None else max(1, int(total_steps))
         return {
             "lr": cosine_schedule(
                 step,

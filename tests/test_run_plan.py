@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from conftest import REPO
 from test_cli import MICRO_ARGS
 from test_module import MICRO, clip_video, make_data, make_trainer  # noqa: F401 - clip_video is a fixture
@@ -81,8 +82,24 @@ def test_accumulation_steps_and_a_resumed_run(tmp_path, clip_video):  # noqa: F8
     )
     assert f"checkpoints in {tmp_path / 'checkpoints'}" in plan.line and "continuing" not in plan.line
     last = sorted((tmp_path / "checkpoints").glob("*.ckpt"))[-1]
-    resumed, _ = plan_of(tmp_path / "b", clip_video, accumulate=2, max_steps=3, ckpt=str(last))
-    assert resumed.line.endswith("continuing after step 2")
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["dora"]["planned_steps"] == 2
+    checkpoint["dora"]["planned_steps"] = 3  # a run planned for 3 steps, stopped after 2
+    torch.save(checkpoint, tmp_path / "planned_3.ckpt")
+    resumed, _ = plan_of(
+        tmp_path / "b", clip_video, accumulate=2, max_steps=3, ckpt=str(tmp_path / "planned_3.ckpt")
+    )
+    assert resumed.line.endswith(
+        "continuing after step 2"
+    )  # the same length: the schedules go on as they were
+    longer, trainer = plan_of(tmp_path / "c", clip_video, accumulate=2, max_steps=4, ckpt=str(last))
+    module = trainer.lightning_module
+    before, now = module.schedule_values(2, 2)["lr"], module.schedule_values(2)["lr"]
+    assert before != now
+    assert longer.line.endswith(
+        "continuing after step 2 (its checkpoint's run was planned for 2 steps, this one for 4: the lr, weight decay, "
+        f"EMA momentum and teacher temperature schedules span the new length; lr at step 2 {before:.3g} -> {now:.3g})"
+    )
 
 
 def test_dora_fit_writes_the_plan_and_it_can_be_turned_off(tmp_path, capfd):
