@@ -124,9 +124,9 @@ def raise_site(err: BaseException) -> Path | None:
 def is_user_error(err: BaseException) -> bool:
     """True when ``err`` is a message of ours about the user's data, config or checkpoint: a ValueError or
     FileNotFoundError raised by the data, model-config, collapse-guard or checkpoint code (a RuntimeError: by the
-    data code), directly or in a DataLoader worker, evaluation data or an evaluator option refused by an evaluator, or the
-    Trainer's refusal of its options (:func:`raised_building_trainer`). Any other exception,
-    e.g. one raised by torch inside a training step, is a bug and keeps its traceback."""
+    data code), directly or in a DataLoader worker; evaluation data or an evaluator option refused by an evaluator;
+    or the Trainer's refusal of its options (:func:`raised_building_trainer`). Any other exception, e.g. one raised
+    by torch inside a training step, is a bug and keeps its traceback."""
     from dora_lightning.evaluation.contract import EvaluationDataError, EvaluatorSettingError
 
     if isinstance(err, (EvaluationDataError, EvaluatorSettingError)) or raised_building_trainer(err):

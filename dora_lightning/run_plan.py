@@ -6,7 +6,8 @@ planned shows in the first seconds, not after hours of rented GPU time. Process 
     dora fit: plan: DoRA, vit_tiny_patch16_224 at 64 px; 1 video, 2 min 8 s at 10 fps; an epoch is 156 steps of 8
     clips (8 x 1 process x accumulate 1) = 1,248 of its 1,250 clip starts; the run: 2 epochs = 312 steps; lr
     0.000625 (base_lr 0.02 x 8 / 256) after 156 warm-up steps; views made in the loader workers (data.augment_on
-    cpu); 2 loader workers on this node's 2 usable CPU cores; checkpoints in /home/you/dora-lightning/runs/demo/checkpoints
+    cpu); 2 loader workers on this node's 2 usable CPU cores; checkpoints in
+    /home/you/dora-lightning/runs/demo/checkpoints
 
 (one line; a resumed run adds where it continues). Every number is the run's own: the Trainer's step counts and the
 module's lr rule (:class:`~dora_lightning.step_schedules.StepSchedules`).

@@ -158,9 +158,8 @@ class StopCheckpoint(Callback):
         if not isinstance(planned, int) or trainer.global_step >= planned or trainer.global_step == 0:
             return
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        cause = (
-            "trainer.max_time" if timer is not None and timer.time_remaining() <= 0 else "trainer.should_stop"
-        )
+        remaining = None if timer is None else timer.time_remaining()
+        cause = "trainer.max_time" if remaining is not None and remaining <= 0 else "trainer.should_stop"
         folder = trainer_checkpoint_folder(trainer)
         then = "; continue with the same command and --ckpt_path last" if folder is not None else ""
         self._say(f"stopped by {cause} after step {trainer.global_step} of the {planned} planned{then}")

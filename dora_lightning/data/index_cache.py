@@ -125,8 +125,8 @@ def load_or_build(
     run) and written to the cache.
 
     ``cache_dir`` None uses :func:`default_cache_dir`. A corrupt or stale entry is rebuilt; a cache folder that cannot
-    be written is warned about once per file and otherwise ignored (the index is then rebuilt at each start). After a write the cache keeps the
-    ``max_entries`` most recently used entries (:func:`prune_cache`).
+    be written is warned about (once per file) and otherwise ignored: the index is then rebuilt at each start. After
+    a write the cache keeps the ``max_entries`` most recently used entries (:func:`prune_cache`).
     """
     key = _file_key(path, frame_rate)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -150,9 +150,8 @@ def load_or_build(
         np.savez(temporary, **_to_arrays(timeline, key, extra))
         os.replace(temporary, entry)
         prune_cache(folder, max_entries)
-    except (
-        OSError
-    ) as err:  # an unwritable cache is not an error, but every start then demuxes the videos again
+    except OSError as err:
+        # an unwritable cache is not an error, but every start then demuxes the videos again
         warnings.warn(
             f"data.index_cache: cannot write the frame index of '{path}' to '{folder}' ({os_reason(err)}); the "
             "videos are indexed again at every start: give a writable data.index_cache",

@@ -54,7 +54,8 @@ def probe_trainer_kwargs(
 
 
 def refuse_spawned_strategy(trainer: pl.Trainer, who: str) -> None:
-    """Raise :class:`EvaluatorSettingError` under a multi-process spawn/fork strategy: a probe's results would stay in the workers."""
+    """Raise :class:`EvaluatorSettingError` under a multi-process spawn/fork strategy: a probe's results would stay
+    in the workers."""
     start_method = getattr(trainer.strategy, "_start_method", "popen")
     if start_method != "popen" and trainer.world_size > 1:
         raise EvaluatorSettingError(
