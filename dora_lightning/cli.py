@@ -121,8 +121,12 @@ class DoraCLI(LightningCLI):
 
     def _check_run_folder(self, section: Any) -> None:
         """The run's folder (``trainer.default_root_dir``, else the working directory) must be one this process can
-        write: checked (and created) here, in one line, rather than as a traceback once the logger starts."""
-        root = Path((section.get("trainer") or {}).get("default_root_dir") or Path.cwd()).expanduser()
+        write: checked (and created) here, in one line, rather than as a traceback once the logger starts. A remote
+        folder (``s3://...``) is left to Lightning's file systems."""
+        given = (section.get("trainer") or {}).get("default_root_dir")
+        if given is not None and "://" in str(given):
+            return
+        root = Path(given or Path.cwd()).expanduser()
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:

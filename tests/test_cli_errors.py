@@ -113,6 +113,17 @@ def test_a_run_folder_that_cannot_be_created_is_one_line(in_repo, capsys):
     )
 
 
+def test_a_remote_run_folder_is_left_to_lightning(in_repo, monkeypatch):
+    from dora_lightning.cli import DoraCLI
+
+    failed = []
+    monkeypatch.setattr(DoraCLI, "_fail", lambda self, message: failed.append(message))
+    DoraCLI._check_run_folder(
+        object.__new__(DoraCLI), {"trainer": {"default_root_dir": "s3://bucket/runs/a"}}
+    )
+    assert failed == [] and not (in_repo / "s3:").exists() and not (REPO / "s3:").exists()
+
+
 def test_unknown_key_is_one_line_without_usage(in_repo, capsys):
     line = _run(["fit", *FAST, "--data.batch_sise", "4"], capsys)
     assert "--data.batch_sise" in line and "did you mean --data.batch_size?" in line
