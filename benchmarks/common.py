@@ -27,6 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def base_machine_info() -> dict:
     """Platform, CPU model and counts, memory and Python version (callers append their library versions)."""
+    from dora_lightning.run_plan import usable_cpu_cores
+
     cpu_model = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -39,7 +41,7 @@ def base_machine_info() -> dict:
         "platform": platform.platform(),
         "cpu": cpu_model,
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpus_usable": usable_cpu_cores(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
     }

@@ -171,27 +171,12 @@ class DoraCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """Lightning's instantiation, then the weights of ``--init_from`` (if given) loaded into the model."""
         super().instantiate_classes()
-        self._check_crop_sizes()
         init_from = self._get(self.config, "init_from")
         if init_from is not None:
             try:
                 load_initial_weights(self.model, Path(init_from), self._get(self.config, "model") or {})
             except CheckpointRefused as err:
                 self._fail(str(err))
-
-    def _check_crop_sizes(self) -> None:
-        """The crops must hold whole patches (the tracker and timm's patch embedding): a crop size that is not a
-        multiple of the backbone's patch size is refused here, in one line, before any video is read."""
-        patch = getattr(self.model, "patch_size", None)
-        transform = getattr(self.datamodule, "transform", None)
-        for kind in ("global", "local"):
-            size = getattr(transform, f"{kind}_size", None)
-            if patch and isinstance(size, int) and size % patch:
-                self._fail(
-                    f"data.transform.init_args.{kind}_size={size} is not a multiple of the patch size {patch} of "
-                    f"model.backbone={self.model.hparams.backbone}; give a multiple of {patch} (e.g. "
-                    f"{max(patch, round(size / patch) * patch)})"
-                )
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Lightning's trainer, with checkpoints in the run's folder and written atomically

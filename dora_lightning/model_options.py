@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["MODEL_OPTION_RULES", "check_model_options"]
+__all__ = ["MODEL_OPTION_RULES", "check_model_options", "crop_size_problem"]
 
 
 def _positive(value: float) -> bool:
@@ -62,3 +62,14 @@ def check_model_options(options: Mapping[str, Any]) -> None:
         value = options.get(name)
         if value is not None and not test(value):
             raise ValueError(f"model.{name} must be {rule}, got {value}")
+
+
+def crop_size_problem(kind: str, size: Any, patch_size: int, backbone: str) -> str | None:
+    """Why a ``kind`` ("global", "local") crop of ``size`` pixels cannot be cut into the backbone's patches (the
+    tracker and timm's patch embedding need whole patches), with a size that can; None when it can."""
+    if not isinstance(size, int) or not patch_size or size % patch_size == 0:
+        return None
+    return (
+        f"data.transform.init_args.{kind}_size={size} is not a multiple of the patch size {patch_size} of "
+        f"model.backbone={backbone}; give a multiple of {patch_size} (e.g. {max(patch_size, round(size / patch_size) * patch_size)})"
+    )

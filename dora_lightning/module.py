@@ -24,7 +24,7 @@ from dora_lightning.core.tracker import (
 )
 from dora_lightning.diagnostics import NonFiniteLossError, TrainingDiagnostics
 from dora_lightning.loss_watch import LossWatch
-from dora_lightning.model_options import check_model_options
+from dora_lightning.model_options import check_model_options, crop_size_problem
 from dora_lightning.models.backbone import (
     build_vit,
     clip_tracker_inputs,
@@ -240,11 +240,18 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
                 "(its on_after_batch_transfer normalises them) or apply ClipMultiCrop.normalize to every view"
             )
         for kind, views in (("global", batch["global_views"]), ("local", batch["local_views"][:1])):
-            if views and (size := views[0].shape[-1]) % self.patch_size:
-                raise ValueError(
-                    f"the {kind} crop size {size} is not a multiple of the patch size {self.patch_size} of "
-                    f"{self.hparams.backbone}; set data.transform.init_args.{kind}_size to a multiple of {self.patch_size}"
-                )
+            size = int(views[0].shape[-1]) if views else None
+            if problem := crop_size_problem(kind, size, self.patch_size, self.hparams.backbone):
+                raise ValueError(problem)
+
+    def setup(self, stage: str) -> None:
+        """Refuse the data module's crop sizes that do not hold whole patches before any batch: callbacks (the
+        collapse guard's probe) run the backbone on the first batch before ``training_step`` checks it."""
+        transform = getattr(getattr(self._trainer, "datamodule", None), "transform", None)
+        for kind in ("global", "local"):
+            size = getattr(transform, f"{kind}_size", None)
+            if problem := crop_size_problem(kind, size, self.patch_size, self.hparams.backbone):
+                raise ValueError(problem)
 
     def compute_loss(
         self, batch: dict[str, Any], teacher_temp: float
@@ -367,9 +374,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
             "head_draws": self._head_draws,  # the same on every rank: each rank resumes its own stream from it
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "planned_steps": self.total_steps
-            if self._trainer is not None
-            else None,  # what the schedules span
+            "planned_steps": None if self._trainer is None else self.total_steps,  # what the schedules span
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

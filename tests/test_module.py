@@ -134,7 +134,7 @@ def test_crop_not_divisible_by_patch(tmp_path, clip_video, kind, sizes):
     module = DoRAModule(**MICRO)
     size = next(iter(sizes.values()))
     with pytest.raises(
-        ValueError, match=f"{kind} crop size {size} is not a multiple of the patch size 8.*{kind}_size"
+        ValueError, match=f"data.transform.init_args.{kind}_size={size} is not a multiple of the patch size 8"
     ):
         make_trainer(tmp_path, 1).fit(module, datamodule=make_data(clip_video, **sizes))
 

@@ -94,20 +94,26 @@ def recorded(monkeypatch) -> list[runner.Evaluation]:
     return evaluations
 
 
-def test_validate_knn_end_to_end(fit_checkpoint, image_root, tmp_path, capsys, recorded):
-    data_dir, num_classes = image_root
-    args = [
+def knn_args(checkpoint: Path, data_dir: Path, ks: str, batch_size: int) -> list[str]:
+    """`dora validate --evaluator knn` of the micro checkpoint at its 32 px, in the main process."""
+    return [
         "validate",
         "--evaluator",
         "knn",
         "--ckpt_path",
-        str(fit_checkpoint),
-        "--evaluator.ks",
-        "[1,5,10]",
+        str(checkpoint),
+        f"--evaluator.ks={ks}",
         "--evaluator.image_size=32",
         f"--evaluator.data_dir={data_dir}",
         "--evaluator.num_workers=0",
-        "--evaluator.batch_size=128",
+        f"--evaluator.batch_size={batch_size}",
+    ]
+
+
+def test_validate_knn_end_to_end(fit_checkpoint, image_root, tmp_path, capsys, recorded):
+    data_dir, num_classes = image_root
+    args = [
+        *knn_args(fit_checkpoint, data_dir, "[1,5,10]", batch_size=128),
         *QUIET,
         f"--trainer.default_root_dir={tmp_path}",
     ]
@@ -395,19 +401,7 @@ def test_validate_under_mixed_precision_scores_as_in_float32(fit_checkpoint, ima
     """``--trainer.precision bf16-mixed`` (what a GPU user gives; ``16-mixed`` is bf16 on the CPU too): the backbone
     runs in bf16, the k-NN vote in float32; the scores stay close to float32's (they failed before)."""
     data_dir, _ = image_root
-    args = [
-        "validate",
-        "--evaluator",
-        "knn",
-        "--ckpt_path",
-        str(fit_checkpoint),
-        "--evaluator.ks=[5,20]",
-        "--evaluator.image_size=32",
-        f"--evaluator.data_dir={data_dir}",
-        "--evaluator.num_workers=0",
-        "--evaluator.batch_size=256",
-        *QUIET,
-    ]
+    args = [*knn_args(fit_checkpoint, data_dir, "[5,20]", batch_size=256), *QUIET]
     scores = {}
     for precision in ("32-true", "bf16-mixed"):
         root = tmp_path / precision

@@ -114,10 +114,8 @@ def build_vit(
             f"timm model {name!r} is not a VisionTransformer accepting img_size/dynamic_img_size ({err}); "
             "dora-lightning needs a vit_* model with a class token"
         ) from err
-    except (
-        AssertionError,
-        ArithmeticError,
-    ) as err:  # timm's checks of impossible shapes (dim % heads, patch 0)
+    except (AssertionError, ArithmeticError) as err:
+        # timm's checks of impossible shapes (dim % heads, patch 0)
         shape = ", ".join(f"{key}={value}" for key, value in timm_kwargs.items())
         raise ValueError(
             f"timm cannot build {name!r} with img_size={img_size}{', ' + shape if shape else ''}: "
