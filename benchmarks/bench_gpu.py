@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from benchmarks.common import (  # noqa: E402
     run_child_case,
     run_child_side,
     write_json,
+    wt_settings,
 )
 
 MICRO_MODEL = dict(
@@ -82,7 +84,8 @@ def plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, dict, float]],
         common = dict(device="cuda", precision="bf16-mixed", frames=8, global_size=224, local_size=112)
         common |= dict(local_crops=6, warmup=3, steps=10, profiled_steps=3)
         batches, workers = (16, 64), args.workers
-        video = dict(width=1280, height=720, seconds=args.video_seconds, fps=60)
+        seconds = args.video_seconds or fit_video_seconds(workers, max(batches), fps=60)
+        video = dict(width=1280, height=720, seconds=seconds, fps=60)
         fit_extra = {}
     if args.steps:
         common["steps"] = args.steps
@@ -107,6 +110,18 @@ def plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, dict, float]],
             case["data"] = case.get("data", {}) | {"augment_on": augment_on}
             parts.append((f"fit/dora/b{batch}/{augment_on}-aug", case, 60 * slack))
     return common, parts, video
+
+
+def fit_video_seconds(workers: int, batch_size: int, fps: int, batches_per_worker: int = 2) -> int:
+    """Seconds of video that give each loader worker ``batches_per_worker`` batches of wt.yaml's clips (each worker
+    takes whole batches from its share of the clip starts: a 20 s video has 780 starts of 8 frames 1 s apart, 55 per
+    worker of 14, not one batch of 64)."""
+    from dora_lightning.data.sampling import ClipSpec
+
+    _, data, _ = wt_settings()
+    spec = ClipSpec(data["clip_length"], data["frame_stride"])
+    starts = batches_per_worker * workers * batch_size
+    return math.ceil((starts + spec.span - 1) / fps)
 
 
 def machine_info(device: str) -> dict:
@@ -202,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=14, help="data-loader workers of the fit parts")
     parser.add_argument("--video", help="use this video for the fit parts instead of generating one")
     parser.add_argument(
-        "--video-seconds", type=float, default=20.0, help="length of the generated 720p60 video"
+        "--video-seconds",
+        type=float,
+        help="length of the generated 720p60 video (default: enough clip starts for 2 batches of the largest batch "
+        "size per worker: 37 s for 14 workers and batch 64)",
     )
     parser.add_argument(
         "--steps", type=int, help="timed steps of the overhead and bare parts (default 10; smoke 2)"

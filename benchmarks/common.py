@@ -200,6 +200,16 @@ def run_child_case(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def wt_settings(config: str = "configs/wt.yaml") -> tuple[dict, dict, dict]:
+    """The model, data and transform arguments of ``config`` (the paper's recipe by default)."""
+    import yaml
+
+    raw = yaml.safe_load((REPO_ROOT / config).read_text())
+    data = dict(raw["data"])
+    transform = dict(data.pop("transform")["init_args"])
+    return dict(raw["model"]), data, transform
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A Markdown table: a header line, a ``|---|`` line, one line per row (cells already formatted)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

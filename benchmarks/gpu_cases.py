@@ -16,11 +16,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import yaml
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.common import REPO_ROOT
+from benchmarks.common import REPO_ROOT, wt_settings
 
 # profiler events that make the host wait for the device (or, on the CPU, read a tensor's value into Python)
 SYNC_EVENTS = (
@@ -28,14 +27,6 @@ SYNC_EVENTS = (
     "cudaDeviceSynchronize",
     "cudaEventSynchronize",
 )
-
-
-def wt_settings(config: str = "configs/wt.yaml") -> tuple[dict, dict, dict]:
-    """The model, data and transform arguments of ``config`` (the paper's recipe by default)."""
-    raw = yaml.safe_load((REPO_ROOT / config).read_text())
-    data = dict(raw["data"])
-    transform = dict(data.pop("transform")["init_args"])
-    return dict(raw["model"]), data, transform
 
 
 def build_module(case: dict):
@@ -345,15 +336,16 @@ def run_fit(case: dict) -> dict:
     marks = _Marks(device, range(w, w + s), range(0, 0), wall=True)  # waiting for data counts
     with tempfile.TemporaryDirectory() as root:
         profiler = SimpleProfiler(dirpath=root, filename="profile")
-        trainer = _trainer(case, w + s, [marks], root, profiler=profiler, max_epochs=-1)
+        # one step more than timed: the timed window ends when step w + s starts, not after fit() returns (which
+        # would add the workers' shutdown and the Trainer's teardown to the last step)
+        trainer = _trainer(case, w + s + 1, [marks], root, profiler=profiler, max_epochs=-1)
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         _sync(device)
         wall = time.perf_counter() - t0
-        marks.times.setdefault(w + s, time.perf_counter())
     durations = profiler.recorded_durations
-    fetch = [d for k, v in durations.items() if k.endswith("train_dataloader_next") for d in v][w:]
-    batch = [d for k, v in durations.items() if k.endswith("run_training_batch") for d in v][w:]
+    fetch = [d for k, v in durations.items() if k.endswith("train_dataloader_next") for d in v][w : w + s]
+    batch = [d for k, v in durations.items() if k.endswith("run_training_batch") for d in v][w : w + s]
     per_step = (marks.times[w + s] - marks.times[w]) / s
     wait = sum(fetch) / max(sum(fetch) + sum(batch), 1e-9)
     return {

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["MODEL_OPTION_RULES", "check_model_options", "crop_size_problem"]
+__all__ = ["MODEL_OPTION_RULES", "check_model_options", "crop_size_problem", "precision_problem"]
 
 
 def _positive(value: float) -> bool:
@@ -72,4 +72,18 @@ def crop_size_problem(kind: str, size: Any, patch_size: int, backbone: str) -> s
     return (
         f"data.transform.init_args.{kind}_size={size} is not a multiple of the patch size {patch_size} of "
         f"model.backbone={backbone}; give a multiple of {patch_size} (e.g. {max(patch_size, round(size / patch_size) * patch_size)})"
+    )
+
+
+def precision_problem(precision: str) -> str | None:
+    """Why ``trainer.precision`` cannot pretrain (None when it can): the ``-true`` precisions other than ``32-true``
+    cast the weights themselves. In bfloat16 (8 bits of mantissa) the EMA teacher's step of (1 - momentum) x the
+    difference, 0.4 % of it at momentum 0.996, is mostly lost to rounding, as are AdamW's small updates; and the
+    views, made or normalised in float32 after Lightning casts a batch, do not match such weights."""
+    if not precision.endswith("-true") or precision == "32-true":
+        return None
+    return (
+        f"trainer.precision={precision} casts the weights, and the EMA teacher and AdamW need float32 weights (an "
+        "EMA step of 0.4 % of the difference is lost to rounding in 16 bits); use --trainer.precision bf16-mixed "
+        "(bfloat16 compute, float32 weights; 16-mixed on GPUs without bfloat16) or 32-true"
     )

@@ -24,7 +24,7 @@ from dora_lightning.core.tracker import (
 )
 from dora_lightning.diagnostics import NonFiniteLossError, TrainingDiagnostics
 from dora_lightning.loss_watch import LossWatch
-from dora_lightning.model_options import check_model_options, crop_size_problem
+from dora_lightning.model_options import check_model_options, crop_size_problem, precision_problem
 from dora_lightning.models.backbone import (
     build_vit,
     clip_tracker_inputs,
@@ -36,7 +36,9 @@ from dora_lightning.models.compile import compile_regions_
 from dora_lightning.models.head import DINOHead, cancel_last_layer_grad_
 from dora_lightning.models.lean_mlp import use_lean_mlps_
 from dora_lightning.models.student_teacher import StudentTeacher
+from dora_lightning.optimizer import student_adamw
 from dora_lightning.resume_state import prepare_resume
+from dora_lightning.rng_states import capture_rng_states, restore_rng_states
 from dora_lightning.step_schedules import StepSchedules
 
 __all__ = ["DoRAModule", "NonFiniteLossError", "StudentTeacher", "per_parameter_clip_"]
@@ -170,7 +172,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         # _track draws from head_generator; training_step reseeds it per batch from (seed + rank, draw count)
         self.head_generator = torch.Generator().manual_seed(seed)
         self._head_draws = 0
-        self._pending_rng: tuple[Tensor, list[Tensor]] | None = None
+        self._pending_rng: dict[str, Any] | None = None  # a resumed checkpoint's RNG states (rng_states.py)
         self.checkpoint_planned_steps: int | None = None  # what a resumed checkpoint's schedules spanned
         self._last_attention: tuple[Tensor, tuple[int, int]] | None = None
         self._loss_watch = (
@@ -245,8 +247,11 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
                 raise ValueError(problem)
 
     def setup(self, stage: str) -> None:
-        """Refuse the data module's crop sizes that do not hold whole patches before any batch: callbacks (the
-        collapse guard's probe) run the backbone on the first batch before ``training_step`` checks it."""
+        """Refuse a precision that casts the weights, and the data module's crop sizes that do not hold whole
+        patches, before any batch: callbacks (the collapse guard's probe) run the backbone on the first batch before
+        ``training_step`` checks it."""
+        if self._trainer is not None and (problem := precision_problem(str(self.trainer.precision))):
+            raise ValueError(problem)
         transform = getattr(getattr(self._trainer, "datamodule", None), "transform", None)
         for kind in ("global", "local"):
             size = getattr(transform, f"{kind}_size", None)
@@ -326,17 +331,10 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
             compile_regions_(self.student, self.teacher)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW with weight decay on weights only; lr and wd are set every step from the schedules. On CUDA it is
-        the fused implementation (one kernel for all parameters); elsewhere PyTorch's default."""
-        decay, no_decay = [], []
-        for name, param in self.student.named_parameters():
-            if not param.requires_grad:
-                continue
-            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-        fused = {"fused": True} if decay and all(p.is_cuda for p in decay + no_decay) else {}
-        return torch.optim.AdamW(
-            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=0.0, **fused
-        )
+        """AdamW with weight decay on weights only (``optimizer.student_adamw``: fused on CUDA, except under a
+        gradient scaler); lr and wd are set every step from the schedules."""
+        precision = getattr(self._trainer, "precision_plugin", None)
+        return student_adamw(self.student, grad_scaler=getattr(precision, "scaler", None) is not None)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         values = self.step_values()
@@ -372,8 +370,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         checkpoint["dora"] = {
             "kind": PRETRAIN_KIND,
             "head_draws": self._head_draws,  # the same on every rank: each rank resumes its own stream from it
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            **capture_rng_states(self.device),
             "planned_steps": None if self._trainer is None else self.total_steps,  # what the schedules span
         }
 
@@ -389,15 +386,12 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
                 "this checkpoint predates per-rank head draws: the tracker's head sequence restarts"
             )
         self._head_draws = int(state.get("head_draws", 0))
-        self._pending_rng = (state["torch_rng"], state["cuda_rng"])
+        self._pending_rng = state
         self.checkpoint_planned_steps = state.get("planned_steps")
         prepare_resume(checkpoint, getattr(self._trainer, "datamodule", None))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """After a resume, restore the RNG states here, so the loader's start-up draws do not shift drop-path masks."""
         if self._pending_rng is not None:
-            cpu_state, cuda_states = self._pending_rng
-            torch.set_rng_state(cpu_state)
-            if cuda_states and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(cuda_states)
+            restore_rng_states(self._pending_rng, self.device)
             self._pending_rng = None

@@ -254,3 +254,19 @@ def test_batch_digest_of_the_demo_config_is_stable(tmp_path):
     runs = [subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True) for _ in range(2)]
     first, second = (json.loads(run.stdout.strip().splitlines()[-1]) for run in runs)
     assert first == second and len(first["batches"]) == 1 and first["videos"][0][1] == 1280
+
+
+def test_the_gpu_benchmarks_generated_video_feeds_every_worker_at_the_largest_batch():
+    """bench_gpu.py's fit parts at batch 64 with 14 workers: its 20 s video gave 55 clip starts per worker, not one
+    batch (the data module refused it); the default length now gives each worker two batches."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_gpu import fit_video_seconds
+    from benchmarks.common import wt_settings
+    from dora_lightning.data.sampling import ClipSpec, clips_per_shard
+
+    _, data, _ = wt_settings()
+    spec = ClipSpec(data["clip_length"], data["frame_stride"])
+    for workers, batch in ((14, 64), (14, 16), (8, 64)):
+        frames = fit_video_seconds(workers, batch, fps=60) * 60
+        assert clips_per_shard([spec.num_starts(frames)], workers, batch) >= 2 * batch
+    assert clips_per_shard([spec.num_starts(20 * 60)], 14, 64) == 0  # the old default

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import BUNDLED_VIDEO, write_video
+from copy_watch import CopyWatch
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dora_lightning.data.augment.colour_views import NUM_DRAWS
 from dora_lightning.data.augment.device import HOST_PLAN, DeviceAugment
@@ -318,28 +318,6 @@ def test_plan_fields_round_trip():
         ViewPlan.from_fields({})
 
 
-class _CopyWatch(TorchDispatchMode):
-    """Records every copy between devices: (source device, target device, non_blocking)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.copies: list[tuple[str, str, bool]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if (
-            func is torch.ops.aten._to_copy.default
-            and "device" in kwargs
-            and kwargs["device"] != args[0].device
-        ):
-            self.copies.append((args[0].device.type, kwargs["device"].type, bool(kwargs.get("non_blocking"))))
-        elif func is torch.ops.aten.copy_.default and args[0].device != args[1].device:
-            self.copies.append(
-                (args[1].device.type, args[0].device.type, bool(args[2] if len(args) > 2 else False))
-            )
-        return func(*args, **kwargs)
-
-
 @pytest.mark.parametrize("recipe", ["dora", "dino"])
 def test_fused_rendering_never_waits_for_the_device(recipe):
     """On the meta device (tensors without values) rendering runs through: it reads no value back from the device
@@ -351,7 +329,7 @@ def test_fused_rendering_never_waits_for_the_device(recipe):
     augment = DeviceAugment(t)
     prepared = augment.prepare(batch)
     prepared["frames"] = prepared["frames"].to("meta")
-    with _CopyWatch() as watch:
+    with CopyWatch() as watch:
         out = augment(prepared)
     assert all(v.device.type == "meta" for v in out["global_views"] + out["local_views"])
     assert watch.copies and all(

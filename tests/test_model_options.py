@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-from dora_lightning.model_options import MODEL_OPTION_RULES, check_model_options
+from dora_lightning.model_options import MODEL_OPTION_RULES, check_model_options, precision_problem
 from dora_lightning.module import DoRAModule
 
 DEFAULTS = {
@@ -74,3 +74,23 @@ def test_the_edges_that_can_train_pass(name, value):
 def test_the_module_checks_before_building_anything():
     with pytest.raises(ValueError, match=r"^model\.teacher_temp must be > 0, got 0.0$"):
         DoRAModule(backbone="vit_nope", teacher_temp=0.0)  # the unknown backbone is never reached
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "64-true"])
+def test_a_precision_that_casts_the_weights_is_refused_before_the_first_batch(precision, tmp_path):
+    """Before: bf16-true and 16-true crashed at the first batch (float32 views into bfloat16 weights); they cannot
+    train anyway (the EMA step is lost to rounding)."""
+    import lightning.pytorch as pl
+    from conftest import MICRO_MODULE
+
+    assert "bf16-mixed" in precision_problem(precision) and precision in precision_problem(precision)
+    trainer = pl.Trainer(
+        accelerator="cpu", precision=precision, max_steps=1, logger=False, default_root_dir=tmp_path
+    )
+    with pytest.raises(ValueError, match=f"trainer.precision={precision} casts the weights"):
+        trainer.fit(DoRAModule(**MICRO_MODULE), train_dataloaders=[{}])
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "transformer-engine"])
+def test_the_precisions_with_float32_weights_pass(precision):
+    assert precision_problem(precision) is None

@@ -14,8 +14,10 @@ def per_parameter_clip_(parameters: list[nn.Parameter], max_norm: float) -> None
     """DINO's gradient clipping: scale each parameter's gradient so its own L2 norm is at most ``max_norm``.
 
     Multi-tensor (foreach) ops: 7 operator calls for the 158 parameters of a ViT-S student with its head, where the
-    loop makes 948 (each a kernel launch on a GPU), and nothing read back to the host; the result equals the loop
-    (``norm``, ``max_norm / (norm + 1e-6)`` clamped to 1, multiply) element for element."""
+    loop makes 948, and nothing read back to the host; the result equals the loop (``norm``, ``max_norm / (norm +
+    1e-6)`` clamped to 1, multiply) element for element. On a GPU the norms run as multi-tensor kernels, but the
+    multiply does not: PyTorch's multi-tensor fast path needs both lists' tensors to match in shape, and each
+    gradient's scale is a 0-d tensor, so it launches one kernel per gradient (~160 small launches a step)."""
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
     for param in parameters:
         if param.grad is not None:

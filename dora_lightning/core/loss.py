@@ -157,7 +157,9 @@ def dino_loss(
     # (Gt, Gs, T) batch-mean cross-entropies of every teacher/student global pair, diagonal excluded below
     ce_gg = _cross_entropy(p_t.unsqueeze(1), student_globals.unsqueeze(0), student_temp).mean(dim=-1)
     off_diag = ~torch.eye(n_global, dtype=torch.bool, device=ce_gg.device)
-    gg_sum = ce_gg[off_diag].sum()
+    gg_sum = torch.where(
+        off_diag.unsqueeze(-1), ce_gg, 0.0
+    ).sum()  # a boolean index would wait for the device
     masked = gg_sum / (n_gg * ce_gg.shape[-1]) if n_gg else None
     if n_local:
         ce_gl = _cross_entropy(p_t.unsqueeze(1), student_local.unsqueeze(0), student_temp).mean(dim=-1)

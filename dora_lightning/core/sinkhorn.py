@@ -19,9 +19,7 @@ __all__ = ["sinkhorn_knopp"]
 
 def _replace_infs_by_sample_max(q: Tensor) -> Tensor:
     """Replace +-inf entries of each sample by the largest finite entry of that sample (official ``shoot_infs``)."""
-    is_inf = torch.isinf(q)
-    if not bool(is_inf.any()):
-        return q
+    is_inf = torch.isinf(q)  # no early return when there is none: asking would wait for the device
     finite = torch.where(is_inf, torch.zeros_like(q), q)
     sample_max = finite.amax(dim=(-2, -1), keepdim=True)
     return torch.where(is_inf, sample_max.expand_as(q), q)

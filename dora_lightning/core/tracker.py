@@ -161,9 +161,10 @@ def object_prototypes(cls_attention: Tensor, queries: Tensor, heads: Tensor) -> 
     _check_shape("cls_attention", cls_attention, (None, None, None), "(B, h, N)")
     batch, num_heads, num_patches = cls_attention.shape
     _check_shape("queries", queries, (batch, num_patches, None), "(B, N, h*dh)")
-    heads = _check_heads(heads, num_heads).to(cls_attention.device)
+    # the chosen heads sliced by number: an index tensor on the device would be a blocking copy from the host
+    chosen = _check_heads(heads, num_heads).tolist()
     with fp32_region(cls_attention.device):
-        attn = cls_attention.to(torch.float32).index_select(1, heads)  # (B, k, N)
+        attn = torch.stack([cls_attention[:, head] for head in chosen], dim=1).to(torch.float32)  # (B, k, N)
         return torch.einsum("bkn,bnd->bkd", attn, queries.to(torch.float32))
 
 

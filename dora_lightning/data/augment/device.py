@@ -28,9 +28,10 @@ from torch import Tensor
 from dora_lightning.data.augment.colour_views import (
     ColourSettings,
     colour_views,
+    normalize_views,
 )
 from dora_lightning.data.augment.crops import roi_align_views
-from dora_lightning.data.augment.device_colour import fused_colour_views, normalize_on_device
+from dora_lightning.data.augment.device_colour import fused_colour_views
 from dora_lightning.data.augment.multicrop import ClipMultiCrop
 from dora_lightning.data.augment.multicrop_args import per_image
 from dora_lightning.data.augment.plan import PLAN_PREFIX, ViewPlan, colour_groups
@@ -219,4 +220,4 @@ class DeviceAugment:
     def _normalize(self, views: Tensor) -> Tensor:
         """Float32 normalised views (the colour ops' uint8 output, or their float32 output as it is)."""
         t = self.transform
-        return normalize_on_device(views, t.mean, t.std) if views.dtype == torch.uint8 else views
+        return normalize_views(views, t.mean, t.std) if views.dtype == torch.uint8 else views

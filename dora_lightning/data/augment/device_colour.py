@@ -10,7 +10,7 @@ is ``colour_views``' op for op, so on the CPU device the results are identical (
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,15 @@ from torch import Tensor
 
 from dora_lightning.data.augment.blur import gaussian_kernels
 from dora_lightning.data.augment.colour_ops import _RGB_TO_YIQ, apply_colour_affine, colour_matrix, solarize
-from dora_lightning.data.augment.colour_views import BLUR_DRAW, ColourSettings, _jitter_factors, _parameters
+from dora_lightning.data.augment.colour_views import (
+    BLUR_DRAW,
+    ColourSettings,
+    _jitter_factors,
+    _parameters,
+    normalize_views,
+)
 
-__all__ = ["fused_colour_views", "normalize_on_device"]
+__all__ = ["fused_colour_views"]
 
 _HIGH = 255.0  # the renderer's views are float in [0, 255]
 
@@ -85,19 +91,4 @@ def fused_colour_views(
         _apply(img, solarized, lambda x, _: solarize(x, _HIGH), params[:, 4])
     if s.output_dtype == "uint8":
         return img.add_(0.5).to(torch.uint8)  # values stay in [0, 255]: rounding half up needs no clamp
-    return normalize_on_device(img.mul_(1.0 / _HIGH), s.mean, s.std, scale=1.0)
-
-
-def normalize_on_device(
-    views: Tensor, mean: Sequence[float], std: Sequence[float], scale: float | None = None
-) -> Tensor:
-    """``colour_views.normalize_views`` (``(views / scale - mean) / std`` per channel, float32; ``scale`` 255 for
-    uint8 views, else 1) with its constants copied to the views' device without a wait."""
-    if scale is None:
-        scale = 255.0 if views.dtype == torch.uint8 else 1.0
-    out = views if views.dtype == torch.float32 else views.to(torch.float32)
-    mean_t = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
-    weight = _to(1.0 / (scale * std_t), out.device, torch.float32)
-    bias = _to(-mean_t / std_t, out.device, torch.float32)
-    return torch.addcmul(bias, out, weight, out=out)
+    return normalize_views(img.mul_(1.0 / _HIGH), s.mean, s.std, scale=1.0)
