@@ -1,4 +1,8 @@
-"""Process-group hygiene for multi-process runs.
+"""Process-group hygiene and agreement for multi-process runs.
+
+:func:`process_zero_value_if_any_differs` asks whether every process holds the same value (the videos each found, the
+step each resumed at) and gives every process the same answer, so that all stop together: a process that stopped
+alone would leave the others waiting in their next collective (on GPUs until NCCL's timeout).
 
 Lightning destroys the ``torch.distributed`` process group at exit only for NCCL. With gloo (CPU DDP) a finished
 all-reduce can still be held by gloo's worker thread when Python finalises; that thread then needs the GIL to free
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import sys
+from typing import Any
 
 _registered = False
 
@@ -29,3 +34,14 @@ def destroy_process_group_at_exit() -> None:
     if not _registered:
         atexit.register(destroy_process_group_if_initialized)
         _registered = True
+
+
+def process_zero_value_if_any_differs(strategy: Any, value: Any) -> Any | None:
+    """Process 0's ``value`` on every process when any process's ``value`` differs from it; None when all agree (or
+    there is one process). ``strategy`` is the Trainer's (``world_size``, ``broadcast``, ``reduce_boolean_decision``:
+    Lightning's collectives, on the device NCCL needs); ``value`` is picklable and compared with ``==``."""
+    if getattr(strategy, "world_size", 1) <= 1:
+        return None
+    reference = strategy.broadcast(value, src=0)
+    differs = strategy.reduce_boolean_decision(value != reference, all=False)
+    return reference if differs else None

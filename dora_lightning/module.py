@@ -23,6 +23,7 @@ from dora_lightning.core.tracker import (
     sample_heads,
 )
 from dora_lightning.diagnostics import NonFiniteLossError, TrainingDiagnostics
+from dora_lightning.distributed import process_zero_value_if_any_differs
 from dora_lightning.loss_watch import LossWatch
 from dora_lightning.model_options import check_model_options, crop_size_problem, precision_problem
 from dora_lightning.models.backbone import (
@@ -389,6 +390,17 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         self._pending_rng = state
         self.checkpoint_planned_steps = state.get("planned_steps")
         prepare_resume(checkpoint, getattr(self._trainer, "datamodule", None))
+
+    def on_train_start(self) -> None:
+        """Refuse a run whose processes start from different steps: each process resolves ``--ckpt_path`` (``last``)
+        in its own node's run folder, and one that found no checkpoint would start fresh beside resumed ones."""
+        step = (self.global_step, self.current_epoch)
+        if (zero := process_zero_value_if_any_differs(self.trainer.strategy, step)) is not None:
+            raise ValueError(
+                f"--ckpt_path: the processes of this run start from different checkpoints (process 0 at step "
+                f"{zero[0]}, process {self.global_rank} at step {step[0]}); every node must see the run folder "
+                "(trainer.default_root_dir on a shared file system), or give --ckpt_path a file every node has"
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """After a resume, restore the RNG states here, so the loader's start-up draws do not shift drop-path masks."""

@@ -34,17 +34,23 @@ class TouchAt(Callback):
 
 
 class CollectiveLog(Callback):
-    """Records this process's Python-level broadcasts, all-reduces and barriers during training (which group, which
-    device, called from which file) and the batches trained, in ``<path>.<rank>.json`` after every batch: what the
-    stop agreement costs each step."""
+    """Records this process's Python-level broadcasts, all-reduces and barriers from the first batch on (which
+    group, which device, called from which file; not the start's one-time checks, e.g. that every process resumed at
+    the same step) and the batches trained, in ``<path>.<rank>.json`` after every batch: what the stop agreement
+    costs each step."""
 
     def __init__(self, path: str) -> None:
-        self.path, self.calls, self.batches = path, [], 0
+        self.path, self.calls, self.batches, self.recording = path, [], 0, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.recording = True
 
     def on_train_start(self, trainer, pl_module) -> None:
         import torch.distributed as dist
 
         def record(name, tensor, group):
+            if not self.recording:
+                return
             self.calls.append(
                 {
                     "op": name,

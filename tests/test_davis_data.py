@@ -122,6 +122,17 @@ def test_scan_selects_sequences_and_refuses_unknown_ones(davis_root):
         scan_davis(davis_root / "nowhere")
 
 
+def test_fewer_sequences_than_processes_is_refused_in_one_line(davis_root):
+    """A process without a sequence skipped the evaluation loop and its end, where the others waited for it in the
+    gather of the scores (a hang)."""
+    from dora_lightning.evaluation.contract import EvaluatorSettingError
+
+    sequences = scan_davis(davis_root)  # 2
+    with pytest.raises(EvaluatorSettingError, match="2 DAVIS sequence.s. cannot be shared by 3 processes"):
+        DavisFrames(sequences, 64, 8, rank=0, world_size=3)
+    assert len(DavisFrames(sequences, 64, 8, rank=1, world_size=2).own_sequences()) == 1
+
+
 def test_frames_are_split_over_processes_and_workers_in_order(davis_root):
     sequences = scan_davis(davis_root)
     ranks = [DavisFrames(sequences, 64, 8, rank=r, world_size=2) for r in (0, 1)]

@@ -226,3 +226,52 @@ def test_sigterm_cuts_an_evaluation_short(tmp_path, clip_video, capfd):  # noqa:
     assert "dora fit: eval_during (preempted) after epoch 1 cut short by SIGTERM" in err
     names = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
     assert names == ["epoch=0-step=2.ckpt", f"{STOPPED_PREFIX}3.ckpt"]
+
+
+def _linear_fit_command(root: Path, colours: Path, *extra: str) -> list[str]:
+    """fit_command with the linear probe (1 epoch) in place of k-NN, 1 epoch of training, 2 DDP processes."""
+    command = [
+        "--eval_during.evaluator=linear" if arg == "--eval_during.evaluator=knn" else arg
+        for arg in fit_command(root, colours, 1)
+        if not arg.startswith("--eval_during.evaluator.ks=")
+    ]
+    return [
+        *command,
+        "--eval_during.evaluator.epochs=1",
+        "--eval_during.evaluator.batch_size=8",
+        "--eval_during.evaluator.num_workers=0",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.use_distributed_sampler=false",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_a_two_process_run_evaluates_the_linear_probe_and_stops_together_when_it_fails(tmp_path, colours):
+    """The linear probe's metrics (torchmetrics) synced over torch.distributed's group, which in dora fit is the
+    training's: process 0 met the other process's training collectives and the run hung at the first evaluation.
+    A strict evaluation that fails on process 0 ends every process, with one line naming dora fit's option (before:
+    the others waited at a barrier, up to NCCL's 30-minute timeout on GPUs; on the CPU they crashed with a
+    traceback)."""
+    ok = _linear_fit_command(tmp_path / "ok", colours, "--eval_during.evaluator.n_last_blocks=2")
+    run = subprocess.run(ok, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stderr.splitlines() if line.startswith("dora fit: linear ")]
+    assert [line.split(":")[1] for line in lines] == [
+        " linear before training",
+        " linear after epoch 1 (step 2)",
+    ]
+
+    failing = _linear_fit_command(
+        tmp_path / "failing", colours
+    )  # n_last_blocks 4 > the micro model's 2 blocks
+    run = subprocess.run(failing, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 2, run.stderr[-3000:]
+    errors = [
+        line for line in run.stderr.splitlines() if "error" in line.lower() and "dora fit: plan" not in line
+    ]
+    assert errors == [
+        "dora fit: error: n_last_blocks=4 exceeds the depth of the checkpoint's backbone (2 blocks); give "
+        "--eval_during.evaluator.n_last_blocks between 1 and 2"
+    ], run.stderr[-3000:]

@@ -54,6 +54,35 @@ def test_corrupt_entry_is_rebuilt(tmp_path):
         assert "meta" in stored
 
 
+def test_a_truncated_entry_is_rebuilt(tmp_path):
+    """A half-written zip (a node that crashed while writing, before entries were synced to disk) raised
+    zipfile.BadZipFile, which no except clause took: every start failed in prepare_data."""
+    video = write_video(tmp_path / "v.mp4", 40)
+    cache = tmp_path / "cache"
+    probe_video(str(video), cache)
+    (entry,) = entries(cache)
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[: len(whole) // 2])
+    assert probe_video(str(video), cache).num_frames == 40
+    assert entry.read_bytes() == whole
+
+
+def test_a_writers_temporary_file_is_left_alone_while_it_may_be_written(tmp_path):
+    """Two machines sharing the cache over a network file system: temporary names carry host, process and a random
+    token, and pruning removes only temporary files older than an hour."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    fresh, killed = cache / "a.other-host.7.1234abcd.tmp.npz", cache / "b.other-host.7.5678abcd.tmp.npz"
+    fresh.write_bytes(b"being written")
+    killed.write_bytes(b"left by a killed writer")
+    two_hours_ago = (killed.stat().st_mtime_ns - 2 * 3600 * 10**9,) * 2
+    os.utime(killed, ns=two_hours_ago)
+    assert index_cache.prune_cache(cache) == 1
+    assert fresh.exists() and not killed.exists()
+    suffixes = {index_cache._temporary_suffix() for _ in range(3)}
+    assert len(suffixes) == 3 and all(s.endswith(".tmp.npz") and f".{os.getpid()}." in s for s in suffixes)
+
+
 def test_unwritable_cache_is_not_an_error_but_is_said(tmp_path):
     video = write_video(tmp_path / "v.mp4", 40)
     blocked = tmp_path / "file"
@@ -98,6 +127,7 @@ def test_the_cache_keeps_the_most_recently_used_entries(tmp_path):
         (cache / f"old{i}.npz").write_bytes(b"x")
         os.utime(cache / f"old{i}.npz", (1_000_000 + i, 1_000_000 + i))
     (cache / "abc.123.tmp.npz").write_bytes(b"partial")
+    os.utime(cache / "abc.123.tmp.npz", (1_000_000, 1_000_000))  # a killed writer's, long ago
     index_cache.load_or_build(str(video), cache, max_entries=3)
     names = sorted(p.name for p in entries(cache))
     assert len(names) == 3 and "old5.npz" in names and "old4.npz" in names  # the new entry + the 2 newest old

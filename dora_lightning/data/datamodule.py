@@ -17,6 +17,7 @@ from dora_lightning.data.position import ClipStreamPosition, refuse_other_data
 from dora_lightning.data.sampling import ClipSpec, cursors_per_worker
 from dora_lightning.data.sources import VideoInfo, probe_videos, resolve_video_paths
 from dora_lightning.data.stream import VideoClipStream
+from dora_lightning.distributed import process_zero_value_if_any_differs
 
 DEFAULT_VIDEO = "assets/video/vtest.mp4"
 AUGMENT_ON = ("cpu", "gpu", "auto")
@@ -192,6 +193,7 @@ class VideoClipDataModule(ClipStreamPosition, pl.LightningDataModule):
         if self.dataset is not None:
             return
         self.videos = self._probe_videos()
+        self._refuse_videos_other_processes_do_not_see()
         if self._saved_identity is not None:
             refuse_other_data(self._saved_identity, self.identity())
         rank, world = self._rank_and_world()
@@ -217,6 +219,24 @@ class VideoClipDataModule(ClipStreamPosition, pl.LightningDataModule):
                 f"the videos give {total} clip starts, not enough for one batch of data.batch_size={self.batch_size} "
                 f"per worker over {self.dataset.num_shards} (ranks x workers); lower data.batch_size, data.num_workers, "
                 "data.frame_stride or data.clip_length, or add videos"
+            )
+
+    def _refuse_videos_other_processes_do_not_see(self) -> None:
+        """Every process finds and indexes the videos itself (on its own node's file system): if they do not find
+        the same ones (a node without the files, a file still being copied, a read that failed on one node), their
+        shards and epoch lengths differ, clips are taken twice or never, and a run hangs at an epoch's end."""
+        if self.trainer is None:
+            return
+        found = [
+            [*name_and_size, video.num_frames]
+            for name_and_size, video in zip(self.identity()["videos"], self.videos, strict=True)
+        ]
+        zero = process_zero_value_if_any_differs(getattr(self.trainer, "strategy", None), found)
+        if zero is not None:
+            raise ValueError(
+                f"data.paths: the processes of this run do not find the same videos: process 0 has {_brief(zero)}, "
+                f"process {self.trainer.global_rank} {_brief(found)}; every node must see the same files at the same "
+                "paths (a shared file system or identical copies, none still being written)"
             )
 
     def train_dataloader(self) -> ClipLoader:
@@ -266,3 +286,10 @@ class VideoClipDataModule(ClipStreamPosition, pl.LightningDataModule):
             "global_views": [normalize(v) for v in batch["global_views"]],
             "local_views": [normalize(v) for v in batch["local_views"]],
         }
+
+
+def _brief(found: list[list[Any]]) -> str:
+    """'3 videos, 10,800 frames in all (a.mp4, b.mp4, c.mp4)' of [name, size, frames] rows."""
+    names = ", ".join(str(row[0]) for row in found[:3]) + (", ..." if len(found) > 3 else "")
+    frames = sum(int(row[2]) for row in found)
+    return f"{len(found)} video{'s' * (len(found) != 1)}, {frames:,} frames in all ({names})"

@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import socket
+import time
 import warnings
 from collections.abc import Callable
 from fractions import Fraction
@@ -22,6 +25,9 @@ INDEX_VERSION = (
 MAX_INDEX_ENTRIES = (
     4096  # ~1 KB each (a few MB for files with off-grid timestamps); the least recently used go first
 )
+STALE_TEMPORARY_NS = (
+    3600 * 10**9
+)  # a temporary file this old is a killed writer's (a write takes well under a second)
 
 
 def default_cache_dir() -> Path:
@@ -93,15 +99,23 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> tuple[Timeline, dict, dict]:
     return timeline, meta["key"], meta["extra"]
 
 
-def prune_cache(folder: Path, keep: int = MAX_INDEX_ENTRIES) -> int:
+def _temporary_suffix() -> str:
+    """A writer's own temporary name: host, process and a random token (processes of two machines sharing a cache
+    folder over a network file system may have the same process id)."""
+    return f".{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp.npz"
+
+
+def prune_cache(folder: Path, keep: int = MAX_INDEX_ENTRIES, now_ns: int | None = None) -> int:
     """Delete all but the ``keep`` most recently used entries of the index cache ``folder`` (entries are touched
-    when read), and temporary files of killed writers; returns how many files were removed."""
+    when read), and temporary files of killed writers (older than an hour: a younger one may be another process's,
+    being written); returns how many files were removed."""
     try:
         files = [(p.stat().st_mtime_ns, p) for p in folder.glob("*.npz")]
     except OSError:
         return 0
     files.sort(reverse=True)
-    stale = [p for _, p in files if p.name.endswith(".tmp.npz")]
+    cutoff = (time.time_ns() if now_ns is None else now_ns) - STALE_TEMPORARY_NS
+    stale = [p for mtime, p in files if p.name.endswith(".tmp.npz") and mtime < cutoff]
     entries = [p for _, p in files if not p.name.endswith(".tmp.npz")]
     removed = 0
     for path in stale + entries[keep:]:
@@ -140,14 +154,17 @@ def load_or_build(
             except OSError:
                 pass
             return timeline, extra
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, EOFError):
-        pass  # no entry, or a corrupt / old one: rebuild it
+    except Exception:  # no entry, or one that cannot be read (a truncated zip raises BadZipFile): rebuild it
+        pass
     timeline = build_timeline(path, frame_rate)
     extra = probe(path) if probe is not None else {}
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        temporary = entry.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(temporary, **_to_arrays(timeline, key, extra))
+        temporary = entry.with_suffix(_temporary_suffix())
+        with open(temporary, "wb") as fh:
+            np.savez(fh, **_to_arrays(timeline, key, extra))
+            fh.flush()
+            os.fsync(fh.fileno())  # whole on disk before it takes the entry's name (a node may crash)
         os.replace(temporary, entry)
         prune_cache(folder, max_entries)
     except OSError as err:

@@ -93,9 +93,19 @@ class EvaluateDuringFit(Callback):
     def _evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None, strict: bool
     ) -> None:
+        failure: Exception | None = None
         if trainer.is_global_zero:
-            self._evaluate_here(trainer, pl_module, epoch, strict)
-        trainer.strategy.barrier("eval_during")
+            try:
+                self._evaluate_here(trainer, pl_module, epoch, strict)
+            except Exception as err:  # noqa: BLE001 - a strict evaluation's failure, raised below on every process
+                failure = err
+        # every process learns whether process 0 failed, so that all stop together: one left waiting at a barrier
+        # while process 0 stops would wait for the collective's timeout (30 minutes with NCCL) with its GPU held
+        failed = trainer.strategy.reduce_boolean_decision(failure is not None, all=False)
+        if failure is not None:
+            raise _in_fit_terms(failure)
+        if failed:
+            raise SystemExit(2)  # process 0 says why, in one line
 
     def _evaluate_here(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None, strict: bool
@@ -118,7 +128,9 @@ class EvaluateDuringFit(Callback):
         except Exception as err:  # noqa: BLE001 - any evaluator failure: one line, training goes on
             if strict:
                 raise
-            sys.stderr.write(f"dora fit: eval_during ({name}) failed {when}: {one_line(err)}\n")
+            sys.stderr.write(
+                f"dora fit: eval_during ({name}) failed {when}: {one_line(_in_fit_terms(err))}\n"
+            )
             return
         step = trainer.global_step
         # evaluators name their metrics "<name>/<metric>"; others get the evaluator's name in front
@@ -147,3 +159,16 @@ class EvaluateDuringFit(Callback):
         }
         with isolated_randomness(device):
             return self.evaluator.evaluate(backbone, trainer_kwargs)
+
+
+def _in_fit_terms(err: Exception) -> Exception:
+    """``err`` with the evaluator's options named as ``dora fit`` takes them (``--eval_during.evaluator.X``; the
+    evaluators' messages name ``dora validate``'s ``--evaluator.X``), of the same type; else ``err`` itself."""
+    message = str(err)
+    if "--evaluator." not in message or len(err.args) != 1:
+        return err
+    try:
+        renamed = type(err)(message.replace("--evaluator.", "--eval_during.evaluator."))
+    except Exception:  # noqa: BLE001 - an exception type that cannot be rebuilt from its message
+        return err
+    return renamed.with_traceback(err.__traceback__)

@@ -1,10 +1,11 @@
 """What the trained-probe evaluators (linear, segmentation) share: the Trainer defaults of a probe run, the check of
-``n_last_blocks``, the refusal of spawned strategies, and a frozen backbone that is given back as it came."""
+``n_last_blocks``, the refusal of spawned strategies, a frozen backbone that is given back as it came, and when their
+metrics sync over processes."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -78,3 +79,15 @@ def frozen_backbone(backbone: nn.Module) -> Iterator[nn.Module]:
         for name, p in backbone.named_parameters():
             p.requires_grad_(grads[name])
         backbone.train(was_training)
+
+
+def syncs_across_its_trainer(module: pl.LightningModule) -> Callable[[], bool]:
+    """torchmetrics' ``distributed_available_fn`` for ``module``'s metrics: sync only when the module's own Trainer
+    runs several processes. torchmetrics' default asks ``torch.distributed``, which during ``dora fit --eval_during``
+    is the training's process group: process 0 evaluates alone on its own Trainer, and a sync there met the other
+    processes' training collectives (a 2-process CPU run hung at the first evaluation, before 2026-12-06)."""
+
+    def several_processes() -> bool:
+        return module._trainer is not None and module.trainer.world_size > 1
+
+    return several_processes

@@ -25,7 +25,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dora_lightning.evaluation.contract import EvaluationDataError, EvaluationDataNotFoundError
+from dora_lightning.evaluation.contract import (
+    EvaluationDataError,
+    EvaluationDataNotFoundError,
+    EvaluatorSettingError,
+)
 from dora_lightning.evaluation.images import image_header
 from dora_lightning.evaluation.palette import davis_palette, write_palette_png
 from dora_lightning.imagenet import IMAGENET_MEAN
@@ -289,6 +293,12 @@ class DavisFrames(IterableDataset):
         self.sequences = list(sequences)
         self.short_side, self.patch_size = int(short_side), int(patch_size)
         self.rank, self.world_size = int(rank), int(world_size)
+        if 0 < len(self.sequences) < self.world_size:
+            # a process without a sequence would skip the evaluation loop and its end, where the others wait for it
+            raise EvaluatorSettingError(
+                f"{len(self.sequences)} DAVIS sequence(s) cannot be shared by {self.world_size} processes (each "
+                "needs at least one); run on at most that many devices (--trainer.devices) or give more sequences"
+            )
 
     def own_sequences(self) -> list[DavisSequence]:
         """The sequences this process reads."""

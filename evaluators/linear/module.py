@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from dora_lightning.evaluation.probe import syncs_across_its_trainer
 from dora_lightning.models.backbone import last_block_tokens, last_n_block_cls
 
 __all__ = ["LinearProbeModule", "lr_key", "probe_features"]
@@ -102,11 +103,14 @@ class LinearProbeModule(pl.LightningModule):
                 head.bias.zero_()
             self.heads.append(head)
         top_k = min(5, num_classes)
-        self.top1 = nn.ModuleList(MulticlassAccuracy(num_classes, top_k=1, average="micro") for _ in self.lrs)
-        self.top5 = nn.ModuleList(
-            MulticlassAccuracy(num_classes, top_k=top_k, average="micro") for _ in self.lrs
+        sync = {"distributed_available_fn": syncs_across_its_trainer(self)}
+        self.top1 = nn.ModuleList(
+            MulticlassAccuracy(num_classes, top_k=1, average="micro", **sync) for _ in self.lrs
         )
-        self.val_images = SumMetric()  # images scored per validation, summed over processes
+        self.top5 = nn.ModuleList(
+            MulticlassAccuracy(num_classes, top_k=top_k, average="micro", **sync) for _ in self.lrs
+        )
+        self.val_images = SumMetric(**sync)  # images scored per validation, summed over processes
         self.history: list[dict[str, Any]] = []
         self.effective_lrs: list[float] = []
 

@@ -17,6 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from dora_lightning.evaluation.probe import syncs_across_its_trainer
 from dora_lightning.models.backbone import last_block_tokens
 from evaluators.segmentation.data import IGNORE_INDEX
 
@@ -103,7 +104,10 @@ class SegmentationHeadModule(pl.LightningModule):
             self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=generator) * 0.01)
             self.head.bias.zero_()
         self.confmat = MulticlassConfusionMatrix(
-            self.num_classes, ignore_index=IGNORE_INDEX, validate_args=False
+            self.num_classes,
+            ignore_index=IGNORE_INDEX,
+            validate_args=False,
+            distributed_available_fn=syncs_across_its_trainer(self),
         )
         self.scores: dict[str, Any] = {}
 
