@@ -394,6 +394,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
     def on_train_start(self) -> None:
         """Refuse a run whose processes start from different steps: each process resolves ``--ckpt_path`` (``last``)
         in its own node's run folder, and one that found no checkpoint would start fresh beside resumed ones."""
+        super().on_train_start()  # TrainingDiagnostics: a fresh loss watch and schedule cache
         step = (self.global_step, self.current_epoch)
         if (zero := process_zero_value_if_any_differs(self.trainer.strategy, step)) is not None:
             raise ValueError(

@@ -85,4 +85,6 @@ def test_processes_that_resume_from_different_steps_are_refused():
     ):
         module.on_train_start()
     module._trainer.strategy = TwoProcesses(zero=(0, 0))
+    module._step_values = (7, {"lr": 1.0})
     module.on_train_start()  # the same step everywhere: no error
+    assert module._step_values is None  # and TrainingDiagnostics' start still runs (a fresh schedule cache)
