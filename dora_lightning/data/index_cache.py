@@ -25,9 +25,8 @@ INDEX_VERSION = (
 MAX_INDEX_ENTRIES = (
     4096  # ~1 KB each (a few MB for files with off-grid timestamps); the least recently used go first
 )
-STALE_TEMPORARY_NS = (
-    3600 * 10**9
-)  # a temporary file this old is a killed writer's (a write takes well under a second)
+# a temporary file this old is a killed writer's (a write takes well under a second)
+STALE_TEMPORARY_NS = 3600 * 10**9
 
 
 def default_cache_dir() -> Path:
@@ -105,7 +104,7 @@ def _temporary_suffix() -> str:
     return f".{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp.npz"
 
 
-def prune_cache(folder: Path, keep: int = MAX_INDEX_ENTRIES, now_ns: int | None = None) -> int:
+def prune_cache(folder: Path, keep: int = MAX_INDEX_ENTRIES) -> int:
     """Delete all but the ``keep`` most recently used entries of the index cache ``folder`` (entries are touched
     when read), and temporary files of killed writers (older than an hour: a younger one may be another process's,
     being written); returns how many files were removed."""
@@ -114,7 +113,7 @@ def prune_cache(folder: Path, keep: int = MAX_INDEX_ENTRIES, now_ns: int | None 
     except OSError:
         return 0
     files.sort(reverse=True)
-    cutoff = (time.time_ns() if now_ns is None else now_ns) - STALE_TEMPORARY_NS
+    cutoff = time.time_ns() - STALE_TEMPORARY_NS
     stale = [p for mtime, p in files if p.name.endswith(".tmp.npz") and mtime < cutoff]
     entries = [p for _, p in files if not p.name.endswith(".tmp.npz")]
     removed = 0
