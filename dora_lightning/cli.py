@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from dora_lightning.argument_parser import FIT_EVALUATOR, DoraArgumentParser
 from dora_lightning.data.datamodule import VideoClipDataModule
 from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, exit_with_error, os_reason
+from dora_lightning.lightning_output import use_parameter_summary
 from dora_lightning.module import DoRAModule
 from dora_lightning.runs import (
     LAST,
@@ -180,10 +181,12 @@ class DoraCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Lightning's trainer, with checkpoints in the run's folder and written atomically
-        (:func:`dora_lightning.runs.use_run_folder`); a resumed run logs on in the run's TensorBoard folder
+        (:func:`dora_lightning.runs.use_run_folder`), the model summary without uncounted FLOPs
+        (:mod:`dora_lightning.lightning_output`); a resumed run logs on in the run's TensorBoard folder
         (:func:`dora_lightning.runs.continue_run_log`)."""
         trainer = super().instantiate_trainer(**kwargs)
         use_run_folder(trainer)
+        use_parameter_summary(trainer)
         if self._resumed_step is not None and self._get(self.config, "trainer").get("logger") in (None, True):
             continue_run_log(trainer, self._resumed_step)
         return trainer

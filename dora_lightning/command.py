@@ -40,6 +40,10 @@ def usage() -> str:
 
 
 def _run(subcommand: str, argv: list[str], from_console: bool) -> int:
+    if subcommand in ("fit", "validate", "compare"):  # they run Lightning Trainers
+        from dora_lightning.lightning_output import quiet_lightning
+
+        quiet_lightning()
     if subcommand == "fit":
         from dora_lightning.cli import run_fit
 

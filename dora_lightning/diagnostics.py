@@ -7,6 +7,7 @@ Lightning's results; writing them to the loggers every ``N`` steps costs one dev
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -14,7 +15,7 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
 from dora_lightning.core.tracker import TrackerOutput
-from dora_lightning.loss_watch import LossReading
+from dora_lightning.loss_watch import LossReading, LossWatch
 from dora_lightning.pictures import attention_grid, track_grid
 
 __all__ = ["NonFiniteLossError", "TrainingDiagnostics", "diagnostics_due", "write_diagnostics"]
@@ -55,9 +56,14 @@ class TrainingDiagnostics:
     def _check_losses(self, readings: list[LossReading]) -> None:
         for reading in readings:
             if not reading.finite:
+                where = f"at step {reading.step} (epoch {reading.epoch})"
+                what = (
+                    f"the loss of another process is not finite {where} (this process's: {reading.value})"
+                    if math.isfinite(reading.value)
+                    else f"the loss is {reading.value} {where}"
+                )
                 raise NonFiniteLossError(
-                    f"the loss is {reading.value} at step {reading.step} (epoch {reading.epoch}); lower "
-                    "model.base_lr, use precision bf16-mixed rather than 16-mixed, or check the data"
+                    f"{what}; lower model.base_lr, use precision bf16-mixed rather than 16-mixed, or check the data"
                 )
 
     def _diagnostics_every(self) -> int:
@@ -77,7 +83,8 @@ class TrainingDiagnostics:
             )
 
     def on_train_start(self) -> None:
-        self._loss_watch.clear()
+        """A fresh loss watch: across the processes of a multi-process run (they stop on the same step together)."""
+        self._loss_watch = LossWatch(across_processes=self.trainer.world_size > 1)
         self._step_values = None
 
     def on_train_epoch_end(self) -> None:
@@ -86,11 +93,15 @@ class TrainingDiagnostics:
     def on_train_end(self) -> None:
         self._check_losses(self._loss_watch.ready(wait=True))
 
-    def _log_images(self, frames: Tensor, tracked: TrackerOutput) -> None:
-        """Every ``log_images_every_n_steps`` steps: one clip's object tracks and its frame-0 attention per head."""
+    def _log_images(self, frames: Tensor, tracked: TrackerOutput, batch_idx: int) -> None:
+        """Every ``log_images_every_n_steps`` steps (first micro-batch), on global rank 0: one clip's object tracks
+        and its frame-0 attention per head. Other ranks draw nothing (their logger's experiment takes any call and
+        drops it, and drawing reads the masks back from the device)."""
         every = self.hparams.log_images_every_n_steps
-        experiment = getattr(self.logger, "experiment", None)
-        if not every or self.global_step % every or not hasattr(experiment, "add_image"):
+        if not every or self.global_step % every or batch_idx % self.trainer.accumulate_grad_batches:
+            return
+        experiment = getattr(self.logger, "experiment", None) if self.trainer.is_global_zero else None
+        if not hasattr(experiment, "add_image"):
             return
         experiment.add_image("tracker/object_tracks", track_grid(frames, tracked.masks[0]), self.global_step)
         if self._last_attention is not None:

@@ -7,7 +7,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["MODEL_OPTION_RULES", "check_model_options", "crop_size_problem", "precision_problem"]
+import torch
+
+__all__ = [
+    "MODEL_OPTION_RULES",
+    "batch_problem",
+    "check_model_options",
+    "crop_size_problem",
+    "precision_problem",
+]
 
 
 def _positive(value: float) -> bool:
@@ -73,6 +81,28 @@ def crop_size_problem(kind: str, size: Any, patch_size: int, backbone: str) -> s
         f"data.transform.init_args.{kind}_size={size} is not a multiple of the patch size {patch_size} of "
         f"model.backbone={backbone}; give a multiple of {patch_size} (e.g. {max(patch_size, round(size / patch_size) * patch_size)})"
     )
+
+
+def batch_problem(batch: Mapping[str, Any], method: str, patch_size: int, backbone: str) -> str | None:
+    """Why a training batch does not suit the model (None when it does), with the fix: the number of global views
+    per frame for ``method`` (DINO 2, DoRA 1), views never normalised (uint8), crop sizes not in whole patches."""
+    expected = 2 if method == "dino" else 1
+    got = len(batch["global_views"])
+    if got != expected:
+        return (
+            f"model.method={method} needs {expected} global view(s) per frame but the data gives {got}; "
+            f"set data.transform.init_args.num_global_crops: {expected}"
+        )
+    if any(v.dtype == torch.uint8 for v in batch["global_views"] + batch["local_views"]):
+        return (
+            "the batch holds uint8 views that were never normalised: pass the VideoClipDataModule to the Trainer "
+            "(its on_after_batch_transfer normalises them) or apply ClipMultiCrop.normalize to every view"
+        )
+    for kind, views in (("global", batch["global_views"]), ("local", batch["local_views"][:1])):
+        size = int(views[0].shape[-1]) if views else None
+        if problem := crop_size_problem(kind, size, patch_size, backbone):
+            return problem
+    return None
 
 
 def precision_problem(precision: str) -> str | None:

@@ -25,7 +25,12 @@ from dora_lightning.core.tracker import (
 from dora_lightning.diagnostics import NonFiniteLossError, TrainingDiagnostics
 from dora_lightning.distributed import process_zero_value_if_any_differs
 from dora_lightning.loss_watch import LossWatch
-from dora_lightning.model_options import check_model_options, crop_size_problem, precision_problem
+from dora_lightning.model_options import (
+    batch_problem,
+    check_model_options,
+    crop_size_problem,
+    precision_problem,
+)
 from dora_lightning.models.backbone import (
     build_vit,
     clip_tracker_inputs,
@@ -178,7 +183,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         self._last_attention: tuple[Tensor, tuple[int, int]] | None = None
         self._loss_watch = (
             LossWatch()
-        )  # the losses on their way to the host, read without waiting for the device
+        )  # the losses on their way to the host; on_train_start makes a fresh one
         self._step_values = None  # StepSchedules.step_values' cache
 
     # ----------------------------------------------------------------- forward
@@ -228,24 +233,11 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         return [out.unflatten(0, g.shape[:3]).transpose(1, 2) for out, g in zip(logits, groups, strict=True)]
 
     def check_batch(self, batch: dict[str, Any]) -> None:
-        """Raise ValueError with the fix when a batch does not suit this model (number of global views for the
-        method, crop sizes and the patch size, unnormalised uint8 views); ``training_step`` checks its first batch."""
-        expected = 2 if self.hparams.method == "dino" else 1
-        got = len(batch["global_views"])
-        if got != expected:
-            raise ValueError(
-                f"model.method={self.hparams.method} needs {expected} global view(s) per frame but the data gives {got}; "
-                f"set data.transform.init_args.num_global_crops: {expected}"
-            )
-        if any(v.dtype == torch.uint8 for v in batch["global_views"] + batch["local_views"]):
-            raise ValueError(
-                "the batch holds uint8 views that were never normalised: pass the VideoClipDataModule to the Trainer "
-                "(its on_after_batch_transfer normalises them) or apply ClipMultiCrop.normalize to every view"
-            )
-        for kind, views in (("global", batch["global_views"]), ("local", batch["local_views"][:1])):
-            size = int(views[0].shape[-1]) if views else None
-            if problem := crop_size_problem(kind, size, self.patch_size, self.hparams.backbone):
-                raise ValueError(problem)
+        """Raise ValueError with the fix when a batch does not suit this model (:func:`batch_problem`);
+        ``training_step`` checks its first batch."""
+        hp = self.hparams
+        if problem := batch_problem(batch, hp.method, self.patch_size, hp.backbone):
+            raise ValueError(problem)
 
     def setup(self, stage: str) -> None:
         """Refuse a precision that casts the weights, and the data module's crop sizes that do not hold whole
@@ -303,7 +295,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         self._head_draws += 1
         parts, teacher, tracked = self.compute_loss(batch, values["teacher_temp"])
         self._loss_watch.push(self.global_step, self.current_epoch, parts.total)
-        arrived = self._loss_watch.ready()  # on the CPU: this step's loss, checked before anything is updated
+        arrived = self._loss_watch.ready()  # one CPU process: this step's, checked before anything is updated
         self._check_losses(arrived)
         with torch.no_grad():
             entropy = teacher_entropy(teacher, self.center, values["teacher_temp"])
@@ -323,7 +315,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
             self.log("loss", arrived[-1].loss, prog_bar=True, batch_size=batch_size, logger=False)
         self._write_diagnostics(values, tracked, batch_idx)
         if tracked is not None:
-            self._log_images(batch["global_views"][0][0], tracked)
+            self._log_images(batch["global_views"][0][0], tracked, batch_idx)
         return parts.total
 
     def configure_model(self) -> None:

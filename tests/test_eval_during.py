@@ -4,6 +4,7 @@ the same weights with or without it; a failure after an epoch is one line and tr
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,11 +58,16 @@ def fit(
     return module, logger
 
 
-def test_a_run_trains_the_same_weights_with_or_without_it(tmp_path, clip_video, colours):  # noqa: F811
+def test_a_run_trains_the_same_weights_with_or_without_it(tmp_path, clip_video, colours, capfd):  # noqa: F811
     assert MICRO.get("drop_path_rate", 0.1) > 0  # the training draws from torch's generator every step
     plain, _ = fit(tmp_path / "plain", clip_video, [])
     during = EvaluateDuringFit(linear(colours), every_n_epochs=1)
     evaluated, logger = fit(tmp_path / "evaluated", clip_video, [during])
+    lrs = re.findall(r"linear/top1_best_lr ([^,]+),", capfd.readouterr().err)
+    assert len(lrs) == 4 and all(
+        float(lr) == during.history[0]["metrics"]["linear/top1_best_lr"] for lr in lrs
+    )
+    assert 0 < float(lrs[0]) < 0.01  # the line writes small values with their digits (before: 0.00)
     for (name, a), (_, b) in zip(plain.state_dict().items(), evaluated.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert [(row["epoch"], row["step"]) for row in during.history] == [(0, 0), (1, 2), (2, 4), (3, 6)]

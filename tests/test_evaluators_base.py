@@ -20,7 +20,7 @@ from dora_lightning.evaluation.registry import (
     get_evaluator_class,
     import_registered,
 )
-from dora_lightning.evaluation.results import format_table, package_versions, write_results
+from dora_lightning.evaluation.results import format_table, format_value, package_versions, write_results
 from evaluators.knn.evaluator import KNNEvaluator
 
 
@@ -235,3 +235,4 @@ def test_format_table():
         "+--------------+-------+",
     ]
     assert "| loss   | 0.0123 |" in format_table({"loss": 0.0123})
+    assert [format_value(v) for v in (0.001, 0.0, 1.0, float("nan"))] == ["0.001", "0.00", "1.00", "nan"]

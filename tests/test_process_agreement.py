@@ -78,7 +78,7 @@ def test_processes_that_resume_from_different_steps_are_refused():
     """--ckpt_path last resolved in each node's own run folder: a node that found none would start fresh."""
     module = DoRAModule(**MICRO_MODULE)
     module._trainer = SimpleNamespace(
-        strategy=TwoProcesses(zero=(500, 3)), global_step=0, current_epoch=0, global_rank=1
+        strategy=TwoProcesses(zero=(500, 3)), global_step=0, current_epoch=0, global_rank=1, world_size=2
     )
     with pytest.raises(
         ValueError, match=r"start from different checkpoints \(process 0 at step 500, process 1 at step 0\)"
@@ -88,3 +88,4 @@ def test_processes_that_resume_from_different_steps_are_refused():
     module._step_values = (7, {"lr": 1.0})
     module.on_train_start()  # the same step everywhere: no error
     assert module._step_values is None  # and TrainingDiagnostics' start still runs (a fresh schedule cache)
+    assert module._loss_watch.across_processes  # (and a loss watch across the processes)

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dora_lightning.errors import one_line
 from dora_lightning.evaluation.contract import Evaluator, evaluator_name
+from dora_lightning.evaluation.results import format_value
 
 __all__ = ["EvaluateDuringFit", "isolated_randomness"]
 
@@ -138,7 +139,7 @@ class EvaluateDuringFit(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=step)
         self.history.append({"epoch": epoch or 0, "step": step, "metrics": dict(metrics)})
-        shown = ", ".join(f"{key} {value:.2f}" for key, value in metrics.items())
+        shown = ", ".join(f"{key} {format_value(value)}" for key, value in metrics.items())
         at = when if epoch is None else f"{when} (step {step})"
         sys.stderr.write(f"dora fit: {name} {at}: {shown} ({time.perf_counter() - began:.1f} s)\n")
 

@@ -22,7 +22,15 @@ from typing import Any
 
 from dora_lightning.checkpoint_formats import file_sha256
 
-__all__ = ["PACKAGES", "file_sha256", "format_table", "package_versions", "trainer_settings", "write_results"]
+__all__ = [
+    "PACKAGES",
+    "file_sha256",
+    "format_table",
+    "format_value",
+    "package_versions",
+    "trainer_settings",
+    "write_results",
+]
 
 PACKAGES = ("torch", "torchvision", "timm", "lightning", "torchmetrics", "dora-lightning")
 
@@ -132,16 +140,18 @@ def write_results(
     return path
 
 
+def format_value(value: float) -> str:
+    """A metric for people: 2 decimals when its size is >= 1 (accuracies in %), else 4 significant digits (an lr
+    of 0.001 stays 0.001, not 0.00)."""
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.4g}"
+
+
 def format_table(metrics: Mapping[str, float], title: str | None = None) -> str:
-    """A plain-text two-column table of ``metrics`` (values with 2 decimals when >= 1, else 4 significant digits)."""
-
-    def fmt(value: float) -> str:
-        value = float(value)
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.4g}"
-
-    rows = [(str(k), fmt(v)) for k, v in metrics.items()]
+    """A plain-text two-column table of ``metrics`` (values as :func:`format_value` writes them)."""
+    rows = [(str(k), format_value(v)) for k, v in metrics.items()]
     head = ("metric", "value")
     width_k = max([len(head[0]), *(len(k) for k, _ in rows)])
     width_v = max([len(head[1]), *(len(v) for _, v in rows)])
