@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelSummary
 from dora_lightning.lightning_output import (
     LIGHTNING_INFO_LOGGERS,
     ParameterSummary,
+    _DropLitLoggerTip,
     quiet_lightning,
     use_parameter_summary,
 )
@@ -74,9 +75,12 @@ class _OwnSummary(ModelSummary):
 
 @pytest.fixture
 def lightning_filters():
-    """Lightning's info loggers' filters, as they were before the test."""
+    """Lightning's info loggers without the filters of quiet_lightning (an earlier test may have run a `dora`
+    command in this process), restored after the test."""
     loggers = [logging.getLogger(name) for name in LIGHTNING_INFO_LOGGERS]
     before = [list(logger.filters) for logger in loggers]
+    for logger in loggers:
+        logger.filters[:] = [f for f in logger.filters if not isinstance(f, _DropLitLoggerTip)]
     yield
     for logger, filters in zip(loggers, before, strict=True):
         logger.filters[:] = filters
