@@ -5,12 +5,15 @@ losses of the batches before the newest, so all processes stop on the same non-f
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import REPO
 from test_ddp import free_port
 
 from dora_lightning.diagnostics import NonFiniteLossError, TrainingDiagnostics
@@ -96,3 +99,49 @@ def test_one_process_reads_what_has_arrived_including_the_newest():
     watch = LossWatch()
     watch.push(0, 0, torch.tensor(1.0))
     assert [r.step for r in watch.ready()] == [0]  # on the CPU at once
+
+
+TWO_PROCESS_FIT = """
+import sys
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, {tests!r})
+from conftest import MICRO_MODULE  # noqa: E402
+
+from dora_lightning.module import DoRAModule  # noqa: E402
+
+
+class NanOnProcessOne(DoRAModule):
+    def compute_loss(self, batch, teacher_temp):
+        parts, teacher, tracked = super().compute_loss(batch, teacher_temp)
+        if self.global_rank == 1 and self.global_step == 2:
+            parts.total = parts.total * float("nan")
+        return parts, teacher, tracked
+
+
+generator = torch.Generator().manual_seed(0)
+batch = {{
+    "global_views": [torch.randn(2, 2, 3, 32, 32, generator=generator)],
+    "local_views": [torch.randn(2, 2, 3, 16, 16, generator=generator) for _ in range(2)],
+}}
+trainer = pl.Trainer(
+    default_root_dir={root!r}, accelerator="cpu", strategy="ddp", devices=2, max_steps=6, logger=False,
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    use_distributed_sampler=False,
+)
+trainer.fit(NanOnProcessOne(**MICRO_MODULE), torch.utils.data.DataLoader([batch] * 6, batch_size=None))
+"""
+
+
+@pytest.mark.slow
+def test_a_two_process_fit_stops_on_the_step_whose_loss_one_process_lost(tmp_path):
+    """Process 1's loss alone is NaN at step 2: process 0, whose own loss was finite, stops on it too and says
+    whose loss it was (before: process 1 stopped alone and process 0 waited in the gradient all-reduce until
+    Lightning's launcher killed it, saying nothing)."""
+    script = tmp_path / "fit.py"
+    script.write_text(TWO_PROCESS_FIT.format(tests=str(REPO / "tests"), root=str(tmp_path)))
+    run = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "the loss of another process is not finite at step 2 (epoch 0)" in run.stderr, run.stderr[-3000:]
