@@ -181,9 +181,7 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
         self._pending_rng: dict[str, Any] | None = None  # a resumed checkpoint's RNG states (rng_states.py)
         self.checkpoint_planned_steps: int | None = None  # what a resumed checkpoint's schedules spanned
         self._last_attention: tuple[Tensor, tuple[int, int]] | None = None
-        self._loss_watch = (
-            LossWatch()
-        )  # the losses on their way to the host; on_train_start makes a fresh one
+        self._loss_watch = LossWatch()  # losses on their way to the host (a fresh one at each fit's start)
         self._step_values = None  # StepSchedules.step_values' cache
 
     # ----------------------------------------------------------------- forward
