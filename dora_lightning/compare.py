@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point: ``python -m dora_lightning.compare [options]``."""
     args = build_parser().parse_args(argv)
+    from dora_lightning.lightning_output import quiet_lightning
+
+    quiet_lightning()
     if not args.config.is_file():
         raise SystemExit(f"error: --config '{args.config}' does not exist; give a `dora fit` YAML config")
     comparison = Comparison(

@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch.distributed as dist
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
@@ -83,8 +84,10 @@ class TrainingDiagnostics:
             )
 
     def on_train_start(self) -> None:
-        """A fresh loss watch: across the processes of a multi-process run (they stop on the same step together)."""
-        self._loss_watch = LossWatch(across_processes=self.trainer.world_size > 1)
+        """A fresh loss watch: across the processes of a multi-process run over torch.distributed (they stop on the
+        same step together)."""
+        distributed = dist.is_available() and dist.is_initialized()
+        self._loss_watch = LossWatch(across_processes=self.trainer.world_size > 1 and distributed)
         self._step_values = None
 
     def on_train_epoch_end(self) -> None:

@@ -3,8 +3,10 @@
 * The model summary's FLOPs: Lightning counts them only by running the model on ``example_input_array``, which the
   pretraining module has not got (its step takes views of several sizes), so every ``dora fit`` printed ``FLOPs 0``
   for each module and ``0 Total Flops``: a count that was never made. :class:`ParameterSummary` prints Lightning's
-  summary without the FLOPs when none were counted (with them when they were).
-* The tip to install ``litlogger`` (Lightning's cloud service), printed by every Trainer with a logger.
+  summary without the FLOPs when none were counted (with them when they were). Lightning's rich summary, its
+  default when the ``rich`` package is installed (not a dependency here), is kept as it is, FLOPs column included.
+* The tips to install ``litlogger`` and ``litmodels`` (Lightning's cloud services), printed by every Trainer (the
+  second when no checkpoint callback is configured).
 * torch's FutureWarning about ``isinstance(treespec, LeafSpec)``, raised by Lightning 2.6's own pytree code at the
   first batch: nothing a user of Lightning can act on.
 """
@@ -24,7 +26,7 @@ __all__ = ["ParameterSummary", "quiet_lightning", "use_parameter_summary"]
 
 FLOPS_COLUMN = "FLOPs"
 FLOPS_TOTAL = "Total Flops"
-LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+CLOUD_TIPS = "💡 Tip: For seamless cloud"  # "... logging" (litlogger), "... uploads" (litmodels)
 LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 # where Lightning's rank_zero_info goes (the one of the two that lightning_utilities was handed last)
 LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
@@ -64,16 +66,16 @@ def use_parameter_summary(trainer: pl.Trainer) -> None:
     ]
 
 
-class _DropLitLoggerTip(logging.Filter):
+class _DropCloudTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(LITLOGGER_TIP)
+        return not str(record.msg).startswith(CLOUD_TIPS)
 
 
 def quiet_lightning() -> None:
-    """Leave out the litlogger tip and the LeafSpec FutureWarning for the rest of this process (the `dora` command
-    calls it once). Idempotent."""
+    """Leave out Lightning's cloud tips and the LeafSpec FutureWarning for the rest of this process (the `dora`
+    command and ``python -m dora_lightning.compare`` call it). Idempotent."""
     for name in LIGHTNING_INFO_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropLitLoggerTip) for f in logger.filters):
-            logger.addFilter(_DropLitLoggerTip())
+        if not any(isinstance(f, _DropCloudTips) for f in logger.filters):
+            logger.addFilter(_DropCloudTips())
     warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)

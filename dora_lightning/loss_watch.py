@@ -59,7 +59,7 @@ class LossWatch:
         processes every process must push at the same point of every batch (one all-reduce each)."""
         loss = loss.detach()
         finite = torch.isfinite(loss).float()
-        if self.across_processes and dist.is_available() and dist.is_initialized():
+        if self.across_processes and dist.is_initialized():
             finite = finite.reshape(1)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # queued in the stream: no barrier, no wait
         values = torch.stack([loss.float(), finite.reshape(())])

@@ -358,6 +358,9 @@ class DoRAModule(StepSchedules, TrainingDiagnostics, pl.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint's ``dora`` section; first every loss not yet checked (waiting for it), so that no
+        checkpoint holds the weights a non-finite loss updated (every process saves: they raise together)."""
+        self._check_losses(self._loss_watch.ready(wait=True))
         checkpoint["dora"] = {
             "kind": PRETRAIN_KIND,
             "head_draws": self._head_draws,  # the same on every rank: each rank resumes its own stream from it

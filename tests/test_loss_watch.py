@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import REPO
+from conftest import MICRO_MODULE, REPO
 from test_ddp import free_port
 
 from dora_lightning.diagnostics import NonFiniteLossError, TrainingDiagnostics
 from dora_lightning.loss_watch import LossWatch
+from dora_lightning.module import DoRAModule
 
 BATCHES = 6
 NAN_STEP = 3  # process 1's loss alone is NaN at this step
@@ -42,8 +43,10 @@ def watch_losses(rank: int, port: int, out: dict) -> None:
 
 
 def test_every_process_reads_the_same_non_finite_step_after_the_same_batch():
-    out = mp.Manager().dict()
-    mp.spawn(watch_losses, args=(free_port(), out), nprocs=2, join=True)
+    with mp.Manager() as manager:
+        shared = manager.dict()
+        mp.spawn(watch_losses, args=(free_port(), shared), nprocs=2, join=True)
+        out = dict(shared)
     for rank in (0, 1):
         batches = out[rank]
         assert batches[0] == []  # the newest loss is left for the next batch
@@ -70,11 +73,29 @@ class _Module(TrainingDiagnostics):
         self.trainer = SimpleNamespace(world_size=world_size)
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_a_fit_starts_a_watch_across_processes_only_with_several(world_size):
+@pytest.mark.parametrize(("world_size", "group"), [(1, False), (1, True), (2, False), (2, True)])
+def test_a_fit_starts_a_watch_across_processes_only_with_several_over_a_process_group(
+    monkeypatch, world_size, group
+):
+    monkeypatch.setattr(dist, "is_initialized", lambda: group)
     module = _Module(world_size)
     module.on_train_start()
-    assert module._loss_watch.across_processes is (world_size > 1)
+    assert module._loss_watch.across_processes is (world_size > 1 and group)
+
+
+def test_no_checkpoint_holds_the_weights_an_unchecked_non_finite_loss_updated():
+    """Across processes the newest loss waits for the next batch; a checkpoint (a stop's, a step's) checks it first,
+    on every process, instead of saving the weights it updated."""
+    module = DoRAModule(**MICRO_MODULE)
+    module._loss_watch = LossWatch(across_processes=True)
+    module._loss_watch.push(3, 0, torch.tensor(float("nan")))
+    assert module._loss_watch.ready() == []  # left for the next batch
+    with pytest.raises(NonFiniteLossError, match=r"the loss is nan at step 3 \(epoch 0\)"):
+        module.on_save_checkpoint({})
+    module._loss_watch.push(4, 0, torch.tensor(1.0))
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)  # a finite loss: saved as before
+    assert checkpoint["dora"]["kind"] == "dora-lightning/pretrain"
 
 
 def test_the_message_names_the_step_and_whose_loss():

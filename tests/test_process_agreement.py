@@ -88,4 +88,3 @@ def test_processes_that_resume_from_different_steps_are_refused():
     module._step_values = (7, {"lr": 1.0})
     module.on_train_start()  # the same step everywhere: no error
     assert module._step_values is None  # and TrainingDiagnostics' start still runs (a fresh schedule cache)
-    assert module._loss_watch.across_processes  # (and a loss watch across the processes)
