@@ -71,12 +71,16 @@ class TrainingDiagnostics:
         every = self.hparams.get("diagnostics_every_n_steps")
         return self.trainer.log_every_n_steps if every is None else every
 
+    def _reports_at(self, batch_idx: int) -> bool:
+        """Whether this batch reports (diagnostics, images): on global rank 0, the first micro-batch of an optimiser
+        step (the other ranks' loggers drop what they are given, and drawing or reading values costs a device read)."""
+        return self.trainer.is_global_zero and batch_idx % self.trainer.accumulate_grad_batches == 0
+
     def _write_diagnostics(
         self, values: dict[str, float], tracked: TrackerOutput | None, batch_idx: int
     ) -> None:
-        """Every ``diagnostics_every_n_steps`` optimiser steps (first micro-batch), on global rank 0, with loggers."""
-        accumulate = self.trainer.accumulate_grad_batches
-        if not self.loggers or not self.trainer.is_global_zero or batch_idx % accumulate:
+        """Every ``diagnostics_every_n_steps`` optimiser steps, where :meth:`_reports_at`, with loggers."""
+        if not self.loggers or not self._reports_at(batch_idx):
             return
         if diagnostics_due(self.global_step, self._diagnostics_every()):
             write_diagnostics(
@@ -97,13 +101,12 @@ class TrainingDiagnostics:
         self._check_losses(self._loss_watch.ready(wait=True))
 
     def _log_images(self, frames: Tensor, tracked: TrackerOutput, batch_idx: int) -> None:
-        """Every ``log_images_every_n_steps`` steps (first micro-batch), on global rank 0: one clip's object tracks
-        and its frame-0 attention per head. Other ranks draw nothing (their logger's experiment takes any call and
-        drops it, and drawing reads the masks back from the device)."""
+        """Every ``log_images_every_n_steps`` steps, where :meth:`_reports_at`: one clip's object tracks and its
+        frame-0 attention per head."""
         every = self.hparams.log_images_every_n_steps
-        if not every or self.global_step % every or batch_idx % self.trainer.accumulate_grad_batches:
+        if not every or self.global_step % every or not self._reports_at(batch_idx):
             return
-        experiment = getattr(self.logger, "experiment", None) if self.trainer.is_global_zero else None
+        experiment = getattr(self.logger, "experiment", None)
         if not hasattr(experiment, "add_image"):
             return
         experiment.add_image("tracker/object_tracks", track_grid(frames, tracked.masks[0]), self.global_step)

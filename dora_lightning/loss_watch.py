@@ -83,7 +83,3 @@ class LossWatch:
             step, epoch, copy = self._pending.popleft()
             out.append(LossReading.of(step, epoch, copy.wait()))
         return out
-
-    def clear(self) -> None:
-        """Forget what is queued (a new fit starts)."""
-        self._pending.clear()
