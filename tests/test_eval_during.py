@@ -281,3 +281,64 @@ def test_a_two_process_run_evaluates_the_linear_probe_and_stops_together_when_it
         "dora fit: error: n_last_blocks=4 exceeds the depth of the checkpoint's backbone (2 blocks); give "
         "--eval_during.evaluator.n_last_blocks between 1 and 2"
     ], run.stderr[-3000:]
+
+
+SLOW_EVALUATION_FIT = """
+import sys
+import time
+from datetime import timedelta
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+
+sys.path.insert(0, {tests!r})
+from conftest import MICRO_MODULE  # noqa: E402
+
+from dora_lightning.evaluation.contract import Evaluator  # noqa: E402
+from dora_lightning.evaluation.during_fit import EvaluateDuringFit  # noqa: E402
+from dora_lightning.module import DoRAModule  # noqa: E402
+
+
+class Sleepy(Evaluator):
+    name = "sleepy"
+
+    def evaluate(self, backbone, trainer_kwargs):
+        time.sleep({evaluation_s})
+        return {{"sleepy/slept": {evaluation_s}.0}}
+
+
+generator = torch.Generator().manual_seed(0)
+batch = {{
+    "global_views": [torch.randn(2, 2, 3, 32, 32, generator=generator)],
+    "local_views": [torch.randn(2, 2, 3, 16, 16, generator=generator) for _ in range(2)],
+}}
+trainer = pl.Trainer(
+    default_root_dir={root!r}, accelerator="cpu", devices=2, max_steps=2, logger=False,
+    strategy=DDPStrategy(timeout=timedelta(seconds={group_timeout_s})),
+    callbacks=[EvaluateDuringFit(Sleepy(), every_n_epochs=0)], enable_checkpointing=False,
+    enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+)
+trainer.fit(DoRAModule(**MICRO_MODULE), torch.utils.data.DataLoader([batch] * 2, batch_size=None))
+"""
+
+
+@pytest.mark.slow
+def test_the_other_processes_wait_for_an_evaluation_longer_than_the_process_group_timeout(tmp_path):
+    """Process 0 evaluates for longer than the training process group's timeout (6 s here, 30 min by Lightning's
+    default): the other process waits for it outside that group and the run trains on (before: its wait was a
+    collective of the training's group, which timed out and ended the run; on GPUs NCCL's watchdog aborts it)."""
+    script = tmp_path / "fit.py"
+    script.write_text(
+        SLOW_EVALUATION_FIT.format(
+            tests=str(REPO / "tests"), root=str(tmp_path), evaluation_s=14, group_timeout_s=6
+        )
+    )
+    run = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "dora fit: sleepy before training: sleepy/slept 14" in run.stderr, run.stderr[-3000:]
+
+
+def test_wait_hours_must_be_positive():
+    with pytest.raises(ValueError, match="eval_during.wait_hours must be > 0, got 0"):
+        EvaluateDuringFit(wait_hours=0)

@@ -6,7 +6,8 @@ learning, and since when?
 (docs/training.md, "Evaluating while training"). The evaluation is the same protocol as ``dora validate --evaluator``
 on the same weights (the position embedding is resized per forward, timm's dynamic size, where ``dora validate``
 resizes it once at load), on a copy of the backbone, in process 0 on its own device with a Trainer of its own; the
-other processes wait. It leaves the run as it was: the random number generators (torch, CUDA, numpy, Python) and
+other processes wait for it as long as ``wait_hours`` allows (not the training process group's timeout). It leaves
+the run as it was: the random number generators (torch, CUDA, numpy, Python) and
 Lightning's seed variables are restored afterwards, so a run trains the same weights with or without it (tested).
 """
 
@@ -19,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,6 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dora_lightning.distributed import PatientVote
 from dora_lightning.errors import one_line
 from dora_lightning.evaluation.contract import Evaluator, evaluator_name
 from dora_lightning.evaluation.results import format_value
@@ -65,22 +68,42 @@ class EvaluateDuringFit(Callback):
         evaluator: an evaluator plugin (``knn``, ``linear``, ... with its options); None: nothing is evaluated.
         every_n_epochs: evaluate after every this many epochs (and after the last one); 0: only before training.
         at_start: also evaluate before the first step of a new run (the random init: the baseline of the curve).
+        wait_hours: in a run of several processes, how long the others wait for process 0's evaluation before
+            they stop the run; the wait is outside the training's collectives, so an evaluation may take longer than
+            the process group's timeout (30 minutes by default).
     """
 
     def __init__(
-        self, evaluator: Evaluator | None = None, every_n_epochs: int = 1, at_start: bool = True
+        self,
+        evaluator: Evaluator | None = None,
+        every_n_epochs: int = 1,
+        at_start: bool = True,
+        wait_hours: float = 12.0,
     ) -> None:
         if every_n_epochs < 0:
             raise ValueError(f"eval_during.every_n_epochs must be >= 0, got {every_n_epochs}")
+        if not wait_hours > 0:
+            raise ValueError(f"eval_during.wait_hours must be > 0, got {wait_hours}")
         self.evaluator = evaluator
         self.every_n_epochs = int(every_n_epochs)
         self.at_start = bool(at_start)
+        self.wait_hours = float(wait_hours)
         self.history: list[dict[str, Any]] = []  # (process 0) every evaluation: epoch, step, metrics
+        self._process_zero_failed: PatientVote | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.evaluator is None:
+            return
+        # built by every process here (a collective), used after each evaluation, freed at teardown
+        self._process_zero_failed = PatientVote(trainer.world_size, timedelta(hours=self.wait_hours))
         # before the first step of a new run; an error here stops the run before any training is lost
-        if self.evaluator is not None and self.at_start and trainer.global_step == 0:
+        if self.at_start and trainer.global_step == 0:
             self._evaluate(trainer, pl_module, epoch=None, strict=True)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._process_zero_failed is not None:
+            self._process_zero_failed.close()
+            self._process_zero_failed = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.evaluator is None:
@@ -102,7 +125,8 @@ class EvaluateDuringFit(Callback):
                 failure = err
         # every process learns whether process 0 failed, so that all stop together: one left waiting at a barrier
         # while process 0 stops would wait for the collective's timeout (30 minutes with NCCL) with its GPU held
-        failed = trainer.strategy.reduce_boolean_decision(failure is not None, all=False)
+        assert self._process_zero_failed is not None, "on_train_start builds the vote"
+        failed = self._process_zero_failed.any(failure is not None)
         if failure is not None:
             raise _in_fit_terms(failure)
         if failed:
