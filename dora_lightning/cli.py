@@ -182,11 +182,15 @@ class DoraCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Lightning's trainer, with checkpoints in the run's folder and written atomically
         (:func:`dora_lightning.runs.use_run_folder`), the model summary without uncounted FLOPs
-        (:mod:`dora_lightning.lightning_output`); a resumed run logs on in the run's TensorBoard folder
+        (:mod:`dora_lightning.lightning_output`), the processes Lightning's launcher started ended with a failing
+        process 0 (:mod:`dora_lightning.launched_processes`); a resumed run logs on in the run's TensorBoard folder
         (:func:`dora_lightning.runs.continue_run_log`)."""
+        from dora_lightning.launched_processes import EndLaunchedProcesses
+
         trainer = super().instantiate_trainer(**kwargs)
         use_run_folder(trainer)
         use_parameter_summary(trainer)
+        trainer.callbacks.append(EndLaunchedProcesses())
         if self._resumed_step is not None and self._get(self.config, "trainer").get("logger") in (None, True):
             continue_run_log(trainer, self._resumed_step)
         return trainer

@@ -1,0 +1,121 @@
+"""EndLaunchedProcesses: a failing process 0 ends the processes Lightning's launcher started from it, which would
+otherwise wait for it (with NCCL, in their next collective until the process group's timeout)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+from lightning.pytorch import Trainer
+from test_cli import MICRO_ARGS
+
+from dora_lightning.cli import DoraCLI
+from dora_lightning.data.datamodule import VideoClipDataModule
+from dora_lightning.launched_processes import EndLaunchedProcesses, end_processes
+from dora_lightning.module import DoRAModule
+
+
+def test_processes_that_end_within_the_grace_are_not_killed():
+    quick = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    assert end_processes([quick], grace_s=20) == 0
+    assert quick.returncode == 0
+
+
+def test_processes_still_running_after_the_grace_are_killed():
+    began = time.monotonic()
+    stuck = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in range(2)]
+    assert end_processes(stuck, grace_s=1) == 2
+    assert time.monotonic() - began < 30
+    assert [process.returncode for process in stuck] == [-9, -9]
+
+
+def test_dora_fit_has_it(tmp_path):
+    cli = DoraCLI(
+        DoRAModule,
+        VideoClipDataModule,
+        run=False,
+        args=[
+            *MICRO_ARGS,
+            f"--data.paths={REPO / 'assets/video/vtest.mp4'}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+    )
+    assert isinstance(cli.trainer, Trainer)
+    assert sum(isinstance(callback, EndLaunchedProcesses) for callback in cli.trainer.callbacks) == 1
+
+
+PROCESS_ZERO_FAILS = """
+import os
+import sys
+import time
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, {tests!r})
+from conftest import MICRO_MODULE  # noqa: E402
+
+from dora_lightning.launched_processes import EndLaunchedProcesses  # noqa: E402
+from dora_lightning.module import DoRAModule  # noqa: E402
+
+
+class FailOnProcessZero(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2 and trainer.global_rank == 0:
+            raise OSError(28, "No space left on device")
+        if trainer.global_step == 2:
+            # stands for a NCCL collective, which does not notice that process 0 is gone
+            open(os.path.join({root!r}, "waiting.pid"), "w").write(str(os.getpid()))
+            time.sleep(600)
+
+
+generator = torch.Generator().manual_seed(0)
+batch = {{
+    "global_views": [torch.randn(2, 2, 3, 32, 32, generator=generator)],
+    "local_views": [torch.randn(2, 2, 3, 16, 16, generator=generator) for _ in range(2)],
+}}
+callbacks = [FailOnProcessZero()] + ([EndLaunchedProcesses(grace_s=6)] if {end!r} else [])
+trainer = pl.Trainer(
+    default_root_dir={root!r}, accelerator="cpu", strategy="ddp", devices=2, max_steps=4, logger=False,
+    callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    use_distributed_sampler=False,
+)
+trainer.fit(DoRAModule(**MICRO_MODULE), torch.utils.data.DataLoader([batch] * 4, batch_size=None))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("end", [True, False])
+def test_a_failing_process_zero_ends_the_process_it_launched(tmp_path, end):
+    """Process 0 fails at step 2 while process 1 waits: with the callback process 1 is killed 6 s later and
+    process 0 says so; without it (Lightning alone) process 1 is left running after process 0 has exited."""
+    script = tmp_path / "fit.py"
+    script.write_text(PROCESS_ZERO_FAILS.format(tests=str(REPO / "tests"), root=str(tmp_path), end=end))
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:  # a file, not a pipe: a process left running would hold a pipe open
+        run = subprocess.run([sys.executable, str(script)], cwd=REPO, stdout=out, stderr=out, timeout=300)
+    said = log.read_text()
+    assert run.returncode != 0 and "No space left on device" in said, said[-3000:]
+    waiting = int((tmp_path / "waiting.pid").read_text())
+    try:
+        if end:
+            assert "dora fit: process 0 failed; ended 1 process(es) it had launched" in said
+            assert not _alive(waiting)
+        else:
+            assert _alive(waiting)
+    finally:
+        if _alive(waiting):
+            os.kill(waiting, 9)
