@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import pickletools
 import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import timm
 import torch
@@ -27,12 +28,14 @@ from torch import Tensor
 __all__ = [
     "EXPORT_FORMAT",
     "PRETRAIN_KIND",
+    "FileRecord",
     "Kind",
     "Spec",
     "Which",
     "file_sha256",
     "infer_architecture",
     "read_checkpoint",
+    "read_checkpoint_recorded",
     "select_backbone",
 ]
 
@@ -65,31 +68,43 @@ class Spec:
 
 
 # --------------------------------------------------------------------------------------------------- reading files
-def _is_safetensors(path: Path) -> bool:
-    with path.open("rb") as fh:
-        head = fh.read(9)
+@dataclass(frozen=True)
+class FileRecord:
+    """Size and sha256 of the bytes a checkpoint was read from, taken from the same open file as the weights: a file
+    replaced meanwhile (``dora fit`` replaces ``last.ckpt``) is never recorded in place of the one that was read."""
+
+    size_bytes: int
+    sha256: str
+
+
+def _is_safetensors(fh: BinaryIO, size: int) -> bool:
+    head = _head(fh, 9)
     if len(head) < 9:
         return False
-    size = int.from_bytes(head[:8], "little")
-    return head[8:9] == b"{" and 2 <= size <= path.stat().st_size - 8
+    header = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 2 <= header <= size - 8
 
 
-def _zip_pickle(path: Path) -> bytes | None:
-    """The ``data.pkl`` of a torch zip file, or ``None`` when ``path`` is not one."""
-    if not zipfile.is_zipfile(path):
+def _head(fh: BinaryIO, count: int) -> bytes:
+    fh.seek(0)
+    return fh.read(count)
+
+
+def _zip_names(fh: BinaryIO) -> list[str] | None:
+    """The member names of a complete zip file (a torch checkpoint since torch 1.6), or ``None`` when it is not one."""
+    fh.seek(0)
+    if not zipfile.is_zipfile(fh):
         return None
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            return archive.read(names[0]) if names else None
+        with zipfile.ZipFile(fh) as archive:
+            return archive.namelist()
     except (zipfile.BadZipFile, OSError):
         return None
 
 
-def _is_legacy_torch(path: Path) -> bool:
+def _is_legacy_torch(fh: BinaryIO) -> bool:
     """True for the pre-1.6 torch format, whose first pickle is torch's magic number (read without unpickling)."""
-    with path.open("rb") as fh:
-        head = fh.read(64)
+    head = _head(fh, 64)
     if not head.startswith(b"\x80"):
         return False
     try:
@@ -101,33 +116,75 @@ def _is_legacy_torch(path: Path) -> bool:
     return False
 
 
+def _damaged(path: Path, reader: str, why: Exception | str) -> str:
+    """The one line for a checkpoint file whose reader (``torch.load``, ``safetensors``) failed on its content."""
+    if isinstance(why, Exception):
+        lines = str(why).splitlines() or [""]
+        why = f"{type(why).__name__}: {lines[0][:200]}"
+    return f"'{path}' could not be read by {reader} ({why}); the file is damaged or incomplete: copy or write it again"
+
+
+def _sha256(fh: BinaryIO, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    fh.seek(0)
+    while chunk := fh.read(block):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_checkpoint(path: Path) -> Any:
     """Load ``path`` on the CPU, always safely: ``torch.load(weights_only=True)`` (or safetensors). No file is ever
     unpickled in full, whatever it claims to be: a pickle can run code, and our own fit checkpoints and exported
     backbones hold only tensors, numbers, strings and containers."""
+    return _read(path, record=False)[0]
+
+
+def read_checkpoint_recorded(path: Path) -> tuple[Any, FileRecord]:
+    """:func:`read_checkpoint`, with the size and sha256 of the bytes it read (one open file for both)."""
+    obj, record = _read(path, record=True)
+    assert record is not None
+    return obj, record
+
+
+def _read(path: Path, record: bool) -> tuple[Any, FileRecord | None]:
     if not path.exists():
         raise FileNotFoundError(f"'{path}' does not exist; {_USAGE}")
     if path.is_dir():
         raise ValueError(
             f"'{path}' is a directory; give the checkpoint file itself (e.g. .../checkpoints/last.ckpt)"
         )
-    if _is_safetensors(path):
-        from safetensors.torch import load_file
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        taken = FileRecord(size, _sha256(fh)) if record else None
+        return _load(path, fh, size), taken
 
-        return load_file(str(path), device="cpu")
-    pickled = _zip_pickle(path)
-    if pickled is None and not _is_legacy_torch(path):
+
+def _load(path: Path, fh: BinaryIO, size: int) -> Any:
+    if _is_safetensors(fh, size):
+        from safetensors.torch import load
+
+        try:
+            return load(_head(fh, size))
+        except Exception as err:  # safetensors' own error type is not a ValueError
+            raise ValueError(_damaged(path, "safetensors", err)) from err
+    names = _zip_names(fh)
+    if names is not None and any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+        raise ValueError(
+            f"'{path}' is a TorchScript archive (torch.jit.save), which holds code; {_USAGE} (or the state_dict() of "
+            "torch.jit.load(path) saved with torch.save)"
+        )
+    if names is None and _head(fh, 4) == b"PK\x03\x04":  # the start of a zip, without its end
+        raise ValueError(_damaged(path, "torch.load", "the zip file ends before its directory"))
+    if names is None and not _is_legacy_torch(fh):
         raise ValueError(f"'{path}' is not a PyTorch checkpoint (torch.save / .safetensors file); {_USAGE}")
     try:
+        fh.seek(0)
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for unreadable content
         message = str(err)
         if "Weights only load failed" not in message:
-            raise ValueError(
-                f"'{path}' could not be read by torch.load ({type(err).__name__}: {message.splitlines()[0][:200]}); "
-                "the file is damaged or incomplete: copy or write it again"
-            ) from err
+            raise ValueError(_damaged(path, "torch.load", err)) from err
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", message)
         what = f"the Python object {found.group(1)}" if found else "Python objects other than tensors"
         raise ValueError(
@@ -180,8 +237,11 @@ def _no_backbone(path: Path, obj: Any) -> ValueError:
     return ValueError(f"'{path}' holds no DoRA/DINO backbone weights (found keys: {_summary(obj)}); {_USAGE}")
 
 
-def _only_other(path: Path, which: str, other: str, hint: str) -> ValueError:
-    return ValueError(f"'{path}' holds no {which} backbone, only the {other}'s; use which='{other}'{hint}")
+def _only_other(path: Path, which: str, other: str, hint: str = "") -> ValueError:
+    return ValueError(
+        f"'{path}' holds no {which} backbone, only the {other}'s; use which='{other}' (dora validate: "
+        f"--evaluator.which {other}, dora-export and dora visualize: --which {other}){hint}"
+    )
 
 
 def infer_architecture(
@@ -241,7 +301,7 @@ def _from_lightning(path: Path, obj: Mapping[str, Any], which: Which, num_heads:
     if not found:
         raise _no_backbone(path, obj)
     if which not in found:
-        raise _only_other(path, which, found.pop(), "")
+        raise _only_other(path, which, found.pop())
     prefix = f"{which}.backbone."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     hp = obj.get("hyper_parameters")
@@ -264,7 +324,7 @@ def _from_export(path: Path, obj: Mapping[str, Any], which: Which) -> Spec:
     stored = obj.get("which")
     if which == "student" and stored == "teacher":
         raise _only_other(
-            path, "student", "teacher", " or export the student: dora-export CKPT OUT --which student"
+            path, "student", "teacher", "; or export the student: dora-export CKPT OUT --which student"
         )
     kwargs = dict(kwargs)
     size = int(kwargs.pop("img_size", 224))
@@ -279,7 +339,7 @@ def _from_official(path: Path, obj: Mapping[str, Any], which: Which, num_heads: 
     if not found:
         raise _no_backbone(path, obj)
     if which not in found:
-        raise _only_other(path, which, next(iter(found)), " (dora-export: --which teacher)")
+        raise _only_other(path, which, next(iter(found)))
     weights = found[which]
     name, kwargs, size = infer_architecture(weights, path, num_heads)
     return Spec("official", which, weights, name, kwargs, size)
@@ -301,10 +361,7 @@ def select_backbone(path: Path, obj: Any, which: Which, num_heads: int | None) -
     raise _no_backbone(path, obj)
 
 
-def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file (a checkpoint, for the record of what was evaluated or visualised), read in blocks."""
-    digest = hashlib.sha256()
     with Path(path).open("rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return _sha256(fh)

@@ -18,6 +18,7 @@ checkpoints, is allowed), never unpickled in full: a pickle can run code, whatev
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,9 +33,10 @@ from torch import Tensor
 from dora_lightning.checkpoint_formats import (
     EXPORT_FORMAT,
     Kind,
+    Spec,
     Which,
     infer_architecture,
-    read_checkpoint,
+    read_checkpoint_recorded,
     select_backbone,
 )
 from dora_lightning.errors import os_reason
@@ -63,6 +65,7 @@ class BackboneInfo:
         source_img_size: the size the weights were stored for; differs from ``img_size`` when ``pos_embed`` was
             interpolated.
         patch_size, embed_dim, depth, num_heads: the architecture.
+        size_bytes, sha256: of the bytes the weights were read from (read once, from one open file).
     """
 
     path: Path
@@ -76,6 +79,8 @@ class BackboneInfo:
     embed_dim: int
     depth: int
     num_heads: int
+    size_bytes: int
+    sha256: str
 
     def create_model_call(self) -> str:
         """The ``timm.create_model(...)`` call that builds this architecture, as Python source."""
@@ -118,6 +123,19 @@ def _fit_check(
         )
 
 
+def _stored_grid(model: VisionTransformer, weights: Mapping[str, Tensor]) -> int | None:
+    """The side of the square patch grid ``weights['pos_embed']`` was stored for (its tokens, less the model's class
+    and register tokens); None without a position embedding or when its tokens make no square (then the fit check
+    names the mismatch)."""
+    stored = weights.get("pos_embed")
+    if stored is None or stored.dim() != 3:
+        return None
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    tokens = int(stored.shape[1]) - prefix
+    grid = math.isqrt(max(tokens, 0))
+    return grid if grid > 0 and grid * grid == tokens else None
+
+
 def _resample_pos_embed(model: VisionTransformer, weights: dict[str, Tensor], source_grid: int) -> None:
     """Interpolate ``weights['pos_embed']`` in place to the model's patch grid (timm's bicubic resampling)."""
     target = model.pos_embed
@@ -131,6 +149,13 @@ def _resample_pos_embed(model: VisionTransformer, weights: dict[str, Tensor], so
         old_size=[source_grid, source_grid],
         num_prefix_tokens=prefix,
     ).to(stored.dtype)
+
+
+def _build(path: Path, spec: Spec, size: int) -> VisionTransformer:
+    try:
+        return build_vit(spec.model_name, img_size=size, drop_path_rate=0.0, **spec.model_kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"'{path}': cannot build {spec.model_name} with {spec.model_kwargs}: {err}") from err
 
 
 def load_backbone(
@@ -157,19 +182,23 @@ def load_backbone(
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     path = Path(source)
-    spec = select_backbone(path, read_checkpoint(path), which, num_heads)
+    content, record = read_checkpoint_recorded(path)
+    spec = select_backbone(path, content, which, num_heads)
     size = int(img_size) if img_size is not None else spec.img_size
-    try:
-        model = build_vit(spec.model_name, img_size=size, drop_path_rate=0.0, **spec.model_kwargs)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"'{path}': cannot build {spec.model_name} with {spec.model_kwargs}: {err}") from err
+    model = _build(path, spec, size)
     patch = patch_size_of(model)
     if img_size is not None and size % patch:
         raise ValueError(
             f"'{path}': img_size={size} is not a multiple of the patch size {patch}; pick a multiple"
         )
     weights = dict(spec.weights)
-    _resample_pos_embed(model, weights, spec.img_size // patch)
+    # the size the weights were stored for, from their position embedding: a record may lack it or be wrong
+    grid = _stored_grid(model, weights) or spec.img_size // patch
+    stored_size = grid * patch
+    if img_size is None and stored_size != size:
+        size = stored_size
+        model = _build(path, spec, size)
+    _resample_pos_embed(model, weights, grid)
     info = BackboneInfo(
         path=path,
         kind=spec.kind,
@@ -177,11 +206,13 @@ def load_backbone(
         model_name=spec.model_name,
         model_kwargs={"img_size": size, **spec.model_kwargs},
         img_size=size,
-        source_img_size=spec.img_size,
+        source_img_size=stored_size,
         patch_size=patch,
         embed_dim=int(model.embed_dim),
         depth=len(model.blocks),
         num_heads=int(model.blocks[0].attn.num_heads),
+        size_bytes=record.size_bytes,
+        sha256=record.sha256,
     )
     _fit_check(model, weights, path, spec.which or "backbone", info.create_model_call())
     model.load_state_dict(weights, strict=True)

@@ -6,7 +6,6 @@ The `dora` command's other subcommands (validate, visualize, compare, export) ar
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dora_lightning.argument_parser import FIT_EVALUATOR, DoraArgumentParser
 from dora_lightning.data.datamodule import VideoClipDataModule
-from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, exit_with_error, os_reason
+from dora_lightning.errors import TRACEBACK_ENV, VERBOSE_FLAG, exit_with_error, unwritable_folder
 from dora_lightning.lightning_output import use_parameter_summary
 from dora_lightning.module import DoRAModule
 from dora_lightning.runs import (
@@ -128,16 +127,8 @@ class DoraCLI(LightningCLI):
         if given is not None and "://" in str(given):
             return
         root = Path(given or Path.cwd()).expanduser()
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            self._fail(
-                f"trainer.default_root_dir: cannot create '{root}' ({os_reason(err)}); give a writable folder"
-            )
-        if not os.access(root, os.W_OK | os.X_OK):
-            self._fail(
-                f"trainer.default_root_dir: '{root}' is not writable by this user; give a writable folder"
-            )
+        if (problem := unwritable_folder(root)) is not None:
+            self._fail(f"trainer.default_root_dir: {problem}; give a writable folder")
 
     def _resolve_last(self, section: Any) -> None:
         """``--ckpt_path last``: this run's newest last checkpoint, or (none yet) a new run, said in one line."""

@@ -72,6 +72,30 @@ def os_reason(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+def unwritable_folder(folder: Path, make: bool = True) -> str | None:
+    """None when this user can write in ``folder``, else what stops that, as the end of a one-line error:
+    ``cannot create 'F' (REASON)`` or ``'F' is not writable by this user``. With ``make`` the folder (and its
+    parents) is made now; without, nothing is written: its nearest existing ancestor must be a folder this user can
+    write in (checked before work whose results go there, so that a failure leaves nothing behind)."""
+    if make:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            return f"cannot create '{folder}' ({os_reason(err)})"
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot create '{folder}' (a part of the path is a file, not a folder)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (
+            f"'{folder}' is not writable by this user"
+            if existing == folder.absolute()
+            else (f"cannot create '{folder}' (Permission denied)")
+        )
+    return None
+
+
 def raised_building_trainer(err: BaseException) -> bool:
     """True when ``err`` was raised while a Lightning ``Trainer`` was being built (``dora fit``'s, or an evaluator's in
     ``dora validate``): its arguments, the ``--trainer.*`` options, do not fit each other or this machine."""

@@ -26,7 +26,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from dora_lightning.checkpoint_formats import Which, file_sha256, read_checkpoint
+from dora_lightning.checkpoint_formats import Which, read_checkpoint
 from dora_lightning.checkpoints import BackboneInfo, load_backbone
 from dora_lightning.core.tracker import SK_EPSILON, SK_ITERATIONS, TrackingOptions, sample_heads
 from dora_lightning.data.augment.colour_views import normalize_views
@@ -196,7 +196,7 @@ def _write_summary(
     summary = {
         "checkpoint": {
             "path": str(ckpt.resolve()),
-            "sha256": file_sha256(ckpt),
+            "sha256": info.sha256,
             "kind": info.kind,
             "which": info.which,
         },

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import pathlib
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,6 +17,7 @@ from conftest import MICRO_MODULE
 from safetensors.torch import save_file
 
 from dora_lightning.checkpoints import EXPORT_FORMAT, _infer, export_backbone, load_backbone
+from dora_lightning.evaluation.results import write_results
 from dora_lightning.export import main as export_main
 from dora_lightning.models.backbone import build_vit
 from dora_lightning.module import DoRAModule
@@ -262,6 +266,86 @@ def test_student_requested_from_exported_teacher(trained, tmp_path):
     out = export_backbone(trained[1], tmp_path / "teacher.pth")
     with pytest.raises(ValueError, match=r"no student backbone, only the teacher's.*--which student"):
         load_backbone(out, which="student")
+
+
+def test_the_hint_names_the_backbone_the_file_holds(tmp_path):
+    path = tmp_path / "student_only.pth"
+    student = official_layout(build_vit("vit_tiny_patch16_224", **MICRO_TIMM))["teacher"]
+    torch.save({"student": {f"module.{key}": value for key, value in student.items()}}, path)
+    with pytest.raises(ValueError) as refused:
+        load_backbone(path, num_heads=3)
+    assert (
+        "use which='student' (dora validate: --evaluator.which student, dora-export and dora visualize: "
+        in str(refused.value)
+    )
+    assert "--which teacher" not in str(refused.value)
+
+
+def test_a_cut_checkpoint_is_damaged_or_incomplete(trained, tmp_path):
+    """A download cut short: a torch zip without its end was "not a PyTorch checkpoint", a cut .safetensors a
+    traceback (safetensors' error is not a ValueError)."""
+    whole = trained[1].read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 100):
+        path = tmp_path / f"cut{cut}.ckpt"
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match=r"could not be read by torch.load \(the zip file ends before"):
+            load_backbone(path)
+    tensors = tmp_path / "whole.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in build_vit("vit_tiny_patch16_224", **MICRO_TIMM).state_dict().items()},
+        tensors,
+    )
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+    with pytest.raises(
+        ValueError, match=r"could not be read by safetensors \(SafetensorError: .*damaged or incomplete"
+    ):
+        load_backbone(cut)
+
+
+def test_a_torchscript_archive_is_named(tmp_path):
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(ValueError, match=r"is a TorchScript archive \(torch.jit.save\), which holds code"):
+        load_backbone(path)
+
+
+def test_the_stored_position_embedding_gives_the_size_the_weights_were_trained_at(tmp_path, images):
+    """Another project's Lightning checkpoint names its timm ViT but not its image size (64 px here): the size is
+    read from the stored position embedding (before: 224 was assumed and resampling crashed with a RuntimeError)."""
+    source = build_vit("vit_tiny_patch16_224", **{**MICRO_TIMM, "img_size": 64})
+    path = tmp_path / "foreign.ckpt"
+    hparams = {key: MICRO_TIMM[key] for key in ("patch_size", "depth", "embed_dim", "num_heads")}
+    torch.save(
+        {
+            "state_dict": {f"teacher.backbone.{k}": v for k, v in source.state_dict().items()},
+            "hyper_parameters": {"backbone": "vit_tiny_patch16_224", **hparams},
+        },
+        path,
+    )
+    model, info = load_backbone(path)
+    assert (info.img_size, info.source_img_size) == (64, 64)
+    same(features(model, images), features(source, images))
+    resized, info = load_backbone(path, img_size=32)
+    assert (info.img_size, info.source_img_size) == (32, 64)
+    assert resized.pos_embed.shape[1] == 1 + 4 * 4
+
+
+def test_the_record_is_of_the_bytes_that_were_read(trained, tmp_path):
+    """A checkpoint replaced after it was read (dora fit replaces last.ckpt): the results record the file that was
+    evaluated, not its replacement."""
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(trained[1].read_bytes())
+    read = hashlib.sha256(path.read_bytes()).hexdigest()
+    _, info = load_backbone(path)
+    assert (info.sha256, info.size_bytes) == (read, path.stat().st_size)
+    path.write_bytes(b"replaced by a newer checkpoint")
+    results = write_results(tmp_path / "eval", "knn", {"knn/top1_k20": 1.0}, {}, path, backbone=info)
+    data = json.loads(results.read_text())
+    assert data["checkpoint"]["sha256"] == read and data["checkpoint"]["size_bytes"] == info.size_bytes
+    assert "sha256" not in data["backbone"] and data["backbone"]["kind"] == "lightning"
 
 
 def test_mismatched_keys_are_listed(tmp_path):

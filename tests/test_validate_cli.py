@@ -110,6 +110,37 @@ def knn_args(checkpoint: Path, data_dir: Path, ks: str, batch_size: int) -> list
     ]
 
 
+def test_an_exported_student_is_evaluated_and_named_as_the_student(image_root, tmp_path, capsys):
+    """A file of one backbone is that backbone: an exported student under the default which=teacher was scored and
+    labelled "teacher" (title, protocol.which, protocol.feature)."""
+    student = tmp_path / "student.pth"
+    torch.save(
+        {
+            "format": EXPORT_FORMAT,
+            "version": 1,
+            "model_name": "vit_tiny_patch16_224",
+            "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3},
+            "which": "student",
+            "state_dict": micro_vit(depth=1).state_dict(),
+        },
+        student,
+    )
+    main(
+        [
+            *knn_args(student, image_root[0], "[1]", batch_size=128),
+            *QUIET,
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    said = capsys.readouterr()
+    assert (
+        f"dora validate: '{student}' holds one backbone, the student's: evaluated as the student" in said.err
+    )
+    assert f"knn evaluation of {student} (student)" in said.out
+    protocol = json.loads((tmp_path / "eval" / "knn" / "results_knn.json").read_text())["protocol"]
+    assert protocol["which"] == "student" and protocol["feature"].startswith("student")
+
+
 def test_validate_knn_end_to_end(fit_checkpoint, image_root, tmp_path, capsys, recorded):
     data_dir, num_classes = image_root
     args = [
@@ -309,6 +340,11 @@ def test_evaluator_help_lists_its_options(capsys):
             "--evaluator.n_last_blocks between 1 and 1",
         ),
         ("k_above_the_images", "--evaluator knn: k=100000 exceeds the "),
+        (
+            "output_dir_through_a_file",
+            "--evaluator.output_dir: cannot create '{tmp}/afile/knn' (a part of the path is a file, not a folder); "
+            "give a writable folder",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(case, message, exported_teacher, tmp_path, capsys):
@@ -370,11 +406,20 @@ def test_bad_input_is_a_clear_error(case, message, exported_teacher, tmp_path, c
             "--evaluator.ks=ten",
             f"--ckpt_path={exported_teacher}",
         ],
+        "output_dir_through_a_file": [  # said before the evaluation (it was a traceback after it)
+            "validate",
+            "--evaluator",
+            "knn",
+            f"--evaluator.output_dir={tmp_path / 'afile' / 'knn'}",
+            f"--evaluator.data_dir={tmp_path / 'never_read'}",
+            f"--ckpt_path={exported_teacher}",
+        ],
     }[case]
+    (tmp_path / "afile").write_text("a file, not a folder")
     with pytest.raises(SystemExit) as exit_info:
         main([*args, *QUIET, f"--trainer.default_root_dir={tmp_path}"])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
 
 

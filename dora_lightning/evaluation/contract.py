@@ -114,6 +114,15 @@ class Evaluator(abc.ABC):
         process and must return the same metrics in each.
         """
 
+    def resolved_output_dir(self, trainer_kwargs: dict[str, Any]) -> Path:
+        """Where ``results_<name>.json`` (and any file the evaluation writes) goes: ``output_dir``, else
+        ``<trainer default_root_dir or cwd>/eval/<name>``."""
+        if self.output_dir:
+            return Path(self.output_dir)
+        return (
+            Path(trainer_kwargs.get("default_root_dir") or Path.cwd()) / "eval" / evaluator_name(type(self))
+        )
+
     def protocol(self) -> dict[str, Any]:
         """The settings that define the protocol, for the results file.
 

@@ -106,7 +106,8 @@ def write_results(
         evaluator_name: short name of the evaluator (``knn``).
         metrics: ``{name: value}``.
         protocol: the evaluator's :meth:`~dora_lightning.evaluation.contract.Evaluator.protocol`.
-        checkpoint_path: the evaluated checkpoint; its sha256 and size are recorded.
+        checkpoint_path: the evaluated checkpoint; its sha256 and size are recorded: those ``backbone`` took when
+            it read the file, else the file's now.
         backbone: optional :class:`~dora_lightning.checkpoints.BackboneInfo` (or a dict) of the loaded backbone.
         command: the command line; default ``sys.argv``.
         trainer: optional :func:`trainer_settings` of the run (precision, devices, hardware).
@@ -115,14 +116,16 @@ def write_results(
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Path(checkpoint_path)
     argv = list(command) if command is not None else list(sys.argv)
+    described = _jsonable(backbone) if backbone is not None else {}
+    read = {key: described.pop(key) for key in ("size_bytes", "sha256") if key in described}
     payload: dict[str, Any] = {
         "evaluator": evaluator_name,
         "metrics": {str(k): float(v) for k, v in metrics.items()},
         "protocol": _jsonable(dict(protocol)),
         "checkpoint": {
             "path": str(ckpt.resolve()),
-            "size_bytes": ckpt.stat().st_size,
-            "sha256": file_sha256(ckpt),
+            "size_bytes": read["size_bytes"] if "size_bytes" in read else ckpt.stat().st_size,
+            "sha256": read["sha256"] if "sha256" in read else file_sha256(ckpt),
         },
         "versions": package_versions(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -130,7 +133,7 @@ def write_results(
         "cwd": str(Path.cwd()),
     }
     if backbone is not None:
-        payload["backbone"] = _jsonable(backbone)
+        payload["backbone"] = described
     if trainer is not None:
         payload["trainer"] = _jsonable(dict(trainer))
     path = out / f"results_{evaluator_name}.json"

@@ -132,7 +132,7 @@ def run(argv: Sequence[str]) -> Evaluation:
 
     from dora_lightning.argument_parser import VALIDATE_EVALUATOR
     from dora_lightning.checkpoints import load_backbone
-    from dora_lightning.errors import one_line
+    from dora_lightning.errors import one_line, unwritable_folder
     from dora_lightning.evaluation.contract import EvaluationDataError, EvaluatorSettingError, evaluator_name
     from dora_lightning.evaluation.registry import import_registered
     from dora_lightning.evaluation.results import format_table, trainer_settings, write_results
@@ -156,15 +156,23 @@ def run(argv: Sequence[str]) -> Evaluation:
         )
     except (FileNotFoundError, ValueError) as err:
         fail(f"--ckpt_path: {err}")
+    if info.which is not None and info.which != which:
+        # a file of one backbone (an exported student) is that backbone: evaluated, and named, as what it is
+        sys.stderr.write(
+            f"dora validate: '{config.ckpt_path}' holds one backbone, the {info.which}'s: evaluated as the "
+            f"{info.which}\n"
+        )
+        which = evaluator.which = info.which
     name = evaluator_name(type(evaluator))
+    output_dir = evaluator.resolved_output_dir(trainer_kwargs)
+    if (problem := unwritable_folder(output_dir, make=False)) is not None:  # said before the evaluation
+        fail(f"--evaluator.output_dir: {problem}; give a writable folder")
     try:
         metrics = dict(evaluator.evaluate(backbone, dict(trainer_kwargs)))
     except (EvaluationDataError, EvaluatorSettingError) as err:
         fail(f"--evaluator {name}: {one_line(err)}")
     results_path = None
     if rank_zero_only.rank == 0:
-        root = trainer_kwargs.get("default_root_dir") or Path.cwd()
-        output_dir = Path(evaluator.output_dir) if evaluator.output_dir else Path(root) / "eval" / name
         results_path = write_results(
             output_dir,
             name,
