@@ -13,7 +13,7 @@ from conftest import BUNDLED_VIDEO, write_video
 
 from dora_lightning.data.augment.multicrop import ClipMultiCrop
 from dora_lightning.data.datamodule import VideoClipDataModule
-from dora_lightning.data.sources import VideoSourceError
+from dora_lightning.data.sources import VideoSourceError, probe_videos, resolve_video_paths
 
 SMALL = ClipMultiCrop(global_size=32, local_size=16, num_local_crops=3, pre_crop_size=48)
 
@@ -260,6 +260,57 @@ def test_a_folder_of_camcorder_and_phone_files_is_found(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     found = resolve_video_paths(str(tmp_path))
     assert [Path(p).name for p in found] == ["00001.MTS", "clip.3gp", "pi.h264"]
+
+
+def test_folders_are_searched_as_users_lay_them_out(tmp_path):
+    """A city's folder linked in from another disk is searched (Python's rglob did not enter linked folders); a link
+    back up the tree is not followed round; macOS's ._ companions and hidden folders are left out; a file reached
+    by two names trains once."""
+    other_disk, root = tmp_path / "disk2" / "Venice", tmp_path / "WalkingTours"
+    other_disk.mkdir(parents=True)
+    (root / "Amsterdam").mkdir(parents=True)
+    (other_disk / "venice.mp4").write_bytes(b"x")
+    (root / "Amsterdam" / "amsterdam.mp4").write_bytes(b"x")
+    (root / "Amsterdam" / "._amsterdam.mp4").write_bytes(b"x")  # AppleDouble, as copied by a Mac to exFAT
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "old.mp4").write_bytes(b"x")
+    (root / "Venice").symlink_to(other_disk)
+    (root / "Venice" / "loop").symlink_to(root)  # a link back up the tree
+    (root / "Amsterdam" / "same.mp4").symlink_to(root / "Amsterdam" / "amsterdam.mp4")
+    found = resolve_video_paths(str(root))
+    assert [str(Path(p).relative_to(root)) for p in found] == ["Amsterdam/amsterdam.mp4", "Venice/venice.mp4"]
+    assert resolve_video_paths([str(root / "Venice" / "venice.mp4"), str(root)]) == [
+        str(root / "Venice" / "venice.mp4"),
+        str(root / "Amsterdam" / "amsterdam.mp4"),
+    ]
+
+
+def test_an_existing_name_with_brackets_is_that_file_not_a_glob(tmp_path):
+    """yt-dlp names downloads "Title [id].mp4": refused as a glob that matched nothing; and "clip[1].mp4" was read
+    as a glob that matched clip1.mp4, another file."""
+    download = tmp_path / "Tours [4K]" / "Venice Walking Tour [fGX0Te6pFvk].mp4"
+    download.parent.mkdir()
+    download.write_bytes(b"x")
+    (tmp_path / "clip[1].mp4").write_bytes(b"x")
+    (tmp_path / "clip1.mp4").write_bytes(b"x")
+    assert resolve_video_paths(str(download)) == [str(download)]
+    assert resolve_video_paths(str(download.parent)) == [str(download)]
+    assert resolve_video_paths(str(tmp_path / "clip[1].mp4")) == [str(tmp_path / "clip[1].mp4")]
+    assert resolve_video_paths(str(tmp_path / "clip[0-9].mp4")) == [
+        str(tmp_path / "clip1.mp4")
+    ]  # still a glob
+
+
+def test_a_video_codec_without_a_decoder_is_skipped_in_one_line(tmp_path):
+    """An unknown codec id (some CCTV/DVR exports) crashed the run with an AttributeError, even beside good files."""
+    good = write_video(tmp_path / "good.mkv", 40)
+    unknown = tmp_path / "cctv.mkv"
+    unknown.write_bytes(good.read_bytes().replace(b"V_MPEG4/ISO/AVC", b"V_QQQQQ/ISO/AVC"))
+    with pytest.warns(
+        RuntimeWarning, match=r"skipping a video: '.*cctv.mkv' holds video in a codec this FFmpeg"
+    ):
+        usable = probe_videos([str(good), str(unknown)], min_frames=2, index_cache=tmp_path / "cache")
+    assert [info.path for info in usable] == [str(good)]
 
 
 def test_frame_rate_counts_mixed_rate_videos_at_one_rate(tmp_path):

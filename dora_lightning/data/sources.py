@@ -83,29 +83,55 @@ def resolve_video_paths(paths: str | Sequence[str]) -> list[str]:
     found: list[str] = []
     for entry in entries:
         entry = os.path.expanduser(str(entry))
-        if glob.has_magic(entry):
-            matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise VideoSourceError(f"data.paths: the glob '{entry}' matches no file; check the pattern")
-            found.extend(matches)
+        # a path that exists is taken as it is: yt-dlp names files "Title [id].mp4", which is also a glob
+        if os.path.isfile(entry):
+            found.append(entry)
         elif os.path.isdir(entry):
-            matches = sorted(
-                str(p) for p in Path(entry).rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
-            )
+            matches = _videos_in_folder(entry)
             if not matches:
                 raise VideoSourceError(
                     f"data.paths: the folder '{entry}' holds no video file ({', '.join(VIDEO_SUFFIXES)}); "
                     "put the videos there or point data.paths at the files"
                 )
             found.extend(matches)
-        elif os.path.isfile(entry):
-            found.append(entry)
+        elif glob.has_magic(entry):
+            matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise VideoSourceError(f"data.paths: the glob '{entry}' matches no file; check the pattern")
+            found.extend(matches)
         else:
             raise VideoSourceError(
                 f"data.paths: '{entry}' does not exist; give a video file, a folder of videos or a glob "
                 "(see docs/data.md for getting the Walking Tours videos)"
             )
-    return list(dict.fromkeys(found))
+    # one file reached by two names (a link beside its target, a folder given twice) trains once
+    by_file: dict[str, str] = {}
+    for path in found:
+        by_file.setdefault(os.path.realpath(path), path)
+    return list(by_file.values())
+
+
+def _videos_in_folder(folder: str) -> list[str]:
+    """The video files under ``folder``, sorted, following linked sub-folders (a city's videos on another disk,
+    linked into the data folder) but never a folder twice, and leaving out hidden files and folders (macOS's ``._*``
+    companions of every file copied to an exFAT disk, ``.Trash``, ``.ipynb_checkpoints``)."""
+    matches: list[str] = []
+    seen: set[str] = set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to the same folder
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        matches.extend(
+            str(Path(root) / name)
+            for name in files
+            if not name.startswith(".")
+            and Path(name).suffix.lower() in VIDEO_SUFFIXES
+            and os.path.isfile(os.path.join(root, name))
+        )
+    return sorted(matches)
 
 
 def _first_frame(path: str) -> dict[str, int]:
@@ -143,6 +169,12 @@ def probe_video(
         with open_video(path) as container:
             if not container.streams.video:
                 raise VideoSourceError(f"'{path}' has no video stream")
+            if main_video_stream(container).codec_context is None:
+                raise VideoSourceError(
+                    f"'{path}' holds video in a codec this FFmpeg build has no decoder for (an unknown FourCC or "
+                    "codec id: some CCTV and DVR exports); convert it with a program that plays it, e.g. to H.264 "
+                    "in an .mp4"
+                )
     except (av.FFmpegError, OSError, UnicodeDecodeError) as err:
         raise VideoSourceError(f"'{path}' is not a readable video ({err.__class__.__name__}: {err})") from err
     try:
