@@ -6,11 +6,10 @@ Frames are resized so that their short side is ``image_size`` and centre-cropped
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor
 from dora_lightning.data.decode_stats import DecodeStats
 from dora_lightning.data.reader import RangeReader
 from dora_lightning.data.sources import VideoInfo, VideoSourceError, probe_video
+from dora_lightning.evaluation.images import natural_key
 from dora_lightning.sizes import short_side_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -36,10 +36,6 @@ class FrameSource:
     images: tuple[Path, ...] = ()
 
 
-def _natural_key(path: Path) -> list[Any]:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
-
-
 def open_source(source: str | Path) -> FrameSource:
     """Recognise ``source`` as a folder of frames or a video file and read its length (probing the video)."""
     path = Path(source).expanduser()
@@ -50,7 +46,7 @@ def open_source(source: str | Path) -> FrameSource:
     if path.is_dir():
         images = sorted(
             (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-            key=_natural_key,
+            key=natural_key,
         )
         if not images:
             raise VideoSourceError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import lightning.pytorch as pl
 import numpy as np
@@ -19,8 +20,10 @@ from test_davis_data import davis_root  # noqa: F401 - fixture
 from test_validate_cli import QUIET, fit_checkpoint  # noqa: F401 - fixture
 
 from dora_lightning.cli import main
+from dora_lightning.evaluation.contract import EvaluatorSettingError
 from dora_lightning.evaluation.synthetic import make_davis_fixture
 from dora_lightning.models.backbone import build_vit
+from evaluators.davis.checks import check_output_dir, refuse_cut_sequences
 from evaluators.davis.data import grid_labels, model_size, scan_davis
 from evaluators.davis.evaluator import DavisEvaluator, DavisPropagationModule, metric_name
 
@@ -203,3 +206,105 @@ def test_empty_sequence_list_and_tiny_short_side_are_refused():
         EvaluationDataError, match="short_side=8 is smaller than the backbone's patch size 16"
     ):
         DavisEvaluator(short_side=8).evaluate(backbone, {})
+
+
+# ------------------------------------------------------------------------------------------------ refused up front
+def _evaluate(root, out, trainer=None, **options):
+    """Run the DAVIS evaluator with ``options`` on a micro ViT (patch 8), ``trainer`` added to the Trainer options."""
+    evaluator = DavisEvaluator(data_dir=str(root), num_workers=0, output_dir=str(out), **options)
+    return evaluator.evaluate(micro_vit(depth=1), {**TRAINER, **(trainer or {})})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"topk": 100, "short_side": 48},
+            "topk=100 exceeds the 48 patch(es) of the smallest frame grid (6x8 patches of 8 px, sequence 'synth-00' "
+            "at --evaluator.short_side 48); pass --evaluator.topk between 1 and 48, or a larger --evaluator.short_side",
+        ),
+        (
+            {"short_side": 12},
+            "topk=5 exceeds the 1 patch(es) of the smallest frame grid (1x1 patches of 8 px",
+        ),
+    ],
+)
+def test_topk_beyond_the_smallest_frame_grid_is_refused_before_the_run(
+    davis_root,  # noqa: F811
+    tmp_path,
+    options,
+    message,
+):
+    """It ended in a ValueError traceback from the propagation at the first propagated frame, after PNGs were
+    written."""
+    out = tmp_path / "out"
+    with pytest.raises(EvaluatorSettingError) as info:
+        _evaluate(davis_root, out, **options)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "Annotations/480p",
+        "Annotations/480p/synth-01",
+        "JPEGImages/480p",
+        "ImageSets",
+        ".",
+        "link",
+        "seq_link",
+    ],
+)
+def test_output_dir_in_the_data_set_is_refused(davis_root, tmp_path, where):  # noqa: F811
+    """An output_dir on the ground truth was accepted: the predictions replaced the masks, and the next run scored
+    J&F 100. Symlinks are resolved: a link to the masks, or an output folder whose sequence folder links there."""
+    root = tmp_path / "davis"
+    shutil.copytree(davis_root, root)
+    masks = root / "Annotations" / "480p"
+    if where == "link":
+        out = tmp_path / "link"
+        out.symlink_to(masks, target_is_directory=True)
+    elif where == "seq_link":
+        out = tmp_path / "preds"
+        out.mkdir()
+        (out / "synth-00").symlink_to(masks / "synth-00", target_is_directory=True)
+    else:
+        out = root / where
+    before = _files(root)
+    with pytest.raises(EvaluatorSettingError) as info:
+        _evaluate(root, out, short_side=64)
+    message = str(info.value)
+    assert message.startswith(
+        f"--evaluator.output_dir '{out}' would put the predictions among the files of the DAVIS"
+    )
+    assert "\n" not in message
+    assert _files(root) == before  # nothing written, nothing replaced
+
+
+def test_output_dir_beside_or_above_the_data_set_is_accepted(davis_root, tmp_path):  # noqa: F811
+    sequences = scan_davis(davis_root)
+    for out in (davis_root / "eval" / "davis", davis_root.parent, tmp_path / "out"):
+        check_output_dir(out, davis_root, sequences)  # the predictions cannot land on a file of the data set
+
+
+def test_a_batch_limit_that_cuts_the_sequences_is_refused_before_the_run(davis_root, tmp_path):  # noqa: F811
+    """A limit stopped the frames mid-sequence and failed with a RuntimeError after the run; now one line before."""
+    out = tmp_path / "out"
+    with pytest.raises(EvaluatorSettingError) as info:
+        _evaluate(davis_root, out, trainer={"limit_val_batches": 15}, short_side=64)
+    assert str(info.value) == (
+        "--trainer.limit_val_batches 15 would run 15 of the 16 batches (per process) of the 16 frames of 2 "
+        "sequence(s) (one batch per frame), and the results would not be those of the data set; remove the limit, "
+        "or evaluate fewer sequences (--evaluator.sequences)"
+    )
+    assert not out.exists()
+    sequences = scan_davis(davis_root)
+    two = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, limit_val_batches=8)
+    refuse_cut_sequences(two, sequences, 64, 8)  # 8 frames per process: not cut
+    one = pl.Trainer(**TRAINER, limit_val_batches=16)
+    refuse_cut_sequences(one, sequences, 64, 8)

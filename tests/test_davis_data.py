@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from dora_lightning.evaluation.images import natural_key
 from dora_lightning.evaluation.synthetic import make_davis_fixture
 from evaluators.davis.data import (
     DAVIS_MEAN,
@@ -49,6 +50,44 @@ def test_read_frame_uses_dinos_normalisation(tmp_path):
     assert DAVIS_STD[0] == 0.228  # DINO's value, on purpose
 
 
+def test_read_frame_scales_16_bit_images(tmp_path: Path) -> None:
+    """Frames are read through the shared RGB conversion: a 16-bit image is scaled to 8 bits, not clipped to white."""
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((32, 48), 32896, dtype=np.uint16)).save(path)  # 32896 / 257 = 128
+    frame = read_frame(path, (32, 48))
+    expected = [(128 / 255 - m) / s for m, s in zip(DAVIS_MEAN, DAVIS_STD, strict=True)]
+    torch.testing.assert_close(frame.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_frames_run_in_natural_name_order(tmp_path: Path) -> None:
+    """Unpadded names (0.jpg, 1.jpg, ..., 10.jpg, 11.jpg) ran as text sorts them (0, 1, 10, 11, 2, ...); now in
+    number order, each frame still paired with the mask of its name."""
+    root = make_davis_fixture(tmp_path / "d", sequences=1, frames=12, size=(32, 48), seed=2)
+    frames, masks = root / "JPEGImages" / "480p" / "synth-00", root / "Annotations" / "480p" / "synth-00"
+    originals = {i: (masks / f"{i:05d}.png").read_bytes() for i in range(12)}
+    for i in range(12):
+        (frames / f"{i:05d}.jpg").rename(frames / f"{i}.jpg")
+        (masks / f"{i:05d}.png").rename(masks / f"{i}.png")
+    (sequence,) = scan_davis(root)
+    assert [p.stem for p in sequence.frames] == [str(i) for i in range(12)]
+    assert [p.stem for p in sequence.masks] == [str(i) for i in range(12)]
+    assert [p.read_bytes() for p in sequence.masks] == [originals[i] for i in range(12)]
+
+
+def test_natural_key_keeps_zero_padded_order() -> None:
+    padded = [Path(f"{i:05d}.jpg") for i in (7, 120, 0, 99, 3)]
+    assert sorted(padded, key=natural_key) == sorted(padded)
+    mixed = [Path(n) for n in ("b10.jpg", "a2.jpg", "b9.jpg", "a10.jpg", "01.jpg", "1.jpg")]
+    assert [p.name for p in sorted(mixed, key=natural_key)] == [
+        "01.jpg",
+        "1.jpg",
+        "a2.jpg",
+        "a10.jpg",
+        "b9.jpg",
+        "b10.jpg",
+    ]
+
+
 def broken_copy(root: Path, tmp_path: Path, case: str) -> tuple[Path, str]:
     """A copy of the fixture broken in one way, and the message expected from scan_davis."""
     bad = tmp_path / case
@@ -80,6 +119,9 @@ def broken_copy(root: Path, tmp_path: Path, case: str) -> tuple[Path, str]:
     if case == "not_palette":
         Image.open(masks / seq / "00001.png").convert("RGB").save(masks / seq / "00001.png")
         return bad, "00001.png' is a RGB image; DAVIS masks must be palette"
+    if case == "listed_twice":
+        (bad / "ImageSets" / "2017" / "val.txt").write_text("synth-00\nsynth-01\nsynth-00\n")
+        return bad, "val.txt' lists sequence 'synth-00' more than once; list each sequence once"
     if case == "out_of_range":
         labels = np.asarray(Image.open(masks / seq / "00004.png")).copy()
         labels[0, 0] = 7
@@ -102,6 +144,7 @@ def broken_copy(root: Path, tmp_path: Path, case: str) -> tuple[Path, str]:
         "size_mismatch",
         "not_palette",
         "out_of_range",
+        "listed_twice",
     ],
 )
 def test_malformed_folders_are_one_line_errors(case, davis_root, tmp_path):

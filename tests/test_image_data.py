@@ -7,6 +7,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,9 @@ from PIL import Image
 from torch.utils.data import RandomSampler, SequentialSampler
 from torchvision import transforms as T
 
+from dora_lightning.evaluation.contract import EvaluatorSettingError
 from dora_lightning.evaluation.image_data import ImageFolderDataModule, load_rgb
+from dora_lightning.evaluation.loader_limits import batches_per_process, refuse_cut_images, refuse_cut_loader
 from dora_lightning.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +96,48 @@ def test_nested_hidden_uppercase_and_grayscale(tmp_path: Path) -> None:
     white = [i for i, (p, _) in enumerate(data.train_eval_dataset.samples) if p.endswith("g.png")][0]
     expected = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)])
     assert torch.allclose(images[white].mean(dim=(1, 2)), expected, atol=1e-5)  # RGB + ImageNet normalisation
+
+
+RAMP16 = np.linspace(0, 65535, 32 * 32).astype(np.uint16).reshape(32, 32)  # every 16th of the 65536 levels
+
+
+def save_16_bit(path: Path, mode: str) -> Path:
+    """RAMP16 as a 16-bit grayscale file of PIL ``mode`` (I;16 PNG, big-endian I;16B TIFF, 32-bit I TIFF)."""
+    if mode == "I;16":
+        image = Image.fromarray(RAMP16)
+    elif mode == "I;16B":
+        image = Image.frombytes("I;16B", (32, 32), RAMP16.astype(">u2").tobytes())
+    else:
+        image = Image.fromarray(RAMP16.astype(np.int32))
+    image.save(path)
+    with Image.open(path) as reread:
+        assert reread.mode == mode
+    return path
+
+
+@pytest.mark.parametrize(("mode", "name"), [("I;16", "a.png"), ("I;16B", "b.tif"), ("I", "c.tif")])
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path: Path, mode: str, name: str) -> None:
+    """PIL's convert("RGB") clips 16-bit values at 255: a full-range ramp came out 99.6 % white. Now 0..65535 maps
+    to 0..255 (rounded), so the ramp stays a ramp, in all three channels."""
+    rgb = np.asarray(load_rgb(str(save_16_bit(tmp_path / name, mode))))
+    assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8
+    expected = np.round(RAMP16.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel], expected)
+    assert rgb.min() == 0 and rgb.max() == 255 and len(np.unique(rgb)) == 256
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGB", "RGBA", "LA", "CMYK", "1"])
+def test_8_bit_images_load_as_before(tmp_path: Path, mode: str) -> None:
+    """Only 16-bit images take the scaling path: every other mode is PIL's convert("RGB"), byte for byte."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(12, 12, 4), dtype=np.uint8)
+    source = Image.fromarray(pixels, "RGBA")
+    image = source.convert(mode) if mode != "P" else source.convert("RGB").quantize(17)
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    image.save(path)
+    with Image.open(path) as reread:
+        assert load_rgb(str(path)).tobytes() == reread.convert("RGB").tobytes()
 
 
 def test_eval_transform_resize_crop(tmp_path: Path) -> None:
@@ -239,6 +284,45 @@ def test_corrupt_image_named_when_loaded(tmp_path: Path) -> None:
 def test_bad_arguments(tmp_path: Path, kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ImageFolderDataModule(str(tmp_path), **kwargs)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------- batch limits
+def test_batches_per_process() -> None:
+    assert batches_per_process(2000, 256, 1) == 8
+    assert batches_per_process(2000, 256, 2) == 4  # 1000 images per process
+    assert batches_per_process(7, 2, 2) == 2  # the larger share: 4 images
+    assert batches_per_process(1, 256, 1) == 1
+
+
+@pytest.mark.parametrize(
+    ("trainer_args", "option", "kept"),
+    [
+        ({"limit_val_batches": 2}, "--trainer.limit_val_batches 2", 2),
+        ({"limit_val_batches": 0.5}, "--trainer.limit_val_batches 0.5", 4),
+        ({"limit_val_batches": 0}, "--trainer.limit_val_batches 0", 0),
+        ({"fast_dev_run": True}, "--trainer.fast_dev_run True", 1),
+        ({"overfit_batches": 3}, "--trainer.overfit_batches 3", 3),
+    ],
+)
+def test_a_limit_that_cuts_a_loader_is_refused(trainer_args: dict, option: str, kept: int) -> None:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, **trainer_args)
+    with pytest.raises(EvaluatorSettingError) as info:
+        refuse_cut_loader(trainer, "val", 8, "the 2000 training images")
+    message = str(info.value)
+    assert message.startswith(
+        f"{option} would run {kept} of the 8 batches (per process) of the 2000 training images"
+    )
+    assert "remove the limit, or evaluate a smaller data set (--evaluator.data_dir)" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "trainer_args", [{}, {"limit_val_batches": 1.0}, {"limit_val_batches": 8}, {"limit_train_batches": 1}]
+)
+def test_a_limit_that_cuts_nothing_passes(trainer_args: dict) -> None:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, **trainer_args)
+    refuse_cut_loader(trainer, "val", 8, "the 2000 training images")
+    refuse_cut_images(trainer, 256, [("val", 2000, "the bank"), ("val", 500, "the queries")])
 
 
 # ----------------------------------------------------------------------------------------------------- bundled data

@@ -13,6 +13,7 @@ from conftest import micro_vit
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from dora_lightning.evaluation.contract import EvaluatorSettingError
 from evaluators.knn.evaluator import KNNEvaluator, KNNModule, _dedup_by_index, knn_classify, knn_metric_names
 
 COLOURS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (220, 30, 30)}  # sorted names = label order
@@ -210,6 +211,7 @@ def test_knn_evaluator_on_an_image_folder(tmp_path):
     protocol = evaluator.protocol()
     assert protocol["evaluator"] == "knn" and protocol["ks"] == [1, 3] and protocol["temperature"] == 0.07
     assert protocol["num_classes"] == 3 and protocol["train_images"] == 12 and protocol["val_images"] == 6
+    assert protocol["bank_images"] == 12 and protocol["query_images"] == 6  # the counts actually used
     assert protocol["data_path"] == str(root.resolve())
     assert "num_workers" not in protocol and "output_dir" not in protocol
     assert protocol["eval_transform"].startswith("Resize(36, bicubic) + CenterCrop(32)")
@@ -220,6 +222,43 @@ def test_knn_evaluator_checks_k_against_the_training_images(tmp_path):
     evaluator = KNNEvaluator(ks=[10], data_dir=str(root), image_size=32, num_workers=0)
     with pytest.raises(ValueError, match=r"k=10 exceeds the 6 training images.*--evaluator.ks"):
         evaluator.evaluate(micro_vit(depth=1), {"accelerator": "cpu", "logger": False})
+
+
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        (
+            {"limit_val_batches": 2},
+            "--trainer.limit_val_batches 2 would run 2 of the 3 batches (per process) of the 12 training images "
+            "(the k-NN memory bank)",
+        ),
+        ({"limit_val_batches": 0.9}, "--trainer.limit_val_batches 0.9 would run 2 of the 3 batches"),
+        ({"fast_dev_run": True}, "--trainer.fast_dev_run True would run 1 of the 3 batches"),
+    ],
+)
+def test_knn_evaluator_refuses_a_batch_limit_that_cuts_the_bank(tmp_path, limit, message):
+    """Lightning applies limit_val_batches to the bank loader too: the bank silently shrank to its first batches (a
+    few classes, files being in class order) while the results file still said every training image."""
+    root = write_image_folder(
+        tmp_path / "colours"
+    )  # 12 training images (3 batches of 5), 6 validation images
+    evaluator = KNNEvaluator(ks=[1, 3], data_dir=str(root), image_size=32, batch_size=5, num_workers=0)
+    trainer_kwargs = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "devices": 1}
+    with pytest.raises(EvaluatorSettingError) as info:
+        evaluator.evaluate(micro_vit(depth=1), {**trainer_kwargs, **limit})
+    assert str(info.value).startswith(message) and "remove the limit" in str(info.value)
+
+
+def test_knn_evaluator_refuses_a_batch_limit_that_cuts_the_queries(tmp_path):
+    root = write_image_folder(
+        tmp_path / "colours", train_per_class=1, val_per_class=4
+    )  # 3 bank, 12 query images
+    evaluator = KNNEvaluator(ks=[1], data_dir=str(root), image_size=32, batch_size=5, num_workers=0)
+    kwargs = {"accelerator": "cpu", "logger": False, "devices": 1, "limit_val_batches": 2}
+    with pytest.raises(
+        EvaluatorSettingError, match="would run 2 of the 3 batches .* of the 12 validation images"
+    ):
+        evaluator.evaluate(micro_vit(depth=1), kwargs)
 
 
 def test_knn_evaluator_validates_its_arguments():

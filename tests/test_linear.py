@@ -19,7 +19,7 @@ from conftest import cpu_trainer_kwargs as trainer_kwargs
 from conftest import micro_vit
 from PIL import Image
 
-from dora_lightning.evaluation.contract import Evaluator, EvaluatorSettingError
+from dora_lightning.evaluation.contract import EvaluationDataError, Evaluator, EvaluatorSettingError
 from dora_lightning.evaluation.samplers import unrepeated_sampler
 from dora_lightning.models.backbone import build_vit, forward_features, last_n_block_cls
 from evaluators.linear.evaluator import LinearProbeEvaluator, LinearProbeModule, probe_features, summarize
@@ -363,3 +363,39 @@ def test_evaluator_arguments_and_trainer_kwargs(colour_data: Path, tmp_path: Pat
         )
     with pytest.raises(ValueError, match="does not exist"):
         evaluator(tmp_path / "missing").evaluate(micro_vit(), trainer_kwargs(tmp_path))
+
+
+def test_a_single_class_is_refused_in_one_line(tmp_path: Path) -> None:
+    """One class folder used to end in a traceback from inside the probe; now one line, before any training."""
+    root = write_mixed_folder(tmp_path / "one", val_counts=(2,))
+    with pytest.raises(EvaluationDataError) as info:
+        evaluator(root).evaluate(micro_vit(), trainer_kwargs(tmp_path))
+    message = str(info.value)
+    assert message.startswith("a linear probe needs at least 2 classes;") and "\n" not in message
+    assert f"'{root / 'train'}'" in message and "'class0'" in message
+
+
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        (
+            {"limit_train_batches": 1},
+            "--trainer.limit_train_batches 1 would run 1 of the 3 batches (per process) of the 48 training images",
+        ),
+        (
+            {"limit_val_batches": 0.5},
+            "--trainer.limit_val_batches 0.5 would run 1 of the 2 batches (per process) of the 24 validation images",
+        ),
+        ({"limit_val_batches": 0}, "--trainer.limit_val_batches 0 would run 0 of the 2 batches"),
+    ],
+)
+def test_a_batch_limit_that_cuts_the_data_is_refused_before_training(
+    colour_data: Path, tmp_path: Path, limit: dict[str, Any], message: str
+) -> None:
+    """The results file records every training and validation image; a Lightning limit that cut them trained or
+    scored a subset under that record."""
+    record = RecordLR()
+    with pytest.raises(EvaluatorSettingError) as info:
+        evaluator(colour_data).evaluate(micro_vit(), trainer_kwargs(tmp_path, callbacks=[record], **limit))
+    assert str(info.value).startswith(message) and "remove the limit" in str(info.value)
+    assert record.lrs == []  # refused before the first training step

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from dora_lightning.cli import main
-from dora_lightning.evaluation.contract import Evaluator
+from dora_lightning.evaluation.contract import Evaluator, EvaluatorSettingError
 from dora_lightning.evaluation.synthetic import make_ade20k_fixture, make_voc_fixture
 from dora_lightning.models.backbone import forward_features
 from evaluators.segmentation.evaluator import (
@@ -345,8 +345,20 @@ def test_evaluator_arguments_and_errors(voc_fixture: Path, tmp_path: Path) -> No
     ):
         with pytest.raises(ValueError, match=match):
             evaluator(voc_fixture, **bad).evaluate(micro_vit(), trainer_kwargs(tmp_path))
-    with pytest.raises(ValueError, match="no validation results"):
-        evaluator(voc_fixture, epochs=1).evaluate(micro_vit(), trainer_kwargs(tmp_path, limit_val_batches=0))
+    # a Lightning limit that cuts the training or validation images is refused before training (the results file
+    # records every image; limit_val_batches 0 used to train every epoch and then fail with "no validation results")
+    for limit, match in (
+        (
+            {"limit_val_batches": 0},
+            r"--trainer.limit_val_batches 0 would run 0 of the \d+ batches .* validation images",
+        ),
+        (
+            {"limit_train_batches": 1},
+            r"--trainer.limit_train_batches 1 would run 1 of the \d+ batches .* training images",
+        ),
+    ):
+        with pytest.raises(EvaluatorSettingError, match=match):
+            evaluator(voc_fixture, epochs=1).evaluate(micro_vit(), trainer_kwargs(tmp_path, **limit))
     with pytest.raises(ValueError, match="cannot run under a spawned/forked strategy"):
         evaluator(voc_fixture).evaluate(
             micro_vit(), trainer_kwargs(tmp_path, devices=2, strategy="ddp_spawn")

@@ -12,6 +12,9 @@ as in torchvision's ImageFolder. Hidden entries (names starting with ``.``, e.g.
 :meth:`ImageFolderDataModule.setup`, before any image is decoded; an image that cannot be decoded is reported, by
 path, when it is loaded. Both raise :class:`~dora_lightning.evaluation.contract.EvaluationDataError` (a ``ValueError``; missing folders
 raise its ``FileNotFoundError`` subclass :class:`~dora_lightning.evaluation.contract.EvaluationDataNotFoundError`).
+
+Also shared by the other evaluators: :func:`rgb_image` (any image as 8-bit RGB, 16-bit grayscale scaled, not
+clipped).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
@@ -38,6 +42,7 @@ __all__ = [
     "ImageFolderDataModule",
     "eval_transform",
     "load_rgb",
+    "rgb_image",
     "scan_split",
     "train_transform",
 ]
@@ -48,13 +53,29 @@ _LAYOUT = (
 )
 
 
+# PIL modes of 16-bit single-channel images ("I": 32-bit integers, which is how PIL gives some 16-bit files); PIL's
+# convert("RGB") clips them at 255 (almost all white), so they are scaled to 8 bits first. 16-bit RGB(A) files already
+# open as 8-bit "RGB"/"RGBA" (PIL keeps the high byte).
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB: grayscale and palette images are converted; 16-bit grayscale (and mode ``I``, clipped
+    to 0..65535) is scaled from 0..65535 to 0..255 (rounded) instead of being clipped. 8-bit images are converted
+    exactly as ``image.convert("RGB")``."""
+    if image.mode not in _SIXTEEN_BIT_MODES:
+        return image.convert("RGB")
+    wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    eight = ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+    return Image.fromarray(eight).convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image file as RGB (grayscale and palette images are converted); errors
+    """Open an image file as 8-bit RGB (:func:`rgb_image`); errors
     (:class:`~dora_lightning.evaluation.contract.EvaluationDataError`) name the file."""
     try:
         with open(path, "rb") as fh:
-            image = Image.open(fh)
-            return image.convert("RGB")
+            return rgb_image(Image.open(fh))
     except Exception as err:  # PIL raises several kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise EvaluationDataError(f"cannot read image '{path}': {type(err).__name__}: {err}") from err
 
@@ -163,8 +184,8 @@ def train_transform(image_size: int) -> T.Compose:
 class ImageFolderDataModule(pl.LightningDataModule):
     """Train/val images from ``root/train`` and ``root/val`` (one folder per class) for the evaluators.
 
-    Images are read as RGB. The eval transform is Resize(int(image_size * resize_ratio), bicubic) +
-    CenterCrop(image_size) + ImageNet normalisation (Resize 256 / CenterCrop 224 at the defaults, spec D); with
+    Images are read as 8-bit RGB (:func:`load_rgb`). The eval transform is Resize(int(image_size * resize_ratio),
+    bicubic) + CenterCrop(image_size) + ImageNet normalisation (Resize 256 / CenterCrop 224 at the defaults, spec D); with
     ``train_augment`` the training loader uses RandomResizedCrop(image_size) + horizontal flip instead (DINO's linear
     probe), otherwise the eval transform.
 

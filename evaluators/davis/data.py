@@ -6,6 +6,9 @@ Layout (as downloaded from davischallenge.org, "TrainVal - Images and Annotation
     ROOT/Annotations/480p/<sequence>/00000.png, 00001.png, ...   palette PNGs: 0 background, 1..K objects
     ROOT/ImageSets/2017/val.txt (train.txt)                      one sequence name per line
 
+A sequence's frames are its ``.jpg`` files in natural name order (:func:`~dora_lightning.evaluation.images.natural_key`: ``2.jpg`` before ``10.jpg``;
+DAVIS's zero-padded names sort as text does), each paired with the mask of the same stem.
+
 :func:`scan_davis` checks the layout and the masks once, before any frame is read, and :class:`DavisFrames` streams
 the frames of the sequences in order (one whole sequence per dataloader worker and per process), each frame resized for the
 backbone and normalised, together with its ground-truth mask at the original size.
@@ -13,6 +16,7 @@ backbone and normalised, together with its ground-truth mask at the original siz
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +34,8 @@ from dora_lightning.evaluation.contract import (
     EvaluationDataNotFoundError,
     EvaluatorSettingError,
 )
-from dora_lightning.evaluation.images import image_header
+from dora_lightning.evaluation.image_data import rgb_image
+from dora_lightning.evaluation.images import image_header, natural_key
 from dora_lightning.evaluation.palette import davis_palette, write_palette_png
 from dora_lightning.imagenet import IMAGENET_MEAN
 
@@ -43,6 +48,7 @@ __all__ = [
     "davis_palette",
     "grid_labels",
     "model_size",
+    "patch_grid",
     "read_frame",
     "read_mask",
     "scan_davis",
@@ -97,6 +103,14 @@ def _read_sequence_list(list_file: Path) -> list[str]:
     names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
     if not names:
         raise EvaluationDataError(f"'{list_file}' lists no sequence; put one sequence name per line")
+    counts = Counter(names)
+    twice = [name for name, count in counts.items() if count > 1]
+    if twice:
+        raise EvaluationDataError(
+            f"'{list_file}' lists sequence '{twice[0]}' more than once"
+            + (f" (and {len(twice) - 1} more sequence(s))" if len(twice) > 1 else "")
+            + "; list each sequence once"
+        )
     return names
 
 
@@ -108,7 +122,8 @@ def _scan_sequence(name: str, image_root: Path, mask_root: Path, list_file: Path
             "restore the sequence's frames or remove it from the list"
         )
     frames = sorted(
-        p for p in frame_dir.iterdir() if p.suffix.lower() == ".jpg" and not p.name.startswith(".")
+        (p for p in frame_dir.iterdir() if p.suffix.lower() == ".jpg" and not p.name.startswith(".")),
+        key=natural_key,
     )
     if not frames:
         raise EvaluationDataError(
@@ -205,15 +220,22 @@ def model_size(height: int, width: int, short_side: int, patch_size: int) -> tup
     return max(long, patch_size), short
 
 
+def patch_grid(size: tuple[int, int], short_side: int, patch_size: int) -> tuple[int, int]:
+    """(gh, gw): the patch grid of an (H, W) frame fed to the backbone at ``short_side`` (:func:`model_size`)."""
+    height, width = model_size(*size, short_side, patch_size)
+    return height // patch_size, width // patch_size
+
+
 def read_frame(path: str | Path, size: tuple[int, int]) -> Tensor:
     """A frame as a normalised (3, H', W') float tensor at ``size`` = (H', W').
 
-    RGB, resized bilinearly without antialiasing and rounded to 8 bits (as OpenCV's ``cv2.resize`` in DINO), scaled to
-    [0, 1] and normalised with DINO's DAVIS mean and std (:data:`DAVIS_MEAN`, :data:`DAVIS_STD`).
+    RGB (:func:`~dora_lightning.evaluation.image_data.rgb_image`: 16-bit frames scaled to 8 bits), resized
+    bilinearly without antialiasing and rounded to 8 bits (as OpenCV's ``cv2.resize`` in DINO), scaled to [0, 1] and
+    normalised with DINO's DAVIS mean and std (:data:`DAVIS_MEAN`, :data:`DAVIS_STD`).
     """
     try:
         with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            pixels = np.asarray(rgb_image(image), dtype=np.uint8)
     except Exception as err:
         raise EvaluationDataError(f"cannot read frame '{path}': {type(err).__name__}: {err}") from err
     tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()
@@ -317,7 +339,7 @@ class DavisFrames(IterableDataset):
 
     def _frames(self, sequence: DavisSequence) -> Iterator[dict[str, Any]]:
         size = model_size(*sequence.size, self.short_side, self.patch_size)
-        grid = (size[0] // self.patch_size, size[1] // self.patch_size)
+        grid = patch_grid(sequence.size, self.short_side, self.patch_size)
         num_objects = sequence.num_objects
         first = read_mask(sequence.masks[0])
         for index, (frame, mask_path) in enumerate(zip(sequence.frames, sequence.masks, strict=True)):

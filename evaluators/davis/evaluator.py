@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from dora_lightning.evaluation.contract import EvaluationDataError, Evaluator
 from dora_lightning.models.backbone import forward_features, patch_size_of
+from evaluators.davis.checks import check_output_dir, check_topk, refuse_cut_sequences
 from evaluators.davis.data import (
     DAVIS_MEAN,
     DAVIS_STD,
@@ -259,11 +260,13 @@ class DavisEvaluator(Evaluator):
             of the patch size (DINO rounds the long side to a multiple of 64).
         n_last_frames: predicted frames kept as context besides the first frame.
         size_mask_neighborhood: radius, in patches, of the square window of sources per target (0: no window).
-        topk: affinities kept per target patch, over all context frames.
+        topk: affinities kept per target patch, over all context frames; at most the patches of the smallest
+            frame's grid at ``short_side`` (checked before the run).
         temperature: affinity exp(cosine / temperature).
         bound_th: boundary tolerance of F, a fraction of the image diagonal (or pixels if >= 1).
         num_workers, which, output_dir: see :class:`dora_lightning.evaluation.contract.Evaluator`; ``output_dir`` also receives the
-            predicted PNGs and the CSV files.
+            predicted PNGs and the CSV files, and must lie outside the data set's folders
+            (:func:`evaluators.davis.checks.check_output_dir`).
     """
 
     name = "davis"
@@ -311,12 +314,6 @@ class DavisEvaluator(Evaluator):
         self.bound_th = float(bound_th)
         self._facts: dict[str, Any] = {}
 
-    def resolved_output_dir(self, trainer_kwargs: dict[str, Any]) -> Path:
-        """``output_dir``, else ``<trainer default_root_dir or cwd>/eval/davis`` (where the CLI writes the results)."""
-        if self.output_dir:
-            return Path(self.output_dir)
-        return Path(trainer_kwargs.get("default_root_dir") or Path.cwd()) / "eval" / self.name
-
     def evaluate(self, backbone: VisionTransformer, trainer_kwargs: dict[str, Any]) -> dict[str, float]:
         patch_size = patch_size_of(backbone)
         if self.short_side < patch_size:
@@ -325,7 +322,9 @@ class DavisEvaluator(Evaluator):
                 f"pass --evaluator.short_side {patch_size * 4} or more"
             )
         sequences = scan_davis(self.data_dir, self.split, self.sequences)
+        check_topk(self.topk, sequences, self.short_side, patch_size)
         output_dir = self.resolved_output_dir(trainer_kwargs)
+        check_output_dir(output_dir, self.data_dir, sequences)
         module = DavisPropagationModule(
             backbone,
             sequences,
@@ -339,6 +338,7 @@ class DavisEvaluator(Evaluator):
             num_workers=self.num_workers,
         )
         trainer = pl.Trainer(**trainer_kwargs)
+        refuse_cut_sequences(trainer, sequences, self.short_side, patch_size)
         with warnings.catch_warnings():
             # DavisFrames.__len__ is exact: each worker reads its own whole sequences
             warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")

@@ -296,7 +296,8 @@ class KNNEvaluator(Evaluator):
 
     The training images of ``data_dir`` (Resize + CenterCrop, no augmentation) fill the feature bank; the validation
     images are classified by the top-k most similar training images, each voting with weight exp(cosine / T).
-    Reports ``knn/top1_k{k}`` and ``knn/top5_k{k}`` in percent for every k.
+    Reports ``knn/top1_k{k}`` and ``knn/top5_k{k}`` in percent for every k. A Trainer batch limit that would cut the
+    bank or the validation images is refused (:func:`dora_lightning.evaluation.loader_limits.refuse_cut_images`).
 
     Args:
         ks: numbers of neighbours (each at most the number of training images).
@@ -334,6 +335,7 @@ class KNNEvaluator(Evaluator):
 
     def evaluate(self, backbone: VisionTransformer, trainer_kwargs: dict[str, Any]) -> dict[str, float]:
         from dora_lightning.evaluation.image_data import ImageFolderDataModule
+        from dora_lightning.evaluation.loader_limits import refuse_cut_images
 
         data = ImageFolderDataModule(
             self.data_dir,
@@ -350,16 +352,28 @@ class KNNEvaluator(Evaluator):
                 f"k={max(self.ks)} exceeds the {train_images} training images in '{self.data_dir}/train'; "
                 f"pass ks with every k <= {train_images}, e.g. --evaluator.ks '[10,20]'"
             )
-        self._data_facts = {
-            "num_classes": data.num_classes,
-            "train_images": train_images,
-            "val_images": len(val_loader.dataset),  # type: ignore[arg-type]
-        }
+        val_images = len(val_loader.dataset)  # type: ignore[arg-type]
         module = KNNModule(backbone, data.num_classes, self.ks, self.temperature, self.chunk_size)
         trainer = pl.Trainer(**trainer_kwargs)
+        # a batch limit (limit_val_batches, fast_dev_run, ...) would score a subset against a part of the bank
+        refuse_cut_images(
+            trainer,
+            self.batch_size,
+            [
+                ("val", train_images, f"the {train_images} training images (the k-NN memory bank)"),
+                ("val", val_images, f"the {val_images} validation images"),
+            ],
+        )
         trainer.validate(
             module, dataloaders=[_indexed_loader(bank_loader), _indexed_loader(val_loader)], verbose=False
         )
+        self._data_facts = {
+            "num_classes": data.num_classes,
+            "train_images": train_images,
+            "val_images": val_images,
+            "bank_images": module.bank_size,  # the counts used: all of them, limits that cut are refused above
+            "query_images": module.query_count,
+        }
         return dict(module.metrics)
 
     def protocol(self) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 from timm.models.vision_transformer import VisionTransformer
 
-from dora_lightning.evaluation.contract import Evaluator
+from dora_lightning.evaluation.contract import EvaluationDataError, Evaluator
 from dora_lightning.evaluation.image_data import ImageFolderDataModule
+from dora_lightning.evaluation.loader_limits import refuse_cut_splits
 from dora_lightning.evaluation.probe import (
     check_n_last_blocks,
     frozen_backbone,
@@ -181,13 +182,19 @@ class LinearProbeEvaluator(Evaluator):
         """Train the probe(s) for ``epochs`` epochs with ``Trainer(**trainer_kwargs)`` and return the metrics.
 
         See :func:`summarize` for the metric names. The backbone's ``requires_grad`` flags and train/eval mode are
-        restored afterwards. Raises ``ValueError`` for a bad data layout or ``n_last_blocks`` > the backbone's depth.
+        restored afterwards. Raises ``ValueError`` for a bad data layout (a single class included), ``n_last_blocks`` >
+        the backbone's depth, or a Trainer batch limit that would cut the training or validation images.
         """
         check_n_last_blocks(backbone, self.n_last_blocks)
         pl.seed_everything(self.seed, workers=True, verbose=False)
         data = self.datamodule()
         data.setup("fit")
         assert data.train_dataset is not None and data.val_dataset is not None
+        if data.num_classes < 2:
+            raise EvaluationDataError(
+                f"a linear probe needs at least 2 classes; '{data.root / 'train'}' and '{data.root / 'val'}' hold "
+                f"one class folder ('{data.class_names[0]}'): add the other classes' folders to both splits"
+            )
         self.data_facts = {
             "num_classes": data.num_classes,
             "train_images": len(data.train_dataset),
@@ -207,6 +214,9 @@ class LinearProbeEvaluator(Evaluator):
             )
             trainer = pl.Trainer(**self.trainer_kwargs(trainer_kwargs))
             refuse_spawned_strategy(trainer, "the linear probe")
+            refuse_cut_splits(
+                trainer, self.batch_size, self.data_facts["train_images"], self.data_facts["val_images"]
+            )
             # each process validates its own share of the images, none repeated (Lightning's default DistributedSampler
             # pads the shards with repeats, which the accuracies would count twice)
             val_loader = data.val_dataloader(trainer.global_rank, trainer.world_size)

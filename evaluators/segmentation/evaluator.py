@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 from timm.models.vision_transformer import VisionTransformer
 
 from dora_lightning.evaluation.contract import Evaluator
+from dora_lightning.evaluation.loader_limits import refuse_cut_splits
 from dora_lightning.evaluation.probe import (
     check_n_last_blocks,
     frozen_backbone,
@@ -153,8 +154,9 @@ class SegmentationEvaluator(Evaluator):
         """Train the head for ``epochs`` epochs, validate once, and return ``segmentation/mIoU`` and
         ``segmentation/pixel_acc`` (percent). The backbone's ``requires_grad`` flags and mode are restored after.
 
-        Raises ``ValueError`` for a bad data layout, ``n_last_blocks`` beyond the backbone's depth or an
-        ``image_size`` that is not a multiple of the patch size.
+        Raises ``ValueError`` for a bad data layout, ``n_last_blocks`` beyond the backbone's depth, an
+        ``image_size`` that is not a multiple of the patch size, or a Trainer batch limit that would cut the training
+        or validation images.
         """
         check_n_last_blocks(backbone, self.n_last_blocks)
         patch_h = patch_size_of(backbone)
@@ -183,6 +185,9 @@ class SegmentationEvaluator(Evaluator):
             warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no")
             trainer = pl.Trainer(**self.trainer_kwargs(trainer_kwargs))
             refuse_spawned_strategy(trainer, "the segmentation evaluator")
+            refuse_cut_splits(
+                trainer, self.batch_size, self.data_facts["train_images"], self.data_facts["val_images"]
+            )
             trainer.fit(module, train_dataloaders=data.train_dataloader())
             trainer.validate(
                 module,
