@@ -307,7 +307,8 @@ def test_a_video_codec_without_a_decoder_is_skipped_in_one_line(tmp_path):
     unknown = tmp_path / "cctv.mkv"
     unknown.write_bytes(good.read_bytes().replace(b"V_MPEG4/ISO/AVC", b"V_QQQQQ/ISO/AVC"))
     with pytest.warns(
-        RuntimeWarning, match=r"skipping a video: '.*cctv.mkv' holds video in a codec this FFmpeg"
+        RuntimeWarning,
+        match=r"skipping a video: '.*cctv.mkv' has no decoder for its video codec 'V_QQQQQ/ISO/AVC' in this FFmpeg",
     ):
         usable = probe_videos([str(good), str(unknown)], min_frames=2, index_cache=tmp_path / "cache")
     assert [info.path for info in usable] == [str(good)]

@@ -20,8 +20,9 @@ from dora_lightning.data.timeline import Timeline, build_timeline
 from dora_lightning.errors import os_reason
 
 INDEX_VERSION = (
-    3  # 2: the main video stream (FFmpeg's best), not the first; 3: seekable, source_fps, displayed width
+    4  # 2: the main video stream (FFmpeg's best), not the first; 3: seekable, source_fps, displayed width;
 )
+# 4: AVI B-frames in output order, rates from timestamps, edit-list lead-in, restarts
 MAX_INDEX_ENTRIES = (
     4096  # ~1 KB each (a few MB for files with off-grid timestamps); the least recently used go first
 )
@@ -65,6 +66,7 @@ def _to_arrays(timeline: Timeline, key: dict, extra: dict) -> dict[str, np.ndarr
         "order_mode": timeline.order_mode,
         "seekable": timeline.seekable,
         "source_fps": None if timeline.source_fps is None else str(timeline.source_fps),
+        "restarts": timeline.restarts,
         "extra": extra,
     }
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
@@ -89,6 +91,7 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> tuple[Timeline, dict, dict]:
         order_mode=bool(meta["order_mode"]),
         seekable=bool(meta["seekable"]),
         source_fps=None if meta["source_fps"] is None else Fraction(meta["source_fps"]),
+        restarts=int(meta["restarts"]),
         **{
             name: arrays[name].astype(np.int64)
             for name in ("source_pts", "key_index", "key_pts")

@@ -13,7 +13,8 @@ from pathlib import Path
 import av
 
 from dora_lightning.data.index_cache import load_or_build
-from dora_lightning.data.timeline import Timeline, TimelineError
+from dora_lightning.data.timeline import Timeline, TimelineError, no_decoder_message
+from dora_lightning.data.timestamps import timeline_notes
 from dora_lightning.data.video_file import main_video_stream, open_video
 from dora_lightning.sizes import short_side_size
 
@@ -170,11 +171,7 @@ def probe_video(
             if not container.streams.video:
                 raise VideoSourceError(f"'{path}' has no video stream")
             if main_video_stream(container).codec_context is None:
-                raise VideoSourceError(
-                    f"'{path}' holds video in a codec this FFmpeg build has no decoder for (an unknown FourCC or "
-                    "codec id: some CCTV and DVR exports); convert it with a program that plays it, e.g. to H.264 "
-                    "in an .mp4"
-                )
+                raise VideoSourceError(no_decoder_message(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as err:
         raise VideoSourceError(f"'{path}' is not a readable video ({err.__class__.__name__}: {err})") from err
     try:
@@ -198,7 +195,8 @@ def probe_video(
 
 def _file_notes(path: str, info: VideoInfo, frame_rate: Fraction | None = None) -> list[str]:
     """What to tell the user about a file that trains but not as a player would show all of it: a truncated file,
-    repeated timestamps, a rate that cannot be applied, a raw stream that cannot be seeked."""
+    repeated or jumping timestamps (:func:`~dora_lightning.data.timestamps.timeline_notes`), a rate that cannot be
+    applied, a raw stream that cannot be seeked."""
     notes: list[str] = []
     promised = info.timeline.header_frames
     if promised > info.num_frames + max(2, info.num_frames // 100):
@@ -206,13 +204,7 @@ def _file_notes(path: str, info: VideoInfo, frame_rate: Fraction | None = None) 
             f"'{path}' ends early (truncated?): its header promises {promised} frames, its packets hold "
             f"{info.num_frames}; training on those {info.num_frames}"
         )
-    repeated = info.timeline.repeated_timestamps
-    if repeated > max(2, info.timeline.coded_frames // 100):
-        notes.append(
-            f"'{path}': {repeated} of its {info.timeline.coded_frames} frames repeat timestamps of earlier frames "
-            "(timestamps that restart mid-file: files joined end to end?), and only one frame of each timestamp "
-            "can train; give the parts as separate files"
-        )
+    notes.extend(timeline_notes(path, info.timeline))
     if frame_rate is not None and info.fps != frame_rate:
         notes.append(
             f"'{path}' is read at its own {float(info.fps):g} fps, not data.frame_rate {float(frame_rate):g}: its "
