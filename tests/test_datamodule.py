@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from itertools import islice
 from pathlib import Path
@@ -128,6 +129,41 @@ def test_state_dict_roundtrip_resumes_mid_epoch(video_dir):
     resumed = make(str(video_dir))
     resumed.load_state_dict(dm.state_dict() | {"epoch": 0, "batches_done": 5})
     assert [b["start"].tolist() for b in islice(resumed.train_dataloader(), 7)] == full[5:]
+
+
+def test_a_resume_with_other_views_is_refused_naming_the_option(video_dir):
+    """Crops of another size or number change what the model is trained on mid-run: refused like other data (a resume
+    took them silently); options that only change the speed (backends) are not part of it."""
+    dm = make(str(video_dir))
+    dm.setup("fit")
+    state = torch.load(_saved(dm.state_dict()), weights_only=True)  # as a checkpoint gives it back
+    assert state["transform"]["num_local_crops"] == 3 and state["transform"]["local_scale"] == [0.05, 0.4]
+    other = make(
+        str(video_dir),
+        transform=ClipMultiCrop(global_size=32, local_size=24, num_local_crops=2, pre_crop_size=48),
+    )
+    other.setup("fit")
+    with pytest.raises(ValueError) as refused:
+        other.load_state_dict(state)
+    assert "data.transform.init_args.local_size 16 -> 24" in str(refused.value)
+    assert "data.transform.init_args.num_local_crops 3 -> 2" in str(refused.value)
+    faster = make(
+        str(video_dir),
+        transform=ClipMultiCrop(
+            global_size=32, local_size=16, num_local_crops=3, pre_crop_size=48, colour_backend="exact"
+        ),
+    )
+    faster.setup("fit")
+    faster.load_state_dict(state)
+    del state["transform"]  # a checkpoint written before the views were saved: not checked
+    other.load_state_dict(state)
+
+
+def _saved(state: dict) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def fake_trainer(current_epoch: int, processed: int = 0, per_epoch: int | None = None) -> SimpleNamespace:

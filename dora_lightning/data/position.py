@@ -9,6 +9,7 @@ and continues bit-exactly; on another one, :func:`rebase_position` rewrites the 
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -41,33 +42,76 @@ __all__ = [
     "rebase_position",
     "refuse_other_data",
     "save_rest",
+    "view_settings",
 ]
 
 LAYOUT_KEYS = ("world_size", "num_workers", "batch_size", "cursors")
 
 
+# transform options that change how fast the views are made, not what they are
+_SPEED_ONLY = frozenset({"crop_backend", "colour_backend", "output_dtype"})
+
+
 def data_identity(
-    videos: Sequence[VideoInfo], spec: ClipSpec, frame_rate: Any, decode_short_side: int | None
+    videos: Sequence[VideoInfo],
+    spec: ClipSpec,
+    frame_rate: Any,
+    decode_short_side: int | None,
+    transform: Any = None,
 ) -> dict[str, Any]:
     """What makes a checkpoint's clips the same clips: the videos (file name and size, in order, so a moved folder
-    still matches) and the clip geometry (length, stride, rate, decode size)."""
-    return {
+    still matches), the clip geometry (length, stride, rate, decode size) and the views made of them
+    (:func:`view_settings` of the transform)."""
+    identity: dict[str, Any] = {
         "videos": [[os.path.basename(v.path), os.path.getsize(v.path)] for v in videos],
         "clip_length": spec.clip_length,
         "frame_stride": spec.frame_stride,
         "frame_rate": None if frame_rate is None else str(frame_rate),
         "decode_short_side": decode_short_side,
     }
+    if transform is not None:
+        identity["transform"] = view_settings(transform)
+    return identity
+
+
+def view_settings(transform: Any) -> dict[str, Any]:
+    """The transform's class and the ``__init__`` arguments it keeps as attributes of the same name (crop sizes and
+    counts, scales, probabilities, recipe), less those that only change its speed (backends, output dtype); tuples
+    as lists, as a checkpoint gives them back."""
+    cls = type(transform)
+    settings: dict[str, Any] = {"class_path": f"{cls.__module__}.{cls.__qualname__}"}
+    for name in inspect.signature(cls.__init__).parameters:
+        if name != "self" and name not in _SPEED_ONLY and hasattr(transform, name):
+            settings[name] = _plain(getattr(transform, name))
+    return settings
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
+
+
+def _view_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    if saved.get("class_path") != now.get("class_path"):
+        return [f"data.transform.class_path {saved.get('class_path')} -> {now.get('class_path')}"]
+    return [
+        f"data.transform.init_args.{key} {saved[key]} -> {value}"
+        for key, value in now.items()
+        if key in saved and saved[key] != value
+    ]
 
 
 def refuse_other_data(saved: Mapping[str, Any], now: Mapping[str, Any]) -> None:
-    """Raise ValueError naming what differs between the checkpoint's data identity and this run's (checkpoints
-    written before the identity was saved are not checked)."""
+    """Raise ValueError naming what differs between the checkpoint's data identity and this run's (what a checkpoint
+    written before a part of the identity was saved lacks is not checked)."""
     changed = [
         f"data.{key} {saved[key]} -> {value}"
         for key, value in now.items()
-        if key != "videos" and key in saved and saved[key] != value
+        if key not in ("videos", "transform") and key in saved and saved[key] != value
     ]
+    if isinstance(saved.get("transform"), Mapping) and "transform" in now:
+        changed.extend(_view_changes(saved["transform"], now["transform"]))
     if saved.get("videos") and [list(v) for v in saved["videos"]] != now["videos"]:
         before = {tuple(v) for v in saved["videos"]}
         after = {tuple(v) for v in now["videos"]}
@@ -78,8 +122,8 @@ def refuse_other_data(saved: Mapping[str, Any], now: Mapping[str, Any]) -> None:
         raise ValueError(
             "--ckpt_path: the checkpoint belongs to a run on other data ("
             + "; ".join(changed)
-            + "); resume with the checkpoint's data.paths and clip settings, or start a new run from its weights "
-            "with --init_from CKPT"
+            + "); resume with the checkpoint's data.paths, clip and view settings, or start a new run from its "
+            "weights with --init_from CKPT"
         )
 
 
@@ -279,7 +323,9 @@ class ClipStreamPosition:
 
     def identity(self) -> dict[str, Any]:
         """What makes a checkpoint's clips the same clips (:func:`~dora_lightning.data.position.data_identity`)."""
-        return data_identity(self.videos, self.spec, self.frame_rate, self.decode_short_side)
+        return data_identity(
+            self.videos, self.spec, self.frame_rate, self.decode_short_side, getattr(self, "transform", None)
+        )
 
     def _layout(self) -> Layout:
         _, world = self._rank_and_world()
