@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import av
@@ -11,6 +12,7 @@ import av.logging
 import numpy as np
 
 from dora_lightning.data.decode_stats import DecodeStats
+from dora_lightning.data.frame_checks import SeekStart, SizeCheck
 from dora_lightning.data.hdr import UNSPECIFIED, ToneMap, tone_map_for
 from dora_lightning.data.interlace import FirstField
 from dora_lightning.data.sources import VideoInfo
@@ -23,6 +25,16 @@ from dora_lightning.data.video_file import main_video_stream, open_video
 NONREF_SKIPPING_DECODERS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4", "vp8", "vp9"})
 
 _UNSET_TAGS = (0, UNSPECIFIED)  # 0: a "reserved" transfer or primaries tag
+
+# files FFmpeg could not seek in (EPERM), read from their start from then on in this process: such a seek never
+# succeeds, so it is neither retried nor tried again by the file's next reader
+_SEEK_FAILS: set[str] = set()
+
+
+def _remuxed_name(path: str) -> str:
+    """Where the re-mux command a message suggests writes ``path``'s copy: ``x.remux.mkv`` next to ``x.mkv``."""
+    source = Path(path)
+    return str(source.with_name(f"{source.stem}.remux{source.suffix or '.mkv'}"))
 
 
 def to_pixels(frame: np.ndarray | av.VideoFrame, pixel_format: str) -> np.ndarray:
@@ -135,6 +147,12 @@ class RangeReader:
     seek, before its first frame, are not damage (an open GOP's leading frames), except on the keyframe itself.
     On a demux error it reopens the file and seeks past the bad stretch, at most ``max_retries`` times in a
     row; the frames it could not decode are simply not yielded. The end of the file ends the iteration early.
+    **After a seek** decoding starts at the first packet flagged a keyframe (an index that flags every packet lands
+    on P-frames) and, in MPEG program streams, only once the timestamps are the file's again
+    (:class:`~dora_lightning.data.frame_checks.SeekStart`); the packets before are not decoded. A file FFmpeg cannot
+    seek in (EPERM: an MKV whose index marks no keyframe) is read from its first frame from then on, said once.
+    **Frames of another size** than the probe's (a resolution change mid-stream) keep their aspect: scaled to cover
+    ``size`` and centre-cropped (:class:`~dora_lightning.data.frame_checks.SizeCheck`), said once per file.
     """
 
     def __init__(
@@ -165,6 +183,8 @@ class RangeReader:
         self._tone_map: ToneMap | None = None
         self._colour_known = False  # _tone_map decided for this open (from its first converted frame)
         self._first_field: FirstField | None = None  # interlaced frames -> their first field, for this open
+        self._seek_start: SeekStart | None = None  # after a seek: the packets to pass over, for this open
+        self._size_check: SizeCheck | None = None  # frames of another size than the probe's, for this open
 
     def close(self) -> None:
         """Close the container (safe to call twice).
@@ -197,9 +217,26 @@ class RangeReader:
         )
         if self.threads != 1:
             stream.thread_type = "AUTO"
-        timeline = self.timeline
-        if timeline.seekable and (index > 0 or (timeline.order_mode and timeline.key_before(index) > 0)):
-            self._container.seek(timeline.seek_pts(index), stream=stream, backward=True, any_frame=False)
+        self._size_check = SizeCheck(self.info, stream)
+        timeline, self._seek_start = self.timeline, None
+        seek = timeline.seekable and (index > 0 or (timeline.order_mode and timeline.key_before(index) > 0))
+        if seek and self.info.path not in _SEEK_FAILS:
+            try:
+                self._container.seek(timeline.seek_pts(index), stream=stream, backward=True, any_frame=False)
+            except PermissionError:
+                # FFmpeg's "cannot seek here" (EPERM): an index without keyframes (an MKV with no keyframe flag has
+                # no Cues); every further seek fails too, so this process reads the file from its start
+                _SEEK_FAILS.add(self.info.path)
+                self.stats.warn_once(
+                    self.info.path,
+                    "decode",
+                    f"'{self.info.path}' cannot be seeked (FFmpeg refuses to seek in it: an index that marks no "
+                    "keyframe?): each read decodes it from its first frame, slow for a file longer than a few "
+                    f"minutes; re-mux it once to rebuild its index: ffmpeg -i '{self.info.path}' -c copy "
+                    f"'{_remuxed_name(self.info.path)}'",
+                )
+                return self._open_at(0)
+            self._seek_start = SeekStart(self._container, stream, self.info.fps)
         return self._decode(stream)
 
     def _packet_wanted(self, packet: av.Packet) -> bool:
@@ -229,6 +266,8 @@ class RangeReader:
             packet = next(packets, None)  # a demuxer error logged here (lost data) is damage too
             if packet is not None and packet.size == 0:
                 continue  # an empty "repeat the previous frame" entry, or the demuxer's end marker
+            if packet is not None and self._seek_start is not None and not self._seek_start.starts(packet):
+                continue  # a seek that landed before a frame the decoder can start from: not decoded
             if packet is not None and timeline.order_mode and next_index is None and packet.pts is not None:
                 next_index = timeline.key_at_pts(packet.pts)
             if packet is not None and self._skips_per_packet:
@@ -265,21 +304,29 @@ class RangeReader:
             if packet is None:
                 break
 
-    def _convert(self, frame: av.VideoFrame) -> np.ndarray | av.VideoFrame:
-        if self._first_field is not None:
-            frame = self._first_field(frame)  # an interlaced frame: its first field (data/interlace.py)
+    def _convert(self, frame: av.VideoFrame, index: int) -> np.ndarray | av.VideoFrame:
         width, height = self.size
         quarter_turns = self.info.rotation // 90
         if quarter_turns % 2:
             width, height = height, width
+        # a frame of another size than the probe's (a resolution change mid-stream): scaled to cover the decode size
+        # with its own aspect, then centre-cropped to it (see SizeCheck)
+        cover = self._size_check.cover(frame, (width, height), index, self.stats)
+        if self._first_field is not None:
+            frame = self._first_field(frame)  # an interlaced frame: its first field (data/interlace.py)
         if not self._colour_known:
             self._tone_map, self._colour_known = frame_tone_map(frame, self._stream_colour), True
         # compact: scaled but kept as YUV 4:2:0 (1.5 bytes a pixel); to_pixels converts it when it is used. HDR files
         # are not kept compact (8-bit YUV would lose their 10 bits before the tone mapping): their frames are
-        # tone-mapped here and kept as arrays, which to_pixels passes through
-        if self.compact and self._tone_map is None:
+        # tone-mapped here and kept as arrays, which to_pixels passes through; so is a frame of another size (cropped)
+        if self.compact and self._tone_map is None and cover is None:
             return frame.reformat(width, height, "yuv420p", interpolation="AREA", threads=1)
-        pixels = frame_to_rgb(frame, width, height, self.pixel_format, self._tone_map)
+        if cover is None:
+            pixels = frame_to_rgb(frame, width, height, self.pixel_format, self._tone_map)
+        else:
+            (scaled_width, scaled_height), (left, top) = cover
+            pixels = frame_to_rgb(frame, scaled_width, scaled_height, self.pixel_format, self._tone_map)
+            pixels = np.ascontiguousarray(pixels[top : top + height, left : left + width])
         if quarter_turns:
             pixels = np.ascontiguousarray(np.rot90(pixels, quarter_turns))
         return pixels
@@ -320,7 +367,7 @@ class RangeReader:
                                 self.stats.count_damaged(self.info.path, index)
                                 yield index, None
                             elif self.wanted(index):
-                                pixels = self._convert(decoded.frame) if pixels is None else pixels
+                                pixels = self._convert(decoded.frame, index) if pixels is None else pixels
                                 yield index, pixels
                             else:
                                 yield index, None
