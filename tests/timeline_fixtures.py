@@ -12,7 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 from conftest import frame_pattern
-from video_encode import X264, Fixture, H, W, _encode, _plain
+from video_encode import X264, Fixture, H, W, _encode, _plain, mux_pattern_frames
 
 B_FRAMES = X264 | {"bf": "3", "preset": "superfast"}
 
@@ -94,13 +94,7 @@ def trimmed_mp4(folder: Path, bframes: int, n: int = 100, head: int = 40, tail: 
         stream = container.add_stream("libx264", rate=25)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         stream.options = X264 | {"bf": str(bframes), "preset": "superfast"}
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(frame_pattern(i, W, H), format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        mux_pattern_frames(container, stream, n)
     data = bytearray(source.read_bytes())
     movie = _timescale(data, ["moov", "mvhd"])
     media = _timescale(data, ["moov", "trak", "mdia", "mdhd"])

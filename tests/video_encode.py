@@ -26,6 +26,19 @@ class Fixture:
     notes: dict = field(default_factory=dict)
 
 
+def mux_pattern_frames(
+    container: av.container.OutputContainer, stream: av.video.stream.VideoStream, n: int
+) -> None:
+    """Encode and mux ``frame_pattern`` frames 0..n-1 (pts = index) into ``stream``, then flush the encoder."""
+    for i in range(n):
+        frame = av.VideoFrame.from_ndarray(frame_pattern(i, W, H), format="rgb24")
+        frame.pts = i
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
 def _encode(
     path: Path,
     contents: Iterable[tuple[int, int]],

@@ -13,7 +13,7 @@ import av
 import numpy as np
 from conftest import frame_pattern
 from video_colour_fixtures import hevc_ten_bit, hlg_pattern, sized
-from video_encode import X264, Fixture, H, W, _encode, _plain
+from video_encode import X264, Fixture, H, W, _encode, _plain, mux_pattern_frames
 
 
 def pts_equal_dts(folder: Path, n: int = 120) -> Fixture:
@@ -237,13 +237,7 @@ def raw_stream(folder: Path, codec: str = "libx264", n: int = 120) -> Fixture:
         stream.options = (
             X264 if codec == "libx264" else {"preset": "ultrafast", "x265-params": "log-level=none:keyint=30"}
         )
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(frame_pattern(i, W, H), format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        mux_pattern_frames(container, stream, n)
     return Fixture(path, list(range(n)))
 
 
