@@ -8,8 +8,10 @@ import inspect
 import json
 import os
 import re
+from contextvars import ContextVar
 from typing import Any, NoReturn
 
+import yaml
 from jsonargparse import get_loader
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -93,14 +95,88 @@ def resolve_config_evaluators(config: Any) -> list[str]:
     return resolved
 
 
+# the --config file being read (its path as given; jsonargparse passes on its base name only)
+_CONFIG_FILE: ContextVar[str | None] = ContextVar("dora_config_file", default=None)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in a few words, with where it is (``did not find expected ',' or ']' at line 3, column 1``)."""
+
+    def at(mark: Any) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    before = f"{context}{at(getattr(err, 'context_mark', None))}: " if context else ""
+    return f"{before}{problem}{at(getattr(err, 'problem_mark', None))}"
+
+
+def config_problem(content: str, sections: set[str]) -> str | None:
+    """What is wrong with a config file's text, as the end of a one-line error naming the file; None when it loads
+    as keys and values. A top-level ``section`` (``model:``, ``data:``, ``trainer:``, ...) left empty, its keys all
+    commented out, loads as null, which jsonargparse takes as "reset this section to its defaults" (``model``: the
+    code's ViT-S/16 at 224 px instead of the base config's model, silently) or fails on (``trainer``: a TypeError)."""
+    try:
+        config = yaml.safe_load(content)
+    except yaml.YAMLError as err:
+        return f"not valid YAML: {_yaml_problem(err)}"
+    if config is None:
+        return "the file is empty (or all comments); give its keys, or leave out this --config"
+    if not isinstance(config, dict):
+        return f"a config maps keys to values (model:, data:, trainer:, ...), got a {type(config).__name__}"
+    for key, value in config.items():
+        if key not in sections:
+            continue
+        if value is None:
+            return (
+                f"section '{key}:' is empty (all its keys commented out?); remove the line or give its keys"
+            )
+        if not isinstance(value, dict):
+            return (
+                f"section '{key}:' holds the keys of {key}.*, got {value!r}; give its keys indented under it"
+            )
+    return None
+
+
 class DoraArgumentParser(LightningArgumentParser):
     """A parser whose errors are one line on stderr (``dora fit: error: ...``; no usage text), exit status 2; in its
-    config files an evaluator may be named by its short name (:func:`resolve_config_evaluators`)."""
+    config files an evaluator may be named by its short name (:func:`resolve_config_evaluators`); a config file that
+    is not UTF-8 text, not YAML, empty, or has an empty section is refused naming the file (:func:`config_problem`)."""
+
+    def parse_path(self, path: Any, *args: Any, **kwargs: Any) -> Any:
+        # a --config file: its name for the messages of _load_config_parser_mode; not UTF-8 text is one line
+        token = _CONFIG_FILE.set(str(path))
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        except UnicodeDecodeError as err:
+            byte = err.object[err.start : err.start + 1].hex()
+            self.error(
+                f"'{path}': not a UTF-8 text file (byte 0x{byte} at position {err.start}); --config takes a YAML "
+                "file (saved as UTF-8)"
+            )
+        finally:
+            _CONFIG_FILE.reset(token)
+
+    def _sections(self) -> set[str]:
+        """This parser's option groups (``model``, ``data``, ``trainer``, ...): the top-level keys whose value is a
+        mapping of their options (jsonargparse loads each with a config action of its own, ``--model CONFIG``); not
+        a key that takes a value itself, like ``evaluator: knn``."""
+        return {
+            action.dest
+            for action in self._actions
+            if type(action).__name__ == "_ActionConfigLoad" and "." not in action.dest
+        }
 
     def _load_config_parser_mode(self, content: str, *args: Any, **kwargs: Any) -> Any:
         # jsonargparse's one place where a config's text becomes a dict (a file, a string, a default config)
+        path = kwargs.get("path") or (args[0] if args else "")
+        name = _CONFIG_FILE.get() or path
+        if self.parser_mode in ("yaml", "omegaconf") and (sections := self._sections()):
+            problem = config_problem(content, sections)
+            if problem is not None:
+                self.error(f"'{name}': {problem}" if name else f"--config: {problem}")
         if "evaluator" in content:  # the last part of every EVALUATOR_KEYS
-            content = self._with_resolved_evaluators(content, kwargs.get("path") or (args[0] if args else ""))
+            content = self._with_resolved_evaluators(content, path)
         return super()._load_config_parser_mode(content, *args, **kwargs)
 
     def _with_resolved_evaluators(self, content: str, path: Any) -> str:

@@ -6,6 +6,7 @@ The `dora` command's other subcommands (validate, visualize, compare, export) ar
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,14 +24,35 @@ from dora_lightning.runs import (
     CheckpointRefused,
     checkpoint_folders,
     continue_run_log,
+    default_checkpoint_folder,
     find_last_checkpoint,
+    is_remote,
     load_initial_weights,
+    local_path,
     read_fit_checkpoint,
     refuse_other_model,
+    refuse_weights_only,
     use_run_folder,
 )
 
-_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # `--ckpt_path` values Lightning resolves itself
+# `--ckpt_path` keywords of Lightning's that mean nothing in a new `dora fit` process (`best`: the best checkpoint of
+# an earlier fit of the same Trainer; `hpc`: Lightning's own SLURM requeue checkpoints, which `dora fit` replaces
+# with stopped-step=S.ckpt; `registry`: Lightning's model registry): refused in one line
+_LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")
+CKPT_PATH_HELP = (
+    "resume a run: `last` (the newest .ckpt in this run's checkpoint folder, <trainer.default_root_dir>/checkpoints "
+    "or a ModelCheckpoint's dirpath; a new run when there is none yet, said in one line: the same command serves "
+    "the first start and every restart), or the path of a `dora fit` checkpoint that holds the run's state (not a "
+    "save_weights_only one; `~` is expanded). A new run from another run's weights: --init_from. Lightning's `best`, "
+    "`hpc` and `registry` are not taken, nor an empty value (an unset shell variable?): leave the option out for a "
+    "new run."
+)
+ROOT_DIR_HELP = (
+    "the run's folder (default: the working directory; `~` is expanded): checkpoints in <it>/checkpoints (also with "
+    "ModelCheckpoint callbacks, unless one names a dirpath), TensorBoard logs in <it>/lightning_logs/version_N. A new "
+    "run refuses a folder whose checkpoints/ holds checkpoints already: resume it with --ckpt_path last."
+)
+_HELP = {"ckpt_path": CKPT_PATH_HELP, "trainer.default_root_dir": ROOT_DIR_HELP}
 
 
 class DoraCLI(LightningCLI):
@@ -45,6 +67,17 @@ class DoraCLI(LightningCLI):
     ):
         self._resumed_step: int | None = None  # the global step of the --ckpt_path checkpoint
         super().__init__(*args, parser_class=parser_class, **kwargs)
+
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        """Lightning's parser of ``fit``, with the help of ``--ckpt_path`` and ``--trainer.default_root_dir`` saying
+        what `dora fit` does with them (Lightning's texts offer its own keywords and another meaning of ``last``, and
+        a root used only "when no logger/ckpt_callback passed")."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for action in parser._actions:
+            action.help = _HELP.get(action.dest, action.help)
+        return parser
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -83,23 +116,60 @@ class DoraCLI(LightningCLI):
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then check ``--ckpt_path`` / ``--init_from`` before Lightning reads any checkpoint: ``last`` is
-        resolved to this run's newest checkpoint, and a file that is not one of this run's is refused in one line."""
+        """Parse, then check, before anything is built or written: the ``--ckpt_path`` value (Lightning's keywords
+        and an empty value refused; ``~`` expanded, as in ``--init_from``), ``trainer.*`` values Lightning takes but
+        fails on later, the run's folders (writable), ``last`` (resolved to this run's newest checkpoint), a new run
+        into a folder holding a run's checkpoints (refused), and the checkpoint itself (one of this run's, with its
+        state); each refusal is one line."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         section = self.config[subcommand] if subcommand else None
         if section is None:
             return
+        self._check_ckpt_path_value(section)
         if section.get("init_from") is not None:
-            if section.get("ckpt_path"):
+            if section.get("ckpt_path") is not None:
                 self._fail(
                     "--init_from starts a new run from a checkpoint's weights and --ckpt_path resumes a run: give one"
                 )
+            section["init_from"] = os.path.expanduser(str(section["init_from"]))
+        self._check_trainer_values(section)
         self._check_method_views(section)
         self._check_run_folder(section)
-        if section.get("ckpt_path") == LAST:
+        picked_by_last = section.get("ckpt_path") == LAST
+        if picked_by_last:
             self._resolve_last(section)
-        self._check_fit_checkpoint()
+        if section.get("ckpt_path") is None:
+            self._refuse_other_runs_checkpoints(section)
+        self._check_fit_checkpoint(picked_by_last and section.get("ckpt_path") is not None)
+
+    def _check_ckpt_path_value(self, section: Any) -> None:
+        """``--ckpt_path``: an empty value and Lightning's keywords other than ``last`` are refused in one line (they
+        ended in Lightning's tracebacks); a path's leading ``~`` is expanded (Lightning reads the path as given)."""
+        value = section.get("ckpt_path")
+        if value is None:
+            return
+        text = str(value)
+        if not text.strip():
+            self._fail(
+                "--ckpt_path is empty (an unset shell variable?); give `last` (this run's newest checkpoint, or a new "
+                "run when there is none yet) or a checkpoint file, or leave the option out for a new run"
+            )
+        if text in _LIGHTNING_CKPT_NAMES or text.startswith("registry:"):
+            self._fail(
+                f"--ckpt_path {text}: Lightning's keyword is not taken by `dora fit`; give `last` (this run's newest "
+                "checkpoint) or the path of a checkpoint file"
+            )
+        if text != LAST:
+            section["ckpt_path"] = os.path.expanduser(text)
+
+    def _check_trainer_values(self, section: Any) -> None:
+        """``trainer.*`` values that Lightning takes but that fail later with a traceback."""
+        accumulate = (section.get("trainer") or {}).get("accumulate_grad_batches")
+        if isinstance(accumulate, int) and accumulate < 1:
+            self._fail(
+                f"trainer.accumulate_grad_batches must be >= 1 (batches per optimiser step), got {accumulate}"
+            )
 
     def _check_method_views(self, section: Any) -> None:
         """The DINO/DoRA switch is one choice: ``model.method`` decides how many global crops a frame needs (DoRA
@@ -121,14 +191,60 @@ class DoraCLI(LightningCLI):
 
     def _check_run_folder(self, section: Any) -> None:
         """The run's folder (``trainer.default_root_dir``, else the working directory) must be one this process can
-        write: checked (and created) here, in one line, rather than as a traceback once the logger starts. A remote
-        folder (``s3://...``) is left to Lightning's file systems."""
-        given = (section.get("trainer") or {}).get("default_root_dir")
-        if given is not None and "://" in str(given):
+        write: checked (and created) here, in one line, rather than as a traceback once the logger starts; so must
+        its checkpoint folders (``<root>/checkpoints``, a ModelCheckpoint's ``dirpath``) and the default logger's
+        folder when they exist already (made by another user, or by an earlier run under sudo or docker), rather
+        than at the first save, after an epoch of training. A remote folder (``s3://...``) is left to Lightning's
+        file systems."""
+        trainer = section.get("trainer") or {}
+        given = trainer.get("default_root_dir")
+        if is_remote(given):
             return
-        root = Path(given or Path.cwd()).expanduser()
+        root = local_path(given or Path.cwd())
         if (problem := unwritable_folder(root)) is not None:
             self._fail(f"trainer.default_root_dir: {problem}; give a writable folder")
+        folders = [(folder, "trainer.default_root_dir") for folder in self._log_folders(trainer, root)]
+        for folder in checkpoint_folders(trainer):
+            inside = folder == default_checkpoint_folder(given)
+            folders.append((folder, "trainer.default_root_dir" if inside else "ModelCheckpoint dirpath"))
+        for folder, key in folders:
+            if not is_remote(folder) and (problem := unwritable_folder(folder, make=False)) is not None:
+                self._fail(f"{key}: {problem}; give a writable folder")
+
+    @staticmethod
+    def _log_folders(trainer: Any, root: Path) -> list[Path]:
+        """The default logger's folders a run writes in: ``<root>/lightning_logs`` and its newest ``version_N``
+        (where a resumed run logs on); none for a logger given explicitly or turned off."""
+        if trainer.get("logger") not in (None, True):
+            return []
+        logs = root / "lightning_logs"
+        versions = [p for p in logs.glob("version_*") if p.is_dir()] if logs.is_dir() else []
+        return [logs, *([max(versions, key=lambda p: p.stat().st_mtime_ns)] if versions else [])]
+
+    def _refuse_other_runs_checkpoints(self, section: Any) -> None:
+        """A new run (no ``--ckpt_path``, or ``--init_from``) into a checkpoint folder that holds checkpoints already
+        would overwrite them (same names, e.g. ``enable_version_counter: false``) or re-point ``last.ckpt``: refused
+        in one line, before anything is written. A ``trainer.fast_dev_run`` smoke test writes no checkpoint."""
+        trainer = section.get("trainer") or {}
+        if trainer.get("fast_dev_run"):
+            return
+        for folder in checkpoint_folders(trainer):
+            found = None if is_remote(folder) else find_last_checkpoint([folder])
+            if found is None:
+                continue
+            key = (
+                "trainer.default_root_dir"
+                if folder == default_checkpoint_folder(trainer.get("default_root_dir"))
+                else "ModelCheckpoint dirpath"
+            )
+            resume = (
+                "" if section.get("init_from") is not None else "continue that run with --ckpt_path last, or "
+            )
+            self._fail(
+                f"{key}: '{folder}' already holds the checkpoints of a run (newest: {found.name}) and a new run "
+                f"would overwrite them; {resume}give this run another trainer.default_root_dir (or move those "
+                "checkpoints away)"
+            )
 
     def _resolve_last(self, section: Any) -> None:
         """``--ckpt_path last``: this run's newest last checkpoint, or (none yet) a new run, said in one line."""
@@ -141,12 +257,13 @@ class DoraCLI(LightningCLI):
             )
         section["ckpt_path"] = None if found is None else str(found)
 
-    def _check_fit_checkpoint(self) -> None:
-        """Refuse a ``--ckpt_path`` that is not a `dora fit` checkpoint, or one of a run with other model settings,
-        with one line, before Lightning reads it (:func:`dora_lightning.runs.read_fit_checkpoint`: a pickle that
-        would run code is refused here and never reaches Lightning's loader)."""
+    def _check_fit_checkpoint(self, picked_by_last: bool = False) -> None:
+        """Refuse a ``--ckpt_path`` that is not a `dora fit` checkpoint, one that holds weights but not the run's
+        state (``save_weights_only``, `dora compare`'s random init), or one of a run with other model settings, with
+        one line, before Lightning reads it (:func:`dora_lightning.runs.read_fit_checkpoint`: a pickle that would
+        run code is refused here and never reaches Lightning's loader)."""
         ckpt_path = self.config.fit.get("ckpt_path")
-        if not ckpt_path or str(ckpt_path) in _LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry"):
+        if ckpt_path is None:
             return
         path = Path(ckpt_path)
         usage = "`dora fit --ckpt_path` takes a .ckpt written by `dora fit` (e.g. runs/NAME/checkpoints/last.ckpt or `last`)"
@@ -154,6 +271,7 @@ class DoraCLI(LightningCLI):
             checkpoint = read_fit_checkpoint(
                 path, "--ckpt_path", usage, "`dora fit` only resumes our own runs"
             )
+            refuse_weights_only(path, checkpoint, picked_by_last)
             refuse_other_model(path, checkpoint, self.config.fit.get("model") or {})
         except CheckpointRefused as err:
             self._fail(str(err))

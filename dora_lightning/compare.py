@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -184,6 +185,11 @@ class Comparison:
             )
             return checkpoint
         done.unlink(missing_ok=True)
+        # what an earlier pretraining left here (another recipe, or a fit that did not finish) is not this one's:
+        # its checkpoints (`dora fit` refuses a new run into a folder that holds a run's checkpoints) and its logs
+        # (its curves would mix with this run's)
+        for stale in ("checkpoints", "lightning_logs"):
+            shutil.rmtree(run_dir / stale, ignore_errors=True)
         config_path.write_text(config_text)
         _banner(f"pretraining {method.upper()} (seed {seed}) -> {run_dir}")
         dora_main(["fit", "--config", str(config_path), *fit_args])

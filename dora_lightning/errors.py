@@ -39,9 +39,14 @@ def exit_with_error(prog: str, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+# the values of DORA_TRACEBACK that ask for tracebacks (any case); others (0, false, no, empty, ...) do not
+TRACEBACK_ON = ("1", "true", "yes", "on")
+
+
 def wants_traceback(argv: Sequence[str] = ()) -> bool:
-    """``--verbose`` in ``argv`` or ``DORA_TRACEBACK`` set to anything but empty or ``0``: show tracebacks."""
-    return VERBOSE_FLAG in argv or os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0")
+    """``--verbose`` in ``argv`` or ``DORA_TRACEBACK`` set to ``1``, ``true``, ``yes`` or ``on`` (any case): show
+    tracebacks (``DORA_TRACEBACK=false`` or ``no`` does not)."""
+    return VERBOSE_FLAG in argv or os.environ.get(TRACEBACK_ENV, "").strip().lower() in TRACEBACK_ON
 
 
 def one_line(err: BaseException) -> str:

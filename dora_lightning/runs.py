@@ -40,13 +40,29 @@ NOT_PART_OF_THE_RUN = frozenset(
 )
 
 
+# model options linked from another section's (LightningCLI link_arguments): a difference is named by its source
+LINKED_FROM = {"seed": "data.seed"}
+
+
 class CheckpointRefused(ValueError):
     """``--ckpt_path`` / ``--init_from`` names a file this run cannot use; the message says which and why."""
 
 
+def is_remote(path: str | os.PathLike[str] | None) -> bool:
+    """A path of a remote file system (``s3://...``), left to Lightning's file systems."""
+    return path is not None and "://" in str(path)
+
+
+def local_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` with a leading ``~`` expanded, as Lightning expands ``default_root_dir`` and a ``ModelCheckpoint``'s
+    ``dirpath`` when it writes (a config's ``~/runs/x``, or ``--trainer.default_root_dir=~/x``, which the shell does
+    not expand): looked up anywhere else, ``--ckpt_path last`` would search a folder named ``~``."""
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
 def default_checkpoint_folder(default_root_dir: str | os.PathLike[str] | None) -> Path:
-    """``<default_root_dir>/checkpoints`` (the working directory when no root is set)."""
-    return Path(default_root_dir or os.getcwd()) / CHECKPOINT_FOLDER
+    """``<default_root_dir>/checkpoints`` (the working directory when no root is set; ``~`` expanded)."""
+    return local_path(default_root_dir or os.getcwd()) / CHECKPOINT_FOLDER
 
 
 def _plain(value: Any) -> Any:
@@ -81,7 +97,7 @@ def checkpoint_folders(trainer_config: Mapping[str, Any]) -> list[Path]:
     for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
         if isinstance(callback, Mapping) and _is_model_checkpoint(callback.get("class_path")):
             dirpath = (callback.get("init_args") or {}).get("dirpath")
-            folders.append(Path(dirpath) if dirpath else default_checkpoint_folder(root))
+            folders.append(local_path(dirpath) if dirpath else default_checkpoint_folder(root))
     if not folders and config.get("enable_checkpointing", True) is not False:
         folders.append(default_checkpoint_folder(root))
     return list(dict.fromkeys(folders))
@@ -102,10 +118,11 @@ def find_last_checkpoint(folders: Iterable[Path]) -> Path | None:
 
 def model_differences(model_config: Mapping[str, Any], hyper_parameters: Mapping[str, Any]) -> list[str]:
     """``model.KEY checkpoint -> now`` for each model option whose value differs from the checkpoint's (options the
-    checkpoint does not record, and :data:`NOT_PART_OF_THE_RUN`, are not compared)."""
+    checkpoint does not record, and :data:`NOT_PART_OF_THE_RUN`, are not compared); an option linked from another
+    section is named by the option the user sets (``data.seed``, not ``model.seed``)."""
     now, saved = _plain(model_config), _plain(hyper_parameters)
     return [
-        f"model.{key} {saved[key]!r} -> {value!r}"
+        f"{LINKED_FROM.get(key, f'model.{key}')} {saved[key]!r} -> {value!r}"
         for key, value in now.items()
         if key in saved and key not in NOT_PART_OF_THE_RUN and saved[key] != value
     ]
@@ -153,13 +170,39 @@ def read_fit_checkpoint(path: Path, option: str, usage: str, refusal: str) -> di
     )
 
 
+# what Lightning needs to resume a run from a checkpoint, beyond its weights (a `save_weights_only` checkpoint and
+# `dora compare`'s random_init.ckpt have the weights alone: Lightning then fails with a KeyError)
+RUN_STATE_KEYS = ("pytorch-lightning_version", "optimizer_states", "loops")
+
+
+def refuse_weights_only(path: Path, checkpoint: Mapping[str, Any], picked_by_last: bool = False) -> None:
+    """Raise :class:`CheckpointRefused` when ``checkpoint`` holds weights but not the run's state (optimiser, loops):
+    it cannot be resumed, only started from (``--init_from``)."""
+    if all(key in checkpoint for key in RUN_STATE_KEYS):
+        return
+    section = checkpoint.get("dora")
+    if isinstance(section, Mapping) and section.get("random_init"):
+        what = "`dora compare`'s random initialisation (weights only): there is no run to resume"
+    else:
+        what = (
+            "a run's weights without its optimiser and loop state (a ModelCheckpoint with save_weights_only: true "
+            "writes such files), so the run cannot be resumed from it"
+        )
+    picked = " (--ckpt_path last picked it: the newest checkpoint of this run)" if picked_by_last else ""
+    raise CheckpointRefused(
+        f"--ckpt_path: '{path}'{picked} is {what}; start a new run from its weights with --init_from {path}"
+        + (" (and leave save_weights_only off for checkpoints that resume)" if picked_by_last else "")
+    )
+
+
 def refuse_other_model(path: Path, checkpoint: Mapping[str, Any], model_config: Mapping[str, Any]) -> None:
     """Raise :class:`CheckpointRefused` naming the model options that differ from those ``checkpoint`` was trained
     with: a resume continues that run unchanged."""
     differences = model_differences(model_config, checkpoint.get("hyper_parameters") or {})
     if differences:
+        which = "model settings" if all(d.startswith("model.") for d in differences) else "settings"
         raise CheckpointRefused(
-            f"--ckpt_path: '{path}' belongs to a run with other model settings ({', '.join(differences)}); resume "
+            f"--ckpt_path: '{path}' belongs to a run with other {which} ({', '.join(differences)}); resume "
             f"with the checkpoint's settings, or start a new run from its weights with --init_from {path}"
         )
 

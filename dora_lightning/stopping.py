@@ -27,6 +27,11 @@ step that is running, without a checkpoint, so everything since the last rolling
 
 Only the newest ``stopped-step=*.ckpt`` of a folder is kept. ``save: false`` stops after the step without saving,
 with the exit statuses above.
+
+``trainer.max_time`` is the time budget of each invocation (a machine rented by the day: ``--trainer.max_time
+00:23:30:00`` and the same command every day): a resumed run gets the whole budget again. Lightning's ``Timer`` would
+restore the time the checkpoint's run had spent, and a run stopped by ``max_time`` then resumed with the advised
+command stopped at once, training nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dora_lightning.run_plan import format_duration
 from dora_lightning.runs import trainer_checkpoint_folder
 from dora_lightning.stop_agreement import StopAgreement
 
@@ -77,6 +83,20 @@ class StopCheckpoint(Callback):
         self._last_step = 0
         self._agreement = StopAgreement()  # multi-process runs
         self._quieted: Any = None  # the epoch loop whose per-step SIGTERM broadcast is off
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """``trainer.max_time`` counts this invocation only: the ``Timer``'s state in the resumed checkpoint (the
+        time its run had spent) is dropped before Lightning restores the callbacks' states (all callbacks'
+        ``on_load_checkpoint`` come first), so the ``Timer`` starts from zero."""
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict):
+            return
+        for callback in trainer.callbacks:
+            if isinstance(callback, Timer):
+                states.pop(callback.state_key, None)
+                states.pop(callback._legacy_state_key, None)
 
     # ------------------------------------------------------------------------------------------------ signals
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -159,9 +179,14 @@ class StopCheckpoint(Callback):
             return
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         remaining = None if timer is None else timer.time_remaining()
-        cause = "trainer.max_time" if remaining is not None and remaining <= 0 else "trainer.should_stop"
+        by_time = timer is not None and remaining is not None and remaining <= 0
+        cause = "trainer.max_time" if by_time else "trainer.should_stop"
+        if by_time:
+            cause += f" ({format_duration(timer.time_elapsed())} in this invocation)"
         folder = trainer_checkpoint_folder(trainer)
         then = "; continue with the same command and --ckpt_path last" if folder is not None else ""
+        if then and by_time:
+            then += " (trainer.max_time counts each invocation from its start)"
         self._say(f"stopped by {cause} after step {trainer.global_step} of the {planned} planned{then}")
 
     # ------------------------------------------------------------------------------------------------ the stop

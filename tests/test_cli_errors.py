@@ -240,6 +240,27 @@ def test_dora_traceback_env_shows_the_traceback(in_repo, monkeypatch, capsys):
         main(argv)
 
 
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("On", True),
+        ("0", False),
+        ("false", False),
+        ("no", False),
+        ("", False),
+    ],
+)
+def test_dora_traceback_takes_true_and_false_words(value, shown, monkeypatch):
+    """DORA_TRACEBACK=false or =no asked for tracebacks (anything but empty or 0 did), unlike JSONARGPARSE_DEBUG."""
+    from dora_lightning.errors import wants_traceback
+
+    monkeypatch.setenv("DORA_TRACEBACK", value)
+    assert wants_traceback() is shown
+
+
 def test_verbose_flag_shows_the_traceback_from_the_console_script(in_repo):
     dora = Path(sys.executable).parent / "dora"
     env = {k: v for k, v in os.environ.items() if k != "DORA_TRACEBACK"}

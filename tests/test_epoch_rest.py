@@ -163,3 +163,9 @@ def test_rest_roundtrips_through_a_checkpoint():
     rest = EpochRest((Segment(EIGHT_BY_TWO, 9), Segment(ONE_BY_TWO, 4)), 120, 13)
     assert load_rest(save_rest(rest)) == rest
     assert load_rest(None) is None
+
+
+def test_a_change_of_cursors_alone_is_said_as_one():
+    """It read "batch 2 -> batch 2": the cursors are named when they are what changed."""
+    assert EIGHT_BY_TWO.describe() == "2 processes x 3 workers x batch 4"
+    assert EIGHT_BY_TWO.describe(cursors=True) == "2 processes x 3 workers x batch 4 x 8 cursors"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -157,6 +158,42 @@ def test_a_run_ended_before_its_planned_steps_says_so(stop_at, tmp_path, short_v
             f"dora fit: stopped by trainer.should_stop after step {stop_at} of the {2 * BATCHES} planned; "
             "continue with the same command and --ckpt_path last\n"
         ) in err
+
+
+class SlowSteps(Callback):
+    """Each step takes at least ``seconds``: a 1 s ``max_time`` stops the run after a few steps."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)
+
+
+def test_max_time_is_each_invocations_budget(tmp_path, short_video, capsys):
+    """A run stopped by ``trainer.max_time`` and continued as its line says (the same command, ``--ckpt_path last``)
+    trains again for ``max_time``: Lightning's Timer restored the stopped run's time, and the resumed run stopped
+    before its first step."""
+    folder = tmp_path / "checkpoints"
+
+    def run(ckpt: Path | None = None) -> int:
+        saver = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_last=True)
+        trainer = make_trainer(
+            tmp_path, 60, max_time={"seconds": 1}, enable_checkpointing=True,
+            callbacks=[SlowSteps(0.3), saver, StopCheckpoint()],
+        )  # fmt: skip
+        trainer.fit(DoRAModule(**MICRO), datamodule=make_data(short_video), ckpt_path=ckpt)
+        return trainer.global_step
+
+    first = run()
+    assert 0 < first < 60
+    err = capsys.readouterr().err
+    said = rf"dora fit: stopped by trainer\.max_time \(\d+ s in this invocation\) after step {first} of the 60 planned"
+    assert re.search(said, err), err
+    assert "--ckpt_path last (trainer.max_time counts each invocation from its start)" in err
+    second = run(folder / "last.ckpt")
+    assert second > first, "the resumed run trained nothing"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == second
 
 
 def test_checkpoint_after_fit_resumes_at_the_next_epoch(tmp_path, short_video, straight):

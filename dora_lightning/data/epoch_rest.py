@@ -81,10 +81,12 @@ class Layout:
             exclude=exclude,
         )
 
-    def describe(self) -> str:
+    def describe(self, cursors: bool = False) -> str:
+        """``P processes x W workers x batch B`` (``cursors``: and ``x C cursors``, for a change of cursors alone)."""
         processes = "process" if self.world_size == 1 else "processes"
         workers = "worker" if self.num_workers == 1 else "workers"
-        return f"{self.world_size} {processes} x {self.num_workers} {workers} x batch {self.batch_size}"
+        text = f"{self.world_size} {processes} x {self.num_workers} {workers} x batch {self.batch_size}"
+        return f"{text} x {self.cursors} cursors" if cursors else text
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,12 @@ def rebase_position(
         rebased |= {"epoch": epoch + 1, "batches_done": 0, "rest": None}
     else:
         rebased |= {"batches_done": done, "rest": save_rest(EpochRest(segments, left, done))}
-    change = f"resuming on another layout ({saved.describe()} -> {layout.describe()}, global batch {now})"
+    # the cursors are named when they alone changed: else that change reads as none ("batch 2 -> batch 2")
+    only_cursors = saved.describe() == layout.describe()
+    change = (
+        f"resuming on another layout ({saved.describe(only_cursors)} -> {layout.describe(only_cursors)}, "
+        f"global batch {now})"
+    )
     if done is None:
         notice = f"{change}: epoch {rebased['epoch']} starts on it"
     else:
