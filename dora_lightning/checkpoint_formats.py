@@ -173,7 +173,9 @@ def _load(path: Path, fh: BinaryIO, size: int) -> Any:
             f"'{path}' is a TorchScript archive (torch.jit.save), which holds code; {_USAGE} (or the state_dict() of "
             "torch.jit.load(path) saved with torch.save)"
         )
-    if names is None and _head(fh, 4) == b"PK\x03\x04":  # the start of a zip, without its end
+    if names is not None and not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+        names = None  # a zip, but not one torch.save wrote (an .npz, a zipped folder)
+    elif names is None and _head(fh, 4) == b"PK\x03\x04":  # the start of a zip, without its end
         raise ValueError(_damaged(path, "torch.load", "the zip file ends before its directory"))
     if names is None and not _is_legacy_torch(fh):
         raise ValueError(f"'{path}' is not a PyTorch checkpoint (torch.save / .safetensors file); {_USAGE}")

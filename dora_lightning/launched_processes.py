@@ -16,12 +16,18 @@ from __future__ import annotations
 import atexit
 import subprocess
 import sys
+import threading
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 __all__ = ["EndLaunchedProcesses"]
+
+_OBSERVER_THREAD = (
+    "child-process-observer"  # the name of Lightning's thread that watches the launched processes
+)
 
 
 class EndLaunchedProcesses(Callback):
@@ -36,10 +42,17 @@ class EndLaunchedProcesses(Callback):
         launcher = trainer.strategy.launcher
         if not isinstance(launcher, _SubprocessScriptLauncher) or isinstance(exception, KeyboardInterrupt):
             return  # not Lightning's launcher, or Ctrl-C: Lightning kills the processes itself
+        if isinstance(exception, SIGTERMException):
+            return  # a stop (SIGTERM, Ctrl-C, a requeue): every process saves and exits by itself, with its status
         atexit.register(_end_at_exit, list(launcher.procs))
 
 
 def _end_at_exit(processes: list[subprocess.Popen]) -> None:
+    # Lightning's observer thread would take the processes killed here for failed ones and kill process 0 too
+    # (SIGKILL: its exit status lost); it is told to watch none
+    for thread in threading.enumerate():
+        if thread.name == _OBSERVER_THREAD and hasattr(thread, "_child_processes"):
+            thread._child_processes = []
     ended = end_processes(processes)
     if ended:
         sys.stderr.write(

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import timm
 import torch
@@ -301,6 +302,14 @@ def test_a_cut_checkpoint_is_damaged_or_incomplete(trained, tmp_path):
         ValueError, match=r"could not be read by safetensors \(SafetensorError: .*damaged or incomplete"
     ):
         load_backbone(cut)
+
+
+def test_a_zip_that_torch_did_not_write_is_not_a_checkpoint(tmp_path):
+    """An .npz (a zip of .npy files) is not a checkpoint, not a damaged one."""
+    path = tmp_path / "features.npz"
+    np.savez(path, a=np.zeros(3))
+    with pytest.raises(ValueError, match=r"is not a PyTorch checkpoint \(torch.save / .safetensors file\)"):
+        load_backbone(path)
 
 
 def test_a_torchscript_archive_is_named(tmp_path):

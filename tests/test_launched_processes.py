@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO
 from lightning.pytorch import Trainer
 from test_cli import MICRO_ARGS
 
+from dora_lightning import launched_processes
 from dora_lightning.cli import DoraCLI
 from dora_lightning.data.datamodule import VideoClipDataModule
 from dora_lightning.launched_processes import EndLaunchedProcesses, end_processes
@@ -24,6 +26,25 @@ def test_only_processes_still_running_are_killed():
     stuck = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in range(2)]
     assert end_processes([ended, *stuck]) == 2
     assert [process.returncode for process in (ended, *stuck)] == [0, -9, -9]
+
+
+def test_only_a_failure_of_process_zero_ends_the_others(monkeypatch):
+    """A stop (SIGTERM, Ctrl-C: StopCheckpoint's SIGTERMException) is every process's orderly exit with its own
+    status: nothing is killed then (a child still closing would have been SIGKILLed, and the run said to fail)."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    registered: list = []
+    monkeypatch.setattr(launched_processes.atexit, "register", lambda *args: registered.append(args))
+    launcher = _SubprocessScriptLauncher(LightningEnvironment(), num_processes=2, num_nodes=1)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher))
+    callback = EndLaunchedProcesses()
+    callback.on_exception(trainer, None, SIGTERMException())
+    callback.on_exception(trainer, None, KeyboardInterrupt())
+    assert registered == []
+    callback.on_exception(trainer, None, OSError(28, "No space left on device"))
+    assert len(registered) == 1
 
 
 def test_dora_fit_has_it(tmp_path):

@@ -19,7 +19,7 @@ class WarnedOnce:
     per worker and epoch; the end-of-epoch counters still come every epoch. A path not given here is never shared
     (each worker warns it once per epoch)."""
 
-    KINDS = ("decode", "missing", "size")
+    KINDS = ("decode", "missing", "size", "seek")
 
     def __init__(self, paths: Sequence[str], context: Any | None = None) -> None:
         pairs = itertools.product(dict.fromkeys(paths), self.KINDS)

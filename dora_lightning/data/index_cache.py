@@ -19,10 +19,9 @@ import numpy as np
 from dora_lightning.data.timeline import Timeline, build_timeline
 from dora_lightning.errors import os_reason
 
-INDEX_VERSION = (
-    4  # 2: the main video stream (FFmpeg's best), not the first; 3: seekable, source_fps, displayed width;
-)
+# 2: the main video stream (FFmpeg's best), not the first; 3: seekable, source_fps, displayed width;
 # 4: AVI B-frames in output order, rates from timestamps, edit-list lead-in, restarts
+INDEX_VERSION = 4
 MAX_INDEX_ENTRIES = (
     4096  # ~1 KB each (a few MB for files with off-grid timestamps); the least recently used go first
 )

@@ -229,7 +229,7 @@ class RangeReader:
                 _SEEK_FAILS.add(self.info.path)
                 self.stats.warn_once(
                     self.info.path,
-                    "decode",
+                    "seek",
                     f"'{self.info.path}' cannot be seeked (FFmpeg refuses to seek in it: an index that marks no "
                     "keyframe?): each read decodes it from its first frame, slow for a file longer than a few "
                     f"minutes; re-mux it once to rebuild its index: ffmpeg -i '{self.info.path}' -c copy "

@@ -158,10 +158,11 @@ def run(argv: Sequence[str]) -> Evaluation:
         fail(f"--ckpt_path: {err}")
     if info.which is not None and info.which != which:
         # a file of one backbone (an exported student) is that backbone: evaluated, and named, as what it is
-        sys.stderr.write(
-            f"dora validate: '{config.ckpt_path}' holds one backbone, the {info.which}'s: evaluated as the "
-            f"{info.which}\n"
-        )
+        if rank_zero_only.rank == 0:
+            sys.stderr.write(
+                f"dora validate: '{config.ckpt_path}' holds one backbone, the {info.which}'s: evaluated as the "
+                f"{info.which}\n"
+            )
         which = evaluator.which = info.which
     name = evaluator_name(type(evaluator))
     output_dir = evaluator.resolved_output_dir(trainer_kwargs)
