@@ -9,7 +9,7 @@ from fractions import Fraction
 import av
 
 from dora_lightning.data.decode_stats import DecodeStats
-from dora_lightning.data.sources import VideoInfo
+from dora_lightning.data.sources import VideoInfo, displayed_width
 
 # demuxers whose timestamps right after a seek are wrong until the next timestamp the file itself carries: FFmpeg's
 # MPEG program stream ("mpeg": .mpg .mpeg .vob) gives the pack it lands in a picture fragment and the pack's
@@ -63,13 +63,6 @@ class SeekStart:
         return False
 
 
-def _displayed_width(width: int, pixel_aspect: Fraction | None) -> int:
-    """A stored width as shown (widened or narrowed by non-square pixels), as the probe computes it."""
-    if pixel_aspect and pixel_aspect > 0 and pixel_aspect != 1:
-        return max(1, round(width * pixel_aspect))
-    return width
-
-
 class SizeCheck:
     """Frames whose size is not the one the file was probed at (its first frame's): a stream that changes resolution
     mid-file (a screen recording of a resized window, recordings or stream downloads joined end to end).
@@ -92,7 +85,7 @@ class SizeCheck:
         """None for a frame of the probe's size; else the size to scale ``frame`` to so that it covers ``size``
         (width, height: the decode size before rotation) with its own aspect, and the top-left corner of the
         centred ``size`` crop of it."""
-        shown = (_displayed_width(frame.width, self.pixel_aspect), frame.height)
+        shown = (displayed_width(frame.width, self.pixel_aspect), frame.height)
         if shown == self.expected:
             return None
         stats.warn_once(

@@ -135,6 +135,14 @@ def _videos_in_folder(folder: str) -> list[str]:
     return sorted(matches)
 
 
+def displayed_width(width: int, pixel_aspect: Fraction | None) -> int:
+    """A stored width as a player shows it: widened or narrowed by non-square pixels (``pixel_aspect``, None or 0:
+    square)."""
+    if pixel_aspect and pixel_aspect > 0 and pixel_aspect != 1:
+        return max(1, round(width * pixel_aspect))
+    return width
+
+
 def _first_frame(path: str) -> dict[str, int]:
     """Decode the first frame of ``path``: its displayed size (upright, and widened or narrowed by a non-square pixel
     aspect ratio, as a player shows it) and rotation; raise VideoSourceError when none decodes."""
@@ -151,11 +159,9 @@ def _first_frame(path: str) -> dict[str, int]:
         raise VideoSourceError(
             f"'{path}' has no decodable frame at its start ({err}); is the file corrupt?"
         ) from err
-    width = first.width
-    # non-square pixels: HDV's 1440x1080 is shown as 1920x1080
-    anamorphic = bool(pixel_aspect) and pixel_aspect > 0 and pixel_aspect != 1
-    if anamorphic:
-        width = max(1, round(width * pixel_aspect))
+    width = displayed_width(
+        first.width, pixel_aspect
+    )  # non-square pixels: HDV's 1440x1080 shown as 1920x1080
     width, height = (first.height, width) if rotation in (90, 270) else (width, first.height)
     return {"width": width, "height": height, "rotation": rotation}
 
