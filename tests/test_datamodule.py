@@ -159,6 +159,29 @@ def test_a_resume_with_other_views_is_refused_naming_the_option(video_dir):
     other.load_state_dict(state)
 
 
+def test_a_resume_on_changed_frame_timelines_says_so_and_goes_on(video_dir, capsys):
+    """Frame counts of the same files that differ from the checkpoint's (a newer dora-lightning counts them
+    otherwise): the rest of the epoch is not the planned clips, so a line says it (a resume went on without a
+    word); a checkpoint written before the timelines were saved is not checked."""
+    dm = make(str(video_dir))
+    dm.setup("fit")
+    state = torch.load(_saved(dm.state_dict()), weights_only=True)
+    name = state["videos"][0][0]
+    assert state["timelines"][0] == [dm.videos[0].num_frames, str(dm.videos[0].fps)]
+    resumed = make(str(video_dir))
+    resumed.setup("fit")
+    resumed.load_state_dict(state)
+    assert "timelines" not in capsys.readouterr().err
+    state["timelines"][0][0] += 7
+    resumed.load_state_dict(state)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("dora fit: the frame timelines of 1 of the checkpoint's videos differ")
+    assert f"{name}: {dm.videos[0].num_frames + 7} frames at" in line and "\n" not in line
+    del state["timelines"]
+    resumed.load_state_dict(state)
+    assert capsys.readouterr().err == ""
+
+
 def _saved(state: dict) -> io.BytesIO:
     buffer = io.BytesIO()
     torch.save(state, buffer)

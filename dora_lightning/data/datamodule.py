@@ -13,7 +13,7 @@ from dora_lightning.data.augment.device import DeviceAugment
 from dora_lightning.data.augment.multicrop import ClipMultiCrop
 from dora_lightning.data.augment.plan import FramesAndPlan
 from dora_lightning.data.loader import ClipLoader
-from dora_lightning.data.position import ClipStreamPosition, refuse_other_data
+from dora_lightning.data.position import ClipStreamPosition
 from dora_lightning.data.sampling import ClipSpec, cursors_per_worker
 from dora_lightning.data.sources import VideoInfo, probe_videos, resolve_video_paths
 from dora_lightning.data.stream import VideoClipStream
@@ -195,7 +195,7 @@ class VideoClipDataModule(ClipStreamPosition, pl.LightningDataModule):
         self.videos = self._probe_videos()
         self._refuse_videos_other_processes_do_not_see()
         if self._saved_identity is not None:
-            refuse_other_data(self._saved_identity, self.identity())
+            self.check_same_data(self._saved_identity)
         rank, world = self._rank_and_world()
         self.dataset = VideoClipStream(
             self.videos,

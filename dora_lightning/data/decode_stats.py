@@ -51,6 +51,9 @@ class DecodeStats:
     damaged_frames: dict[str, set[int]] = field(default_factory=dict)
     first_damage: dict[str, str] = field(default_factory=dict)
     warned: set[tuple[str, str]] = field(default_factory=set)
+    # files FFmpeg refused to seek in (EPERM): read from their start by this worker's next readers of the epoch (such
+    # a seek never succeeds, so it is not tried again)
+    unseekable: set[str] = field(default_factory=set)
     shared: WarnedOnce | None = field(default=None, repr=False, compare=False)
 
     def warn_once(self, path: str, kind: str, message: str) -> None:

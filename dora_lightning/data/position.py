@@ -1,5 +1,6 @@
-"""The clip stream's place in a checkpoint: what must match for its clips to be this run's clips, and how a run on
-another layout (other processes, loader workers or batch size, the same global batch) continues the epoch.
+"""The clip stream's place in a checkpoint: its position, checked against the data's identity
+(:mod:`dora_lightning.data.identity`) on resume, and how a run on another layout (other processes, loader workers
+or batch size, the same global batch) continues the epoch.
 
 A checkpoint's data section holds the position (epoch, batches this process has taken in it), the layout the epoch
 was dealt on, the gradient accumulation, the data's identity and, when the epoch began on other layouts, its
@@ -9,8 +10,6 @@ and continues bit-exactly; on another one, :func:`rebase_position` rewrites the 
 
 from __future__ import annotations
 
-import inspect
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,103 +27,21 @@ from dora_lightning.data.epoch_rest import (
     emitting_workers,
     rest_batches_available,
 )
+from dora_lightning.data.identity import data_identity, refuse_other_data, timeline_note
 from dora_lightning.data.sampling import ClipSpec
-from dora_lightning.data.sources import VideoInfo
 
 __all__ = [
     "LAYOUT_KEYS",
     "ClipStreamPosition",
     "Rebased",
-    "data_identity",
     "global_batch",
     "layout_of",
     "load_rest",
     "rebase_position",
-    "refuse_other_data",
     "save_rest",
-    "view_settings",
 ]
 
 LAYOUT_KEYS = ("world_size", "num_workers", "batch_size", "cursors")
-
-
-# transform options that change how fast the views are made, not what they are
-_SPEED_ONLY = frozenset({"crop_backend", "colour_backend", "output_dtype"})
-
-
-def data_identity(
-    videos: Sequence[VideoInfo],
-    spec: ClipSpec,
-    frame_rate: Any,
-    decode_short_side: int | None,
-    transform: Any = None,
-) -> dict[str, Any]:
-    """What makes a checkpoint's clips the same clips: the videos (file name and size, in order, so a moved folder
-    still matches), the clip geometry (length, stride, rate, decode size) and the views made of them
-    (:func:`view_settings` of the transform)."""
-    identity: dict[str, Any] = {
-        "videos": [[os.path.basename(v.path), os.path.getsize(v.path)] for v in videos],
-        "clip_length": spec.clip_length,
-        "frame_stride": spec.frame_stride,
-        "frame_rate": None if frame_rate is None else str(frame_rate),
-        "decode_short_side": decode_short_side,
-    }
-    if transform is not None:
-        identity["transform"] = view_settings(transform)
-    return identity
-
-
-def view_settings(transform: Any) -> dict[str, Any]:
-    """The transform's class and the ``__init__`` arguments it keeps as attributes of the same name (crop sizes and
-    counts, scales, probabilities, recipe), less those that only change its speed (backends, output dtype); tuples
-    as lists, as a checkpoint gives them back."""
-    cls = type(transform)
-    settings: dict[str, Any] = {"class_path": f"{cls.__module__}.{cls.__qualname__}"}
-    for name in inspect.signature(cls.__init__).parameters:
-        if name != "self" and name not in _SPEED_ONLY and hasattr(transform, name):
-            settings[name] = _plain(getattr(transform, name))
-    return settings
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
-
-
-def _view_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    if saved.get("class_path") != now.get("class_path"):
-        return [f"data.transform.class_path {saved.get('class_path')} -> {now.get('class_path')}"]
-    return [
-        f"data.transform.init_args.{key} {saved[key]} -> {value}"
-        for key, value in now.items()
-        if key in saved and saved[key] != value
-    ]
-
-
-def refuse_other_data(saved: Mapping[str, Any], now: Mapping[str, Any]) -> None:
-    """Raise ValueError naming what differs between the checkpoint's data identity and this run's (what a checkpoint
-    written before a part of the identity was saved lacks is not checked)."""
-    changed = [
-        f"data.{key} {saved[key]} -> {value}"
-        for key, value in now.items()
-        if key not in ("videos", "transform") and key in saved and saved[key] != value
-    ]
-    if isinstance(saved.get("transform"), Mapping) and "transform" in now:
-        changed.extend(_view_changes(saved["transform"], now["transform"]))
-    if saved.get("videos") and [list(v) for v in saved["videos"]] != now["videos"]:
-        before = {tuple(v) for v in saved["videos"]}
-        after = {tuple(v) for v in now["videos"]}
-        gone = ", ".join(f"{name} ({size} B)" for name, size in sorted(before - after)) or "none"
-        new = ", ".join(f"{name} ({size} B)" for name, size in sorted(after - before)) or "none"
-        changed.append(f"data.paths: videos not in this run: {gone}; videos new in this run: {new}")
-    if changed:
-        raise ValueError(
-            "--ckpt_path: the checkpoint belongs to a run on other data ("
-            + "; ".join(changed)
-            + "); resume with the checkpoint's data.paths, clip and view settings, or start a new run from its "
-            "weights with --init_from CKPT"
-        )
 
 
 def layout_of(state: Mapping[str, Any]) -> Layout:
@@ -332,6 +249,15 @@ class ClipStreamPosition:
             self.videos, self.spec, self.frame_rate, self.decode_short_side, getattr(self, "transform", None)
         )
 
+    def check_same_data(self, saved: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint of other data (:func:`~dora_lightning.data.identity.refuse_other_data`); say (process
+        0) when only its videos' frame timelines changed (:func:`~dora_lightning.data.identity.timeline_note`)."""
+        now = self.identity()
+        refuse_other_data(saved, now)
+        note = timeline_note(saved, now)
+        if note is not None and self._rank_and_world()[0] == 0:
+            sys.stderr.write(f"dora fit: {note}\n")
+
     def _layout(self) -> Layout:
         _, world = self._rank_and_world()
         return Layout(world, self.num_workers, self.batch_size, self.cursors)
@@ -372,7 +298,7 @@ class ClipStreamPosition:
         iteration starts there (skipping the batches already done). A checkpoint of another layout comes here
         rebased (:meth:`rebase_state`)."""
         if self.videos:
-            refuse_other_data(state_dict, self.identity())
+            self.check_same_data(state_dict)
         else:  # not set up yet: checked once the videos are probed
             self._saved_identity = state_dict
         current = {"seed": self.seed, "start_step": self.start_step, **vars(self._layout())}

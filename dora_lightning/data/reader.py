@@ -25,10 +25,7 @@ from dora_lightning.data.video_file import main_video_stream, open_video
 NONREF_SKIPPING_DECODERS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4", "vp8", "vp9"})
 
 _UNSET_TAGS = (0, UNSPECIFIED)  # 0: a "reserved" transfer or primaries tag
-
-# files FFmpeg could not seek in (EPERM), read from their start from then on in this process: such a seek never
-# succeeds, so it is neither retried nor tried again by the file's next reader
-_SEEK_FAILS: set[str] = set()
+ITU709_MATRIX = 1  # FFmpeg's AVCOL_SPC_BT709
 
 
 def _remuxed_name(path: str) -> str:
@@ -62,15 +59,25 @@ def frame_tone_map(frame: av.VideoFrame, stream_tags: tuple[int, int]) -> ToneMa
     return tone_map_for(transfer, primaries)
 
 
+def assume_hd_matrix(frame: av.VideoFrame) -> None:
+    """Tag an HD frame that has no colour-matrix tag as BT.709, the matrix players (mpv, browsers) read it with:
+    swscale reads an untagged frame as BT.601 (SD's matrix), which shifts the colours of HD video, made with BT.709,
+    by up to ~15 levels in saturated reds and greens. Wider than 1280 or taller than 576 is HD, as for mpv."""
+    if frame.colorspace == UNSPECIFIED and (frame.width >= 1280 or frame.height > 576):
+        frame.colorspace = ITU709_MATRIX
+
+
 def frame_to_rgb(
     frame: av.VideoFrame, width: int, height: int, pixel_format: str, tone_map: ToneMap | None
 ) -> np.ndarray:
     """``frame`` scaled to ``width`` x ``height`` (area averaging) as an (H, W, 3) uint8 RGB array (``"rgba"``: 4
-    channels, alpha 255), converted by swscale with the frame's colour matrix and range; with ``tone_map`` (an HDR
+    channels, alpha 255), converted by swscale with the frame's colour matrix (:func:`assume_hd_matrix` for an
+    untagged HD frame) and range; with ``tone_map`` (an HDR
     file), converted to 16-bit RGB instead and tone-mapped to SDR sRGB (an HDR frame without a matrix tag is read as
     BT.2020's, the HDR matrix)."""
     # threads=1: swscale's own slice threads would be inherited half-dead by forked dataloader workers and hang them
     if tone_map is None:
+        assume_hd_matrix(frame)
         return frame.to_ndarray(
             format=pixel_format, width=width, height=height, interpolation="AREA", threads=1
         )
@@ -220,13 +227,13 @@ class RangeReader:
         self._size_check = SizeCheck(self.info, stream)
         timeline, self._seek_start = self.timeline, None
         seek = timeline.seekable and (index > 0 or (timeline.order_mode and timeline.key_before(index) > 0))
-        if seek and self.info.path not in _SEEK_FAILS:
+        if seek and self.info.path not in self.stats.unseekable:
             try:
                 self._container.seek(timeline.seek_pts(index), stream=stream, backward=True, any_frame=False)
             except PermissionError:
                 # FFmpeg's "cannot seek here" (EPERM): an index without keyframes (an MKV with no keyframe flag has
                 # no Cues); every further seek fails too, so this process reads the file from its start
-                _SEEK_FAILS.add(self.info.path)
+                self.stats.unseekable.add(self.info.path)
                 self.stats.warn_once(
                     self.info.path,
                     "seek",
@@ -320,6 +327,7 @@ class RangeReader:
         # are not kept compact (8-bit YUV would lose their 10 bits before the tone mapping): their frames are
         # tone-mapped here and kept as arrays, which to_pixels passes through; so is a frame of another size (cropped)
         if self.compact and self._tone_map is None and cover is None:
+            assume_hd_matrix(frame)  # the compact frame keeps the tag for to_pixels
             return frame.reformat(width, height, "yuv420p", interpolation="AREA", threads=1)
         if cover is None:
             pixels = frame_to_rgb(frame, width, height, self.pixel_format, self._tone_map)
