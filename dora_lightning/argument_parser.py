@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import re
+from collections.abc import Hashable
 from contextvars import ContextVar
 from typing import Any, NoReturn
 
@@ -111,13 +112,40 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{before}{problem}{at(getattr(err, 'problem_mark', None))}"
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping of a config file (YAML forbids it; PyYAML keeps the last, silently)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping, naming both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in lines:
+                raise _DuplicateKey(
+                    f"key '{key}' is given twice in one mapping (lines {lines[key]} and {line}); YAML keeps only "
+                    "the last: remove the one you do not mean"
+                )
+            if isinstance(key, Hashable):
+                lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def config_problem(content: str, sections: set[str]) -> str | None:
     """What is wrong with a config file's text, as the end of a one-line error naming the file; None when it loads
-    as keys and values. A top-level ``section`` (``model:``, ``data:``, ``trainer:``, ...) left empty, its keys all
+    as keys and values. A key given twice in one mapping is refused (YAML forbids it; PyYAML kept the last one
+    silently, so ``base_lr`` set twice trained with the second). A top-level ``section`` (``model:``, ``data:``, ``trainer:``, ...) left empty, its keys all
     commented out, loads as null, which jsonargparse takes as "reset this section to its defaults" (``model``: the
     code's ViT-S/16 at 224 px instead of the base config's model, silently) or fails on (``trainer``: a TypeError)."""
     try:
-        config = yaml.safe_load(content)
+        config = yaml.load(content, Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
+    except _DuplicateKey as err:
+        return str(err)
     except yaml.YAMLError as err:
         return f"not valid YAML: {_yaml_problem(err)}"
     if config is None:

@@ -1,5 +1,5 @@
 """`dora fit --config FILE`: a file that is not UTF-8 text, not YAML, empty, or has a section whose keys are all
-commented out is refused in one line naming the file (they gave tracebacks, `Unexpected config: `, or, for an empty
+commented out, or a key given twice in one mapping is refused in one line naming the file (they gave tracebacks, `Unexpected config: `, or, for an empty
 `model:` section, silently reset every model option to the code's defaults)."""
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ def _printed(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
         ("", "the file is empty (or all comments)"),
         ("# nothing yet\n", "the file is empty (or all comments)"),
         ("- model\n", "a config maps keys to values (model:, data:, trainer:, ...), got a list"),
+        (
+            "model:\n  base_lr: 0.01\n  depth: 3\n  base_lr: 0.02\n",
+            "key 'base_lr' is given twice in one mapping (lines 2 and 4); YAML keeps only the last",
+        ),
+        (
+            "trainer:\n  max_steps: 3\nmodel:\n  depth: 3\ntrainer:\n  max_epochs: 2\n",
+            "key 'trainer' is given twice",
+        ),
     ],
 )
 def test_a_broken_config_file_is_one_line_naming_it(text, expected, in_repo, capsys):
@@ -89,3 +97,8 @@ def test_config_problem_leaves_keys_that_take_a_value_alone():
     assert config_problem("evaluator: knn\nmodel:\n  depth: 3\n", SECTIONS) is None
     assert config_problem("{model: {depth: 3}}", SECTIONS) is None
     assert config_problem("model:\n", SECTIONS) is not None
+
+
+def test_yaml_merge_keys_and_the_same_key_in_two_mappings_are_not_duplicates():
+    text = "base: &base\n  depth: 3\nmodel:\n  <<: *base\n  depth: 4\ndata:\n  depth: 3\n"
+    assert config_problem(text, SECTIONS) is None
