@@ -60,8 +60,9 @@ class StepSchedules:
             ),
             "wd": cosine_schedule(step, total, hp.weight_decay, hp.weight_decay_end),
             "momentum": cosine_schedule(step, total, hp.momentum_teacher, hp.momentum_teacher_end),
+            # per epoch, as DINO's schedule (constant within an epoch)
             "teacher_temp": linear_warmup_then_constant(
-                step, hp.warmup_teacher_temp_epochs * per_epoch, hp.warmup_teacher_temp, hp.teacher_temp
+                step // per_epoch, hp.warmup_teacher_temp_epochs, hp.warmup_teacher_temp, hp.teacher_temp
             ),
         }
 

@@ -93,6 +93,26 @@ def test_teacher_temperature_matches_golden_schedule():
     assert linear_warmup_then_constant(123, 30, 0.04, 0.04) == 0.04
 
 
+def test_the_modules_teacher_temperature_is_dinos_per_epoch_schedule():
+    """0.04 -> 0.07 over 5 epochs of 7 steps: constant within an epoch, the golden value of its epoch (it rose per
+    step before, reaching 0.07 one epoch late)."""
+    from types import SimpleNamespace
+
+    from dora_lightning.step_schedules import StepSchedules
+
+    class Schedules(StepSchedules):
+        steps_per_epoch, total_steps, global_batch = 7, 70, 256
+        hparams = SimpleNamespace(
+            base_lr=5e-4, min_lr=1e-5, warmup_epochs=1, weight_decay=0.04, weight_decay_end=0.4,
+            momentum_teacher=0.996, momentum_teacher_end=1.0, warmup_teacher_temp=0.04, teacher_temp=0.07,
+            warmup_teacher_temp_epochs=5,
+        )  # fmt: skip
+
+    golden = np.load(GOLDEN)["loss_teacher_temp_schedule"]
+    temps = [Schedules().schedule_values(step)["teacher_temp"] for step in range(70)]
+    np.testing.assert_allclose(temps, np.repeat(golden, 7), rtol=1e-12)
+
+
 def test_ema_update_exact_values():
     teacher = [torch.tensor([1.0, 2.0]), torch.tensor([[10.0], [-4.0]])]
     student = [torch.tensor([11.0, 22.0]), torch.tensor([[0.0], [6.0]])]

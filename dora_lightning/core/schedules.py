@@ -56,8 +56,9 @@ def cosine_schedule(
 def linear_warmup_then_constant(step: int, warmup_steps: int, start: float, end: float) -> float:
     """Teacher temperature: ``numpy.linspace(start, end, warmup_steps)[step]`` during warm-up, then ``end``.
 
-    As in DINO's ``teacher_temp_schedule``, ``end`` is reached at step ``warmup_steps - 1``; ``warmup_steps = 0`` gives
-    ``end`` throughout (DINO/DoRA default ViT-S setting is start = end = 0.04).
+    DINO's ``teacher_temp_schedule`` indexed by epoch (``step`` and ``warmup_steps`` in epochs, as the module passes
+    them): ``end`` is reached at epoch ``warmup_steps - 1``; ``warmup_steps = 0`` gives ``end`` throughout (the
+    DINO/DoRA ViT-S setting is start = end = 0.04).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
