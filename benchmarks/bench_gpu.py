@@ -1,5 +1,5 @@
 """GPU training benchmark (issue 15): bare step, Lightning's overhead and ``dora fit`` with the real loader, in at most
-``--budget-s`` seconds (default 360) on one GPU.
+``--budget-s`` seconds (default 360; on_device.sh gives 330) on one GPU.
 
 Parts, each in its own process with its own timeout (capped by what is left of the budget), results written to
 ``OUT_DIR/bench_gpu.json`` and ``OUT_DIR/bench_gpu.md`` after every part (a part that fails or times out is recorded
@@ -11,14 +11,43 @@ as such and the next one runs):
 2. ``bare``: the bare training step (no Trainer; zero_grad, forward + loss under bf16 autocast, centre, backward,
    per-parameter clip, AdamW, EMA) for DoRA and DINO at batch 16 and 64: step time, clips/s, FLOPs per step
    (``torch.utils.flop_counter`` over one step: matmuls and convolutions, forward and backward), TFLOP/s, peak memory.
-3. ``video``: a generated 720p60 H.264 video (``make_long_video.py``, ``--video-seconds``).
+   With ``--compile`` the module compiles its blocks and heads first (``configure_model``, which only a Trainer calls
+   otherwise), and the warm-up steps pay for the compilation.
+3. ``video``: a generated 720p60 H.264 video (``make_long_video.py``, ``--video-seconds``), made in the background
+   (nice 10) from the start, while the overhead and bare parts use the GPU and one core.
 4. ``fit``: ``Trainer.fit`` with ``VideoClipDataModule`` (configs/wt.yaml's data pipeline, ``--workers`` decoding
    workers) on that video at batch 16 and 64: steps/s, clips/s, data-wait fraction (time in the loader's next() over
    next() + training batch, Lightning's simple profiler), peak memory; TFLOP/s from the bare step's FLOPs per clip.
+   In the loader's steady state, not its start-up: a decode cursor's first clip costs a seek and about span + GOP / 2
+   decoded 720p frames (445: 8 frames 60 apart, 2 s GOP), each later clip about ``start_step`` (4). wt.yaml's
+   cursors (2 x batch_size per worker) made every clip of the old 20 timed steps some cursor's first, so the data
+   wait read ~0.9 (measured on the CPU: 445 decoded frames per clip in each of the first 21 batches). So the fit
+   parts use ``data.cursors`` = batch_size (a worker's first batch starts all of its cursors), ``workers`` + 1
+   warm-up steps (step k's batch is worker k mod workers', so the first ``workers`` steps are the first batches) and
+   2 x ``workers`` timed steps (more than the 2 batches per worker the loader can have queued when they begin), on a
+   video with 5 batches per worker (``fit_video_seconds``: 82 s for 14 workers at batch 64). Each fit row gives the
+   decoded frames per clip of its warm-up and timed steps. A real run's cursors start once an epoch and then take
+   hundreds of clips each, so its start-up is amortised (docs/benchmarks.md, "GPU training").
+
+Time budget of the full run (estimates, nothing measured on a GPU yet; from ../shared/docs/gpu.md: bare steps 137 and
+424 ms at batch 16 and 64, a 60 s video made in 41 s there; decoding a 720p60 frame and scaling it to 568x320 with
+PyAV: 331 frames/s per core on the review's Xeon; the device's CPU speed is unknown), seconds from the start:
+
+    machine info 5; video (82 s of video, ~57 s) in the background from 0 ........... 5
+    overhead/dora/b16 ~30 (limit 50), bare/{dora,dino}/b16 ~15-20 each (limit 40) ..... ~75, the video ready
+    fit/dora/b16/{cpu,gpu}-aug ~45 each (limit 90): ~15 set-up (interpreter, model, index, 14 forks),
+        first batch per worker 16 x 445 = 7.1k frames ~22 (the 14 workers in parallel), 44 steps ~9 .. ~165
+    bare/{dora,dino}/b64 ~20 each ...................................................... ~205
+    fit/dora/b64/gpu-aug ~120 (limit 150): ~15 set-up, first batch 64 x 445 = 28.5k frames per worker ~86,
+        44 steps ~20 ................................................................. ~325
+    fit/dora/b64/cpu-aug: runs only if the CPU decodes faster than that; else "no budget left" or a timeout
+
+Within the 330 s that on_device.sh gives, the b16 rows are complete by ~165 s and the b64 bare rows by ~205 s; the
+b64 gpu-aug fit fits only just, and the cpu-aug one does not unless the device's cores decode ~1.5 x faster.
 
 The model is configs/wt.yaml's (ViT-S/16, 224/112, T=8, 6 local crops, out_dim 65536) with bf16-mixed precision.
-``--smoke`` runs every part on the CPU with a micro ViT, tiny clips and a tiny video in well under a minute (what
-``make test`` runs: its numbers mean nothing).
+``--smoke`` runs every part on the CPU with a micro ViT, tiny clips and a tiny video (what ``make test`` runs through
+on_device.sh: its numbers mean nothing).
 
 Usage::
 
@@ -35,6 +64,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +95,27 @@ MICRO_MODEL = dict(
 )
 
 
+# a part's time limit in seconds (capped by what is left of the budget); see the module docstring for the estimates
+LIMITS = {"overhead": 50.0, "bare": 40.0, "fit16": 90.0, "fit64": 150.0, "smoke_fit": 60.0}
+COMPILE_S = 150.0  # added to every limit with --compile: the warm-up steps compile the blocks and heads
+VIDEO_WAIT_S = 120.0  # longest wait for the video generated in the background
+
+
+def fit_steps(workers: int) -> tuple[int, int]:
+    """(warm-up, timed) steps of a fit part with ``workers`` loader workers: warm-up ``workers`` + 1, so that every
+    worker has emitted its first batch (which starts all of its cursors) before the timed steps; timed 2 x
+    ``workers``, longer than the queue of batches the loader can hold at their start (prefetch_factor 2 per worker),
+    so that workers that cannot keep up show as data wait instead of being hidden by what the start-up queued."""
+    return workers + 1, 2 * workers
+
+
+def fit_batches_per_worker(workers: int) -> int:
+    """Batches each worker must be able to emit for a fit part: its share of warm-up + timed steps + the step after
+    them, plus one spare (the loader's look-ahead; an epoch that ends is a new start-up)."""
+    warmup, steps = fit_steps(workers)
+    return math.ceil((warmup + steps + 1) / workers) + 1
+
+
 def plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, dict, float]], dict]:
     """(common case settings, [(name, case, timeout s)], video settings) for the full or the smoke run."""
     if args.smoke:
@@ -89,38 +140,54 @@ def plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, dict, float]],
         fit_extra = {}
     if args.steps:
         common["steps"] = args.steps
+    extra_s = 0.0
     if args.compile:
-        # model.compile: every part's model compiles its blocks and heads (its first steps pay for it)
+        # model.compile: every part's model compiles its blocks and heads; the warm-up steps pay for it (two
+        # token counts, so a recompile with dynamic shapes, the teacher's no-grad graphs and the backward)
         common["model"] = common.get("model", {}) | {"compile": True}
-    # a part's time limit in seconds; with --compile its first steps also compile the blocks and heads
-    slack = 3.0 if args.compile else 1.0
-    # per batch size: the bare steps, then the fit (whose TFLOP/s uses the bare step's FLOPs), so that a budget
-    # running out still leaves complete rows for the smaller batch
+        common["warmup"] = max(common["warmup"], 2 if args.smoke else 3)
+        if (
+            args.smoke
+        ):  # inductor on 2 CPU cores took 92 s for the micro ViT; dynamo's eager backend takes seconds
+            common["compile_backend"] = "eager"
+        extra_s = COMPILE_S
+    warmup, steps = fit_steps(workers)
+    # per batch size: the bare steps, then the fits (whose TFLOP/s uses the bare step's FLOPs), so that a budget
+    # running out still leaves complete rows for the smaller batch. At the largest batch the gpu-aug fit comes first:
+    # augment_on auto is gpu on a GPU, so it is what a run uses
     parts: list[tuple[str, dict, float]] = [
-        (f"overhead/dora/b{batches[0]}", common | dict(part="overhead", batch_size=batches[0]), 50 * slack)
+        (
+            f"overhead/dora/b{batches[0]}",
+            common | dict(part="overhead", batch_size=batches[0]),
+            LIMITS["overhead"] + extra_s,
+        )
     ]
     for batch in batches:
         for method in ("dora", "dino"):
             case = common | dict(part="bare", batch_size=batch, methods=[method])
             case["model"] = common.get("model", {}) | {"method": method}
-            parts.append((f"bare/{method}/b{batch}", case, 40 * slack))
-        for augment_on in ("cpu", "gpu"):  # views made in the workers, or from the frames on the device
+            parts.append((f"bare/{method}/b{batch}", case, LIMITS["bare"] + extra_s))
+        limit = LIMITS["smoke_fit"] if args.smoke else LIMITS["fit16" if batch <= 16 else "fit64"]
+        for augment_on in ("cpu", "gpu") if batch == batches[0] else ("gpu", "cpu"):
+            # augment_on cpu: views made in the workers; gpu: rendered from the frames on the device
             case = common | fit_extra | dict(part="fit", batch_size=batch, workers=workers)
-            case |= dict(warmup=2 if args.smoke else 5, steps=2 if args.smoke else 15)
-            case["data"] = case.get("data", {}) | {"augment_on": augment_on}
-            parts.append((f"fit/dora/b{batch}/{augment_on}-aug", case, 60 * slack))
+            case |= dict(warmup=warmup, steps=steps)
+            # one cursor per clip of a batch: a worker's first batch starts all of its cursors, the rest are cheap
+            case["data"] = case.get("data", {}) | {"augment_on": augment_on, "cursors": batch}
+            parts.append((f"fit/dora/b{batch}/{augment_on}-aug", case, limit + extra_s))
     return common, parts, video
 
 
-def fit_video_seconds(workers: int, batch_size: int, fps: int, batches_per_worker: int = 2) -> int:
-    """Seconds of video that give each loader worker ``batches_per_worker`` batches of wt.yaml's clips (each worker
-    takes whole batches from its share of the clip starts: a 20 s video has 780 starts of 8 frames 1 s apart, 55 per
-    worker of 14, not one batch of 64)."""
+def fit_video_seconds(workers: int, batch_size: int, fps: int) -> int:
+    """Seconds of video that give each of ``workers`` loader workers :func:`fit_batches_per_worker` batches of
+    wt.yaml's clips (8 frames 60 apart) at ``batch_size``: 5 batches of 64 for 14 workers, 82 s at 60 fps (each
+    worker takes whole batches from its share of the clip starts; with ``data.cursors`` = batch_size each of its
+    cursors then gives 5 clips). Longer costs only the generation (in the background of the first parts)."""
     from dora_lightning.data.sampling import ClipSpec
 
     _, data, _ = wt_settings()
     spec = ClipSpec(data["clip_length"], data["frame_stride"])
-    starts = batches_per_worker * workers * batch_size
+    starts = fit_batches_per_worker(workers) * workers * batch_size
     return math.ceil((starts + spec.span - 1) / fps)
 
 
@@ -137,11 +204,45 @@ def machine_info(device: str) -> dict:
     return {**base_machine_info(), **versions, "gpu": gpu, "device": device}
 
 
-def make_video(path: Path, settings: dict, timeout: float) -> None:
-    """The generated H.264 video of ``settings`` at ``path`` (make_long_video.py; reused when it exists)."""
-    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "make_long_video.py"), str(path)]
-    cmd += [f"--{key}={value}" for key, value in settings.items()]
-    subprocess.run(cmd, check=True, timeout=timeout, cwd=REPO_ROOT, capture_output=True)
+class VideoJob:
+    """``make_long_video.py`` generating ``path`` in the background (at nice 10, its output in a temporary file), so
+    that the overhead and bare parts, which use the GPU and one core, run meanwhile; :meth:`wait` before the first fit
+    part."""
+
+    def __init__(self, path: Path, settings: dict) -> None:
+        cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "make_long_video.py"), str(path)]
+        cmd += [f"--{key}={value}" for key, value in settings.items()]
+        self.started = time.monotonic()
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10)
+        )
+        self.finished: float | None = None
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        self.proc.wait()
+        self.finished = time.monotonic()
+
+    def wait(self, timeout: float) -> float:
+        """Wait for the video (at most ``timeout`` s); returns the seconds it took to make."""
+        try:
+            code = self.proc.wait(timeout=max(timeout, 0.1))
+        except subprocess.TimeoutExpired as err:
+            self.stop()
+            raise RuntimeError(
+                f"make_long_video.py: not done after {time.monotonic() - self.started:.0f} s"
+            ) from err
+        if code:
+            self.log.seek(0)
+            tail = self.log.read().decode(errors="replace")[-300:]
+            raise RuntimeError(f"make_long_video.py: exit {code}: {tail}")
+        return (self.finished or time.monotonic()) - self.started
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -171,12 +272,19 @@ def table(report: dict) -> str:
             rows.append([name, _fmt(fit["step_ms"]), "-", "-", "-", "-", "-", note])
         elif name.startswith("bare"):
             for r in result["results"]:
+                note = (
+                    f"compiled ({r.get('compile_backend')}, {r['compiled_regions']} regions; warm-up "
+                    f"{r['warmup_s']} s; graphs compiled in the timed steps: {r['graphs_compiled_timed']})"
+                    if r.get("compile")
+                    else ""
+                )
                 rows.append(
                     [name, _fmt(r["step_ms"]), _fmt(r["clips_per_s"]), _fmt(r["tflops_per_s"], 3),
-                     _fmt(r["peak_gib"]), "-", f"{r['flops_per_step'] / 1e9:.4g} GFLOP/step", ""]
+                     _fmt(r["peak_gib"]), "-", f"{r['flops_per_step'] / 1e9:.4g} GFLOP/step", note]
                 )  # fmt: skip
         elif name.startswith("fit"):
             bare = _bare(report, "dora", result["batch_size"])
+            decoded = result.get("decoded_frames_per_clip") or {}
             per_clip = bare["flops_per_step"] / result["batch_size"] if bare else None
             tflops = per_clip * result["clips_per_s"] / 1e12 if per_clip else None
             result["tflops_per_s"] = round(tflops, 3) if tflops is not None else None
@@ -187,10 +295,20 @@ def table(report: dict) -> str:
                 [name, _fmt(1e3 / result["steps_per_s"]), _fmt(result["clips_per_s"]), _fmt(tflops, 3),
                  _fmt(result["peak_gib"]), _fmt(result["data_wait_fraction"], 3),
                  "bare step's per clip" if per_clip else "-",
-                 f"{result['workers']} workers; {_fmt(result['clips_per_s_vs_bare'], 3)} x the bare step's clips/s"]
+                 f"{result['workers']} workers, {result['cursors']} cursors each; {result['warmup_steps']} warm-up + "
+                 f"{result['timed_steps']} timed steps; decoded frames/clip {_fmt(decoded.get('warmup'))} warm-up, "
+                 f"{_fmt(decoded.get('timed'))} timed; {_fmt(result['clips_per_s_vs_bare'], 3)} x the bare step's "
+                 f"clips/s"]
             )  # fmt: skip
         else:
-            rows.append([name, *["-"] * 6, f"{result.get('seconds', '-')} s"])
+            during = ", ".join(result.get("made_during") or []) or "nothing"
+            rows.append(
+                [
+                    name,
+                    *["-"] * 6,
+                    f"{result.get('seconds', '-')} s, during {during}; waited {result.get('waited_s')} s",
+                ]
+            )
     header = ["part", "ms/step", "clips/s", "TFLOP/s", "peak GiB", "data wait", "FLOPs", "notes"]
     when = f"{report['date_utc']} on {report['machine'].get('gpu') or report['machine']['cpu']}"
     return f"# bench_gpu.py ({'smoke, CPU' if report['smoke'] else 'GPU'}), {when}\n\n" + markdown_table(
@@ -219,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--video-seconds",
         type=float,
-        help="length of the generated 720p60 video (default: enough clip starts for 2 batches of the largest batch "
-        "size per worker: 37 s for 14 workers and batch 64)",
+        help="length of the generated 720p60 video (default: enough clip starts for the fit parts' warm-up and timed "
+        "steps at the largest batch size, plus a spare batch per worker: 82 s for 14 workers and batch 64)",
     )
     parser.add_argument(
         "--steps", type=int, help="timed steps of the overhead and bare parts (default 10; smoke 2)"
@@ -231,6 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_settings(args: argparse.Namespace, common: dict) -> dict:
+    """The run's settings for the JSON: the common case settings (the model's by name), the budget and compile."""
+    model = common.get("model") or {}
+    return {k: v for k, v in common.items() if k != "model"} | {
+        "model": "micro ViT (MICRO_MODEL)" if args.smoke else "configs/wt.yaml's",
+        "compile": bool(model.get("compile")),
+        "budget_s": args.budget_s,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if run_child_side(args, _run_case):
@@ -239,44 +367,61 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     common, parts, video_settings = plan(args)
+    wanted = lambda name: not args.only or any(name.startswith(p) for p in args.only)  # noqa: E731
+    generated = f"dora_bench_gpu_{video_settings['height']}p_{video_settings['seconds']:g}s.mp4"
+    video = Path(args.video) if args.video else Path(tempfile.gettempdir()) / generated  # not into out_dir
+    reused = video.is_file()
+    fits = any(name.startswith("fit") and wanted(name) for name, _, _ in parts)
+    job = VideoJob(video, video_settings) if fits and not reused else None
+    made_during: list[str] = []
     report = {
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "smoke": args.smoke,
         "machine": machine_info(common["device"]),
-        "settings": {k: v for k, v in common.items() if k != "model"} | {"budget_s": args.budget_s},
+        "settings": report_settings(args, common),
         "parts": {},
     }
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
-    generated = f"dora_bench_gpu_{video_settings['height']}p_{video_settings['seconds']:g}s.mp4"
-    video = Path(args.video) if args.video else Path(tempfile.gettempdir()) / generated  # not into out_dir
-    wanted = lambda name: not args.only or any(name.startswith(p) for p in args.only)  # noqa: E731
-    for name, case, limit in parts:
-        if not wanted(name):
-            continue
-        left = args.budget_s - (time.monotonic() - start)
-        if left < 5:
-            report["parts"][name] = {"error": "no budget left"}
-            continue
-        t0 = time.monotonic()
-        try:
-            if name.startswith("fit") and "video" not in report["parts"]:
-                reused = video.is_file()
-                if not reused:
-                    make_video(video, video_settings, timeout=min(90.0, left))
-                report["parts"]["video"] = {
-                    "seconds": round(time.monotonic() - t0, 1),
-                    "path": str(video),
-                    "reused": reused,
-                }
-            case = case | ({"video": str(video)} if name.startswith("fit") else {})
+    try:
+        for name, case, limit in parts:
+            if not wanted(name):
+                continue
             left = args.budget_s - (time.monotonic() - start)
-            report["parts"][name] = run_child_case(Path(__file__), case, name, min(limit, left), env=env)
-        except (RuntimeError, subprocess.SubprocessError, OSError) as err:
-            report["parts"][name] = {"error": str(err)[:200]}
-        report["parts"][name]["part_wall_s"] = round(time.monotonic() - t0, 1)
-        save(out_dir, report)
-        print(f"{name}: {time.monotonic() - t0:.1f} s", flush=True)
+            if left < 5:
+                report["parts"][name] = {"error": "no budget left"}
+                continue
+            t0 = time.monotonic()
+            if job and job.proc.poll() is None and not name.startswith("fit"):
+                made_during.append(name)  # ran while the video was being generated
+            try:
+                if name.startswith("fit") and "video" not in report["parts"]:
+                    try:
+                        made = job.wait(min(VIDEO_WAIT_S, left)) if job else 0.0
+                    except RuntimeError as err:
+                        report["parts"]["video"] = {"error": str(err)[:200]}
+                        raise
+                    report["parts"]["video"] = {
+                        "seconds": round(made, 1),
+                        "waited_s": round(time.monotonic() - t0, 1),
+                        "made_during": list(made_during),
+                        "path": str(video),
+                        "reused": reused,
+                    }
+                if name.startswith("fit"):
+                    if "error" in report["parts"]["video"]:
+                        raise RuntimeError("no video")
+                    case = case | {"video": str(video)}
+                left = args.budget_s - (time.monotonic() - start)
+                report["parts"][name] = run_child_case(Path(__file__), case, name, min(limit, left), env=env)
+            except (RuntimeError, subprocess.SubprocessError, OSError) as err:
+                report["parts"][name] = {"error": str(err)[:200]}
+            report["parts"][name]["part_wall_s"] = round(time.monotonic() - t0, 1)
+            save(out_dir, report)
+            print(f"{name}: {time.monotonic() - t0:.1f} s", flush=True)
+    finally:
+        if job:
+            job.stop()
     report["total_wall_s"] = round(time.monotonic() - start, 1)
     save(out_dir, report)
     print(table(report))

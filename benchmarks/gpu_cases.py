@@ -194,26 +194,59 @@ class Probe:
         }
 
 
+def compiled_regions(module) -> int:
+    """How many of the module's submodules are compiled in place (``nn.Module.compile``: the blocks and heads that
+    ``model.compile`` compiles)."""
+    return sum(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+
+
+def _graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0))
+
+
 def time_bare(case: dict, method: str) -> dict:
-    """Bare-step time, clips/s, FLOPs, TFLOP/s, peak memory and host syncs per step for one method."""
+    """Bare-step time, clips/s, FLOPs, TFLOP/s, peak memory and host syncs per step for one method.
+
+    With ``model.compile`` the module compiles its blocks and heads here (``configure_model``, the hook that only a
+    Trainer calls otherwise); the warm-up steps pay for the compilation (``warmup_s``), and ``graphs_compiled_timed``
+    says whether a timed step compiled anything (it should be 0). The FLOP-counting and profiled steps run under a
+    dispatch mode, in which dynamo runs frames eagerly: their counts are the eager step's."""
 
     device = torch.device(case["device"])
     torch.manual_seed(0)
-    module = build_module(case | {"model": case.get("model", {}) | {"method": method}}).to(device).train()
+    module = build_module(case | {"model": case.get("model", {}) | {"method": method}})
+    compile_ = bool(module.hparams.get("compile"))
+    if compile_ and case.get(
+        "compile_backend"
+    ):  # the smoke run: dynamo's eager backend (seconds, not minutes)
+        from dora_lightning.models.compile import compile_regions_
+
+        compile_regions_(module.student, module.teacher, backend=case["compile_backend"])
+    elif compile_:
+        module.configure_model()  # what the Trainer calls: model.compile's blocks and heads, with inductor
+    module = module.to(device).train()
     batch = synthetic_batch(case, method, device)
     step = BareStep(module, device, case["precision"])
+    t_warm = time.perf_counter()
     for _ in range(case["warmup"]):
         step(batch)
+    _sync(device)
+    warmup_s = time.perf_counter() - t_warm
     flops = step_flops(step, batch)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    graphs = _graphs()
     times = []
     for _ in range(case["steps"]):
         t0 = clock(device)
         step(batch)
         _sync(device)
         times.append(clock(device) - t0)
+    graphs_timed = _graphs() - graphs
     with Probe(device) as probe:
         for _ in range(case["profiled_steps"]):
             step(batch)
@@ -227,6 +260,12 @@ def time_bare(case: dict, method: str) -> dict:
         "flops_per_step": flops,
         "tflops_per_s": round(flops / median / 1e12, 3),
         "peak_gib": _peak_gib(device),
+        "compile": compile_,
+        "compile_backend": (case.get("compile_backend") or "inductor") if compile_ else None,
+        "compiled_regions": compiled_regions(module),
+        "warmup_steps": case["warmup"],
+        "warmup_s": round(warmup_s, 1),
+        "graphs_compiled_timed": graphs_timed,
         **probe.summary(case["profiled_steps"]),
     }
 
@@ -242,7 +281,7 @@ class _Marks(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step in (self.timed.start, self.timed.stop):
+        if step in (0, self.timed.start, self.timed.stop):
             _sync(self.device)
             self.times[step] = self.clock()
         if step == self.profiled.start and len(self.profiled):
@@ -315,10 +354,41 @@ def run_bare(case: dict) -> dict:
     return {"results": [time_bare(case, method) for method in case["methods"]]}
 
 
+def _counting_datamodule(base: type) -> type:
+    """``base`` (VideoClipDataModule) that also records each batch's decoded frames (``decoded_frames``, summed over
+    its clips) as the batch reaches the training loop, one entry per step, before the batch moves to the device: a
+    CPU tensor, so reading it waits for nothing."""
+
+    class CountingDataModule(base):
+        decoded: list[int]
+
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            frames = batch.get("decoded_frames") if isinstance(batch, dict) else None
+            self.decoded.append(int(torch.as_tensor(frames).sum()) if frames is not None else -1)
+            return super().on_before_batch_transfer(batch, dataloader_idx)
+
+    return CountingDataModule
+
+
+def _per_clip(decoded: list[int], steps: range, batch_size: int) -> float | None:
+    counts = decoded[steps.start : steps.stop]
+    if not counts or min(counts) < 0:
+        return None
+    return round(sum(counts) / (len(counts) * batch_size), 1)
+
+
 def run_fit(case: dict) -> dict:
     """``dora fit`` on ``case["video"]`` with wt.yaml's data pipeline (real decoding workers) at the case's batch
     size: steps/s, clips/s, data-wait fraction (time the loop waited in the loader's next(), from Lightning's simple
-    profiler, over the training batch time) and peak memory, after ``warmup`` steps."""
+    profiler, over the training batch time) and peak memory, over ``steps`` steps after ``warmup`` steps.
+
+    Steady state, not the loader's start-up: a decode cursor's first clip costs a seek plus about span + GOP / 2
+    decoded frames (445 at wt.yaml's 8 frames 60 apart on a 2 s GOP), each later clip about ``start_step`` (4). So
+    bench_gpu.py passes ``data.cursors`` = batch_size (every worker's first batch starts all of its cursors, its
+    later batches are cheap) and ``warmup`` >= workers + 1 (step k's batch is worker k mod workers', so the first
+    ``workers`` steps are the first batches). ``decoded_frames_per_clip`` shows it: about span + GOP / 2 in the
+    warm-up, about ``start_step`` in the timed steps. ``to_first_step_s`` and ``warmup_s`` are the start-up's wall
+    time (process set-up, index, forking the workers, their first batches)."""
     from lightning.pytorch.profilers import SimpleProfiler
 
     from dora_lightning.data.augment.multicrop import ClipMultiCrop
@@ -331,7 +401,8 @@ def run_fit(case: dict) -> dict:
     transform |= case.get("transform", {})
     torch.manual_seed(0)
     module = build_module(case)
-    datamodule = VideoClipDataModule(**data, transform=ClipMultiCrop(**transform))
+    datamodule = _counting_datamodule(VideoClipDataModule)(**data, transform=ClipMultiCrop(**transform))
+    datamodule.decoded = []
     w, s = case["warmup"], case["steps"]
     marks = _Marks(device, range(w, w + s), range(0, 0), wall=True)  # waiting for data counts
     with tempfile.TemporaryDirectory() as root:
@@ -351,11 +422,21 @@ def run_fit(case: dict) -> dict:
     return {
         "batch_size": case["batch_size"],
         "workers": case["workers"],
+        "cursors": datamodule.cursors,
+        "augment_on": data.get("augment_on", "auto"),
+        "warmup_steps": w,
+        "timed_steps": s,
         "steps_per_s": round(1 / per_step, 3),
         "clips_per_s": round(case["batch_size"] / per_step, 2),
         "data_wait_fraction": round(wait, 3),
         "loader_next_ms_mean": round(1e3 * statistics.fmean(fetch), 2) if fetch else None,
         "training_batch_ms_mean": round(1e3 * statistics.fmean(batch), 2) if batch else None,
+        "decoded_frames_per_clip": {
+            "warmup": _per_clip(datamodule.decoded, range(0, w), case["batch_size"]),
+            "timed": _per_clip(datamodule.decoded, range(w, w + s), case["batch_size"]),
+        },
+        "to_first_step_s": round(marks.times[0] - t0, 1),
+        "warmup_s": round(marks.times[w] - marks.times[0], 1),
         "peak_gib": _peak_gib(device),
         "fit_wall_s": round(wall, 1),
     }

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
@@ -191,7 +192,6 @@ def test_diversity_bench_knows_the_demo_videos_length():
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_bench_gpu_smoke_through_the_device_script(tmp_path):
     """benchmarks/on_device.sh (what a lent GPU machine runs) on the CPU: it installs the package into a folder of its
     own, then every part of bench_gpu.py (micro ViT, tiny video) writes its fields as it goes, then the compiled bare
@@ -204,7 +204,8 @@ def test_bench_gpu_smoke_through_the_device_script(tmp_path):
     (compiled,) = json.loads((out / "gpu_compiled" / "bench_gpu.json").read_text())["parts"]["bare/dora/b2"][
         "results"
     ]
-    assert compiled["clips_per_s"] > 0
+    assert compiled["clips_per_s"] > 0 and compiled["compile"] and compiled["compiled_regions"] > 0
+    assert json.loads((out / "gpu_compiled" / "bench_gpu.json").read_text())["settings"]["compile"] is True
     report = json.loads((out / "gpu" / "bench_gpu.json").read_text())
     assert report["smoke"] and report["machine"]["torch"] and report["date_utc"]
     parts = report["parts"]
@@ -221,6 +222,9 @@ def test_bench_gpu_smoke_through_the_device_script(tmp_path):
         assert (
             fit["steps_per_s"] > 0 and 0 <= fit["data_wait_fraction"] <= 1 and fit["tflops_per_s"] is not None
         )
+        # one cursor per clip of a batch; the timed steps decode far fewer frames per clip than the start-up
+        decoded = fit["decoded_frames_per_clip"]
+        assert fit["cursors"] == 2 and decoded["timed"] < decoded["warmup"] / 4
     table = (out / "gpu" / "bench_gpu.md").read_text()
     assert "| fit/dora/b2/gpu-aug |" in table and "smoke, CPU" in table
 
@@ -256,17 +260,111 @@ def test_batch_digest_of_the_demo_config_is_stable(tmp_path):
     assert first == second and len(first["batches"]) == 1 and first["videos"][0][1] == 1280
 
 
-def test_the_gpu_benchmarks_generated_video_feeds_every_worker_at_the_largest_batch():
-    """bench_gpu.py's fit parts at batch 64 with 14 workers: its 20 s video gave 55 clip starts per worker, not one
-    batch (the data module refused it); the default length now gives each worker two batches."""
+def _gpu_plan(*options: str):
     sys.path.insert(0, str(REPO))
-    from benchmarks.bench_gpu import fit_video_seconds
-    from benchmarks.common import wt_settings
-    from dora_lightning.data.sampling import ClipSpec, clips_per_shard
+    from benchmarks.bench_gpu import build_parser, plan
 
+    args = build_parser().parse_args(["unused_out", *options])
+    return args, *plan(args)
+
+
+def test_the_gpu_benchmarks_fit_parts_time_the_loaders_steady_state_not_its_start_up():
+    """bench_gpu.py's fit parts (14 workers, batch 16 and 64, on the generated video): a decode cursor's first clip is
+    a seek plus ~445 decoded frames, each later one ~start_step. With wt.yaml's cursors (2 x batch_size per worker)
+    and 5 warm-up steps, every clip of the 15 timed steps was some cursor's first (data wait ~0.9, and the b64 parts
+    could not make a batch in time). Now no timed clip starts a run, and every worker has the batches of the warm-up,
+    the timed steps, the step after them and the loader's look-ahead, so the epoch does not end (a new start-up)."""
+    from benchmarks.common import wt_settings
+    from dora_lightning.data.sampling import ClipSpec, cursors_per_worker, plan_shards
+
+    args, _, parts, video = _gpu_plan()
     _, data, _ = wt_settings()
     spec = ClipSpec(data["clip_length"], data["frame_stride"])
-    for workers, batch in ((14, 64), (14, 16), (8, 64)):
-        frames = fit_video_seconds(workers, batch, fps=60) * 60
-        assert clips_per_shard([spec.num_starts(frames)], workers, batch) >= 2 * batch
-    assert clips_per_shard([spec.num_starts(20 * 60)], 14, 64) == 0  # the old default
+    num_starts = [spec.num_starts(round(video["seconds"] * video["fps"]))]
+    fits = [(name, case) for name, case, _ in parts if name.startswith("fit")]
+    assert {case["batch_size"] for _, case in fits} == {16, 64} and len(fits) == 4
+    assert [name for name, _, _ in parts][-2:] == ["fit/dora/b64/gpu-aug", "fit/dora/b64/cpu-aug"]  # last
+    for name, case in fits:
+        workers, batch, warmup, steps = case["workers"], case["batch_size"], case["warmup"], case["steps"]
+        assert workers == args.workers == 14 and warmup >= workers + 1, name
+        cursors = cursors_per_worker(case.get("data", {}).get("cursors"), batch)
+        plans = plan_shards(
+            num_starts, spec, shards=range(workers), num_shards=workers, batch_size=batch, cursors=cursors,
+            start_step=data["start_step"], workers_per_rank=workers, seed=0, epoch=0,
+        )  # fmt: skip
+        fresh = 0
+        for step in range(warmup + steps + 2):  # + the step that ends the window and the look-ahead
+            plan = plans[step % workers]
+            first_of_run = np.unique(plan.run_index, return_index=True)[1]
+            batch_clips = np.arange((step // workers) * batch, (step // workers + 1) * batch)
+            assert batch_clips[-1] < len(plan), (
+                f"{name}: worker {step % workers} has no batch for step {step}"
+            )
+            if warmup <= step < warmup + steps:
+                fresh += np.isin(batch_clips, first_of_run).sum()
+        # a run starts only where a cursor's stretch crosses from one residue class of start_step to the next
+        assert fresh <= 0.01 * steps * batch, f"{name}: {fresh} of {steps * batch} timed clips start a cursor"
+    # the old default, a 20 s video, gave each of 14 workers 55 clip starts at batch 64: not one batch
+    assert clips_per_shard_of(20 * 60, spec, 14, 64) == 0
+
+
+def clips_per_shard_of(frames: int, spec, workers: int, batch: int) -> int:
+    from dora_lightning.data.sampling import clips_per_shard
+
+    return clips_per_shard([spec.num_starts(frames)], workers, batch)
+
+
+def test_the_bare_step_with_model_compile_runs_compiled_blocks(monkeypatch):
+    """``bench_gpu.py --compile``: ``model.compile`` acts in ``DoRAModule.configure_model()``, which only a Trainer
+    calls, so the bare step (no Trainer) ran eager while its row said compiled. It now compiles (here with dynamo's
+    eager backend, for speed); the warm-up steps pay for it, and the JSON's settings say whether the run compiled."""
+    import functools
+
+    import torch._dynamo
+
+    import dora_lightning.module as module_file
+    from benchmarks import gpu_cases
+    from benchmarks.bench_gpu import report_settings
+    from dora_lightning.models.compile import compile_regions_
+
+    args, common, parts, _ = _gpu_plan("--smoke", "--compile")
+    assert report_settings(args, common)["compile"] is True
+    assert report_settings(*_gpu_plan("--smoke")[:2])["compile"] is False
+    monkeypatch.setattr(module_file, "compile_regions_", functools.partial(compile_regions_, backend="eager"))
+    stepped = []
+
+    class RecordingStep(gpu_cases.BareStep):
+        def __init__(self, module, *rest) -> None:
+            stepped.append(module)
+            super().__init__(module, *rest)
+
+    monkeypatch.setattr(gpu_cases, "BareStep", RecordingStep)
+    case = dict((name, case) for name, case, _ in parts)["bare/dora/b2"]
+    # the smoke run's backend; without it the bare step calls configure_model(), as on a GPU
+    assert case.pop("compile_backend") == "eager"
+    torch._dynamo.reset()
+    try:
+        result = gpu_cases.time_bare(case | {"steps": 1}, "dora")
+    finally:
+        torch._dynamo.reset()
+    (module,) = stepped
+    assert module.student.backbone.blocks[0]._compiled_call_impl is not None
+    assert result["compile"] and result["compiled_regions"] == gpu_cases.compiled_regions(module) == 5
+    assert result["compile_backend"] == "inductor"  # what configure_model() asks for (eager here: patched)
+    assert result["warmup_steps"] >= 2 and result["graphs_compiled_timed"] == 0  # compiled in the warm-up
+
+
+def test_the_device_script_finds_the_repositorys_python_and_names_what_a_python_lacks(tmp_path):
+    """on_device.sh's documented smoke command (SMOKE=1, no PYTHON) used python3, which here lacks torch, and then
+    blamed missing wheels; it now takes .venv/bin/python when SMOKE is set, and says which modules a python lacks."""
+    script = [str(REPO / "benchmarks" / "on_device.sh"), str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"} | {"SMOKE": "1", "WHAT": "none"}
+    run = subprocess.run(script, capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 2 and "WHAT must be gpu or learning" in run.stdout  # checked before any set-up
+    if (REPO / ".venv" / "bin" / "python").exists():
+        assert f"PYTHON={REPO / '.venv' / 'bin' / 'python'}" in run.stdout, run.stdout
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    env = dict(os.environ, PYTHON=str(bare / "bin" / "python"), SITE=str(tmp_path / "site"))
+    run = subprocess.run(script, capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 2 and "lacks torch lightning timm" in run.stdout, run.stdout
