@@ -17,7 +17,8 @@ from dora_lightning.models.pos_embed import interpolate_pos_embed
 
 
 def dino_interpolate_pos_encoding(pos_embed: torch.Tensor, w0: int, h0: int) -> torch.Tensor:
-    """DINO's vision_transformer.py ``interpolate_pos_encoding`` for a w0 x h0 patch grid, written out as the formula."""
+    """DINO's vision_transformer.py ``interpolate_pos_encoding`` written out, for images whose ``B, nc, w, h =
+    x.shape`` gives w0 = w // patch, h0 = h // patch (so w0 counts rows)."""
     n = pos_embed.shape[1] - 1
     side, dim = int(math.sqrt(n)), pos_embed.shape[-1]
     patches = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
@@ -26,12 +27,13 @@ def dino_interpolate_pos_encoding(pos_embed: torch.Tensor, w0: int, h0: int) -> 
     return torch.cat([pos_embed[:, :1], patches.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
 
-@pytest.mark.parametrize("grid", [7, 4, 20])
-def test_square_grids_are_resampled_exactly_as_dino(grid):
+@pytest.mark.parametrize("grid", [(7, 7), (4, 4), (20, 20), (30, 53)])
+def test_grids_are_resampled_exactly_as_dino(grid):
+    """Local crops (7 x 7), the demo's (4 x 4), larger and DAVIS's 480p (30 x 53) grids."""
     torch.manual_seed(0)
     pos_embed = torch.randn(1, 1 + 14 * 14, 32) * 0.02
-    ours = interpolate_pos_embed(pos_embed, (grid, grid), (14, 14), 1)
-    torch.testing.assert_close(ours, dino_interpolate_pos_encoding(pos_embed, grid, grid), rtol=0, atol=0)
+    ours = interpolate_pos_embed(pos_embed, grid, (14, 14), 1)
+    torch.testing.assert_close(ours, dino_interpolate_pos_encoding(pos_embed, *grid), rtol=0, atol=0)
     assert interpolate_pos_embed(pos_embed, (14, 14), (14, 14), 1) is pos_embed
 
 

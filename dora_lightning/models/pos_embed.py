@@ -17,8 +17,8 @@ def interpolate_pos_embed(
     """The (1, prefix + gh * gw, C) position embedding of a (gh, gw) patch grid from ``pos_embed``, stored for the
     (sh, sw) grid: DINO's ``interpolate_pos_encoding``, bicubic with scale factors (g + 0.1) / s and no antialiasing
     (timm's resampling antialiases, which smooths a downsized embedding: at 14 -> 7 a fresh ViT-S's std 0.0083
-    against DINO's 0.0145); unchanged at the stored grid. Each factor goes with its own axis (DINO pairs the
-    width's with the rows, which only square grids, its training crops, do not notice)."""
+    against DINO's 0.0145); unchanged at the stored grid. The rows' factor goes with the rows, the columns' with the
+    columns (DINO's names them w and h, but takes w from the rows, so its grids are not transposed either)."""
     if tuple(grid) == tuple(stored):
         return pos_embed
     prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
