@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import multiprocessing
 import queue
@@ -48,6 +49,23 @@ def reports_of_all_processes(reports: list[dict[str, Any]], world_size: int) -> 
     return [report for part in gathered for report in part] if dist.get_rank() == 0 else None
 
 
+def end_daemonic_children() -> None:
+    """At the interpreter's exit, end the daemonic child processes still running (loader workers of an iterator still
+    referenced: a failure's traceback holds it, or a script that ends with one), before multiprocessing's own exit
+    handler, which sends them SIGTERM and then waits for them: loader workers ignore SIGTERM
+    (:func:`shield_worker_from_stop_signals`), so that wait never ended and the process never exited. Each gets
+    SIGTERM as before, and SIGKILL when it is still running a second later."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + 1.0
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
 class ClipLoader(DataLoader):
     """A DataLoader that tells its stream where to start (``position()``: epoch, batches already done and, for an
     epoch begun on other layouts, its rest; see ``VideoClipStream.set_position``) each time it is iterated,
@@ -68,6 +86,9 @@ class ClipLoader(DataLoader):
     ) -> None:
         kwargs.setdefault("worker_init_fn", shield_worker_from_stop_signals)
         super().__init__(dataset, collate_fn=collate_clips, **kwargs)
+        # once, and after multiprocessing's exit handler (so it runs first: atexit runs the last registered first)
+        atexit.unregister(end_daemonic_children)
+        atexit.register(end_daemonic_children)
         self._position, self._on_first_batch = position, on_first_batch
         self.recycle_blocks = recycle_blocks
         # seconds the consumer has waited for batches, all iterations together (dora_lightning.throughput reads it)
