@@ -83,6 +83,7 @@ class StopCheckpoint(Callback):
         self._last_step = 0
         self._agreement = StopAgreement()  # multi-process runs
         self._quieted: Any = None  # the epoch loop whose per-step SIGTERM broadcast is off
+        self._after_epoch_end = False  # a stop asked on an epoch's last step: taken after the epoch's end
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -102,7 +103,7 @@ class StopCheckpoint(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take SIGTERM, Ctrl-C and SLURM's requeue signal over for the training loop (Lightning's handlers are back
         after it)."""
-        self._trainer, self._received, self._agreed = trainer, None, None
+        self._trainer, self._received, self._agreed, self._after_epoch_end = trainer, None, None, False
         self._last_step = trainer.global_step
         self._requeue_signal = _slurm_requeue_signal(trainer)
         self._agreement.reset()
@@ -168,12 +169,21 @@ class StopCheckpoint(Callback):
         stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
         if request and stepped:
             self._agreed = signals[request - 1]
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                # the epoch's last step: its end comes first (its checkpoints; eval_during stands aside), then the
+                # stop (on_train_end). Stopped here, the epoch's checkpoint was never written, and a resumed run
+                # counted its epochs one short, so its later checkpoints resumed other clips
+                trainer.should_stop, self._after_epoch_end = True, True
+                return
             raise SIGTERMException
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Release the signals; a run that a limit or a callback ended before its planned steps says so in one line
         (Lightning's own line then names the epoch limit, even after a ``max_time`` stop inside the last epoch)."""
         self._release()
+        if self._after_epoch_end:
+            self._after_epoch_end = False
+            raise SIGTERMException
         planned = getattr(pl_module, "total_steps", None)
         if not isinstance(planned, int) or trainer.global_step >= planned or trainer.global_step == 0:
             return
@@ -215,7 +225,12 @@ class StopCheckpoint(Callback):
             saved = "nothing saved: checkpointing is off"
         else:
             path = folder / f"{STOPPED_PREFIX}{trainer.global_step}.ckpt"
-            trainer.save_checkpoint(path, weights_only=False)
+            try:
+                trainer.save_checkpoint(path, weights_only=False)
+            except KeyboardInterrupt:
+                # a second Ctrl-C while saving (the handlers are given back first): stopped at once, as promised
+                self._say(f"{stopped}; Ctrl-C again while saving: stopped at once, nothing saved")
+                raise SystemExit(1) from None
             if trainer.is_global_zero:
                 _remove_older_stops(folder, keep=path)
             self.saved, saved, wrote = path, f"saved {path}", True

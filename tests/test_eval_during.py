@@ -234,6 +234,22 @@ def test_sigterm_cuts_an_evaluation_short(tmp_path, clip_video, capfd):  # noqa:
     assert names == ["epoch=0-step=2.ckpt", f"{STOPPED_PREFIX}3.ckpt"]
 
 
+def test_a_stop_on_an_epochs_last_step_leaves_its_evaluation_out(tmp_path, clip_video, colours, capfd):  # noqa: F811
+    """SIGTERM on an epoch's last step: the epoch's checkpoint is written, its evaluation is left out (a preemption's
+    notice is short), then the run stops, saved."""
+    from test_stopping import SignalAt
+
+    knn = KNNEvaluator(ks=[3], data_dir=str(colours), image_size=32, batch_size=8, num_workers=0)
+    during = EvaluateDuringFit(knn, at_start=False)
+    saver = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_epochs=1, save_top_k=-1)
+    with pytest.raises(SystemExit) as stopped:
+        fit(tmp_path, clip_video, [SignalAt(2), during, StopCheckpoint(), saver], checkpoints=True)
+    assert stopped.value.code == 143 and during.history == []
+    assert "dora fit: eval_during (knn) after epoch 1 left out: the run is stopping" in capfd.readouterr().err
+    names = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
+    assert names == ["epoch=0-step=2.ckpt", f"{STOPPED_PREFIX}2.ckpt"]
+
+
 def _linear_fit_command(root: Path, colours: Path, *extra: str) -> list[str]:
     """fit_command with the linear probe (1 epoch) in place of k-NN, 1 epoch of training, 2 DDP processes."""
     command = [

@@ -96,6 +96,41 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(
     check_resumed(resumed, batches, expected, straight_batches, step)
 
 
+def test_a_stop_on_an_epochs_last_step_takes_the_epochs_end_first(tmp_path, short_video, straight):
+    """The epoch's own checkpoint is written before the stop, and a run resumed from that stop counts its epochs
+    right: stopped again mid-epoch, it resumes exactly. Before, the stop came before the epoch's end (no epoch
+    checkpoint), and the resumed run counted its epochs one short: its stop saved epoch 0's position, whose resume
+    trained epoch 0's clips again."""
+    by_steps, expected, straight_batches = straight
+    root = tmp_path / "a"
+    first = StopCheckpoint()
+    epochs = ModelCheckpoint(
+        dirpath=root / "checkpoints", every_n_epochs=1, save_top_k=-1, filename="end-{epoch}"
+    )
+    pl.seed_everything(0)
+    with pytest.raises(SystemExit) as stopped:
+        fit(root, short_video, by_steps=by_steps, callbacks=[SignalAt(BATCHES), epochs, first])
+    assert (
+        stopped.value.code == 143 and first.saved == root / "checkpoints" / f"{STOPPED_PREFIX}{BATCHES}.ckpt"
+    )
+    assert (root / "checkpoints" / "end-epoch=0.ckpt").is_file()
+    second = StopCheckpoint()
+    saver = ModelCheckpoint(dirpath=tmp_path / "b" / "checkpoints", every_n_train_steps=1000)
+    with pytest.raises(SystemExit):
+        fit(
+            tmp_path / "b",
+            short_video,
+            by_steps,
+            ckpt=first.saved,
+            callbacks=[SignalAt(BATCHES + 2), saver, second],
+        )
+    position = torch.load(second.saved, weights_only=True)["VideoClipDataModule"]
+    assert (position["epoch"], position["batches_done"]) == (1, 2)
+    pl.seed_everything(123)
+    resumed, batches = fit(tmp_path / "c", short_video, by_steps=by_steps, ckpt=second.saved)
+    check_resumed(resumed, batches, expected, straight_batches, BATCHES + 2)
+
+
 def test_no_stop_inside_gradient_accumulation(tmp_path, short_video):
     """Asked to stop after the first of 2 accumulated batches, the run stops after the second (the optimiser's
     step): the accumulated gradients are not in a checkpoint."""
@@ -133,6 +168,38 @@ def test_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, short_video,
     stopped, stopper = stop_run(tmp_path, short_video, SignalAt(2, (signal.SIGINT, signal.SIGINT)))
     assert stopped.code == 1  # Lightning's KeyboardInterrupt exit
     assert stopper.saved is None and not list(tmp_path.rglob(f"{STOPPED_PREFIX}*"))
+
+
+class SignalOnSave(Callback):
+    """Sends SIGINT to this process while a checkpoint of step ``step`` is being written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_second_ctrl_c_while_saving_stops_at_once_in_one_line(tmp_path, short_video, keep_sigint, capsys):
+    """It gave a KeyboardInterrupt traceback and exit 130 (a saved Ctrl-C stop's status)."""
+    stopper = StopCheckpoint()
+    saver = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1000)
+    pl.seed_everything(0)
+    with pytest.raises(SystemExit) as stopped:
+        fit(
+            tmp_path,
+            short_video,
+            False,
+            callbacks=[SignalAt(2, (signal.SIGINT,)), SignalOnSave(2), saver, stopper],
+        )
+    assert stopped.value.code == 1 and stopper.saved is None
+    assert not list(tmp_path.rglob(f"{STOPPED_PREFIX}*")) and not list(tmp_path.rglob("*.tmp*"))
+    err = capsys.readouterr().err
+    assert (
+        "dora fit: stopped by Ctrl-C after step 2; Ctrl-C again while saving: stopped at once, nothing saved"
+        in err
+    )
 
 
 def test_save_false_stops_without_a_checkpoint(tmp_path, short_video, capsys):

@@ -110,9 +110,20 @@ class EvaluateDuringFit(Callback):
             return
         epoch = trainer.current_epoch + 1  # epochs completed
         last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch  # -1: no epoch limit
-        if self.every_n_epochs and (epoch % self.every_n_epochs == 0 or last):
-            # after training has run, a failing evaluation is said and training goes on (the epoch is not lost)
-            self._evaluate(trainer, pl_module, epoch=epoch, strict=False)
+        if not (self.every_n_epochs and (epoch % self.every_n_epochs == 0 or last)):
+            return
+        if trainer.should_stop:
+            # a stop (SIGTERM, Ctrl-C, max_time, the collapse guard) ends the run at this epoch's end: it is not kept
+            # waiting for an evaluation (a preemption's notice is short), and an epoch cut short is not evaluated as
+            # done
+            if trainer.is_global_zero:
+                name = evaluator_name(type(self.evaluator))
+                sys.stderr.write(
+                    f"dora fit: eval_during ({name}) after epoch {epoch} left out: the run is stopping\n"
+                )
+            return
+        # after training has run, a failing evaluation is said and training goes on (the epoch is not lost)
+        self._evaluate(trainer, pl_module, epoch=epoch, strict=False)
 
     def _evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None, strict: bool
