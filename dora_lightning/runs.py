@@ -104,8 +104,10 @@ def checkpoint_folders(trainer_config: Mapping[str, Any]) -> list[Path]:
 
 
 def find_last_checkpoint(folders: Iterable[Path]) -> Path | None:
-    """What ``--ckpt_path last`` resumes: the newest ``.ckpt`` (a file, or a link to one) in ``folders``, whatever its
-    name (``last.ckpt``, a rolling mid-epoch checkpoint written after it, ...), by modification time."""
+    """What ``--ckpt_path last`` resumes: the ``.ckpt`` (a file, or a link to one) in ``folders`` furthest into the run
+    (the largest ``global_step`` it holds), whatever its name (``last.ckpt``, a rolling mid-epoch checkpoint written
+    after it, ...); the newest of those by modification time. By modification time alone, a run folder copied
+    without its times (``cp -r``) resumed an older stop's checkpoint."""
     candidates = [
         path
         for folder in folders
@@ -113,7 +115,24 @@ def find_last_checkpoint(folders: Iterable[Path]) -> Path | None:
         for path in folder.iterdir()
         if path.suffix == ".ckpt" and not path.name.startswith(".") and path.is_file()
     ]
-    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, LAST in p.name)) if candidates else None
+    return (
+        max(candidates, key=lambda p: (_global_step(p), p.stat().st_mtime_ns, LAST in p.name))
+        if candidates
+        else None
+    )
+
+
+def _global_step(path: Path) -> int:
+    """The ``global_step`` a Lightning checkpoint holds (read through a memory map: the weights are not read), or -1
+    for a file that is not one."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable file ranks last; resuming it says what is wrong
+        return -1
+    step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    return step if isinstance(step, int) else -1
 
 
 def model_differences(model_config: Mapping[str, Any], hyper_parameters: Mapping[str, Any]) -> list[str]:

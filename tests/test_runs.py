@@ -134,6 +134,20 @@ def test_last_is_the_newest_checkpoint_of_the_run_folders(tmp_path: Path) -> Non
     assert find_last_checkpoint([folder]) == newer
 
 
+def test_last_is_the_checkpoint_furthest_into_the_run_whatever_its_time(tmp_path: Path) -> None:
+    """A run folder copied without its times (`cp -r`): an older stop's checkpoint can be the newest file."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, step, mtime in [("stopped-step=10.ckpt", 10, 3e9), ("epoch=1-step=20.ckpt", 20, 2e9)]:
+        torch.save({"global_step": step, "state_dict": {"w": torch.zeros(2)}}, folder / name)
+        os.utime(folder / name, (mtime, mtime))
+    (folder / "last.ckpt").symlink_to("epoch=1-step=20.ckpt")
+    os.utime(folder / "last.ckpt", (1e9, 1e9), follow_symlinks=False)
+    assert find_last_checkpoint([folder]) == folder / "last.ckpt"
+    (folder / "last.ckpt").unlink()
+    assert find_last_checkpoint([folder]) == folder / "epoch=1-step=20.ckpt"
+
+
 def test_model_differences_name_the_options_that_changed() -> None:
     saved = {"depth": 2, "base_lr": 0.0005, "log_images_every_n_steps": 500, "old_option": 1}
     now = {"depth": 4, "base_lr": 0.0005, "log_images_every_n_steps": 10, "new_option": 3}
