@@ -83,7 +83,9 @@ class StopCheckpoint(Callback):
         self._last_step = 0
         self._agreement = StopAgreement()  # multi-process runs
         self._quieted: Any = None  # the epoch loop whose per-step SIGTERM broadcast is off
-        self._after_epoch_end = False  # a stop asked on an epoch's last step: taken after the epoch's end
+        self._stop_pending = (
+            False  # a stop decided at a batch's end, taken at the next batch's start or the run's end
+        )
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -103,7 +105,7 @@ class StopCheckpoint(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take SIGTERM, Ctrl-C and SLURM's requeue signal over for the training loop (Lightning's handlers are back
         after it)."""
-        self._trainer, self._received, self._agreed, self._after_epoch_end = trainer, None, None, False
+        self._trainer, self._received, self._agreed, self._stop_pending = trainer, None, None, False
         self._last_step = trainer.global_step
         self._requeue_signal = _slurm_requeue_signal(trainer)
         self._agreement.reset()
@@ -156,9 +158,10 @@ class StopCheckpoint(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Stop after a batch whose optimiser step ran (not inside gradient accumulation) when any process was asked
-        to: every process takes the same decision, on the same signal, at the same batch (in a multi-process run one
-        all-reduce of the signal's precedence per batch, acted on a batch later; none in a single-process one)."""
+        """Decide to stop after a batch whose optimiser step ran (not inside gradient accumulation) when any process
+        was asked to: every process takes the same decision, on the same signal, at the same batch (in a
+        multi-process run one all-reduce of the signal's precedence per batch, acted on a batch later; none in a
+        single-process one)."""
         signals = self._signals()
         received = self._received
         if received is None and trainer.received_sigterm:  # Lightning's handler, before this fit's loop began
@@ -168,21 +171,29 @@ class StopCheckpoint(Callback):
             request = self._agreement.exchange(request, trainer.strategy)
         stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
         if request and stepped:
-            self._agreed = signals[request - 1]
+            # taken once Lightning has finished this step (its metrics logged, its counters complete): at the next
+            # batch's start, or at the run's end. Raised here, the step's metrics were never logged
+            self._agreed, self._stop_pending = signals[request - 1], True
             if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
                 # the epoch's last step: its end comes first (its checkpoints; eval_during stands aside), then the
-                # stop (on_train_end). Stopped here, the epoch's checkpoint was never written, and a resumed run
-                # counted its epochs one short, so its later checkpoints resumed other clips
-                trainer.should_stop, self._after_epoch_end = True, True
-                return
+                # run ends (on_train_end), the next epoch unstarted. Stopped here, the epoch's checkpoint was never
+                # written, and a resumed run counted its epochs one short, so its later checkpoints resumed other clips
+                trainer.should_stop = True
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """The stop decided at the previous batch's end (:meth:`on_train_batch_end`)."""
+        if self._stop_pending:
+            self._stop_pending = False
             raise SIGTERMException
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Release the signals; a run that a limit or a callback ended before its planned steps says so in one line
         (Lightning's own line then names the epoch limit, even after a ``max_time`` stop inside the last epoch)."""
         self._release()
-        if self._after_epoch_end:
-            self._after_epoch_end = False
+        if self._stop_pending:  # decided on the run's last step, or on an epoch's last
+            self._stop_pending = False
             raise SIGTERMException
         planned = getattr(pl_module, "total_steps", None)
         if not isinstance(planned, int) or trainer.global_step >= planned or trainer.global_step == 0:

@@ -131,6 +131,28 @@ def test_a_stop_on_an_epochs_last_step_takes_the_epochs_end_first(tmp_path, shor
     check_resumed(resumed, batches, expected, straight_batches, BATCHES + 2)
 
 
+def test_the_step_a_stop_is_taken_on_is_logged(tmp_path, short_video):
+    """Its metrics (train/loss, ...) reached the loggers for every step but the one the stop was taken on."""
+    from test_throughput import Recorded
+
+    logger, stopper = Recorded(), StopCheckpoint()
+    saver = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1000)
+    trainer = make_trainer(
+        tmp_path,
+        -1,
+        max_epochs=3,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=True,
+        callbacks=[SignalAt(4), saver, stopper],
+    )
+    pl.seed_everything(0)
+    with pytest.raises(SystemExit) as stopped:
+        trainer.fit(DoRAModule(**MICRO), datamodule=make_data(short_video))
+    assert stopped.value.code == 143 and stopper.saved.name == f"{STOPPED_PREFIX}4.ckpt"
+    assert [step for step, metrics in logger.rows if "train/loss" in metrics] == [0, 1, 2, 3]
+
+
 def test_no_stop_inside_gradient_accumulation(tmp_path, short_video):
     """Asked to stop after the first of 2 accumulated batches, the run stops after the second (the optimiser's
     step): the accumulated gradients are not in a checkpoint."""
