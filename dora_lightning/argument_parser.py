@@ -68,6 +68,84 @@ FIT_EVALUATOR = "eval_during.evaluator"
 EVALUATOR_KEYS = (VALIDATE_EVALUATOR, FIT_EVALUATOR)
 
 
+_UNION_FAILED = "Does not validate against any of the Union subtypes"
+_LITERAL = re.compile(r"^Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$")
+_PLAIN_KEY = re.compile(r'^Parser key "([\w.]+)": (Expected a typing\.Literal\[.*)$')
+_CLASS_OPTION = re.compile(
+    r'^Parser key "([\w.]+)": ' + _UNION_FAILED + r" .*?Errors: - Problem with given class_path '[\w.]+': "
+    r'Parser key "(\w+)": (.*?)(?: - Expected a <class \'NoneType\'>)? Given value type: '
+)
+
+
+def option_name(key: str, option: str) -> str:
+    """How a message names ``option`` of the class given at ``key``: an evaluator's as its command-line flag
+    (``--evaluator.ks``), others (``data.transform``) as their config key (``data.transform.init_args.hue``)."""
+    return f"--{key}.{option}" if key in EVALUATOR_KEYS else f"{key}.init_args.{option}"
+
+
+def _value_problem(name: str, problem: str) -> str:
+    """``NAME: PROBLEM``; a value outside a Literal's set as ``NAME must be one of 'a', 'b', got V``."""
+    literal = _LITERAL.match(problem)
+    if literal is not None:
+        allowed, given = literal.groups()
+        return f"{name} must be one of {allowed}, got {given}"
+    return f"{name}: {problem}"
+
+
+def refused_option_value(message: str) -> str | None:
+    """jsonargparse's refusal of a value at parse time, said in one short line naming the option: a value outside
+    a Literal's set (``model.mask_mode must be one of 'keep', 'remove', got nope``), or any refused value of an
+    option of a class given by ``class_path`` (``data.transform.init_args.crop_backend ...``, ``--evaluator.optimizer
+    ...``), which jsonargparse buries in its "Does not validate against any of the Union subtypes" text; None for
+    any other message."""
+    nested = _CLASS_OPTION.match(message)
+    if nested is not None:
+        key, option, problem = nested.groups()
+        return _value_problem(option_name(key, option), problem.strip())
+    plain = _PLAIN_KEY.match(message)
+    if plain is not None:
+        return _value_problem(*plain.groups())
+    return None
+
+
+def _instantiated_key(err: BaseException) -> str | None:
+    """The key (``data.transform``) jsonargparse's ``instantiate`` was instantiating when ``err`` was raised."""
+    key = None
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "instantiate" and frame.f_code.co_filename.endswith("_instantiation.py"):
+            key = getattr(frame.f_locals.get("component"), "dest", None) or key
+        tb = tb.tb_next
+    return key
+
+
+def refused_init_value(err: ValueError) -> ValueError | None:
+    """A class given by ``class_path`` (``data.transform``: ClipMultiCrop) that refused a value when it was built
+    (``hue must be in [0, 0.5], got 0.7``) comes out of jsonargparse as a ValueError of its own, "Does not validate
+    against any of the Union subtypes ... Given value: Namespace(...)", which is not one of our user errors and was
+    printed as a traceback; this is the class's own error, naming the option (``data.transform.init_args.hue: hue
+    must be ...``), with the class's traceback (so that `dora` prints it in one line, or with ``--verbose`` in full).
+    None for any other error, and for the evaluators', which `dora validate` and ``eval_during`` report themselves."""
+    from dora_lightning.errors import is_user_error, one_line
+
+    cause = err.__cause__
+    if (
+        not str(err).startswith(_UNION_FAILED)
+        or not isinstance(cause, ValueError)
+        or not is_user_error(cause)
+    ):
+        return None
+    key = _instantiated_key(err)
+    if key is None or key in EVALUATOR_KEYS:
+        return None
+    reason = one_line(cause)
+    word = re.match(r"\w+", reason)
+    named = word is not None and re.search(rf"\b{word.group()}=", str(err)) is not None
+    option = option_name(key, word.group()) if named else key
+    return ValueError(f"{option}: {reason}").with_traceback(cause.__traceback__)
+
+
 def resolve_config_evaluators(config: Any) -> list[str]:
     """Resolve, in a loaded config (``config``, changed in place), an evaluator named by its registered short name
     or class name (``evaluator: knn``, ``class_path: knn``, ``class_path: KNNEvaluator``) at :data:`EVALUATOR_KEYS`
@@ -220,6 +298,16 @@ class DoraArgumentParser(LightningArgumentParser):
             self.error(f"{path or 'the config'}: {err}")
         return json.dumps(config) if changed else content
 
+    def instantiate(self, *args: Any, **kwargs: Any) -> Any:
+        # a value refused by a class given by class_path, e.g. ClipMultiCrop's hue 0.7: one line naming the option
+        try:
+            return super().instantiate(*args, **kwargs)
+        except ValueError as err:
+            refused = refused_init_value(err)
+            if refused is None:
+                raise
+            raise refused from err
+
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         # jsonargparse parses nested values with exit_on_error off and expects its ArgumentError; its documented
         # JSONARGPARSE_DEBUG environment variable asks for its own (full) errors
@@ -232,4 +320,7 @@ class DoraArgumentParser(LightningArgumentParser):
         plugin = unknown_plugin_option(text)
         if plugin is not None:
             exit_with_error(prog, f"{plugin} (options: {prog} --help)")
+        refused = refused_option_value(text)
+        if refused is not None:
+            exit_with_error(prog, refused)
         exit_with_error(prog, f"{text}{did_you_mean(text, parser)} (options: {prog} --help)")

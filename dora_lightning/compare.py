@@ -361,7 +361,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     quiet_lightning()
     if not args.config.is_file():
-        raise SystemExit(f"error: --config '{args.config}' does not exist; give a `dora fit` YAML config")
+        from dora_lightning.errors import exit_with_error
+
+        exit_with_error(
+            "dora compare", f"--config '{args.config}' does not exist; give a `dora fit` YAML config"
+        )
     comparison = Comparison(
         config=args.config,
         output_dir=args.output_dir,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,27 @@ def refuse_other_model(path: Path, checkpoint: Mapping[str, Any], model_config: 
         )
 
 
+def _with_built_sizes(model_config: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``model_config`` (as plain values) with the backbone sizes it leaves unset (None: the timm model's own) read
+    from the student backbone's weights in ``state_dict``, so that a refusal names real sizes (``model.embed_dim
+    192 -> 96``, not ``None -> 96``)."""
+    config = dict(_plain(model_config))
+    prefix = "student.backbone."
+    weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    built: dict[str, Any] = {}
+    if "cls_token" in weights:
+        built["embed_dim"] = int(weights["cls_token"].shape[-1])
+    if "patch_embed.proj.weight" in weights:
+        built["patch_size"] = int(weights["patch_embed.proj.weight"].shape[-1])
+    blocks = {int(m.group(1)) for k in weights if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if blocks:
+        built["depth"] = max(blocks) + 1
+    for key, value in built.items():
+        if key in config and config[key] is None:
+            config[key] = value
+    return config
+
+
 def load_initial_weights(module: Any, path: Path, model_config: Mapping[str, Any]) -> None:
     """``--init_from``: load the weights (student, teacher, heads, centre) of another run's `dora fit` checkpoint into
     ``module`` for a new run (fresh optimiser, schedules and data position); the architecture must match."""
@@ -238,9 +260,10 @@ def load_initial_weights(module: Any, path: Path, model_config: Mapping[str, Any
     try:
         module.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as err:  # missing, unexpected or differently shaped tensors
-        saved = checkpoint.get("hyper_parameters") or {}
+        saved = _with_built_sizes(checkpoint.get("hyper_parameters") or {}, checkpoint["state_dict"])
+        now = _with_built_sizes(model_config, module.state_dict())
         first = str(err).strip().splitlines()[-1].strip()
-        differences = model_differences(model_config, saved) or [first]
+        differences = model_differences(now, saved) or [first]
         raise CheckpointRefused(
             f"--init_from: '{path}' holds another architecture ({', '.join(differences)}); use a checkpoint of the "
             "same backbone and head sizes"

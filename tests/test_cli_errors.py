@@ -144,6 +144,91 @@ def test_an_option_the_transform_lacks_is_named_with_the_ones_it_has(where, in_r
     assert "global_size, local_size" in line and "did you mean --data.transform.global_size?" in line
 
 
+@pytest.mark.parametrize(
+    ("where", "key", "value", "expected"),
+    [
+        ("command_line", "hue", "0.7", "data.transform.init_args.hue: hue must be in [0, 0.5], got 0.7"),
+        ("config", "hue", "0.7", "data.transform.init_args.hue: hue must be in [0, 0.5], got 0.7"),
+        (
+            "config",
+            "global_size",
+            "0",
+            "data.transform.init_args.global_size: global_size must be an integer >= 1, got 0",
+        ),
+        (
+            "command_line",
+            "std",
+            "[0.2,0,0.2]",
+            "data.transform.init_args.std: std values must be > 0, got (0.2, 0.0, 0.2)",
+        ),
+    ],
+)
+def test_a_value_the_transform_refuses_is_one_line_naming_it(where, key, value, expected, in_repo, capsys):
+    """ClipMultiCrop's refusal came wrapped in jsonargparse's "Does not validate against any of the Union subtypes"
+    error, raised by jsonargparse: a traceback with exit status 1."""
+    if where == "config":
+        config = in_repo / "overlay.yaml"
+        config.write_text(f"data:\n  transform:\n    init_args:\n      {key}: {value}\n")
+        given = ["--config", str(config)]
+    else:
+        given = [f"--data.transform.init_args.{key}", value]
+    line = _run(["fit", *FAST, "--trainer.default_root_dir", str(in_repo), *given], capsys)
+    assert line == f"dora fit: error: {expected}"
+
+
+def test_a_value_the_transform_refuses_shows_its_traceback_on_demand(in_repo, monkeypatch):
+    monkeypatch.setenv("DORA_TRACEBACK", "1")
+    with pytest.raises(
+        ValueError, match=r"^data.transform.init_args.hue: hue must be in \[0, 0.5\], got 0.7$"
+    ):
+        main(
+            [
+                "fit",
+                *FAST,
+                "--trainer.default_root_dir",
+                str(in_repo),
+                "--data.transform.init_args.hue",
+                "0.7",
+            ]
+        )
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["fit", *FAST, "--data.transform.init_args.crop_backend", "nope"],
+            "dora fit: error: data.transform.init_args.crop_backend must be one of 'roi_align', 'interpolate', "
+            "got nope",
+        ),
+        (
+            ["fit", *FAST, "--model.mask_mode", "nope"],
+            "dora fit: error: model.mask_mode must be one of 'keep', 'remove', got nope",
+        ),
+        (
+            [
+                "validate",
+                "--evaluator",
+                "segmentation",
+                "--evaluator.optimizer",
+                "adam",
+                "--ckpt_path",
+                "x.ckpt",
+            ],
+            "dora validate: error: --evaluator.optimizer must be one of 'adamw', 'sgd', got adam",
+        ),
+        (
+            ["fit", *FAST, "--data.transform.init_args.hue", "abc"],
+            "dora fit: error: data.transform.init_args.hue: Expected a <class 'float'>. Got value: abc",
+        ),
+    ],
+)
+def test_a_value_outside_a_fixed_set_is_one_short_line(argv, expected, in_repo, capsys):
+    """jsonargparse's text for a Literal option of a class (crop_backend, an evaluator's optimizer) was several
+    hundred characters ("Does not validate against any of the Union subtypes ... Given value: NestedArg(...)")."""
+    assert _run([*argv, "--trainer.default_root_dir", str(in_repo)], capsys) == expected
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable CUDA GPU")
 def test_a_gpu_config_on_a_machine_without_one_says_how_to_run_on_the_cpu(in_repo, capsys):
     line = _run(

@@ -201,3 +201,14 @@ def test_dino_gets_dinos_augmentation(capsys, monkeypatch):
         t = ClipMultiCrop(**args)
         assert (t.num_global_crops, t.global_blur_prob, t.global_solarize_prob) == (1, (0.1,), (0.0,))
         assert t.local_flip_prob == 0.0
+
+
+def test_a_missing_config_is_one_line_with_exit_status_2(tmp_path, capsys):
+    """It exited 1 with `error: ...` (no `dora compare:` in front), unlike every other user error."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(tmp_path / "nope.yaml"), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"dora compare: error: --config '{tmp_path / 'nope.yaml'}' does not exist; give a `dora fit` YAML config\n"
+    )
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -151,12 +152,55 @@ def test_broken_plugin_gives_a_clear_error(tmp_path, monkeypatch):
     assert set(failures) == {"broken"}
 
 
-def test_third_party_cannot_take_a_builtin_name(tmp_path, monkeypatch):
+def test_third_party_cannot_take_a_builtin_name(tmp_path, monkeypatch, capsys):
+    """The clash is said once per process, in one line (it was a UserWarning with a code path in front, printed
+    once for each place that read the registry: two or three times per command)."""
     root = make_distribution(tmp_path / "site", "squatter", {"knn": "squat:Evaluator"}, {})
     monkeypatch.syspath_prepend(str(root))
-    with pytest.warns(UserWarning, match="'knn' registered by squatter"):
-        known = available_evaluators()
+    monkeypatch.setattr(registry, "_WARNED", set(), raising=False)
+    monkeypatch.setattr("sys.argv", ["/venv/bin/dora", "validate", "--evaluator", "nosuch"])
+    known = available_evaluators()
     assert known["knn"].target == "evaluators.knn:KNNEvaluator"
+    assert get_evaluator_class("knn") is KNNEvaluator
+    import_registered()
+    with pytest.raises(ValueError, match="unknown evaluator 'nosuch'"):
+        get_evaluator_class("nosuch")
+    assert capsys.readouterr().err == (
+        "dora validate: warning: evaluator name 'knn' registered by squatter (squat:Evaluator) is already taken by "
+        "dora-lightning (evaluators.knn:KNNEvaluator); use --evaluator squat:Evaluator to run it\n"
+    )
+
+
+def test_a_wrong_plugin_target_is_named_once_without_stray_punctuation(tmp_path, monkeypatch):
+    """The messages read `... registered by DIST,: module ...` (a stray ",:")."""
+    root = make_distribution(
+        tmp_path / "site",
+        "wrong-dist",
+        {"nope": "wrong_eval:Nope", "notone": "wrong_eval:NotAnEvaluator", "broken": "broken_x:Whatever"},
+        {
+            "wrong_eval": "class NotAnEvaluator:\n    pass\n",
+            "broken_x": "import not_installed_dependency_xyz\n",
+        },
+    )
+    monkeypatch.syspath_prepend(str(root))
+    messages = {}
+    for name in ("nope", "notone", "broken"):
+        with pytest.raises((ValueError, ImportError)) as info:
+            get_evaluator_class(name)
+        messages[name] = str(info.value)
+    assert messages["nope"] == (
+        "evaluator 'nope' (wrong_eval:Nope, registered by wrong-dist): module 'wrong_eval' has no attribute 'Nope'"
+    )
+    assert messages["notone"].startswith(
+        "evaluator 'notone' (wrong_eval:NotAnEvaluator, registered by wrong-dist) is not a subclass of "
+        "dora_lightning.evaluation.contract.Evaluator (got <class 'wrong_eval.NotAnEvaluator'>)"
+    )
+    assert messages["broken"].startswith(
+        "evaluator 'broken' (broken_x:Whatever, registered by wrong-dist) failed to import: ModuleNotFoundError: "
+    )
+    assert not any(",:" in m or ", (" in m for m in messages.values()), messages
+    for module in ("wrong_eval", "broken_x"):
+        sys.modules.pop(module, None)
 
 
 # ---------------------------------------------------------------------------------------------------- base class

@@ -365,6 +365,18 @@ def test_evaluator_arguments_and_trainer_kwargs(colour_data: Path, tmp_path: Pat
         evaluator(tmp_path / "missing").evaluate(micro_vit(), trainer_kwargs(tmp_path))
 
 
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_a_spawned_strategy_on_one_device_is_refused(
+    strategy: str, colour_data: Path, tmp_path: Path
+) -> None:
+    """Lightning starts a worker process for a spawn/fork strategy also on one device; the probe was let through and
+    crashed pickling its metrics (a traceback) instead of the one-line refusal given for several devices."""
+    with pytest.raises(
+        EvaluatorSettingError, match="the linear probe cannot run under a spawned/forked strategy"
+    ):
+        evaluator(colour_data).evaluate(micro_vit(), trainer_kwargs(tmp_path, devices=1, strategy=strategy))
+
+
 def test_a_single_class_is_refused_in_one_line(tmp_path: Path) -> None:
     """One class folder used to end in a traceback from inside the probe; now one line, before any training."""
     root = write_mixed_folder(tmp_path / "one", val_counts=(2,))

@@ -313,3 +313,31 @@ def test_a_resumed_run_logs_on_in_its_tensorboard_folder(tmp_path: Path) -> None
         steps=7,
     )
     assert sorted(p.name for p in (run / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+
+
+def test_init_from_names_the_sizes_the_checkpoint_holds(tmp_path: Path) -> None:
+    """A size the checkpoint's config left unset (None: the timm model's own) was shown as None
+    (`model.embed_dim None -> 96`); the refusal names the size its weights hold."""
+    from dora_lightning.checkpoint_formats import PRETRAIN_KIND
+    from dora_lightning.runs import CheckpointRefused, load_initial_weights
+
+    saved = {
+        "student.backbone.cls_token": torch.zeros(1, 1, 192),
+        "student.backbone.patch_embed.proj.weight": torch.zeros(192, 3, 8, 8),
+        "student.backbone.blocks.3.norm1.weight": torch.zeros(192),
+    }
+    ckpt = tmp_path / "run.ckpt"
+    torch.save(
+        {
+            "dora": {"kind": PRETRAIN_KIND},
+            "state_dict": saved,
+            "hyper_parameters": {"backbone": "vit_tiny_patch16_224", "embed_dim": None, "depth": 4},
+        },
+        ckpt,
+    )
+    module = torch.nn.Module()
+    module.student = torch.nn.Module()
+    module.student.backbone = torch.nn.Module()
+    module.student.backbone.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 96))
+    with pytest.raises(CheckpointRefused, match=r"holds another architecture \(model.embed_dim 192 -> 96\)"):
+        load_initial_weights(module, ckpt, {"backbone": "vit_tiny_patch16_224", "embed_dim": 96, "depth": 4})

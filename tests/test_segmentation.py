@@ -365,6 +365,17 @@ def test_evaluator_arguments_and_errors(voc_fixture: Path, tmp_path: Path) -> No
         )
 
 
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_a_spawned_strategy_on_one_device_is_refused(
+    strategy: str, voc_fixture: Path, tmp_path: Path
+) -> None:
+    """As for several devices: one spawned worker process would keep the results (it crashed pickling the metrics)."""
+    with pytest.raises(
+        EvaluatorSettingError, match="the segmentation evaluator cannot run under a spawned/forked strategy"
+    ):
+        evaluator(voc_fixture).evaluate(micro_vit(), trainer_kwargs(tmp_path, devices=1, strategy=strategy))
+
+
 @pytest.mark.slow
 def test_bench_seg_smoke(tmp_path: Path) -> None:
     """benchmarks/bench_seg.py runs both cases at a tiny size and reports every field (speed is not asserted)."""

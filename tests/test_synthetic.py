@@ -171,6 +171,48 @@ def test_bad_arguments_are_refused(tmp_path):
         make_voc_fixture(tmp_path, video="nope.mp4")
 
 
+PROG = "python -m dora_lightning.evaluation.synthetic"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["davis", "--objects", "300"],
+            "--objects must be between 1 and 254 per sequence (255 is void), got 300",
+        ),
+        (
+            ["davis", "--frames", "2"],
+            "--frames must be >= 3 (DAVIS scoring skips the first and the last frame), got 2",
+        ),
+        (
+            ["davis", "--video", "/nope.mp4"],
+            "--video '/nope.mp4' not found; give a readable video file (default assets/video/vtest.mp4)",
+        ),
+        (["voc", "--images", "1"], "--images must be >= 2, got 1"),
+        (["ade20k", "--classes", "255"], "--classes must be between 1 and 254 (255 is void), got 255"),
+        (
+            ["davis", "--objects", "40", "--height", "48", "--width", "64"],
+            "could not place 40 objects visibly in the first frame of (48, 64); use fewer objects",
+        ),
+        (
+            ["shapes", "--height", "64", "--width", "32"],
+            "shapes images are square: give --height and --width equal",
+        ),
+        (["images_video"], "images_video needs --image_dir, the folder whose images become the frames"),
+        (["davis", "--nope", "1"], "unrecognized arguments: --nope 1 (options: " + PROG + " --help)"),
+    ],
+)
+def test_a_refused_argument_is_one_line_naming_its_flag(argv, expected, tmp_path, capsys):
+    """--objects 300, --frames 2 and a missing --video were tracebacks (exit status 1; the video's message said
+    `video=`, the Python argument); argparse's own errors came with the usage text."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{PROG}: error: {expected}"), err
+
+
 def test_shapes_layout_and_only_the_outline_tells_classes_apart(tmp_path):
     root = make_shapes_fixture(tmp_path / "s", per_class_train=12, per_class_val=4, size=32, seed=0)
     for split, count in (("train", 12), ("val", 4)):

@@ -55,10 +55,11 @@ def probe_trainer_kwargs(
 
 
 def refuse_spawned_strategy(trainer: pl.Trainer, who: str) -> None:
-    """Raise :class:`EvaluatorSettingError` under a multi-process spawn/fork strategy: a probe's results would stay
-    in the workers."""
+    """Raise :class:`EvaluatorSettingError` under a spawn/fork strategy: a probe's results would stay in the
+    workers. Lightning starts the worker processes of such a strategy also for one device (``--trainer.strategy
+    ddp_spawn`` alone: until 2026-12-06 it was let through and crashed pickling the probe's metrics)."""
     start_method = getattr(trainer.strategy, "_start_method", "popen")
-    if start_method != "popen" and trainer.world_size > 1:
+    if start_method != "popen":
         raise EvaluatorSettingError(
             f"{who} cannot run under a spawned/forked strategy ({type(trainer.strategy).__name__}, start method "
             f"{start_method!r}): its results would stay in the worker processes; use --trainer.strategy ddp"

@@ -13,9 +13,10 @@ the one asked for, by short name (``knn``), by class name of a registered plugin
 from __future__ import annotations
 
 import importlib
-import warnings
+import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from dora_lightning.evaluation.contract import Evaluator
 
@@ -63,11 +64,29 @@ def _normalise_dist(name: str | None) -> str:
     return (name or "").lower().replace("_", "-")
 
 
+# the warnings this process has printed: each once, however often the registry is read
+_WARNED: set[str] = set()
+_SUBCOMMANDS = ("fit", "validate", "compare")
+
+
+def _warn_once(message: str) -> None:
+    """``dora SUBCOMMAND: warning: MESSAGE``, one line on stderr, the first time this process meets it (the registry
+    is read several times per command: it was printed up to three times, each with a code path in front)."""
+    if message in _WARNED:
+        return
+    _WARNED.add(message)
+    argv = sys.argv
+    command = argv[1] if Path(argv[0]).name == "dora" and len(argv) > 1 and argv[1] in _SUBCOMMANDS else ""
+    prog = f"dora {command}" if command else "dora"
+    sys.stderr.write(f"{prog}: warning: {message}\n")
+
+
 def available_evaluators() -> dict[str, RegisteredEvaluator]:
     """Registered evaluators by short name, sorted, without importing them.
 
     dora-lightning's own names (``knn``, ``linear``, ...) always map to its classes; another distribution that
-    registers one of them is ignored with a warning (its class stays usable by class path).
+    registers one of them is ignored with a warning, printed once per process (its class stays usable by class
+    path).
     """
     found = {
         name: RegisteredEvaluator(name, target, _OWN_DISTRIBUTION)
@@ -79,10 +98,9 @@ def available_evaluators() -> dict[str, RegisteredEvaluator]:
         if current is None:
             found[ep.name] = RegisteredEvaluator(ep.name, ep.value, dist)
         elif current.target != ep.value and dist != _OWN_DISTRIBUTION:
-            warnings.warn(
+            _warn_once(
                 f"evaluator name {ep.name!r} registered by {dist} ({ep.value}) is already taken by "
-                f"{current.distribution} ({current.target}); use --evaluator {ep.value} to run it",
-                stacklevel=2,
+                f"{current.distribution} ({current.target}); use --evaluator {ep.value} to run it"
             )
         elif dist == _OWN_DISTRIBUTION:  # the installed metadata wins over the built-in table
             found[ep.name] = RegisteredEvaluator(ep.name, ep.value, dist)
@@ -94,7 +112,8 @@ def _known_list() -> str:
 
 
 def _import_target(target: str, what: str) -> type:
-    """Import ``module:attr`` or ``module.attr`` (attr may be dotted with ':') and return it."""
+    """Import ``module:attr`` or ``module.attr`` (attr may be dotted with ':') and return it; ``what`` names it in
+    the messages (``evaluator 'toy' (toy_eval:ToyEvaluator, registered by toy-dist)``)."""
     if ":" in target:
         module_name, _, attr = target.partition(":")
     else:
@@ -104,9 +123,7 @@ def _import_target(target: str, what: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # a plugin's import may fail in any way
-        raise EvaluatorImportError(
-            f"{what} ({target}) failed to import: {type(err).__name__}: {err}"
-        ) from err
+        raise EvaluatorImportError(f"{what} failed to import: {type(err).__name__}: {err}") from err
     obj: object = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -114,9 +131,14 @@ def _import_target(target: str, what: str) -> type:
         obj = getattr(obj, part)
     if not isinstance(obj, type) or not issubclass(obj, Evaluator):
         raise ValueError(
-            f"{what}: {target} is not a subclass of dora_lightning.evaluation.contract.Evaluator (got {obj!r}); see docs/plugins.md"
+            f"{what} is not a subclass of dora_lightning.evaluation.contract.Evaluator (got {obj!r}); see "
+            "docs/plugins.md"
         )
     return obj
+
+
+def _registered_what(entry: RegisteredEvaluator) -> str:
+    return f"evaluator {entry.name!r} ({entry.target}, registered by {entry.distribution})"
 
 
 def get_evaluator_class(name_or_class_path: str | type) -> type[Evaluator]:
@@ -136,11 +158,11 @@ def get_evaluator_class(name_or_class_path: str | type) -> type[Evaluator]:
     registered = available_evaluators()
     if name in registered:
         entry = registered[name]
-        return _import_target(entry.target, f"evaluator {name!r}, registered by {entry.distribution},")
+        return _import_target(entry.target, _registered_what(entry))
     by_class = [e for e in registered.values() if e.class_name == name]
     if len(by_class) == 1:
         entry = by_class[0]
-        return _import_target(entry.target, f"evaluator {entry.name!r}, registered by {entry.distribution},")
+        return _import_target(entry.target, _registered_what(entry))
     if ":" in name or "." in name:
         return _import_target(name, f"evaluator class {name!r}")
     raise ValueError(

@@ -28,12 +28,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from dora_lightning.errors import exit_with_error
 from dora_lightning.evaluation.palette import write_palette_png
 from dora_lightning.evaluation.synthetic_shapes import (
     COLOURS,
@@ -295,11 +297,56 @@ def make_images_video(
 
 
 # ------------------------------------------------------------------------------------------------ command line
+PROG = "python -m dora_lightning.evaluation.synthetic"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with the project's errors: ``PROG: error: MESSAGE (options: PROG --help)``, one line on stderr,
+    exit status 2, no usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        exit_with_error(self.prog, f"{message} (options: {self.prog} --help)")
+
+
+def _fail(message: str) -> NoReturn:
+    """A refused argument: one line on stderr naming the option, exit status 2."""
+    exit_with_error(PROG, message)
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """The counts of ``args.kind`` that its writer refuses, said with their command-line flags (the writers' own
+    ValueErrors name their Python arguments and came as tracebacks)."""
+    if args.kind == "davis":
+        if args.sequences < 1:
+            _fail(f"--sequences must be >= 1, got {args.sequences}")
+        if args.frames < 3:
+            _fail(
+                f"--frames must be >= 3 (DAVIS scoring skips the first and the last frame), got {args.frames}"
+            )
+        if not 1 <= args.objects <= 254:
+            _fail(f"--objects must be between 1 and 254 per sequence (255 is void), got {args.objects}")
+    elif args.kind in ("voc", "ade20k"):
+        if args.images < 2:
+            _fail(f"--images must be >= 2, got {args.images}")
+        if not 1 <= args.classes <= 254:
+            _fail(f"--classes must be between 1 and 254 (255 is void), got {args.classes}")
+    elif args.kind == "shapes":
+        for flag, value in (
+            ("--train_per_class", args.train_per_class),
+            ("--val_per_class", args.val_per_class),
+        ):
+            if value < 1:
+                _fail(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            _fail(f"{flag} must be >= 1, got {value}")
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """``python -m dora_lightning.evaluation.synthetic {davis,voc,ade20k,shapes,images_video} --out PATH [...]``: write a fixture (or
-    the video), print and return its path."""
-    parser = argparse.ArgumentParser(
-        prog="python -m dora_lightning.evaluation.synthetic",
+    the video), print and return its path. A refused argument is one line on stderr naming its flag, exit status 2."""
+    parser = _OneLineParser(
+        prog=PROG,
         description="Write a small synthetic DAVIS-2017, Pascal VOC 2012 or ADE20K data set, or a shape-classification "
         "set (no download).",
     )
@@ -310,10 +357,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--height", type=int, default=None, help="image height (davis: 480, voc/ade20k: 160)")
     parser.add_argument("--width", type=int, default=None, help="image width (davis: 640, voc/ade20k: 224)")
     parser.add_argument("--sequences", type=int, default=2, help="davis: number of sequences")
-    parser.add_argument("--frames", type=int, default=12, help="davis: frames per sequence")
-    parser.add_argument("--objects", type=int, default=2, help="davis: objects per sequence")
-    parser.add_argument("--images", type=int, default=40, help="voc/ade20k: number of images")
-    parser.add_argument("--classes", type=int, default=4, help="voc/ade20k: number of shape classes")
+    parser.add_argument("--frames", type=int, default=12, help="davis: frames per sequence (>= 3)")
+    parser.add_argument("--objects", type=int, default=2, help="davis: objects per sequence (1 to 254)")
+    parser.add_argument("--images", type=int, default=40, help="voc/ade20k: number of images (>= 2)")
+    parser.add_argument(
+        "--classes", type=int, default=4, help="voc/ade20k: number of shape classes (1 to 254)"
+    )
     parser.add_argument("--train_per_class", type=int, default=100, help="shapes: training images per class")
     parser.add_argument("--val_per_class", type=int, default=50, help="shapes: validation images per class")
     parser.add_argument(
@@ -325,31 +374,39 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.kind == "images_video":
         if args.image_dir is None:
-            parser.error("images_video needs --image_dir, the folder whose images become the frames")
+            _fail("images_video needs --image_dir, the folder whose images become the frames")
         try:
             path = make_images_video(args.image_dir, args.out, args.count, args.size, args.fps, args.seed)
         except FileNotFoundError as err:
-            parser.error(str(err))
+            _fail(str(err))
         print(f"wrote a video of {min(args.count, video_frame_count(path))} images to {path}")
         return path
     default_size = {"davis": (480, 640), "shapes": (64, 64)}.get(args.kind, (160, 224))
     size = (args.height or default_size[0], args.width or default_size[1])
-    if args.kind == "davis":
-        root = make_davis_fixture(
-            args.out, args.sequences, args.frames, args.objects, size, args.seed, args.video
-        )
-    elif args.kind == "shapes":
-        if size[0] != size[1]:
-            parser.error(
-                f"shapes images are square: give --height and --width equal, got {size[0]} and {size[1]}"
+    if args.kind == "shapes" and size[0] != size[1]:
+        _fail(f"shapes images are square: give --height and --width equal, got {size[0]} and {size[1]}")
+    _check_counts(args)
+    try:
+        video_frame_count(args.video)
+    except FileNotFoundError:
+        _fail(f"--video '{args.video}' not found; give a readable video file (default {DEFAULT_VIDEO})")
+    except ValueError as err:  # no decodable frame
+        _fail(f"--video: {err}; give a readable video file (default {DEFAULT_VIDEO})")
+    try:
+        if args.kind == "davis":
+            root = make_davis_fixture(
+                args.out, args.sequences, args.frames, args.objects, size, args.seed, args.video
             )
-        root = make_shapes_fixture(
-            args.out, args.train_per_class, args.val_per_class, size[0], args.seed, args.video
-        )
-    elif args.kind == "voc":
-        root = make_voc_fixture(args.out, args.images, size, args.classes, args.seed, args.video)
-    else:
-        root = make_ade20k_fixture(args.out, args.images, size, args.classes, args.seed, args.video)
+        elif args.kind == "shapes":
+            root = make_shapes_fixture(
+                args.out, args.train_per_class, args.val_per_class, size[0], args.seed, args.video
+            )
+        elif args.kind == "voc":
+            root = make_voc_fixture(args.out, args.images, size, args.classes, args.seed, args.video)
+        else:
+            root = make_ade20k_fixture(args.out, args.images, size, args.classes, args.seed, args.video)
+    except ValueError as err:  # e.g. too many objects for the frame size; a frame the video cannot decode
+        _fail(str(err))
     print(f"wrote {args.kind} fixture to {root}")
     return root
 
