@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
@@ -40,7 +41,6 @@ from dora_lightning.checkpoint_formats import (
 )
 from dora_lightning.errors import os_reason
 from dora_lightning.models.backbone import build_vit, patch_size_of
-from dora_lightning.models.pos_embed import interpolate_pos_embed
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -137,16 +137,18 @@ def _stored_grid(model: VisionTransformer, weights: Mapping[str, Tensor]) -> int
 
 
 def _resample_pos_embed(model: VisionTransformer, weights: dict[str, Tensor], source_grid: int) -> None:
-    """Interpolate ``weights['pos_embed']`` in place to the model's patch grid, as the training model resamples it on
-    the fly (:func:`~dora_lightning.models.pos_embed.interpolate_pos_embed`, DINO's)."""
+    """Interpolate ``weights['pos_embed']`` in place to the model's patch grid (timm's bicubic resampling)."""
     target = model.pos_embed
     stored = weights.get("pos_embed")
     if target is None or stored is None or stored.shape == target.shape:
         return
     prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-    weights["pos_embed"] = interpolate_pos_embed(
-        stored, tuple(model.patch_embed.grid_size), (source_grid, source_grid), prefix
-    )
+    weights["pos_embed"] = resample_abs_pos_embed(
+        stored.float(),
+        new_size=list(model.patch_embed.grid_size),
+        old_size=[source_grid, source_grid],
+        num_prefix_tokens=prefix,
+    ).to(stored.dtype)
 
 
 def _build(path: Path, spec: Spec, size: int) -> VisionTransformer:

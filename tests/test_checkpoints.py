@@ -184,7 +184,7 @@ def test_other_img_size_interpolates_pos_embed(trained, tmp_path):
     assert (info.img_size, info.source_img_size, info.model_kwargs["img_size"]) == (48, 32, 48)
     assert model.pos_embed.shape == (1, 1 + 6 * 6, 48)
     x = torch.randn(1, 3, 48, 48)
-    # the training model resamples its 4x4 grid on the fly in the same way (DINO's bicubic resample)
+    # the training model resamples its 4x4 grid on the fly in the same way (timm's bicubic resample)
     same(features(model, x), features(module.teacher.backbone, x))
     out = export_backbone(ckpt, tmp_path / "b48.pth", img_size=48)
     payload = torch.load(out, weights_only=True)

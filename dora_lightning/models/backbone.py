@@ -17,7 +17,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from dora_lightning.core.tracker import TrackerInputs
-from dora_lightning.models.pos_embed import DinoPositionViT
 
 __all__ = [
     "clip_tracker_inputs",
@@ -86,9 +85,7 @@ def build_vit(
     drop_path_rate: float = 0.0,
     **timm_kwargs: Any,
 ) -> VisionTransformer:
-    """Create a randomly initialised timm ViT without classifier, with dynamic image size, whose position embedding
-    reaches other image sizes as in DINO (:class:`~dora_lightning.models.pos_embed.DinoPositionViT`) and whose class
-    token is initialised as DINO's (truncated normal, std 0.02).
+    """Create a randomly initialised timm ViT without classifier, with dynamic image size.
 
     Calls ``timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, dynamic_img_size=True,
     drop_path_rate=drop_path_rate, **timm_kwargs)`` (``timm_kwargs`` may override those defaults, e.g. ``embed_dim``,
@@ -124,10 +121,6 @@ def build_vit(
             f"timm cannot build {name!r} with img_size={img_size}{', ' + shape if shape else ''}: "
             f"{err or type(err).__name__}"
         ) from err
-    if type(model) is VisionTransformer:
-        model.__class__ = DinoPositionViT  # other sizes' position embedding as DINO's (models/pos_embed.py)
-    if getattr(model, "cls_token", None) is not None:
-        nn.init.trunc_normal_(model.cls_token, std=0.02)  # DINO's initialisation (timm's: normal, std 1e-6)
     return check_vit(model, name)
 
 
