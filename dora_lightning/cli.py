@@ -191,7 +191,7 @@ class DoraCLI(LightningCLI):
 
     def _check_run_folder(self, section: Any) -> None:
         """The run's folder (``trainer.default_root_dir``, else the working directory) must be one this process can
-        write: checked (and created) here, in one line, rather than as a traceback once the logger starts; so must
+        write (or create): checked here, in one line, rather than as a traceback once the logger starts; so must
         its checkpoint folders (``<root>/checkpoints``, a ModelCheckpoint's ``dirpath``) and the default logger's
         folder when they exist already (made by another user, or by an earlier run under sudo or docker), rather
         than at the first save, after an epoch of training. A remote folder (``s3://...``) is left to Lightning's
@@ -201,7 +201,8 @@ class DoraCLI(LightningCLI):
         if is_remote(given):
             return
         root = local_path(given or Path.cwd())
-        if (problem := unwritable_folder(root)) is not None:
+        # not made here: a run that stops on a configuration error leaves no empty folder behind (Lightning makes it)
+        if (problem := unwritable_folder(root, make=False)) is not None:
             self._fail(f"trainer.default_root_dir: {problem}; give a writable folder")
         folders = [(folder, "trainer.default_root_dir") for folder in self._log_folders(trainer, root)]
         for folder in checkpoint_folders(trainer):

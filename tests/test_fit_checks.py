@@ -247,3 +247,10 @@ def test_a_fast_dev_run_into_a_folder_holding_checkpoints_is_taken(home: Path) -
     main(_args(root, "--trainer.fast_dev_run=1"))
     assert [p.name for p in (root / "checkpoints").iterdir()] == [kept.name]
     assert kept.read_bytes() == b"another run's checkpoint"
+
+
+def test_a_configuration_error_leaves_no_run_folder(tmp_path: Path, capsys) -> None:
+    """The run folder was made before the options were checked: an empty folder was left by every refused run."""
+    line = _refused(capsys, _args(tmp_path / "runs" / "a", "--data.batch_size=0"))
+    assert "data.batch_size must be >= 1, got 0" in line
+    assert not (tmp_path / "runs").exists()
