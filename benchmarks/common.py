@@ -11,6 +11,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -233,3 +234,44 @@ def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+class VideoJob:
+    """``make_long_video.py`` generating ``path`` in the background (at nice 10, its output in a temporary file), so
+    that the overhead and bare parts, which use the GPU and one core, run meanwhile; :meth:`wait` before the first fit
+    part."""
+
+    def __init__(self, path: Path, settings: dict) -> None:
+        cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "make_long_video.py"), str(path)]
+        cmd += [f"--{key}={value}" for key, value in settings.items()]
+        self.started = time.monotonic()
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10)
+        )
+        self.finished: float | None = None
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        self.proc.wait()
+        self.finished = time.monotonic()
+
+    def wait(self, timeout: float) -> float:
+        """Wait for the video (at most ``timeout`` s); returns the seconds it took to make."""
+        try:
+            code = self.proc.wait(timeout=max(timeout, 0.1))
+        except subprocess.TimeoutExpired as err:
+            self.stop()
+            raise RuntimeError(
+                f"make_long_video.py: not done after {time.monotonic() - self.started:.0f} s"
+            ) from err
+        if code:
+            self.log.seek(0)
+            tail = self.log.read().decode(errors="replace")[-300:]
+            raise RuntimeError(f"make_long_video.py: exit {code}: {tail}")
+        return (self.finished or time.monotonic()) - self.started
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
