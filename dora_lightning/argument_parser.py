@@ -203,22 +203,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # a list or mapping as a key: PyYAML's own error follows
             line = key_node.start_mark.line + 1
-            if isinstance(key, Hashable) and key in lines:
+            if key in lines:
                 raise _DuplicateKey(
                     f"key '{key}' is given twice in one mapping (lines {lines[key]} and {line}); YAML keeps only "
                     "the last: remove the one you do not mean"
                 )
-            if isinstance(key, Hashable):
-                lines[key] = line
+            lines[key] = line
         return super().construct_mapping(node, deep)
 
 
 def config_problem(content: str, sections: set[str]) -> str | None:
     """What is wrong with a config file's text, as the end of a one-line error naming the file; None when it loads
     as keys and values. A key given twice in one mapping is refused (YAML forbids it; PyYAML kept the last one
-    silently, so ``base_lr`` set twice trained with the second). A top-level ``section`` (``model:``, ``data:``, ``trainer:``, ...) left empty, its keys all
-    commented out, loads as null, which jsonargparse takes as "reset this section to its defaults" (``model``: the
+    silently, so ``base_lr`` set twice trained with the second). A top-level ``section`` (``model:``, ``data:``,
+    ``trainer:``, ...) left empty, its keys all commented out, loads as null, which jsonargparse takes as "reset this section to its defaults" (``model``: the
     code's ViT-S/16 at 224 px instead of the base config's model, silently) or fails on (``trainer``: a TypeError)."""
     try:
         config = yaml.load(content, Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)

@@ -246,14 +246,25 @@ def _only_other(path: Path, which: str, other: str, hint: str = "") -> ValueErro
     )
 
 
+def vit_sizes(weights: Mapping[str, Tensor]) -> dict[str, int]:
+    """``embed_dim``, ``patch_size`` and ``depth`` of DINO-layout ViT weights, those the weights show (``depth`` 0:
+    no ``blocks.N.*`` weights)."""
+    sizes: dict[str, int] = {}
+    if "cls_token" in weights:
+        sizes["embed_dim"] = int(weights["cls_token"].shape[-1])
+    if "patch_embed.proj.weight" in weights:
+        sizes["patch_size"] = int(weights["patch_embed.proj.weight"].shape[-1])
+    blocks = {int(m.group(1)) for k in weights if (m := re.match(r"blocks\.(\d+)\.", k))}
+    sizes["depth"] = max(blocks) + 1 if blocks else 0
+    return sizes
+
+
 def infer_architecture(
     weights: Mapping[str, Tensor], path: Path, num_heads: int | None
 ) -> tuple[str, dict[str, Any], int]:
     """timm name, overrides (without img_size) and image size of DINO-layout ViT weights."""
-    embed_dim = int(weights["cls_token"].shape[-1])
-    patch_size = int(weights["patch_embed.proj.weight"].shape[-1])
-    blocks = {int(m.group(1)) for k in weights if (m := re.match(r"blocks\.(\d+)\.", k))}
-    depth = max(blocks) + 1 if blocks else 0
+    sizes = vit_sizes(weights)
+    embed_dim, patch_size, depth = sizes["embed_dim"], sizes["patch_size"], sizes["depth"]
     if depth == 0:
         raise ValueError(f"'{path}' has ViT embeddings but no 'blocks.N.*' weights; {_USAGE}")
     tokens = int(weights["pos_embed"].shape[1]) - 1  # minus the class token

@@ -205,9 +205,7 @@ class DoraCLI(LightningCLI):
         if (problem := unwritable_folder(root, make=False)) is not None:
             self._fail(f"trainer.default_root_dir: {problem}; give a writable folder")
         folders = [(folder, "trainer.default_root_dir") for folder in self._log_folders(trainer, root)]
-        for folder in checkpoint_folders(trainer):
-            inside = folder == default_checkpoint_folder(given)
-            folders.append((folder, "trainer.default_root_dir" if inside else "ModelCheckpoint dirpath"))
+        folders += [(folder, _folder_option(folder, trainer)) for folder in checkpoint_folders(trainer)]
         for folder, key in folders:
             if not is_remote(folder) and (problem := unwritable_folder(folder, make=False)) is not None:
                 self._fail(f"{key}: {problem}; give a writable folder")
@@ -233,11 +231,7 @@ class DoraCLI(LightningCLI):
             found = None if is_remote(folder) else find_last_checkpoint([folder])
             if found is None:
                 continue
-            key = (
-                "trainer.default_root_dir"
-                if folder == default_checkpoint_folder(trainer.get("default_root_dir"))
-                else "ModelCheckpoint dirpath"
-            )
+            key = _folder_option(folder, trainer)
             resume = (
                 "" if section.get("init_from") is not None else "continue that run with --ckpt_path last, or "
             )
@@ -347,3 +341,10 @@ def main(args: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def _folder_option(folder: Path, trainer: Any) -> str:
+    """The option that names a checkpoint ``folder`` in a message: ``trainer.default_root_dir`` for
+    ``<root>/checkpoints``, else a ModelCheckpoint's ``dirpath``."""
+    inside = folder == default_checkpoint_folder(trainer.get("default_root_dir"))
+    return "trainer.default_root_dir" if inside else "ModelCheckpoint dirpath"

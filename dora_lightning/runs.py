@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,13 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from dora_lightning.checkpoint_formats import EXPORT_FORMAT, PRETRAIN_KIND, _summary, read_checkpoint
+from dora_lightning.checkpoint_formats import (
+    EXPORT_FORMAT,
+    PRETRAIN_KIND,
+    _summary,
+    read_checkpoint,
+    vit_sizes,
+)
 from dora_lightning.checkpoint_io import AtomicCheckpointIO
 
 CHECKPOINT_FOLDER = "checkpoints"
@@ -233,17 +238,9 @@ def _with_built_sizes(model_config: Mapping[str, Any], state_dict: Mapping[str, 
     192 -> 96``, not ``None -> 96``)."""
     config = dict(_plain(model_config))
     prefix = "student.backbone."
-    weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    built: dict[str, Any] = {}
-    if "cls_token" in weights:
-        built["embed_dim"] = int(weights["cls_token"].shape[-1])
-    if "patch_embed.proj.weight" in weights:
-        built["patch_size"] = int(weights["patch_embed.proj.weight"].shape[-1])
-    blocks = {int(m.group(1)) for k in weights if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if blocks:
-        built["depth"] = max(blocks) + 1
+    built = vit_sizes({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)})
     for key, value in built.items():
-        if key in config and config[key] is None:
+        if value and key in config and config[key] is None:
             config[key] = value
     return config
 

@@ -83,9 +83,8 @@ class StopCheckpoint(Callback):
         self._last_step = 0
         self._agreement = StopAgreement()  # multi-process runs
         self._quieted: Any = None  # the epoch loop whose per-step SIGTERM broadcast is off
-        self._stop_pending = (
-            False  # a stop decided at a batch's end, taken at the next batch's start or the run's end
-        )
+        # a stop decided at a batch's end, taken at the next batch's start or at the run's end
+        self._stop_pending = False
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
